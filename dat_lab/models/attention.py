@@ -1,0 +1,241 @@
+"""The attention blocks of DAT, bottom up: window (L), shifted window (S), spatial-reduction (P) and
+deformable (D) attention. All take and give channel-first maps (B, C, H, W); each returns
+`(y, info)` where `info` is None, or for D blocks a dict of sampling positions and reference points
+(B, G, Hk, Wk, 2) and, when asked, the attention (B, heads, H*W, Ns). Parameter names follow the
+released checkpoints (DAT_SPEC sections 1-2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from .config import StageConfig
+from .geometry import (bounded_offsets, displacement, grid_points, key_grid_size, log_cpb_coords,
+                       sampling_positions, shifted_window_mask, window_relative_index)
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map (the released `LayerNormProxy`)."""
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class WindowAttention(nn.Module):
+    """Swin window attention (block L).
+
+    Maps are padded to a multiple of the window; a map no larger than the window uses one window
+    of the map's size and no shift (Swin's rule). Index and mask are rebuilt per map size.
+    """
+
+    shifted = False
+
+    def __init__(self, *, stage: StageConfig, q_size: tuple[int, int], attn_drop: float, proj_drop: float) -> None:
+        super().__init__()
+        dim, self.heads, self.window = stage.dim, stage.heads, stage.window
+        self.scale = (dim // self.heads) ** -0.5
+        self.proj_qkv = nn.Linear(dim, 3 * dim)
+        self.proj_out = nn.Linear(dim, dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * self.window - 1) ** 2, self.heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.01)
+        self._cache: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
+    def _layout(self, h: int, w: int) -> tuple[int, int]:
+        """(window, shift) for an h x w map."""
+        if min(h, w) <= self.window:
+            return min(h, w), 0
+        return self.window, math.ceil(self.window / 2) if self.shifted else 0
+
+    def _bias_and_mask(self, hp: int, wp: int, window: int, shift: int, device) -> tuple[Tensor, Tensor | None]:
+        key = (hp, wp, window, shift, device)
+        if key not in self._cache:
+            index = window_relative_index(window, self.window).to(device)
+            mask = shifted_window_mask(hp, wp, window, shift).to(device) if shift else None
+            self._cache[key] = (index, mask)
+        index, mask = self._cache[key]
+        n = window * window
+        bias = self.relative_position_bias_table[index.flatten()].reshape(n, n, -1).permute(2, 0, 1)
+        return bias, mask  # (heads, n, n), (nW, n, n)
+
+    def forward(self, x: Tensor, *, return_attention: bool = False) -> tuple[Tensor, None]:
+        B, C, H, W = x.shape
+        window, shift = self._layout(H, W)
+        pad_h, pad_w = -H % window, -W % window
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(2, 3))
+        nh, nw, n = Hp // window, Wp // window, window * window
+        # (B, C, nh*w, nw*w) -> (B*nW, n, C)
+        t = x.reshape(B, C, nh, window, nw, window).permute(0, 2, 4, 3, 5, 1).reshape(-1, n, C)
+        q, k, v = self.proj_qkv(t).reshape(-1, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nW, heads, n, n)
+        bias, mask = self._bias_and_mask(Hp, Wp, window, shift, x.device)
+        attn = attn + bias.unsqueeze(0)
+        if mask is not None:
+            attn = (attn.reshape(B, nh * nw, self.heads, n, n) + mask[None, :, None]).reshape(-1, self.heads, n, n)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        t = (attn @ v).transpose(1, 2).reshape(-1, n, C)  # (B*nW, n, C)
+        t = self.proj_drop(self.proj_out(t))
+        x = t.reshape(B, nh, nw, window, window, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, Hp, Wp)
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(2, 3))
+        return x[:, :, :H, :W], None
+
+
+class ShiftedWindowAttention(WindowAttention):
+    """Swin shifted-window attention (block S): the map rolled by -ceil(w/2) first, masked across regions."""
+
+    shifted = True
+
+
+class PyramidAttention(nn.Module):
+    """PVT spatial-reduction attention (block P): keys and values from a map reduced sr times."""
+
+    def __init__(self, *, stage: StageConfig, q_size: tuple[int, int], attn_drop: float, proj_drop: float) -> None:
+        super().__init__()
+        dim, self.heads, self.sr = stage.dim, stage.heads, stage.sr_ratio
+        self.scale = (dim // self.heads) ** -0.5
+        self.q = nn.Conv2d(dim, dim, 1)
+        self.kv = nn.Conv2d(dim, 2 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.proj_ds = nn.Sequential(nn.Conv2d(dim, dim, self.sr, self.sr), LayerNorm2d(dim=dim)) if self.sr > 1 else None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, *, return_attention: bool = False) -> tuple[Tensor, None]:
+        B, C, H, W = x.shape
+        hc = C // self.heads
+        q = (self.q(x) * self.scale).reshape(B * self.heads, hc, H * W)
+        k, v = self.kv(self.proj_ds(x) if self.proj_ds is not None else x).chunk(2, dim=1)
+        k, v = k.reshape(B * self.heads, hc, -1), v.reshape(B * self.heads, hc, -1)
+        attn = self.attn_drop((q.transpose(1, 2) @ k).softmax(dim=-1))  # (B*heads, HW, Nk)
+        out = (v @ attn.transpose(1, 2)).reshape(B, C, H, W)
+        return self.proj_drop(self.proj(out)), None
+
+
+class DeformableAttention(nn.Module):
+    """Deformable multi-head attention (block D), CVPR-2022 semantics (DAT_SPEC section 2).
+
+    Queries from every pixel; keys and values from x bilinearly sampled at an Hk x Wk grid of
+    reference points moved by offsets that a small network predicts from the queries, per group.
+    `q_size` is the training-time map size; position tables adapt to other sizes.
+    """
+
+    def __init__(self, *, stage: StageConfig, q_size: tuple[int, int], attn_drop: float, proj_drop: float) -> None:
+        super().__init__()
+        dim, self.heads, self.groups = stage.dim, stage.heads, stage.groups
+        self.group_dim = dim // self.groups
+        self.scale = (dim // self.heads) ** -0.5
+        self.r, self.s = stage.key_downsample, stage.offset_range
+        self.position, self.convention = stage.position, stage.reference
+        self.q_size = q_size
+        self.proj_q, self.proj_k, self.proj_v, self.proj_out = (nn.Conv2d(dim, dim, 1) for _ in range(4))
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.conv_offset = None
+        if stage.has_offsets:
+            k, cg = stage.offset_kernel, self.group_dim
+            self.conv_offset = nn.Sequential(
+                nn.Conv2d(cg, cg, k, stride=self.r, padding=k // 2, groups=cg),
+                LayerNorm2d(dim=cg),
+                nn.GELU(),
+                nn.Conv2d(cg, 2, 1, bias=False),
+            )
+        self.rpe_table = self._position_term(dim, q_size)
+
+    def _position_term(self, dim: int, q_size: tuple[int, int]) -> nn.Module | nn.Parameter | None:
+        H, W = q_size
+        if self.position == "relative":
+            table = nn.Parameter(torch.zeros(self.heads, 2 * H - 1, 2 * W - 1))
+        elif self.position == "fixed":
+            table = nn.Parameter(torch.zeros(self.heads, H * W, math.prod(key_grid_size(H, W, self.r))))
+        elif self.position == "dwconv":
+            return nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        elif self.position == "log_cpb":
+            return nn.Sequential(nn.Linear(2, 32), nn.ReLU(inplace=True), nn.Linear(32, self.heads // self.groups, bias=False))
+        else:
+            return None
+        trunc_normal_(table, std=0.01)
+        return table
+
+    def _fixed_bias(self, H: int, W: int, Hk: int, Wk: int) -> Tensor:
+        """The learned (heads, H*W, Hk*Wk) bias, resized bilinearly when the map size changed."""
+        table = self.rpe_table
+        H0, W0 = self.q_size
+        Hk0, Wk0 = key_grid_size(H0, W0, self.r)
+        if (H, W, Hk, Wk) == (H0, W0, Hk0, Wk0):
+            return table
+        t = F.interpolate(table.reshape(self.heads, H0 * W0, Hk0, Wk0), size=(Hk, Wk), mode="bilinear")
+        t = t.reshape(self.heads, H0, W0, Hk * Wk).permute(0, 3, 1, 2)  # (heads, Ns, H0, W0)
+        t = F.interpolate(t, size=(H, W), mode="bilinear")
+        return t.flatten(2).transpose(1, 2)  # (heads, HW, Ns)
+
+    def forward(self, x: Tensor, *, return_attention: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        B, C, H, W = x.shape
+        G, M, Cg, hc = self.groups, self.heads, self.group_dim, C // self.heads
+        q = self.proj_q(x)  # (B, C, H, W)
+        if self.conv_offset is not None:
+            raw = self.conv_offset(q.reshape(B * G, Cg, H, W))  # (B*G, 2, Hk, Wk), channels (dy, dx)
+            Hk, Wk = raw.shape[-2:]
+            offsets = bounded_offsets(raw.permute(0, 2, 3, 1), self.s)  # (B*G, Hk, Wk, 2)
+        else:
+            (Hk, Wk), offsets = key_grid_size(H, W, self.r), None
+        reference = grid_points(Hk, Wk, convention=self.convention, device=x.device, dtype=x.dtype)
+        pos = sampling_positions(reference, offsets, self.s).expand(B * G, Hk, Wk, 2)  # (B*G, Hk, Wk, 2)
+        samples = F.grid_sample(x.reshape(B * G, Cg, H, W), pos.flip(-1), mode="bilinear",
+                                padding_mode="zeros", align_corners=True)  # (B*G, Cg, Hk, Wk)
+        samples = samples.reshape(B, C, Hk, Wk)
+        Ns = Hk * Wk
+        k = self.proj_k(samples).reshape(B * M, hc, Ns)
+        v = self.proj_v(samples).reshape(B * M, hc, Ns)
+        attn = torch.einsum("bcm,bcn->bmn", q.reshape(B * M, hc, H * W), k) * self.scale  # (B*M, HW, Ns)
+        attn = attn + self._bias(B, H, W, Hk, Wk, pos)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = torch.einsum("bmn,bcn->bcm", attn, v).reshape(B, C, H, W)
+        if self.position == "dwconv":
+            out = out + self.rpe_table(q)
+        y = self.proj_drop(self.proj_out(out))
+        info = {"positions": pos.reshape(B, G, Hk, Wk, 2),
+                "references": reference.expand(B, G, Hk, Wk, 2)}
+        if return_attention:
+            info["attention"] = attn.reshape(B, M, H * W, Ns)
+        return y, info
+
+    def _bias(self, B: int, H: int, W: int, Hk: int, Wk: int, pos: Tensor) -> Tensor | float:
+        """Position bias added to the logits, (B*M, HW, Ns), or 0."""
+        G, M = self.groups, self.heads
+        if self.position == "relative":
+            q_grid = grid_points(H, W, convention=self.convention, device=pos.device, dtype=pos.dtype)
+            disp = displacement(q_grid, pos)  # (B*G, HW, Ns, 2)
+            table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
+            table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
+            bias = F.grid_sample(table, disp.flip(-1), mode="bilinear", align_corners=True)  # (B*G, M/G, HW, Ns)
+            return bias.reshape(B * M, H * W, Hk * Wk)
+        if self.position == "fixed":
+            return self._fixed_bias(H, W, Hk, Wk).repeat(B, 1, 1)
+        if self.position == "log_cpb":
+            q_grid = grid_points(H, W, convention=self.convention, device=pos.device, dtype=pos.dtype)
+            bias = self.rpe_table(log_cpb_coords(q_grid, pos))  # (B*G, HW, Ns, M/G)
+            return bias.permute(0, 3, 1, 2).reshape(B * M, H * W, Hk * Wk)
+        return 0.0
+
+
+BLOCKS: dict[str, type[nn.Module]] = {
+    "L": WindowAttention,
+    "S": ShiftedWindowAttention,
+    "D": DeformableAttention,
+    "P": PyramidAttention,
+}
+"""Block letter -> attention class; every class takes (stage=, q_size=, attn_drop=, proj_drop=)."""

@@ -1,0 +1,136 @@
+"""Released checkpoints: the official keyword dict to a config, official weights into a model, and
+dat-lab's own checkpoint format (weights plus the model config that rebuilds them).
+
+The model's parameter names are the released ones, so loading is strict name-for-name matching;
+derived buffers of the released code (`relative_position_index`, `attn_mask`) are dropped and
+rebuilt by the model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .config import OFFSET_KERNELS, DATConfig, StageConfig
+
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
+
+_PER_STAGE = ("dims", "depths", "heads", "window_sizes", "groups", "use_pes", "dwc_pes", "fixed_pes", "no_offs",
+              "strides", "offset_range_factor", "sr_ratios", "use_dwc_mlps", "stage_spec", "ksizes", "log_cpbs")
+_MODEL = ("use_conv_patches", "dim_stem", "patch_size", "img_size", "expansion", "drop_path_rate", "drop_rate",
+          "attn_drop_rate", "num_classes")
+_REQUIRED = ("dims", "depths", "heads", "stage_spec")
+
+
+def config_from_official(kwargs: Mapping[str, Any]) -> DATConfig:
+    """A DATConfig from the released model's keyword dict (DAT_SPEC section 3; -1 = unused here)."""
+    unknown = sorted(set(kwargs) - set(_PER_STAGE) - set(_MODEL))
+    if unknown:
+        raise ValueError(f"unknown official key(s) {unknown}; allowed: {', '.join(_PER_STAGE + _MODEL)}")
+    missing = [k for k in _REQUIRED if k not in kwargs]
+    if missing:
+        raise ValueError(f"official config lacks {missing}")
+    n = len(kwargs["dims"])
+    for key in _PER_STAGE:
+        if key in kwargs and len(kwargs[key]) != n:
+            raise ValueError(f"{key}: {len(kwargs[key])} values for {n} stages")
+
+    def get(key: str, i: int, default: Any) -> Any:
+        value = kwargs[key][i] if key in kwargs else default
+        return default if value == -1 else value
+
+    stages = []
+    for i in range(n):
+        letters = "".join(kwargs["stage_spec"][i])
+        if len(letters) != kwargs["depths"][i]:
+            raise ValueError(f"stage_spec[{i}]: {len(letters)} letters for depth {kwargs['depths'][i]}")
+        stage = dict(dim=kwargs["dims"][i], depth=kwargs["depths"][i], heads=kwargs["heads"][i],
+                     blocks=_shortest_pattern(letters), window=get("window_sizes", i, 7),
+                     mlp="dwconv" if get("use_dwc_mlps", i, False) else "token",
+                     offset_kernel=get("ksizes", i, OFFSET_KERNELS[i] if i < len(OFFSET_KERNELS) else 3))
+        if "D" in letters:
+            stage.update(groups=get("groups", i, 1), key_downsample=get("strides", i, 1),
+                         offset_range=float(kwargs["offset_range_factor"][i]) if "offset_range_factor" in kwargs else 2.0,
+                         offsets=not get("no_offs", i, False), position=_position(kwargs, i))
+        if "P" in letters:
+            stage.update(sr_ratio=get("sr_ratios", i, 1))
+        stages.append(StageConfig(**stage))
+    model = dict(img_size=kwargs.get("img_size", 224), patch_size=kwargs.get("patch_size", 4),
+                 num_classes=kwargs.get("num_classes", 1000), mlp_ratio=kwargs.get("expansion", 4),
+                 conv_patches=bool(kwargs.get("use_conv_patches", False)),
+                 stem_dim=0 if kwargs.get("dim_stem", kwargs["dims"][0]) == kwargs["dims"][0] else kwargs["dim_stem"],
+                 drop_path_rate=float(kwargs.get("drop_path_rate", 0.0)), drop_rate=float(kwargs.get("drop_rate", 0.0)),
+                 attn_drop_rate=float(kwargs.get("attn_drop_rate", 0.0)))
+    return DATConfig(stages=tuple(stages), **model)
+
+
+def _shortest_pattern(letters: str) -> str:
+    """The shortest pattern whose repeats give `letters` ("LDLDLD" -> "LD")."""
+    n = len(letters)
+    return next(letters[:p] for p in range(1, n + 1) if n % p == 0 and letters[:p] * (n // p) == letters)
+
+
+def _position(kwargs: Mapping[str, Any], i: int) -> str:
+    flag = lambda key: key in kwargs and kwargs[key][i] not in (-1, False, 0)  # noqa: E731
+    if not flag("use_pes"):
+        return "none"
+    return "dwconv" if flag("dwc_pes") else "fixed" if flag("fixed_pes") else "log_cpb" if flag("log_cpbs") else "relative"
+
+
+def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return checkpoint
+
+
+def official_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
+    """The weights of a released checkpoint (a dict with a `model` key, or a bare state dict)."""
+    data = _read(checkpoint)
+    state = data["model"] if "model" in data and isinstance(data["model"], Mapping) else data
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
+
+
+def load_official(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
+    """Load released weights into `model`; raise listing missing, unexpected and mis-shaped names."""
+    state = official_state_dict(checkpoint)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                       for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or misshaped:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}; unexpected {unexpected}; "
+                         f"mis-shaped {misshaped}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# --- dat-lab's own checkpoint -----------------------------------------------------------------------
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
+    """Weights with the config that rebuilds the model: {"model_config", "state_dict", ...extra}."""
+    torch.save({"model_config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, path)
+
+
+def config_from_checkpoint(data: Mapping[str, Any]) -> DATConfig:
+    """The model config a dat-lab (or Lightning, via its hyper-parameters) checkpoint carries."""
+    config = data.get("model_config") or data.get("hyper_parameters", {}).get("model_config")
+    if config is None:
+        raise ValueError("checkpoint carries no model_config; convert released weights with `dat-lab convert`")
+    return config if isinstance(config, DATConfig) else DATConfig.from_dict(config)
+
+
+def load_checkpoint(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a DAT from a dat-lab checkpoint (`dat-lab convert` output or a training checkpoint)."""
+    from .dat import DAT
+
+    data = _read(path)
+    model = DAT(config=config_from_checkpoint(data))
+    state = data["state_dict"]
+    if "hyper_parameters" in data:  # a Lightning checkpoint: the network is the `model` attribute
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,102 @@
+"""Geometry of DAT as pure functions: reference points, offsets, sampling positions, displacements,
+and Swin's window index and shift mask. Coordinates are normalised to [-1, 1] in (y, x) order, as
+`grid_sample(..., align_corners=True)` reads them once flipped to (x, y). See DAT_SPEC section 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def grid_points(h: int, w: int, *, convention: str = "released", device=None, dtype=None) -> Tensor:
+    """Normalised (y, x) centres of an h x w grid, (h, w, 2).
+
+    "released": (i + 0.5) / n * 2 - 1, as in the released code (not pixel-exact under align_corners).
+    "aligned": i / (n - 1) * 2 - 1 (0 when n = 1), which grid_sample reads as exactly pixel i.
+    """
+
+    def axis(n: int) -> Tensor:
+        i = torch.arange(n, device=device, dtype=dtype or torch.float32)
+        if convention == "released":
+            return (i + 0.5) / n * 2 - 1
+        if convention == "aligned":
+            return i / (n - 1) * 2 - 1 if n > 1 else torch.zeros_like(i)
+        raise ValueError(f"reference: {convention!r} is not one of released, aligned")
+
+    ys, xs = torch.meshgrid(axis(h), axis(w), indexing="ij")
+    return torch.stack((ys, xs), dim=-1)  # (h, w, 2)
+
+
+def bounded_offsets(raw: Tensor, offset_range: float) -> Tensor:
+    """Offsets (..., hk, wk, 2) in normalised units from raw network output (same shape).
+
+    s > 0: s * tanh(raw) / (hk, wk), so a point moves at most s/2 key-grid cells on each axis.
+    s = 0: no offset. s < 0 (released "unbounded" mode): raw, unchanged.
+    """
+    if offset_range < 0:
+        return raw
+    if offset_range == 0:
+        return torch.zeros_like(raw)
+    hk, wk = raw.shape[-3], raw.shape[-2]
+    scale = raw.new_tensor([offset_range / hk, offset_range / wk])
+    return raw.tanh() * scale
+
+
+def sampling_positions(reference: Tensor, offsets: Tensor | None, offset_range: float) -> Tensor:
+    """Where keys are sampled: reference + offsets; squashed by tanh in the unbounded (s < 0) mode."""
+    if offsets is None:
+        return reference
+    pos = reference + offsets
+    return pos.tanh() if offset_range < 0 else pos
+
+
+def displacement(query_grid: Tensor, positions: Tensor) -> Tensor:
+    """Half the (query - key) vector for every query and sample: (N, H*W, Ns, 2), in [-1, 1] for
+    the relative-bias table of size (2H-1, 2W-1).  query_grid (H, W, 2), positions (N, Hk, Wk, 2)."""
+    q = query_grid.reshape(1, -1, 1, 2)  # (1, HW, 1, 2)
+    k = positions.reshape(positions.shape[0], 1, -1, 2)  # (N, 1, Ns, 2)
+    return (q - k) * 0.5
+
+
+def log_cpb_coords(query_grid: Tensor, positions: Tensor) -> Tensor:
+    """DAT++'s log-spaced coordinates sign(d) log2(|d| + 1) / log2(8) of d = 4 (query - key)."""
+    d = displacement(query_grid, positions) * 8.0
+    return torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8.0)
+
+
+def offsets_in_cells(positions: Tensor, reference: Tensor) -> Tensor:
+    """Displacement of each sample from its reference point in key-grid cells, (..., hk, wk, 2)."""
+    hk, wk = reference.shape[-3], reference.shape[-2]
+    return (positions - reference) * positions.new_tensor([hk / 2, wk / 2])
+
+
+def window_relative_index(window: int, table_window: int) -> Tensor:
+    """Swin's relative_position_index: (w*w, w*w) rows of a ((2t-1)^2, heads) table, t = table_window.
+
+    Entry [i, j] is (dy + t - 1) * (2t - 1) + (dx + t - 1) for (dy, dx) = query i - key j, so a
+    window smaller than the table's (a clamped window) reads the table's central part.
+    """
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    coords = torch.stack((ys.flatten(), xs.flatten()))  # (2, w*w)
+    rel = coords[:, :, None] - coords[:, None, :] + (table_window - 1)  # (2, w*w, w*w)
+    return rel[0] * (2 * table_window - 1) + rel[1]
+
+
+def shifted_window_mask(h: int, w: int, window: int, shift: int) -> Tensor:
+    """Swin's attn_mask (nW, window^2, window^2): 0 within a region, -100 across regions."""
+    labels = torch.zeros(h, w)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for n, (ys, xs) in enumerate((ys, xs) for ys in cuts for xs in cuts):
+        labels[ys, xs] = n
+    windows = labels.reshape(h // window, window, w // window, window).transpose(1, 2)
+    windows = windows.reshape(-1, window * window)  # (nW, w*w)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return torch.where(diff == 0, 0.0, -100.0)
+
+
+def key_grid_size(h: int, w: int, key_downsample: int) -> tuple[int, int]:
+    """Size of the key grid of a D block: what a stride-r conv with 'same' odd padding gives."""
+    return math.ceil(h / key_downsample), math.ceil(w / key_downsample)

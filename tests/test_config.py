@@ -1,0 +1,71 @@
+"""Bad configs fail when built, in well under a second, with one line naming the field."""
+
+import dataclasses
+import time
+
+import pytest
+
+import dat_lab
+from dat_lab.models import DATConfig, StageConfig
+
+BAD = [
+    ({"blocks": ["LS", "LS", "LX", "LD"]}, r"stages\[2\]\.blocks: 'X' is not one of L, S, D, P"),
+    ({"groups": [1, 1, 5, 6]}, r"stages\[2\]\.groups: 5 offset groups do not divide 12 heads"),
+    ({"heads": [3, 6, 7, 24]}, r"stages\[2\]\.heads: 7 heads do not divide dim 384"),
+    ({"key_downsample": [1, 1, 15, 1]}, r"stages\[2\]\.key_downsample: 15 leaves no keys"),
+    ({"key_downsample": [1, 1, 0, 1]}, r"stages\[2\]\.key_downsample: 0 must be >= 1"),
+    ({"depth": [2, 2, 5, 2]}, r"stages\[2\]\.blocks: pattern 'LD' does not fill depth 5"),
+    ({"groups": [1, 1, 3]}, r"groups: 3 values for 4 stages"),
+    ({"position": "rope"}, r"stages\[0\]\.position: 'rope' is not one of none, relative"),
+    ({"offset_range": "two"}, r"stages\[0\]\.offset_range: 'two' is not a finite number"),
+    ({"offset_range": float("nan")}, r"offset_range: nan is not a finite number"),
+    ({"offsets": "yes"}, r"offsets: 'yes' is not a bool"),
+    ({"reference": "centre"}, r"reference: 'centre' is not one of released, aligned"),
+    ({"mlp": "glu"}, r"mlp: 'glu' is not one of token, dwconv"),
+    ({"offset_kernel": 4}, r"offset_kernel: 4 must be an odd number"),
+    ({"drop_path_rate": 1.5}, r"drop_path_rate: 1.5 must be in \[0, 1\)"),
+    ({"img_size": 8}, r"img_size: 8 leaves no pixels for stage 2"),
+    ({"num_classes": -1}, r"num_classes: -1 must be >= 0"),
+    ({"window_size": 7}, r"unknown config field\(s\) \['window_size'\]; allowed: .*window"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_config_fails_fast_with_one_line(overrides, message):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message) as err:
+        dat_lab.create_model("dat_tiny", **overrides)
+    assert time.perf_counter() - start < 1.0
+    assert "\n" not in str(err.value)
+
+
+def test_configs_are_frozen_and_replace_validates():
+    config = dat_lab.get_config("dat_tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.img_size = 32
+    with pytest.raises(ValueError, match="groups"):
+        dataclasses.replace(config.stages[2], groups=5)
+    with pytest.raises(TypeError):
+        dataclasses.replace(config, img_sise=32)
+
+
+def test_config_round_trips_through_a_dict():
+    config = dat_lab.get_config("dat_tiny", position=["none", "none", "fixed", "dwconv"], offset_range=-1)
+    assert DATConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown DATConfig field"):
+        DATConfig.from_dict({**config.to_dict(), "depths": [2, 2, 6, 2]})
+
+
+def test_stage_pattern_repeats():
+    assert StageConfig(dim=8, depth=6, heads=2, blocks="LD").letters == "LDLDLD"
+    assert dat_lab.get_config("dat_small").stages[2].letters == "LD" * 9
+
+
+def test_variants_match_the_paper():
+    counts = {name: sum(p.numel() for p in dat_lab.create_model(name).parameters()) / 1e6
+              for name in ("dat_tiny", "dat_small", "dat_base")}
+    assert counts["dat_tiny"] == pytest.approx(28.32, abs=0.01)
+    assert counts["dat_small"] == pytest.approx(49.70, abs=0.01)
+    assert counts["dat_base"] == pytest.approx(87.88, abs=0.01)
+    base384 = dat_lab.get_config("dat_base_384")
+    assert (base384.img_size, base384.stages[0].window, base384.drop_path_rate) == (384, 12, 0.5)

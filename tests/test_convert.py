@@ -1,0 +1,76 @@
+"""Released checkpoints: config conversion, strict loading, and `dat-lab convert`."""
+
+import pytest
+import torch
+import yaml
+
+import cli
+import dat_lab
+from conftest import load_golden
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden("rpe_s2")
+
+
+def test_config_from_official(golden):
+    config = dat_lab.config_from_official(golden["config"])
+    s2, s3 = config.stages[2], config.stages[3]
+    assert (s2.letters, s2.groups, s2.offset_range, s2.position, s2.offset_kernel) == ("LDLD", 2, 2.0, "relative", 5)
+    assert (s3.groups, s3.offset_kernel, config.num_classes, config.stem_dim) == (4, 3, 10, 0)
+    assert config.stages[0].letters == "LS"
+    released = {"dims": [96, 192, 384, 768], "depths": [2, 2, 6, 2], "heads": [3, 6, 12, 24],
+                "stage_spec": [["L", "S"], ["L", "S"], ["L", "D"] * 3, ["L", "D"]], "groups": [-1, -1, 3, 6],
+                "use_pes": [False, False, True, True], "offset_range_factor": [-1, -1, 2, 2], "drop_path_rate": 0.2}
+    assert dat_lab.config_from_official(released) == dat_lab.get_config("dat_tiny")
+
+
+def test_config_from_official_rejects_bad_input(golden):
+    with pytest.raises(ValueError, match=r"unknown official key\(s\) \['use_lpus'\]"):
+        dat_lab.config_from_official({**golden["config"], "use_lpus": [True] * 4})
+    spec = [["L", "S"], ["L", "S"], ["L", "D", "L"], ["L", "D"]]
+    with pytest.raises(ValueError, match=r"stage_spec\[2\]: 3 letters for depth 4"):
+        dat_lab.config_from_official({**golden["config"], "stage_spec": spec})
+    with pytest.raises(ValueError, match="groups: 3 values for 4 stages"):
+        dat_lab.config_from_official({**golden["config"], "groups": [1, 2, 4]})
+
+
+def test_load_official_is_strict(golden):
+    model = dat_lab.create_model(dat_lab.config_from_official(golden["config"]))
+    state = dict(golden["state_dict"])
+    assert "stages.0.attns.1.attn_mask" in state  # derived buffers are dropped, not loaded
+    dat_lab.load_official(model, {"model": state, "optimizer": {}, "epoch": 1})
+    del state["cls_head.bias"]
+    state["stages.9.extra"] = torch.zeros(1)
+    state["stages.2.attns.1.rpe_table"] = torch.zeros(4, 29, 29)
+    with pytest.raises(ValueError) as err:
+        dat_lab.load_official(model, state)
+    message = str(err.value)
+    assert "missing ['cls_head.bias']" in message and "unexpected ['stages.9.extra']" in message
+    assert "mis-shaped ['stages.2.attns.1.rpe_table (4, 29, 29) vs (4, 27, 27)']" in message
+
+
+def test_convert_cli_round_trip(golden, golden_input, tmp_path):
+    released = tmp_path / "released.pth"
+    torch.save({"model": golden["state_dict"], "optimizer": {}, "lr_scheduler": {}, "epoch": 299}, released)
+    official_yaml = tmp_path / "dat_small_random.yaml"
+    official_yaml.write_text(yaml.safe_dump({"MODEL": {"TYPE": "dat", "DAT": golden["config"]}}))
+    out = tmp_path / "converted.ckpt"
+    assert cli.main(["convert", str(released), "--official-config", str(official_yaml), "-o", str(out)]) == 0
+    model = dat_lab.load_checkpoint(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(golden_input), golden["logits"], atol=1e-4, rtol=0)
+
+
+def test_convert_cli_errors(golden, tmp_path, capsys):
+    released = tmp_path / "released.pth"
+    torch.save({"model": golden["state_dict"]}, released)
+    assert cli.main(["convert", str(released), "--variant", "dat_tiny", "-o", str(tmp_path / "x.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dat-lab: error: checkpoint does not fit the model: missing [") and err.count("\n") == 1
+    assert cli.main(["convert", str(released), "-o", str(tmp_path / "x.ckpt")]) == 2
+    assert "exactly one of --variant" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "nope.pth"), "--variant", "dat_tiny", "-o", "x"]) == 2
+    assert "nope.pth" in capsys.readouterr().err
+    assert not (tmp_path / "x.ckpt").exists()

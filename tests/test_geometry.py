@@ -1,0 +1,93 @@
+"""Known-answer tests of the geometry helpers and of the deformable block's sampling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dat_lab.models import StageConfig
+from dat_lab.models.attention import DeformableAttention
+from dat_lab.models.geometry import (bounded_offsets, grid_points, offsets_in_cells, sampling_positions,
+                                     shifted_window_mask, window_relative_index)
+
+
+def test_grid_points_known_values():
+    torch.testing.assert_close(grid_points(2, 1)[..., 0].flatten(), torch.tensor([-0.5, 0.5]))
+    torch.testing.assert_close(grid_points(1, 4)[..., 1].flatten(), torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    torch.testing.assert_close(grid_points(3, 1, convention="aligned")[..., 0].flatten(), torch.tensor([-1.0, 0.0, 1.0]))
+    assert grid_points(1, 1, convention="aligned").abs().sum() == 0
+    assert grid_points(2, 3).shape == (2, 3, 2)
+    with pytest.raises(ValueError, match="reference"):
+        grid_points(2, 2, convention="centre")
+
+
+def test_aligned_grid_samples_exactly_the_input():
+    x = torch.randn(2, 5, 6, 7)
+    grid = grid_points(6, 7, convention="aligned").flip(-1).expand(2, 6, 7, 2)
+    torch.testing.assert_close(F.grid_sample(x, grid, align_corners=True), x, atol=1e-6, rtol=0)
+    released = grid_points(6, 7).flip(-1).expand(2, 6, 7, 2)
+    assert (F.grid_sample(x, released, align_corners=True) - x).abs().max() > 1e-2  # a slight resampling
+
+
+def _block(**stage) -> DeformableAttention:
+    cfg = StageConfig(dim=8, depth=2, heads=2, blocks="LD", groups=2, **stage)
+    return DeformableAttention(stage=cfg, q_size=(6, 6), attn_drop=0.0, proj_drop=0.0).eval()
+
+
+def test_zero_offsets_aligned_r1_keys_are_the_input():
+    block = _block(reference="aligned")
+    torch.nn.init.zeros_(block.conv_offset[3].weight)
+    seen = {}
+    block.proj_k.register_forward_hook(lambda m, inp, out: seen.setdefault("samples", inp[0]))
+    x = torch.randn(2, 8, 6, 6)
+    _, info = block(x)
+    torch.testing.assert_close(seen["samples"], x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(info["positions"], info["references"])
+
+
+def test_no_offset_block_samples_at_reference_and_builds_no_offset_network():
+    block = _block(offsets=False, reference="aligned")
+    assert block.conv_offset is None
+    seen = {}
+    block.proj_k.register_forward_hook(lambda m, inp, out: seen.setdefault("samples", inp[0]))
+    x = torch.randn(1, 8, 6, 6)
+    block(x)
+    torch.testing.assert_close(seen["samples"], x, atol=1e-6, rtol=0)
+    assert _block(offset_range=0.0).conv_offset is None  # s = 0: no offset at all
+
+
+@pytest.mark.parametrize("s", [0.5, 2.0, 5.0])
+def test_huge_raw_offsets_stay_inside_s(s):
+    raw = torch.randn(3, 4, 5, 2) * 1e6
+    off = bounded_offsets(raw, s)
+    assert (off[..., 0].abs() <= s / 4 + 1e-6).all() and (off[..., 1].abs() <= s / 5 + 1e-6).all()
+    block = _block(offset_range=s, key_downsample=2)
+    torch.nn.init.constant_(block.conv_offset[3].weight, 1e4)
+    _, info = block(torch.randn(2, 8, 6, 6))
+    cells = offsets_in_cells(info["positions"], info["references"])  # (B, G, 3, 3, 2)
+    assert info["positions"].shape == (2, 2, 3, 3, 2)
+    assert cells.abs().max() <= s / 2 + 1e-4 and cells.abs().max() >= s / 2 - 1e-3
+
+
+def test_offset_modes():
+    raw = torch.full((1, 2, 2, 2), 10.0)
+    assert bounded_offsets(raw, 0).abs().sum() == 0
+    assert torch.equal(bounded_offsets(raw, -1), raw)
+    ref = grid_points(2, 2).unsqueeze(0)
+    torch.testing.assert_close(sampling_positions(ref, raw, -1), torch.tanh(ref + raw))  # unbounded: squashed
+    torch.testing.assert_close(sampling_positions(ref, bounded_offsets(raw, 1), 1), ref + 0.5 * torch.tanh(raw))
+
+
+def test_window_relative_index_known_values():
+    index = window_relative_index(2, 2)  # table 3x3, (dy + 1) * 3 + (dx + 1) for query - key
+    assert index.tolist() == [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]
+    # a clamped 1x1 window reads the table centre
+    assert window_relative_index(1, 7).tolist() == [[6 * 13 + 6]]
+
+
+def test_shifted_window_mask_known_values():
+    mask = shifted_window_mask(4, 4, 2, 1)  # 4 windows of 2x2
+    assert mask.shape == (4, 4, 4)
+    assert mask[0].abs().sum() == 0  # the first window is one region
+    # the last window holds four regions: every token sees only itself
+    assert torch.equal(mask[3] == 0, torch.eye(4, dtype=torch.bool))
+    assert set(mask.unique().tolist()) == {0.0, -100.0}

@@ -1,0 +1,123 @@
+"""A test matrix over every registered variant and every ablation knob, plus the model API."""
+
+import pytest
+import timm
+import timm.optim
+import torch
+
+import dat_lab
+from dat_lab.models import VARIANTS
+
+SMALL = 64  # every variant at a small input: the windows clamp and pad, position tables resize
+
+
+def _check_forward_backward(model, size, in_chans=3, num_classes=None):
+    x = torch.randn(2, in_chans, *((size, size) if isinstance(size, int) else size))
+    logits = model(x)
+    assert logits.shape == (2, num_classes or model.num_classes)
+    assert torch.isfinite(logits).all()
+    logits.square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant(name):
+    # no drop path here: a block dropped for the whole batch would get no gradient
+    model = timm.create_model(name, num_classes=7, drop_path_rate=0.0,
+                              img_size=SMALL if name.startswith("dat_base") else None)
+    _check_forward_backward(model, SMALL if VARIANTS[name].img_size > SMALL else VARIANTS[name].img_size)
+
+
+KNOBS = {
+    "position_none": {"position": "none"},
+    "position_fixed": {"position": "fixed"},
+    "position_dwconv": {"position": "dwconv"},
+    "position_log_cpb": {"position": "log_cpb"},
+    "no_offsets": {"offsets": False},
+    "s_zero": {"offset_range": 0.0},
+    "unbounded": {"offset_range": -1.0},
+    "r2": {"key_downsample": [1, 1, 2, 1]},
+    "groups": {"groups": [1, 2, 1, 2]},
+    "aligned": {"reference": "aligned"},
+    "kernel5": {"offset_kernel": 5},
+    "pvt": {"blocks": ["P", "P", "LD", "LD"], "sr_ratio": [4, 2, 1, 1]},
+    "all_deformable": {"blocks": "LD", "key_downsample": [4, 2, 1, 1]},
+    "swin": {"blocks": "LS"},
+    "dwconv_mlp_conv_patches": {"mlp": "dwconv", "conv_patches": True},
+    "dropouts": {"drop_rate": 0.1, "attn_drop_rate": 0.1},
+    "grayscale": {"in_chans": 1, "num_classes": 3},
+    "stem_dim": {"stem_dim": 8},
+}
+
+
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_every_knob_on_dat_pico(knob):
+    model = dat_lab.create_model("dat_pico", **KNOBS[knob])
+    size = 64 if model.config.conv_patches else 32  # the k7-s4 stem: stage 3 would be 1x1, one key
+    _check_forward_backward(model, size, in_chans=model.config.in_chans)
+
+
+@pytest.mark.parametrize("size", [40, (32, 48), 36])
+@pytest.mark.parametrize("position", ["relative", "fixed", "log_cpb"])
+def test_any_input_size(size, position):
+    """Sizes that do not divide the windows pad; position tables work at another resolution."""
+    model = dat_lab.create_model("dat_pico", position=position, num_classes=5)
+    _check_forward_backward(model, size)
+
+
+def test_drop_path_is_stochastic_in_training_only():
+    model = dat_lab.create_model("dat_pico", drop_path_rate=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+def test_forward_intermediates():
+    model = dat_lab.create_model("dat_pico", num_classes=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.forward_intermediates(x, return_attention=True)
+    torch.testing.assert_close(out["logits"], model(x))
+    assert [f.shape[1:] for f in out["features"]] == [(16, 16, 16), (32, 8, 8), (64, 4, 4), (128, 2, 2)]
+    assert list(out["deformable"]) == ["stages.2.attns.1", "stages.3.attns.1"]
+    info = out["deformable"]["stages.2.attns.1"]
+    assert info["positions"].shape == info["references"].shape == (2, 2, 4, 4, 2)
+    assert info["attention"].shape == (2, 4, 16, 16)
+    torch.testing.assert_close(info["attention"].sum(-1), torch.ones(2, 4, 16))
+    assert "attention" not in model.forward_intermediates(x)["deformable"]["stages.2.attns.1"]
+
+
+def test_timm_registration():
+    assert set(VARIANTS) <= set(timm.list_models("dat_*"))
+    model = timm.create_model("dat_tiny", num_classes=10)
+    assert model.cls_head.out_features == 10 and model.config.num_classes == 10
+    with pytest.raises(ValueError, match="no hub weights"):
+        timm.create_model("dat_pico", pretrained=True)
+
+
+def test_create_model_overrides():
+    model = dat_lab.create_model("dat_tiny", offset_range=4, groups=[1, 1, 6, 6], num_classes=3)
+    assert [s.offset_range for s in model.config.stages] == [4, 4, 4, 4]
+    assert [s.groups for s in model.config.stages] == [1, 1, 6, 6]
+    with pytest.raises(ValueError, match="unknown config field.*offset_rnage"):
+        dat_lab.create_model("dat_tiny", offset_rnage=4)
+    with pytest.raises(ValueError, match="unknown model"):
+        dat_lab.create_model("dat_huge")
+
+
+def test_reset_classifier_and_no_weight_decay():
+    model = dat_lab.create_model("dat_pico")
+    model.reset_classifier(5)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5) and model.config.num_classes == 5
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 128)
+
+    model = dat_lab.create_model("dat_pico", position=["none", "none", "relative", "dwconv"])
+    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_decay}
+    assert "stages.2.attns.1.rpe_table" in names  # a 3-D table, excluded only by the pattern
+    assert "stages.3.attns.1.rpe_table.weight" in names
+    assert "stages.0.attns.0.relative_position_bias_table" in names
+    assert "stages.2.attns.1.proj_q.weight" not in names and "stages.2.mlps.0.chunk.linear1.weight" not in names

@@ -1,0 +1,60 @@
+"""Params and FLOPs in the paper's convention, and `dat-lab profile`."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import cli
+from dat_lab.profile import count_flops
+
+PARAMS_TOL, FLOPS_TOL = 0.015, 0.02
+
+
+def test_flop_convention_known_answers():
+    conv = nn.Conv2d(3, 8, 3, padding=1)  # 8 x 4 x 4 outputs x 27 MACs
+    assert count_flops(conv, 4) == 8 * 16 * 27
+    norm = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.GroupNorm(1, 4))  # GroupNorm not counted
+    assert count_flops(norm, 2) == 4 * 4 * 3
+
+    class Sample(nn.Module):
+        def forward(self, x):
+            grid = torch.zeros(1, 5, 6, 2)
+            return nn.functional.grid_sample(x, grid, align_corners=True)
+
+    assert count_flops(Sample(), 4) == 4 * 3 * 5 * 6  # 4 per output element
+
+
+def test_paper_tables_within_tolerance(capsys):
+    assert cli.main(["profile", "--paper-tables", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["table"] for r in rows] == [6] * 7 + [7] * 5
+    assert set(rows[0]) == {"table", "row", "params_m", "gflops", "paper_params_m", "paper_gflops"}
+    for r in rows:
+        assert abs(r["params_m"] - r["paper_params_m"]) <= PARAMS_TOL, r
+        assert abs(r["gflops"] - r["paper_gflops"]) <= FLOPS_TOL, r
+    dat_t = rows[-3]  # "- - D D (DAT-T)": 4.589G / 28.319M measured with the released code and fvcore
+    assert dat_t["gflops"] == pytest.approx(4.589, abs=0.001) and dat_t["params_m"] == pytest.approx(28.319, abs=0.001)
+
+
+def test_profile_variant_cli(capsys):
+    assert cli.main(["profile", "dat_pico", "--set", "offset_range=4", "--set", "groups=[1,1,4,8]", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["model"] == "dat_pico" and row["img_size"] == 32 and row["params_m"] > 0.5
+    assert cli.main(["profile", "dat_pico", "--img-size", "64", "--json"]) == 0
+    (bigger,) = json.loads(capsys.readouterr().out)
+    assert bigger["gflops"] > 3 * row["gflops"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["profile", "dat_tiny", "--set", "groups=5"], "stages[0].groups: 5 offset groups do not divide 3 heads"),
+    (["profile", "dat_tiny", "--set", "offset_range"], "--set: 'offset_range' is not key=value"),
+    (["profile", "dat_huge"], "unknown model 'dat_huge'; allowed: dat_tiny"),
+    (["profile"], "profile: give a VARIANT"),
+    (["profile", "dat_tiny", "--paper-tables"], "--paper-tables takes no VARIANT"),
+])
+def test_profile_cli_errors(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
