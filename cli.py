@@ -95,9 +95,26 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 
+def _train(argv: list[str]) -> int:
+    """LightningCLI takes over: `dat-lab train [fit|validate|test] --config X.yaml [--model.* ...]`."""
+    from dat_lab.training.cli import main as train_main
+    from dat_lab.training.module import NonFiniteLossError
+
+    sys.argv = ["dat-lab train"]  # LightningCLI reads its arguments from `argv` alone (and names itself so)
+    try:
+        train_main(argv)
+    except (ValueError, NonFiniteLossError) as err:  # bad config or data (DataError), diverged training
+        print(f"dat-lab: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dat-lab", description="Ablations of Deformable Attention Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", add_help=False,
+                   help="train with LightningCLI: dat-lab train [fit|validate|test] --config experiments/X.yaml "
+                        "(see dat-lab train --help)")
 
     p = sub.add_parser("profile", help="parameters and GFLOPs (paper convention) of a model or the paper's rows")
     p.add_argument("variant", nargs="?", help="a named variant, e.g. dat_tiny")
@@ -118,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return _train(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

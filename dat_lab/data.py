@@ -1,0 +1,239 @@
+"""DataModules: synthetic, digits (scikit-learn's bundled 8x8 digits, the embedded default),
+cifar10 / cifar100 (torchvision), imagefolder (the ImageNet layout, with the paper's augmentation).
+
+Every DataModule tells the model its `num_classes`, `in_chans` and `img_size`, keeps a fixed, seeded
+train/val split, and shuffles the training set by (seed, epoch) with its own generator, so that a run
+resumed from a checkpoint sees the same batches as an uninterrupted one. Problems with the data
+raise `DataError` (one line naming the path) before training starts.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """The data cannot be used: missing, empty or unreadable (the message names the path)."""
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Shared loaders. Subclasses set `num_classes`, `in_chans`, `mean`, `std`, and the datasets."""
+
+    num_classes: int
+    in_chans: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __init__(self, *, batch_size: int = 64, num_workers: int = 0, img_size: int = 224, seed: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0 or img_size < 1:
+            raise DataError(f"batch_size {batch_size}, num_workers {num_workers}, img_size {img_size}: "
+                            "need batch_size >= 1, num_workers >= 0, img_size >= 1")
+        self.batch_size, self.num_workers, self.img_size, self.seed = batch_size, num_workers, img_size, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        trainer = self.trainer
+        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
+                                     rank=trainer.global_rank if trainer else 0, shuffle=train, seed=self.seed,
+                                     drop_last=train) if train else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, val) index split."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction: {val_fraction} must be in (0, 1)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * val_fraction))
+    return perm[n_val:], perm[:n_val]
+
+
+class SyntheticDataModule(ImageDataModule):
+    """Random images and labels of any size, for tests and throughput runs."""
+
+    def __init__(self, *, num_classes: int = 10, channels: int = 3, train_samples: int = 256, val_samples: int = 64,
+                 batch_size: int = 32, num_workers: int = 0, img_size: int = 224, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
+        self.num_classes, self.in_chans = num_classes, channels
+        self.mean, self.std = (0.0,) * channels, (1.0,) * channels
+        self.sizes = (train_samples, val_samples)
+
+    def setup(self, stage: str | None = None) -> None:
+        g = torch.Generator().manual_seed(self.seed)
+        n = sum(self.sizes)
+        x = torch.randn(n, self.in_chans, self.img_size, self.img_size, generator=g)
+        y = torch.randint(0, self.num_classes, (n,), generator=g)
+        self.train_set = TensorDataset(x[: self.sizes[0]], y[: self.sizes[0]])
+        self.val_set = TensorDataset(x[self.sizes[0]:], y[self.sizes[0]:])
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes, no download),
+    upsampled bilinearly to img_size, with a fixed seeded train/val split."""
+
+    num_classes = 10
+
+    def __init__(self, *, val_fraction: float = 0.2, channels: int = 1, batch_size: int = 64, num_workers: int = 0,
+                 img_size: int = 32, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
+        self.val_fraction, self.in_chans = val_fraction, channels
+        self.mean, self.std = (0.3,) * channels, (0.4,) * channels
+        _split(10, val_fraction, seed)  # validates val_fraction now
+
+    def setup(self, stage: str | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+        x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        x = ((x - self.mean[0]) / self.std[0]).expand(-1, self.in_chans, -1, -1).contiguous()
+        y = torch.tensor(digits.target, dtype=torch.long)
+        train, val = _split(len(y), self.val_fraction, self.seed)
+        self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10 through torchvision, downloaded in prepare_data when the machine is online."""
+
+    num_classes = 10
+    archive = "cifar-10-python.tar.gz"
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def __init__(self, *, root: str = "data", download: bool = True, batch_size: int = 128, num_workers: int = 2,
+                 img_size: int = 32, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
+        self.root, self.download = root, download
+
+    def _dataset(self, train: bool, transform=None, download: bool = False):
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
+        return cls(self.root, train=train, transform=transform, download=download)
+
+    def prepare_data(self) -> None:
+        try:
+            for train in (True, False):
+                self._dataset(train, download=self.download)
+        except (OSError, RuntimeError) as err:  # offline (URLError is an OSError) or not found
+            raise DataError(f"{type(self).__name__}: no dataset under {os.path.abspath(self.root)} and no download "
+                            f"({type(err).__name__}): put {self.archive} there, or its extracted folder") from None
+
+    def setup(self, stage: str | None = None) -> None:
+        from torchvision import transforms as T
+
+        resize = [T.Resize(self.img_size)] if self.img_size != 32 else []
+        normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        train_tf = T.Compose(resize + [T.RandomCrop(self.img_size, padding=self.img_size // 8),
+                                       T.RandomHorizontalFlip()] + normalize)
+        self.train_set = self._dataset(True, train_tf)
+        self.val_set = self._dataset(False, T.Compose(resize + normalize))
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """CIFAR-100 through torchvision."""
+
+    num_classes = 100
+    archive = "cifar-100-python.tar.gz"
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """The ImageNet layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the paper's
+    augmentation through timm's create_transform (RandAugment, random erasing; bicubic eval crop)."""
+
+    def __init__(self, *, root: str, batch_size: int = 128, num_workers: int = 8, img_size: int = 224,
+                 seed: int = 0, auto_augment: str | None = "rand-m9-mstd0.5-inc1", color_jitter: float = 0.4,
+                 re_prob: float = 0.25, crop_pct: float = 0.875, interpolation: str = "bicubic",
+                 verify_images: bool = True) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
+        self.root = Path(root)
+        self.classes = _class_folders(self.root / "train")
+        val_classes = _class_folders(self.root / "val")
+        if val_classes != self.classes:
+            raise DataError(f"{self.root / 'val'}: class folders differ from {self.root / 'train'}'s")
+        self.num_classes = len(self.classes)
+        self.transform_args = dict(auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob,
+                                   crop_pct=crop_pct, interpolation=interpolation)
+        self.verify_images = verify_images
+
+    def setup(self, stage: str | None = None) -> None:
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+
+        a = self.transform_args
+        train_tf = create_transform(self.img_size, is_training=True, auto_augment=a["auto_augment"],
+                                    color_jitter=a["color_jitter"], re_prob=a["re_prob"], re_mode="pixel",
+                                    interpolation=a["interpolation"], mean=self.mean, std=self.std)
+        val_tf = create_transform(self.img_size, is_training=False, crop_pct=a["crop_pct"],
+                                  interpolation=a["interpolation"], mean=self.mean, std=self.std)
+        self.train_set = ImageFolder(str(self.root / "train"), transform=train_tf, loader=_load_image)
+        self.val_set = ImageFolder(str(self.root / "val"), transform=val_tf, loader=_load_image)
+        if self.verify_images:
+            _verify([p for p, _ in self.train_set.samples + self.val_set.samples], self.num_workers)
+
+
+def _class_folders(path: Path) -> list[str]:
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder (expected class folders of images)")
+    classes = sorted(d.name for d in os.scandir(path) if d.is_dir())
+    if not classes:
+        raise DataError(f"{path}: no class folders in it")
+    for c in classes:
+        if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path / c)):
+            raise DataError(f"{path / c}: no images in it (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return classes
+
+
+def _load_image(path: str):
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as err:
+        raise DataError(f"{path}: unreadable image ({err})") from None
+
+
+def _verify(paths: list[str], workers: int) -> None:
+    """Raise DataError naming the first image PIL cannot read."""
+    from PIL import Image
+
+    def check(path: str) -> str | None:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            return None
+        except Exception as err:  # PIL raises many kinds
+            return f"{path}: unreadable image ({err})"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for problem in pool.map(check, paths, chunksize=64):
+            if problem:
+                raise DataError(problem)
+
+
+DATAMODULES = {"synthetic": SyntheticDataModule, "digits": DigitsDataModule, "cifar10": CIFAR10DataModule,
+               "cifar100": CIFAR100DataModule, "imagefolder": ImageFolderDataModule}

@@ -1,0 +1,61 @@
+"""Figures of what deformable attention does: sampled key positions over the images (the paper's
+Figs. 5-7). Used by the training callback (TensorBoard) and by `dat-lab visualize`."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+
+def to_pixels(points: Tensor, map_size: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
+    """Normalised (y, x) points on a feature map (align_corners=True) to image pixel (x, y)."""
+    (h, w), (ih, iw) = map_size, image_size
+    y = ((points[..., 0] + 1) / 2 * (h - 1) + 0.5) * ih / h - 0.5
+    x = ((points[..., 1] + 1) / 2 * (w - 1) + 0.5) * iw / w - 0.5
+    return torch.stack((x, y), dim=-1)
+
+
+def last_block_per_stage(deformable: dict[str, Any]) -> dict[int, str]:
+    """{stage index: name of its last deformable block} from forward_intermediates' names."""
+    return {int(name.split(".")[1]): name for name in deformable}
+
+
+def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequence[float], std: Sequence[float],
+                           max_points: int = 400):
+    """A matplotlib figure: one row per image, one column per deformable stage, the keys sampled by
+    that stage's last D block (one colour per offset group) over the image; references as grey dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = last_block_per_stage(out["deformable"])
+    n, cols = images.shape[0], max(1, len(stages))
+    fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.6 * n), squeeze=False)
+    pictures = images.detach().float().cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    pictures = pictures.clamp(0, 1).permute(0, 2, 3, 1)
+    size = tuple(images.shape[-2:])
+    for col, (stage, name) in enumerate(sorted(stages.items())):
+        info = out["deformable"][name]
+        map_size = tuple(out["features"][stage].shape[-2:])
+        pos = to_pixels(info["positions"].detach().float().cpu(), map_size, size)  # (B, G, Hk, Wk, 2)
+        ref = to_pixels(info["references"].detach().float().cpu(), map_size, size)
+        for row in range(n):
+            ax = axes[row][col]
+            picture = pictures[row]
+            ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
+            r = ref[row, 0].reshape(-1, 2)
+            ax.scatter(r[:, 0], r[:, 1], s=3, c="lightgrey", alpha=0.6, linewidths=0)
+            for g in range(pos.shape[1]):
+                p = pos[row, g].reshape(-1, 2)[:max_points]
+                ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.8, linewidths=0, label=f"group {g}")
+            ax.set_xlim(-0.5, size[1] - 0.5)
+            ax.set_ylim(size[0] - 0.5, -0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"stage {stage} ({name.split('.', 2)[-1]})", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,31 @@
+"""Metric names, defined once: training logs them, sweeps optimise them, analysis reads them.
+
+| name | what |
+|---|---|
+| `train/loss` | training loss (soft-target CE under Mixup/CutMix), per step and per epoch |
+| `train/acc1` | training top-1 (only without Mixup/CutMix, where it means something) |
+| `train/lr` | learning rate, per step |
+| `train/images_per_sec` | training throughput over the epoch's steps |
+| `val/loss`, `val/acc1`, `val/acc5` | validation loss, top-1 and top-5 accuracy (fractions in [0, 1]) |
+| `val_ema/acc1`, `val_ema/acc5` | the same for the EMA weights, when EMA is on |
+| `offsets/stage{i}/mean_cells` | mean offset length in key-grid cells over the D blocks of stage i |
+| `hp/best_val_acc1` | the best `val/acc1` of the run, the TensorBoard hparams metric |
+"""
+
+TRAIN_LOSS = "train/loss"
+TRAIN_ACC1 = "train/acc1"
+LR = "train/lr"
+THROUGHPUT = "train/images_per_sec"
+VAL_LOSS = "val/loss"
+VAL_ACC1 = "val/acc1"
+VAL_ACC5 = "val/acc5"
+VAL_EMA_ACC1 = "val_ema/acc1"
+VAL_EMA_ACC5 = "val_ema/acc5"
+HP_METRIC = "hp/best_val_acc1"
+OFFSET_HISTOGRAM = "offsets/stage{stage}"
+SAMPLING_IMAGE = "offsets/sampling_points"
+
+
+def offset_mean(stage: int) -> str:
+    """Scalar: mean offset length in key-grid cells of the deformable blocks of a stage."""
+    return f"offsets/stage{stage}/mean_cells"

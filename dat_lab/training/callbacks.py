@@ -1,0 +1,100 @@
+"""Callbacks: throughput, offset statistics and sampling-point images for TensorBoard, and the
+final metric in TensorBoard's hparams view."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .. import metrics as M
+from ..figures import sampling_points_figure
+from ..models.geometry import offsets_in_cells
+
+
+def _tensorboard(trainer: L.Trainer):
+    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+class Throughput(L.Callback):
+    """`train/images_per_sec`: images over the time spent in training steps, summed over devices."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.images, self.seconds = 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seconds += time.perf_counter() - self.start
+        self.images += len(batch[0])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.seconds > 0:
+            pl_module.log(M.THROUGHPUT, self.images / self.seconds * trainer.world_size)
+
+
+class DeformableMonitor(L.Callback):
+    """After each validation: per deformable stage, the mean offset length in key-grid cells
+    (scalar) and the offsets' histogram; every `every_n_epochs`, a figure of the keys sampled on a
+    few validation images."""
+
+    def __init__(self, *, every_n_epochs: int = 1, num_images: int = 4) -> None:
+        self.every_n_epochs, self.num_images = every_n_epochs, num_images
+        self.images: torch.Tensor | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.images is None and batch_idx == 0 and dataloader_idx == 0:
+            self.images = batch[0][: self.num_images].detach().clone()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.images is None:
+            return
+        with torch.no_grad():
+            out = pl_module.model.forward_intermediates(self.images.to(pl_module.device))
+        if not out["deformable"]:
+            return
+        by_stage: dict[int, list[torch.Tensor]] = {}
+        for name, info in out["deformable"].items():
+            cells = offsets_in_cells(info["positions"], info["references"]).norm(dim=-1)
+            by_stage.setdefault(int(name.split(".")[1]), []).append(cells.flatten())
+        writer = _tensorboard(trainer) if trainer.is_global_zero else None
+        step = trainer.global_step
+        for stage, values in by_stage.items():
+            values = torch.cat(values).float()
+            pl_module.log(M.offset_mean(stage), values.mean(), sync_dist=True)
+            if writer is not None:
+                writer.add_histogram(M.OFFSET_HISTOGRAM.format(stage=stage), values.cpu(), step)
+        if writer is not None and trainer.current_epoch % self.every_n_epochs == 0:
+            data = trainer.datamodule
+            fig = sampling_points_figure(self.images, out, mean=data.mean, std=data.std)
+            writer.add_figure(M.SAMPLING_IMAGE, fig, step, close=True)
+
+
+class HparamsMetric(L.Callback):
+    """Write the run's hyper-parameters to TensorBoard with the real best `val/acc1` (no -1 placeholder)."""
+
+    def __init__(self) -> None:
+        self.best: float | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(M.VAL_ACC1)
+        if not trainer.sanity_checking and value is not None:
+            self.best = max(self.best or 0.0, float(value))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.best is None:
+            return
+        params = {k: v for k, v in pl_module.hparams.items() if k != "model_config"}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(params, metrics={M.HP_METRIC: self.best})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")

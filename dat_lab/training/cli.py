@@ -1,0 +1,78 @@
+"""`dat-lab train`: LightningCLI wired for dat-lab.
+
+One run directory per run, `runs/<name>/version_<n>/` (name: `--name`, else the config file's stem),
+holding config.yaml, TensorBoard events and checkpoints/{last.ckpt, best-*.ckpt}. `--ckpt_path last`
+resumes the newest version of that name in place. The DataModule tells the model its number of
+classes, input size and channels.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .. import metrics as M
+from ..data import DataError, ImageDataModule
+from .callbacks import DeformableMonitor, HparamsMetric, Throughput
+from .module import ImageClassifier
+
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def default_callbacks() -> list:
+    """What every dat-lab run gets: best and last checkpoints, throughput, DAT monitors, hparams metric."""
+    return [
+        ModelCheckpoint(monitor=M.VAL_ACC1, mode="max", save_last=True, filename="best-epoch{epoch:03d}",
+                        auto_insert_metric_name=False),
+        Throughput(),
+        DeformableMonitor(),
+        HparamsMetric(),
+    ]
+
+
+def run_directory(root: str | Path, name: str, resume: bool) -> str | None:
+    """The logger version to use: None (a new version_<n>) or, to resume, the newest existing one."""
+    if not resume:
+        return None
+    versions = sorted((int(m.group(1)), p.name) for p in Path(root, name).glob("version_*")
+                      if (m := re.fullmatch(r"version_(\d+)", p.name)) and (p / "checkpoints" / "last.ckpt").exists())
+    if not versions:
+        raise DataError(f"--ckpt_path last: nothing to resume, no {Path(root, name)}/version_*/checkpoints/last.ckpt")
+    return versions[-1][1]
+
+
+class DatLabCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--name", type=str | None, default=None,
+                            help="run name: runs go to <default_root_dir>/<name>/version_<n> (default: config file stem)")
+        for key in ("num_classes", "img_size", "in_chans"):
+            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        files = config.get("config") or []
+        name = config.get("name") or (Path(str(files[-1])).stem if files else "dat")
+        trainer = config.trainer
+        root = trainer.default_root_dir or "runs"
+        if trainer.logger in (None, True):
+            version = run_directory(root, name, resume=config.get("ckpt_path") == "last")
+            trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                                       init_args=Namespace(save_dir=root, name=name, version=version,
+                                                           default_hp_metric=False))
+        if config.get("weights_only") is None and "weights_only" in config:
+            config.weights_only = True
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Run `dat-lab train [fit|validate|test] ...` (fit when no subcommand is given)."""
+    args = list(args or [])
+    if not args or args[0] not in SUBCOMMANDS + ("-h", "--help"):
+        args = ["fit", *args]
+    return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
+                     trainer_defaults={"default_root_dir": "runs", "callbacks": default_callbacks()},
+                     save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

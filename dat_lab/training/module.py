@@ -1,0 +1,148 @@
+"""The LightningModule: image classification with any DAT config, the paper's recipe as options.
+
+Thin by design: the network is `self.model` (a plain `DAT`); the loss, optimizer, schedule,
+Mixup/CutMix, EMA and metrics come from timm and torchmetrics. Metric names are `dat_lab.metrics`.
+The whole model config is saved in the hyper-parameters, so a checkpoint rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torchmetrics.classification import MulticlassAccuracy
+
+from .. import metrics as M
+from ..models import DAT, DATConfig, get_config
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+class ImageClassifier(L.LightningModule):
+    """Train a DAT variant (plus config overrides) as an image classifier.
+
+    `num_classes`, `img_size` and `in_chans` come from the DataModule. `lr` is the peak learning
+    rate of a per-step cosine schedule after a linear warmup of `warmup_epochs` from `warmup_lr`.
+    """
+
+    def __init__(self, *, variant: str = "dat_pico", overrides: dict[str, Any] | None = None,
+                 num_classes: int = 10, img_size: int = 32, in_chans: int = 3,
+                 lr: float = 5e-4, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
+                 warmup_epochs: float = 0.0, warmup_lr: float = 5e-7, min_lr: float = 5e-6,
+                 mixup: float = 0.0, cutmix: float = 0.0, mix_switch_prob: float = 0.5, label_smoothing: float = 0.0,
+                 ema_decay: float | None = None, compile: bool = False,
+                 model_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if model_config is not None:  # rebuilding from a checkpoint
+            config = DATConfig.from_dict(model_config)
+        else:
+            config = get_config(variant, **{**(overrides or {}), "num_classes": num_classes, "img_size": img_size,
+                                            "in_chans": in_chans})
+        self.save_hyperparameters(ignore=["model_config"])
+        self.hparams["model_config"] = config.to_dict()
+        self.model = DAT(config=config)
+        self.mixup = (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=mix_switch_prob,
+                            label_smoothing=label_smoothing, num_classes=config.num_classes)
+                      if mixup > 0 or cutmix > 0 else None)
+        self.soft_loss = SoftTargetCrossEntropy()
+        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        top5 = min(5, config.num_classes)
+        self.train_acc1 = MulticlassAccuracy(config.num_classes, top_k=1, average="micro")
+        self.val_acc = torch.nn.ModuleDict({
+            "acc1": MulticlassAccuracy(config.num_classes, top_k=1, average="micro"),
+            "acc5": MulticlassAccuracy(config.num_classes, top_k=top5, average="micro"),
+        })
+        self.ema_acc = torch.nn.ModuleDict({k: m.clone() for k, m in self.val_acc.items()}) if self.ema else None
+
+    @property
+    def config(self) -> DATConfig:
+        return self.model.config
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile()  # the inner nn.Module, in place: state_dict names stay the same
+            self._compiled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.mixup is not None:
+            x, soft = self.mixup(x, y)
+            loss = self.soft_loss(self(x), soft)
+        else:
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+            self.train_acc1(logits, y)
+            self.log(M.TRAIN_ACC1, self.train_acc1, on_step=False, on_epoch=True)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, "
+                                     f"step {self.global_step}: lower the learning rate or clip gradients")
+        self.log(M.TRAIN_LOSS, loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log(M.LR, self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def _evaluate(self, network: torch.nn.Module, batch, accuracies: torch.nn.ModuleDict, names: tuple[str, str],
+                  loss_name: str | None) -> None:
+        x, y = batch
+        logits = network(x)
+        if loss_name:
+            self.log(loss_name, F.cross_entropy(logits, y), on_epoch=True, prog_bar=False, sync_dist=True)
+        for (key, metric), name in zip(accuracies.items(), names):
+            metric(logits, y)
+            self.log(name, metric, on_epoch=True, prog_bar=key == "acc1")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(self.model, batch, self.val_acc, (M.VAL_ACC1, M.VAL_ACC5), M.VAL_LOSS)
+        if self.ema is not None:
+            self._evaluate(self.ema.module, batch, self.ema_acc, (M.VAL_EMA_ACC1, M.VAL_EMA_ACC5), None)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        optimizer = create_optimizer_v2(self.model, opt="adamw", lr=h.lr, weight_decay=h.weight_decay,
+                                        betas=tuple(h.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = min(total - 1, int(h.warmup_epochs * total / epochs))
+        scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=h.min_lr, warmup_t=warmup,
+                                      warmup_lr_init=h.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    # Random states travel with the checkpoint, so a resumed run continues as the uninterrupted one.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            version, internal, gauss = states["python"]
+            random.setstate((version, tuple(internal), gauss))
+            kind, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,80 @@
+"""DataModules: splits, shapes, and clear errors before training starts."""
+
+import pytest
+import torch
+from PIL import Image
+
+from dat_lab.data import (CIFAR100DataModule, DataError, DigitsDataModule, ImageFolderDataModule,
+                          SyntheticDataModule)
+
+
+def test_digits_split_is_fixed_and_seeded():
+    a, b, c = DigitsDataModule(seed=0), DigitsDataModule(seed=0), DigitsDataModule(seed=1, img_size=16, channels=3)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert len(a.train_set) + len(a.val_set) == 1797 and len(a.val_set) == 359
+    assert torch.equal(a.val_set.tensors[1], b.val_set.tensors[1])
+    assert not torch.equal(a.val_set.tensors[1], c.val_set.tensors[1])
+    assert a.train_set.tensors[0].shape[1:] == (1, 32, 32) and c.train_set.tensors[0].shape[1:] == (3, 16, 16)
+    x, y = next(iter(a.train_dataloader()))
+    assert x.shape == (64, 1, 32, 32) and y.dtype == torch.long
+    with pytest.raises(DataError, match="val_fraction: 1.5 must be in"):
+        DigitsDataModule(val_fraction=1.5)
+
+
+def test_synthetic_any_size():
+    dm = SyntheticDataModule(num_classes=3, channels=2, img_size=40, train_samples=10, val_samples=4, batch_size=5)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (5, 2, 40, 40) and int(y.max()) < 3
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=2):
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (40, 30), color=(i * 50, 10, 200)).save(root / split / c / f"{i}.jpg")
+
+
+def test_imagefolder_reads_the_imagenet_layout(tmp_path):
+    _image_folder(tmp_path)
+    dm = ImageFolderDataModule(root=str(tmp_path), img_size=32, batch_size=2, num_workers=0)
+    assert dm.num_classes == 2
+    dm.setup("fit")
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (2, 3, 32, 32)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 32, 32)
+
+
+def test_imagefolder_errors_name_the_path(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'none' / 'train'}: no such folder"):
+        ImageFolderDataModule(root=str(tmp_path / "none"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="train: no class folders in it"):
+        ImageFolderDataModule(root=str(tmp_path / "empty"))
+    _image_folder(tmp_path / "a")
+    (tmp_path / "a" / "val" / "bird").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "val" / "bird" / "0.png")
+    with pytest.raises(DataError, match="val: class folders differ"):
+        ImageFolderDataModule(root=str(tmp_path / "a"))
+    _image_folder(tmp_path / "b")
+    for f in (tmp_path / "b" / "train" / "dog").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"train/dog: no images in it"):
+        ImageFolderDataModule(root=str(tmp_path / "b"))
+    _image_folder(tmp_path / "c")
+    bad = tmp_path / "c" / "val" / "cat" / "1.jpg"
+    bad.write_bytes(b"not a jpeg")
+    dm = ImageFolderDataModule(root=str(tmp_path / "c"), img_size=32)
+    with pytest.raises(DataError, match=f"{bad}: unreadable image"):
+        dm.setup("fit")
+
+
+def test_cifar_without_files_or_network_is_one_clear_error(tmp_path):
+    dm = CIFAR100DataModule(root=str(tmp_path), download=False)
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert str(tmp_path) in message and "cifar-100-python.tar.gz" in message and "\n" not in message

@@ -1,0 +1,139 @@
+"""Training through `dat-lab train` (LightningCLI) on the CPU: small, real runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import cli
+import dat_lab
+from dat_lab import metrics as M
+from dat_lab.training import ImageClassifier, NonFiniteLossError
+from dat_lab.training.cli import main as train
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "experiments" / "digits_quick.yaml")
+
+
+def _run(tmp_path, *args):
+    return train(["fit", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                  "--trainer.enable_model_summary", "false", *args])
+
+
+def _scalars(run_dir):
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+@pytest.mark.parametrize("variant", ["dat_pico", "dat_nano", "dat_tiny"])
+def test_fast_dev_run_on_synthetic_data(tmp_path, variant):
+    _run(tmp_path, "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
+         "--model.variant", variant, "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu")
+
+
+def test_digits_run_learns_and_logs_what_deformable_attention_does(tmp_path):
+    cli_obj = _run(tmp_path, "--config", DIGITS, "--trainer.max_epochs", "4", "--name", "digits")
+    run = tmp_path / "digits" / "version_0"
+    assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert list((run / "checkpoints").glob("best-epoch*.ckpt"))
+    assert cli_obj.trainer.callback_metrics[M.VAL_ACC1] >= 0.90
+    events = _scalars(run)
+    tags = events.Tags()
+    for tag in (M.offset_mean(2), M.offset_mean(3), M.VAL_ACC1, M.VAL_ACC5, M.VAL_LOSS, M.TRAIN_LOSS + "_step",
+                M.LR, M.THROUGHPUT, M.HP_METRIC):
+        assert tag in tags["scalars"], tag
+    assert M.SAMPLING_IMAGE in tags["images"] and M.OFFSET_HISTOGRAM.format(stage=2) in tags["histograms"]
+    assert events.Scalars(M.HP_METRIC)[-1].value == pytest.approx(max(e.value for e in events.Scalars(M.VAL_ACC1)))
+    assert all(e.value > 0 for e in events.Scalars(M.offset_mean(2)))
+    # the checkpoint rebuilds its model from the config it carries
+    model = dat_lab.load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert model.config == cli_obj.model.config and model.config.in_chans == 1
+    again = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(again.eval()(x), model.eval()(x))
+
+
+def test_cpu_run_is_repeatable(tmp_path):
+    args = ["--config", DIGITS, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6"]
+    first = _run(tmp_path / "a", *args).trainer.callback_metrics
+    second = _run(tmp_path / "b", *args).trainer.callback_metrics
+    assert float(first[M.VAL_LOSS]) == float(second[M.VAL_LOSS])
+    assert float(first[M.TRAIN_LOSS + "_epoch"]) == float(second[M.TRAIN_LOSS + "_epoch"])
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, capsys):
+    args = ["--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--model.lr", "1e30",
+            "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
+        train(["fit", *args])
+    assert cli.main(["train", *args]) == 2
+    assert "dat-lab: error: non-finite training loss" in capsys.readouterr().err
+
+
+def test_bad_model_config_is_one_line_before_training(tmp_path, capsys):
+    assert cli.main(["train", "--config", DIGITS, "--model.overrides", "{offset_rnge: 4}",
+                     "--trainer.default_root_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dat-lab: error: unknown config field(s) ['offset_rnge']") and err.count("\n") == 1
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_resume_last_needs_a_run(tmp_path):
+    with pytest.raises(dat_lab.data.DataError, match="nothing to resume"):
+        _run(tmp_path, "--config", DIGITS, "--ckpt_path", "last")
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
+    base = [sys.executable, "-m", "cli", "train", "--config", DIGITS, "--trainer.max_epochs", "3",
+            "--trainer.limit_train_batches", "8", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(base + ["--name", "whole"], check=True, env=env, cwd=ROOT, capture_output=True)
+
+    last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(base + ["--name", "killed"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the first checkpoint finish writing, then kill mid-training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert first_epoch < 2, "the run finished before it could be killed"
+
+    subprocess.run(base + ["--name", "killed", "--ckpt_path", "last"], check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+    assert not (tmp_path / "killed" / "version_1").exists()  # resumed in place
+    whole = _weights(tmp_path / "whole" / "version_0" / "checkpoints" / "last.ckpt")
+    resumed = _weights(last)
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_parses_and_builds_its_model(path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train(["fit", "--config", str(path), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    data_args = printed["data"]["init_args"]
+    num_classes = {"ImageFolderDataModule": 1000, "CIFAR100DataModule": 100}.get(
+        printed["data"]["class_path"].rsplit(".", 1)[-1], 10)
+    module = ImageClassifier(**{k: v for k, v in printed["model"].items() if v is not None},
+                             num_classes=num_classes, img_size=data_args["img_size"],
+                             in_chans=data_args.get("channels", 3))
+    assert module.config.num_classes == num_classes and module.config.img_size == data_args["img_size"]
