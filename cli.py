@@ -3,6 +3,9 @@
     dat-lab profile VARIANT [--set key=value ...] [--img-size N] [--json]
     dat-lab profile --paper-tables [--json]
     dat-lab convert RELEASED.pth (--variant NAME | --official-config FILE.yaml) -o OUT.ckpt
+    dat-lab train [fit|validate|test] --config experiments/X.yaml [--model.* ...] [--data.* ...] [--trainer.* ...]
+    dat-lab sweep SPEC.yaml [KEY=VALUE ...] [--storage URL] [--study NAME] [--workers K] [--n-trials N] [--dry-run]
+    dat-lab sweep-status STUDY [--storage URL] [--trial N]
 
 Bad input ends with one line, `dat-lab: error: ...`, and exit status 2, before any work starts.
 """
@@ -16,6 +19,7 @@ import sys
 from typing import Any, Sequence
 
 import yaml
+from pathlib import Path
 
 
 def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -109,6 +113,99 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from dat_lab.sweep import parse_spec, plan
+    from dat_lab.sweep.runner import make_storage, spawn_workers, work
+
+    overrides = _parse_sets(args.overrides)
+    if args.n_trials is not None:
+        overrides["n_trials"] = args.n_trials
+    spec = parse_spec(args.spec, overrides)
+    storage, study = args.storage or spec.storage, args.study or spec.study
+    if args.workers < 1:
+        raise ValueError(f"--workers: {args.workers} must be >= 1")
+    if args.workers > 1 and storage.startswith("sqlite"):
+        raise ValueError("--workers: SQLite is unsafe for parallel workers; give --storage postgresql://... "
+                         "(one server shared by every worker, on this machine or many)")
+    make_storage(storage, spec.heartbeat)  # a bad URL fails here, before planning
+    planned = plan(spec, spec.cells() if spec.is_grid else spec.cells()[:1])
+    if args.dry_run:
+        _print_plan(spec, planned)
+        return
+    if args.workers > 1:
+        argv = [args.spec, *args.overrides, "--storage", storage, "--study", study, "--runs-root", args.runs_root]
+        if args.n_trials is not None:
+            argv += ["--n-trials", str(args.n_trials)]
+        code = spawn_workers(argv, args.workers)
+        if code:
+            raise ValueError(f"a worker exited with status {code}")
+    else:
+        _work_with_progress(spec, storage, study, planned, args)
+    print(f"study {study!r} in {storage}: `dat-lab sweep-status {study} --storage {storage}`; "
+          f"TensorBoard: `tensorboard --logdir {args.runs_root}/{study}`")
+
+
+def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dat_lab.sweep.runner import work
+
+    label = "cells" if spec.is_grid else "trials"
+    worker = f" (worker {args.worker_id})" if args.worker_id is not None else ""
+    with Progress(TextColumn(f"{study}{worker}"), BarColumn(), MofNCompleteColumn(), TextColumn(label),
+                  TimeElapsedColumn()) as bar:
+        task = bar.add_task(study, total=len(planned) if spec.is_grid else spec.n_trials)
+        try:
+            work(spec, storage=storage, study_name=study, runs_root=args.runs_root, planned=planned,
+                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except KeyboardInterrupt:
+            bar.stop()
+            print("interrupted: finished cells are stored and the interrupted trial is marked FAILED; "
+                  "run the same command again to resume", file=sys.stderr)
+            raise SystemExit(130) from None
+
+
+def _print_plan(spec, planned) -> None:
+    rows = []
+    for p in planned:
+        if rows and rows[-1]["cell"] == p.cell.name:
+            rows[-1]["seeds"] += f",{p.cell.seed}"
+            continue
+        rows.append({"cell": p.cell.name or "(base)", "seeds": str(p.cell.seed), "params_m": round(p.params_m, 4),
+                     "gflops": round(p.gflops, 4)})
+    kind = "grid" if spec.is_grid else f"tpe, {spec.n_trials} trials over {', '.join(spec.search_space)}"
+    print(f"{spec.path}: study {spec.study!r}, {kind}, objective {spec.direction} {spec.metric} ({spec.value}); "
+          f"{len(planned)} trial(s) planned, nothing trained (--dry-run)")
+    _print_table(rows)
+
+
+def _sweep_status(args: argparse.Namespace) -> None:
+    import optuna
+
+    from dat_lab.sweep.status import counts, study_status, trial_of
+
+    storage = args.storage or f"sqlite:///runs/{args.study}.db"
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        raise ValueError(f"--storage: {storage} does not exist")
+    try:
+        study = optuna.load_study(study_name=args.study, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
+        raise ValueError(f"no study {args.study!r} in {storage}; it holds: {', '.join(names) or 'none'}") from None
+    if args.trial is not None:
+        trial = trial_of(study, args.trial)
+        print(trial.user_attrs.get("reproduce") or f"trial {args.trial} has no recorded training run")
+        return
+    rows = study_status(study)
+    print(f"study {args.study!r}: " + ", ".join(f"{v} {k}" for k, v in counts(rows).items()))
+    if rows:
+        _print_table([{"cell": r.cell, "status": r.status, "trial": r.trial, "value": r.value} for r in rows])
+        for r in rows:
+            if r.status == "failed":
+                print(f"failed: trial {r.trial} ({r.cell}): {r.failure or 'no reason recorded'}")
+        print("reproduce a trial: dat-lab sweep-status", args.study, "--trial N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dat-lab", description="Ablations of Deformable Attention Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--official-config", help="the released config YAML the weights were trained with")
     c.add_argument("-o", "--output", required=True, help="where to write the converted checkpoint")
     c.set_defaults(run=_convert)
+
+    w = sub.add_parser("sweep", help="run (or resume) an ablation sweep on an Optuna study")
+    w.add_argument("spec", help="a sweep spec, e.g. sweeps/demo.yaml")
+    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="spec overrides, e.g. budget.max_epochs=1 seeds=[0,1,2]")
+    w.add_argument("--storage", help="Optuna storage URL (default: the spec's, else sqlite:///runs/<study>.db)")
+    w.add_argument("--study", help="study name (default: the spec's)")
+    w.add_argument("--workers", type=int, default=1, help="worker processes on this machine (needs PostgreSQL)")
+    w.add_argument("--n-trials", type=int, help="trials of a TPE search (default: the spec's)")
+    w.add_argument("--dry-run", action="store_true", help="print the cells with params and FLOPs; train nothing")
+    w.add_argument("--runs-root", default="runs", help="where trials write runs/<study>/trial_<n> (default: runs)")
+    w.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
+    w.set_defaults(run=_sweep)
+
+    st = sub.add_parser("sweep-status", help="cells done, running, failed and pending; how to reproduce a trial")
+    st.add_argument("study")
+    st.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
+    st.add_argument("--trial", type=int, help="print the `dat-lab train` command that reproduces trial N")
+    st.set_defaults(run=_sweep_status)
     return parser
 
 

@@ -43,6 +43,12 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
+    @classmethod
+    def describe(cls, **init_args) -> dict[str, int]:
+        """What the model needs to know (num_classes, img_size, in_chans), from init args alone."""
+        return {"num_classes": init_args.get("num_classes") or cls.num_classes, "img_size": init_args["img_size"],
+                "in_chans": init_args.get("channels") or cls.in_chans}
+
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         trainer = self.trainer
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
@@ -164,7 +170,8 @@ class ImageFolderDataModule(ImageDataModule):
     """The ImageNet layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the paper's
     augmentation through timm's create_transform (RandAugment, random erasing; bicubic eval crop)."""
 
-    def __init__(self, *, root: str, batch_size: int = 128, num_workers: int = 8, img_size: int = 224,
+    def __init__(self, *, root: str, num_classes: int | None = None, batch_size: int = 128, num_workers: int = 8,
+                 img_size: int = 224,
                  seed: int = 0, auto_augment: str | None = "rand-m9-mstd0.5-inc1", color_jitter: float = 0.4,
                  re_prob: float = 0.25, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  verify_images: bool = True) -> None:
@@ -174,10 +181,18 @@ class ImageFolderDataModule(ImageDataModule):
         val_classes = _class_folders(self.root / "val")
         if val_classes != self.classes:
             raise DataError(f"{self.root / 'val'}: class folders differ from {self.root / 'train'}'s")
+        if num_classes is not None and num_classes != len(self.classes):
+            raise DataError(f"{self.root / 'train'}: {len(self.classes)} class folders, but num_classes is {num_classes}")
         self.num_classes = len(self.classes)
         self.transform_args = dict(auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob,
                                    crop_pct=crop_pct, interpolation=interpolation)
         self.verify_images = verify_images
+
+    @classmethod
+    def describe(cls, **init_args) -> dict[str, int]:
+        if not init_args.get("num_classes"):  # count the class folders
+            init_args["num_classes"] = len(_class_folders(Path(init_args["root"]) / "train"))
+        return super().describe(**init_args)
 
     def setup(self, stage: str | None = None) -> None:
         from timm.data import create_transform

@@ -65,9 +65,10 @@ class DeformableMonitor(L.Callback):
         step = trainer.global_step
         for stage, values in by_stage.items():
             values = torch.cat(values).float()
-            pl_module.log(M.offset_mean(stage), values.mean(), sync_dist=True)
-            if writer is not None:
-                writer.add_histogram(M.OFFSET_HISTOGRAM.format(stage=stage), values.cpu(), step)
+            pl_module.log(M.offset_mean(stage), values.mean(), sync_dist=True)  # NaN if the weights are
+            finite = values[torch.isfinite(values)]
+            if writer is not None and finite.numel():
+                writer.add_histogram(M.OFFSET_HISTOGRAM.format(stage=stage), finite.cpu(), step)
         if writer is not None and trainer.current_epoch % self.every_n_epochs == 0:
             data = trainer.datamodule
             fig = sampling_points_figure(self.images, out, mean=data.mean, std=data.std)

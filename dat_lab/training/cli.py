@@ -9,6 +9,8 @@ classes, input size and channels.
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from .callbacks import DeformableMonitor, HparamsMetric, Throughput
 from .module import ImageClassifier
 
 SUBCOMMANDS = ("fit", "validate", "test")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch deprecation inside Lightning
 
 
 def default_callbacks() -> list:
@@ -68,11 +71,18 @@ class DatLabCLI(LightningCLI):
             config.weights_only = True
 
 
-def main(args: list[str] | None = None) -> Any:
-    """Run `dat-lab train [fit|validate|test] ...` (fit when no subcommand is given)."""
-    args = list(args or [])
-    if not args or args[0] not in SUBCOMMANDS + ("-h", "--help"):
-        args = ["fit", *args]
-    return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
-                     trainer_defaults={"default_root_dir": "runs", "callbacks": default_callbacks()},
-                     save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list | None = None) -> DatLabCLI:
+    """Run `dat-lab train [fit|validate|test] ...` (fit when no subcommand is given). `args` may also
+    be {"fit": config dict}; `extra_callbacks` join the default ones (sweeps add theirs)."""
+    if not isinstance(args, dict):
+        args = list(args or [])
+        if not args or args[0] not in SUBCOMMANDS + ("-h", "--help"):
+            args = ["fit", *args]
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args` alone
+    try:
+        return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
+                         trainer_defaults={"default_root_dir": "runs",
+                                           "callbacks": default_callbacks() + list(extra_callbacks or [])},
+                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    finally:
+        sys.argv = argv

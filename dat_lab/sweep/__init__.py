@@ -1,0 +1,7 @@
+"""Ablation sweeps on Optuna: spec parsing and validation, planning, workers, status."""
+
+from .plan import plan
+from .runner import open_study, work
+from .spec import SpecError, SweepSpec, parse_spec
+
+__all__ = ["SpecError", "SweepSpec", "open_study", "parse_spec", "plan", "work"]

@@ -1,0 +1,80 @@
+"""From a spec to checked trial configs: each cell's training config is parsed by the same
+LightningCLI parser that `dat-lab train` uses (nothing instantiated, nothing trained), and its model
+is profiled (params, FLOPs) from the config alone."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..data import ImageDataModule
+from ..models import DAT, DATConfig, get_config
+from ..profile import profile_model
+from ..training.cli import DatLabCLI
+from ..training.module import ImageClassifier
+from .spec import Cell, SpecError, SweepSpec
+
+
+class _Parsed(Exception):
+    def __init__(self, config: Any) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ParseOnly(DatLabCLI):
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed(self.config[self.subcommand])
+
+
+def parse_training_config(config: Mapping[str, Any]) -> Any:
+    """The LightningCLI namespace of a training config; a bad one raises SpecError (one line)."""
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # no "Seed set" per cell
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        _ParseOnly(ImageClassifier, ImageDataModule, subclass_mode_data=True, args={"fit": dict(config)},
+                   parser_kwargs={"exit_on_error": False}, seed_everything_default=False)
+    except _Parsed as parsed:
+        return parsed.config
+    except Exception as err:  # jsonargparse's ArgumentError and friends
+        raise SpecError(f"training config: {str(err).splitlines()[0]}") from None
+    finally:
+        sys.argv = argv
+    raise SpecError("training config: the parser did not stop before instantiation")
+
+
+def model_config(parsed: Any) -> DATConfig:
+    """The DATConfig a parsed training config builds, with classes, size and channels of its data."""
+    model, data = parsed.model, parsed.data
+    module_name, _, class_name = data.class_path.rpartition(".")
+    data_cls = getattr(importlib.import_module(module_name), class_name)
+    info = data_cls.describe(**vars(data.init_args))
+    return get_config(model.variant, **{**(model.overrides or {}), **info})
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    cell: Cell
+    config: dict[str, Any]
+    model: DATConfig
+    params_m: float
+    gflops: float
+
+
+def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
+    """Every cell with its checked config and its model's params and FLOPs; raises SpecError naming
+    the cell whose config does not parse or whose model config is invalid."""
+    out, profiles = [], {}
+    for cell in cells if cells is not None else spec.cells():
+        config = spec.trial_config(cell.delta, cell.seed)
+        try:
+            model = model_config(parse_training_config(config))
+        except (SpecError, ValueError) as err:
+            raise SpecError(f"{spec.path}: cell {cell.name!r}: {err}") from None
+        if model not in profiles:
+            profiles[model] = profile_model(DAT(config=model))
+        p = profiles[model]
+        out.append(PlannedCell(cell=cell, config=config, model=model, params_m=p.params_m, gflops=p.gflops))
+    return out

@@ -1,0 +1,269 @@
+"""Run a sweep on an Optuna study: every cell trained once, however often workers crash.
+
+Grid sweeps (ablations): each cell of the spec is a WAITING trial in the study; a worker claims one
+with `study.ask()` (a claim is one storage transaction, so two workers never claim the same trial),
+trains it, and tells the result. Before working, every worker enqueues the cells that have no
+COMPLETE, RUNNING or WAITING trial: a rerun picks up failed and never-started cells and never repeats
+a finished one. Workers send heartbeats; a RUNNING trial whose worker died (kill -9, power loss) goes
+stale after the grace period, Optuna marks it FAILED and queues it again (RetryHeartbeatStaleTrialCallback).
+Should two workers ever hold trials of the same cell, the later trial yields (is pruned as a
+duplicate) before training, so no cell ends with two COMPLETE trials.
+
+TPE searches sample the spec's search space until the study holds `n_trials` finished trials, with
+Optuna's Lightning pruning callback when the spec has a pruner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from .. import metrics as M
+from ..training.cli import main as train
+from .plan import PlannedCell, plan
+from .spec import SpecError, SweepSpec, deep_merge, nest
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+CELL = "cell"  # user attribute: the cell key ("factor=level, ... | seed=s"); retries inherit it
+POLL_SECONDS = 2.0
+
+
+def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
+    """An RDB storage (SQLite file or PostgreSQL) with heartbeats and retry of stale trials."""
+    if not url.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
+        raise SpecError(f"storage: {url!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
+                        "postgresql://user:pass@host/db)")
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # the driver dat-lab installs
+    interval, grace = heartbeat
+    return RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                      engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+
+
+def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    options = {k: v for k, v in spec.sampler.items() if k != "name"}
+    if spec.sampler["name"] == "tpe":  # optuna 5 changed TPE defaults: every argument explicit
+        return optuna.samplers.TPESampler(
+            seed=options.get("seed", 0), n_startup_trials=options.get("n_startup_trials", 10),
+            n_ei_candidates=options.get("n_ei_candidates", 24), multivariate=options.get("multivariate", True),
+            group=options.get("group", False), constant_liar=options.get("constant_liar", True),
+            consider_prior=True, prior_weight=1.0, consider_magic_clip=True, consider_endpoints=False)
+    return optuna.samplers.RandomSampler(seed=0)  # grid cells are enqueued, never sampled
+
+
+def _pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    options = {k: v for k, v in spec.pruner.items() if k != "name"}
+    if spec.pruner["name"] == "median":
+        return optuna.pruners.MedianPruner(**options)
+    if spec.pruner["name"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(**options)
+    return optuna.pruners.NopPruner()
+
+
+ENQUEUED = "enqueued"  # study user attribute: the creating worker has queued every cell
+
+
+def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCell] | None = None,
+               wait_s: float = 120.0) -> optuna.Study:
+    """Create the study (and queue its cells) or load it. Creation is one storage transaction, so of
+    workers starting together exactly one creates; the others wait until it has queued the grid."""
+    kwargs = dict(storage=make_storage(storage, spec.heartbeat), study_name=name, direction=spec.direction,
+                  sampler=_sampler(spec), pruner=_pruner(spec))
+    try:
+        study = optuna.create_study(**kwargs)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
+        deadline = time.time() + wait_s
+        while spec.is_grid and ENQUEUED not in study.user_attrs and time.time() < deadline:
+            time.sleep(POLL_SECONDS / 4)
+    else:
+        study.set_user_attr("spec", str(spec.path))
+        study.set_user_attr("metric", spec.metric)
+        study.set_user_attr("direction", spec.direction)
+        study.set_user_attr("factors", {f.name: {"levels": list(f.levels), "baseline": f.baseline}
+                                        for f in spec.factors})
+    if spec.is_grid and planned is not None:
+        enqueue_missing(study, planned)
+        study.set_user_attr(ENQUEUED, True)
+    return study
+
+
+def cell_trials(study: optuna.Study) -> dict[str, list[FrozenTrial]]:
+    """Trials by cell key."""
+    out: dict[str, list[FrozenTrial]] = {}
+    for t in study.get_trials(deepcopy=False):
+        if CELL in t.user_attrs:
+            out.setdefault(t.user_attrs[CELL], []).append(t)
+    return out
+
+
+def enqueue_missing(study: optuna.Study, planned: list[PlannedCell]) -> int:
+    """Queue every cell with no COMPLETE, RUNNING or WAITING trial; how many were queued."""
+    by_cell = cell_trials(study)
+    queued = 0
+    for p in planned:
+        states = {t.state for t in by_cell.get(p.cell.key, [])}
+        if not states & {TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING}:
+            study.enqueue_trial({}, user_attrs={CELL: p.cell.key})
+            queued += 1
+    return queued
+
+
+def _tracker(metric: str, direction: str):
+    import lightning as L
+
+    class Tracker(L.Callback):
+        best: float | None = None
+        last: float | None = None
+
+        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            value = trainer.callback_metrics.get(metric)
+            if trainer.sanity_checking or value is None:
+                return
+            self.last = float(value)
+            better = self.best is None or (self.last > self.best if direction == "maximize" else self.last < self.best)
+            self.best = self.last if better else self.best
+
+    return Tracker()
+
+
+def _reproduce(run_dir: Path) -> str:
+    return f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --name {run_dir.name}_again"
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned: dict[str, PlannedCell],
+              runs_root: str) -> float:
+    """Train one trial (a grid cell, or a TPE sample); record what analysis needs as user attributes."""
+    key = trial.user_attrs.get(CELL)
+    if spec.is_grid:
+        if key not in planned:
+            raise optuna.TrialPruned("no queued cell for this trial (another worker took the last one)")
+        others = [t for t in cell_trials(study).get(key, []) if t.number != trial.number]
+        first = next((t for t in others if t.state == TrialState.COMPLETE
+                      or (t.state == TrialState.RUNNING and t.number < trial.number)), None)
+        if first is not None:
+            trial.set_user_attr("duplicate_of", first.number)
+            raise optuna.TrialPruned(f"duplicate: cell {key!r} is trial {first.number}'s")
+        p = planned[key]
+        config, seed = p.config, p.cell.seed
+        trial.set_user_attr("levels", p.cell.levels)
+    else:
+        p = next(iter(planned.values()))
+        config, seed = p.config, p.cell.seed
+        for path, dist in spec.search_space.items():
+            config = deep_merge(config, nest(path, _suggest(trial, path, dist)))
+    run_dir = Path(runs_root) / study.study_name / f"trial_{trial.number:04d}"
+    config = deep_merge(config, {"trainer": {
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": runs_root, "name": study.study_name, "version": run_dir.name,
+                                 "default_hp_metric": False}},
+        "enable_progress_bar": False, "enable_model_summary": False}})
+    trial.set_user_attr("seed", seed)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("reproduce", _reproduce(run_dir))
+    if spec.is_grid:
+        trial.set_user_attr("params_m", round(p.params_m, 4))
+        trial.set_user_attr("gflops", round(p.gflops, 4))
+    tracker = _tracker(spec.metric, spec.direction)
+    callbacks = [tracker]
+    if spec.pruner["name"] != "none":
+        from optuna_integration import PyTorchLightningPruningCallback
+
+        callbacks.append(PyTorchLightningPruningCallback(trial, monitor=spec.metric))
+    start = time.time()
+    try:
+        cli = train({"fit": config}, extra_callbacks=callbacks)
+    except optuna.TrialPruned:
+        raise
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit
+        trial.set_user_attr("failure", "interrupted")
+        raise KeyboardInterrupt from err
+    except Exception as err:
+        trial.set_user_attr("failure", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        raise
+    finally:
+        trial.set_user_attr("wall_s", round(time.time() - start, 2))
+    if not spec.is_grid:
+        from ..profile import profile_model
+
+        prof = profile_model(cli.model.model)
+        trial.set_user_attr("params_m", round(prof.params_m, 4))
+        trial.set_user_attr("gflops", round(prof.gflops, 4))
+    throughput = cli.trainer.callback_metrics.get(M.THROUGHPUT)
+    trial.set_user_attr("images_per_s", round(float(throughput), 2) if throughput is not None else None)
+    if tracker.best is None:
+        raise RuntimeError(f"no {spec.metric} was logged: does the run validate?")
+    trial.set_user_attr("best", tracker.best)
+    trial.set_user_attr("final", tracker.last)
+    return tracker.best if spec.value == "best" else tracker.last
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: dict[str, Any]) -> Any:
+    if dist["type"] == "float":
+        return trial.suggest_float(name, dist["low"], dist["high"], log=dist.get("log", False))
+    if dist["type"] == "int":
+        return trial.suggest_int(name, dist["low"], dist["high"], log=dist.get("log", False))
+    return trial.suggest_categorical(name, dist["choices"])
+
+
+def _finished(study: optuna.Study, spec: SweepSpec, planned: dict[str, PlannedCell]) -> tuple[int, int, bool]:
+    """(done, total, whether anything is still to run or running)."""
+    if spec.is_grid:
+        by_cell = cell_trials(study)
+        states = {k: {t.state for t in by_cell.get(k, [])} for k in planned}
+        done = sum(TrialState.COMPLETE in s for s in states.values())
+        active = any(s & {TrialState.WAITING, TrialState.RUNNING} and TrialState.COMPLETE not in s
+                     for s in states.values())
+        return done, len(planned), active
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return len(trials), spec.n_trials, len(trials) < spec.n_trials
+
+
+def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "runs",
+         planned: list[PlannedCell] | None = None, progress: Callable[[int, int], None] | None = None) -> optuna.Study:
+    """One worker: claim and train trials until the sweep has nothing left to run."""
+    planned_list = planned if planned is not None else plan(spec, spec.cells() if spec.is_grid else spec.cells()[:1])
+    by_key = {p.cell.key: p for p in planned_list}
+    study = open_study(spec, storage, study_name, planned_list)
+    objective = lambda trial: run_trial(study, trial, spec, by_key, runs_root)  # noqa: E731
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
+    while True:
+        fail_stale_trials(study)  # stale RUNNING -> FAILED, and queued again by the retry callback
+        done, total, active = _finished(study, spec, by_key)
+        if progress:
+            progress(done, total)
+        if not active:
+            return study
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if spec.is_grid and not waiting:
+            time.sleep(POLL_SECONDS)  # cells run elsewhere; wait in case their worker dies
+            continue
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+
+
+def spawn_workers(argv: list[str], workers: int) -> int:
+    """Run `workers` copies of this sweep command as processes (each with --workers 1); worst exit code."""
+    procs = [subprocess.Popen([sys.executable, "-m", "cli", "sweep", *argv, "--workers", "1", "--worker-id", str(i)])
+             for i in range(workers)]
+    try:
+        return max(p.wait() for p in procs)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.wait()
+        raise

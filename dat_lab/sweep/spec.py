@@ -1,0 +1,302 @@
+"""Sweep specs: YAML files in sweeps/ that name a base experiment and the factors of an ablation.
+
+    study: demo                               # default study name
+    base: ../experiments/digits_quick.yaml    # training config, relative to the spec file
+    delta: {trainer: {accelerator: cpu}}      # config delta for every cell (nested, merged into base)
+    budget: {max_epochs: 3}                   # trainer limits: max_epochs, max_steps, max_time, limit_*_batches
+    factors:                                  # every combination of levels is a cell
+      position:                               # named levels, each a config delta
+        levels: {none: {model: {overrides: {position: none}}}, relative: {}}
+        baseline: relative                    # the row analysis compares against (default: the first)
+      s:                                      # a list of values for one config path
+        path: model.overrides.offset_range
+        values: [0, 1, 2, 4]
+      rows: {paper_table: 7}                  # the paper's rows (dat_lab.ablations) as levels
+    seeds: [0, 1]                             # each cell once per seed (seed_everything)
+    objective: {metric: val/acc1, direction: maximize, value: best}
+    sampler: grid                             # or {name: tpe, seed: 0, n_startup_trials: 8, multivariate: true}
+    search_space: {model.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}}   # tpe only
+    n_trials: 20                              # tpe only
+    pruner: none                              # or {name: median, ...} / {name: hyperband, ...}
+    storage: sqlite:///runs/demo.db           # default: sqlite:///runs/<study>.db
+    heartbeat: {interval: 10, grace: 30}      # seconds; a RUNNING trial silent for `grace` is stale
+
+A bad spec raises SpecError naming the key, before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .. import metrics as M
+from ..ablations import paper_rows
+
+
+class SpecError(ValueError):
+    """A sweep spec is invalid; the message names the file and key."""
+
+
+TOP_KEYS = {"study", "base", "delta", "budget", "factors", "seeds", "objective", "sampler", "search_space",
+            "n_trials", "pruner", "storage", "heartbeat"}
+BUDGET_KEYS = {"max_epochs", "max_steps", "max_time", "limit_train_batches", "limit_val_batches"}
+OBJECTIVE_METRICS = {M.VAL_ACC1, M.VAL_ACC5, M.VAL_LOSS, M.VAL_EMA_ACC1, M.VAL_EMA_ACC5, M.TRAIN_LOSS}
+SAMPLERS = {"grid", "tpe"}
+PRUNERS = {"none", "median", "hyperband"}
+SPACE_TYPES = {"float", "int", "categorical"}
+
+
+def deep_merge(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `delta` merged in: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in delta.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def nest(path: str, value: Any) -> dict[str, Any]:
+    """"a.b.c", v -> {"a": {"b": {"c": v}}}."""
+    out: Any = value
+    for part in reversed(path.split(".")):
+        out = {part: out}
+    return out
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out |= _leaves(value, path + ".") if isinstance(value, Mapping) and value else {path}
+    return out
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str
+    levels: dict[str, dict[str, Any]]  # level name -> config delta
+    baseline: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of levels and a seed: what one trial trains."""
+
+    levels: dict[str, str]
+    seed: int
+    delta: dict[str, Any] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.levels.items())
+
+    @property
+    def key(self) -> str:
+        """Unique within a study: the cell name and the seed."""
+        return f"{self.name} | seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    path: Path
+    study: str
+    base: Path
+    delta: dict[str, Any]
+    factors: tuple[Factor, ...]
+    seeds: tuple[int, ...]
+    metric: str
+    direction: str
+    value: str
+    sampler: dict[str, Any]
+    search_space: dict[str, dict[str, Any]]
+    n_trials: int | None
+    pruner: dict[str, Any]
+    storage: str
+    heartbeat: tuple[int, int]
+
+    @property
+    def is_grid(self) -> bool:
+        return self.sampler["name"] == "grid"
+
+    def cells(self) -> list[Cell]:
+        """Every combination of factor levels, times every seed, in spec order."""
+        names = [f.name for f in self.factors]
+        combos = itertools.product(*(f.levels.items() for f in self.factors)) if self.factors else [()]
+        out = []
+        for combo in combos:
+            delta: dict[str, Any] = {}
+            for _, level_delta in combo:
+                delta = deep_merge(delta, level_delta)
+            for seed in self.seeds:
+                out.append(Cell(levels=dict(zip(names, (lvl for lvl, _ in combo))), seed=seed, delta=delta))
+        return out
+
+    def base_config(self) -> dict[str, Any]:
+        with open(self.base) as f:
+            return deep_merge(yaml.safe_load(f) or {}, self.delta)
+
+    def trial_config(self, delta: Mapping[str, Any], seed: int) -> dict[str, Any]:
+        """The full training config of a trial: base, spec delta, cell delta, seed."""
+        return deep_merge(deep_merge(self.base_config(), delta), {"seed_everything": seed})
+
+
+def _error(path: Path, key: str, message: str) -> SpecError:
+    return SpecError(f"{path}: {key}: {message}")
+
+
+def _mapping(path: Path, key: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _error(path, key, f"must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def _factor(path: Path, name: str, raw: Any) -> Factor:
+    key = f"factors.{name}"
+    raw = _mapping(path, key, raw)
+    forms = [k for k in ("levels", "values", "paper_table") if k in raw]
+    if len(forms) != 1:
+        raise _error(path, key, "give exactly one of levels (named deltas), path + values, or paper_table (6 or 7)")
+    allowed = {"levels", "baseline"} if forms[0] == "levels" else {"path", "values", "baseline"} \
+        if forms[0] == "values" else {"paper_table", "baseline"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _error(path, f"{key}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    if forms[0] == "levels":
+        levels = _mapping(path, f"{key}.levels", raw["levels"])
+        levels = {str(k): _mapping(path, f"{key}.levels.{k}", v) for k, v in levels.items()}
+    elif forms[0] == "values":
+        if not isinstance(raw.get("path"), str) or not raw["path"]:
+            raise _error(path, f"{key}.path", "a dotted config path is needed with values, e.g. model.overrides.offset_range")
+        values = raw["values"]
+        if not isinstance(values, list) or not values:
+            raise _error(path, f"{key}.values", f"must be a non-empty list, got {values!r}")
+        levels = {str(v): nest(raw["path"], v) for v in values}
+    else:
+        try:
+            rows = paper_rows(raw["paper_table"])
+        except ValueError as err:
+            raise _error(path, f"{key}.paper_table", str(err)) from None
+        levels = {row.row: {"model": {"overrides": row.delta}} if row.delta else {} for row in rows}
+    if not levels:
+        raise _error(path, key, "has no levels")
+    baseline = str(raw.get("baseline", next(iter(levels))))
+    if baseline not in levels:
+        raise _error(path, f"{key}.baseline", f"{baseline!r} is not one of {', '.join(levels)}")
+    return Factor(name=str(name), levels=levels, baseline=baseline)
+
+
+def _named(path: Path, key: str, raw: Any, allowed: set[str], default: str) -> dict[str, Any]:
+    """A component given as a name or as {name: ..., options...}."""
+    if raw is None:
+        raw = default
+    spec = {"name": raw} if isinstance(raw, str) else _mapping(path, key, raw)
+    if spec.get("name") not in allowed:
+        raise _error(path, key, f"{spec.get('name')!r} is not one of {', '.join(sorted(allowed))}")
+    return spec
+
+
+def _search_space(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
+    space = _mapping(path, "search_space", raw)
+    for name, dist in space.items():
+        key = f"search_space.{name}"
+        dist = _mapping(path, key, dist)
+        if dist.get("type") not in SPACE_TYPES:
+            raise _error(path, f"{key}.type", f"{dist.get('type')!r} is not one of {', '.join(sorted(SPACE_TYPES))}")
+        needed = ("choices",) if dist["type"] == "categorical" else ("low", "high")
+        for k in needed:
+            if k not in dist:
+                raise _error(path, f"{key}.{k}", "is missing")
+        if dist["type"] != "categorical" and not dist["low"] < dist["high"]:
+            raise _error(path, key, f"low {dist['low']} must be below high {dist['high']}")
+        space[name] = dist
+    return space
+
+
+def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a spec; `overrides` are dotted spec keys (e.g. {"budget.max_epochs": 1})."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such sweep spec")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise SpecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = _mapping(path, "(top level)", raw)
+    for key, value in (overrides or {}).items():
+        raw = deep_merge(raw, nest(key, value))
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise _error(path, unknown[0], f"unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    for key in ("study", "base"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise _error(path, key, "is required (a string)")
+    base = (path.parent / raw["base"]).resolve()
+    if not base.is_file():
+        raise _error(path, "base", f"{raw['base']} does not exist (relative to {path.parent})")
+    budget = _mapping(path, "budget", raw.get("budget"))
+    if set(budget) - BUDGET_KEYS:
+        raise _error(path, f"budget.{sorted(set(budget) - BUDGET_KEYS)[0]}",
+                     f"unknown key; allowed: {', '.join(sorted(BUDGET_KEYS))}")
+    delta = deep_merge(_mapping(path, "delta", raw.get("delta")), {"trainer": budget} if budget else {})
+    factors = tuple(_factor(path, name, f) for name, f in _mapping(path, "factors", raw.get("factors")).items())
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise _error(path, "seeds", f"must be a non-empty list of distinct integers, got {seeds!r}")
+    objective = _mapping(path, "objective", raw.get("objective"))
+    metric = objective.get("metric", M.VAL_ACC1)
+    if metric not in OBJECTIVE_METRICS:
+        raise _error(path, "objective.metric", f"{metric!r} is not one of {', '.join(sorted(OBJECTIVE_METRICS))}")
+    direction = objective.get("direction", "minimize" if "loss" in metric else "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise _error(path, "objective.direction", f"{direction!r} is not one of maximize, minimize")
+    value = objective.get("value", "best")
+    if value not in ("best", "last"):
+        raise _error(path, "objective.value", f"{value!r} is not one of best, last")
+    sampler = _named(path, "sampler", raw.get("sampler"), SAMPLERS, "grid")
+    pruner = _named(path, "pruner", raw.get("pruner"), PRUNERS, "none")
+    space = _search_space(path, raw.get("search_space"))
+    n_trials = raw.get("n_trials")
+    if sampler["name"] == "grid":
+        if space or n_trials is not None:
+            raise _error(path, "search_space" if space else "n_trials", "only for sampler tpe (a grid runs every cell)")
+    else:
+        if not space:
+            raise _error(path, "search_space", "is required for sampler tpe")
+        if not isinstance(n_trials, int) or n_trials < 1:
+            raise _error(path, "n_trials", f"must be a positive integer for sampler tpe, got {n_trials!r}")
+    heartbeat = _mapping(path, "heartbeat", raw.get("heartbeat"))
+    interval, grace = heartbeat.get("interval", 10), heartbeat.get("grace", 30)
+    if not (isinstance(interval, int) and isinstance(grace, int) and 0 < interval < grace):
+        raise _error(path, "heartbeat", f"interval {interval!r} and grace {grace!r} must be integers, 0 < interval < grace")
+    study = raw["study"]
+    spec = SweepSpec(path=path, study=study, base=base, delta=delta, factors=factors, seeds=tuple(seeds),
+                     metric=metric, direction=direction, value=value, sampler=sampler, search_space=space,
+                     n_trials=n_trials, pruner=pruner, storage=raw.get("storage") or f"sqlite:///runs/{study}.db",
+                     heartbeat=(interval, grace))
+    _check_conflicts(spec)
+    return spec
+
+
+def _check_conflicts(spec: SweepSpec) -> None:
+    """Two factors (or a factor and the search space) must not set the same config path."""
+    owners: dict[str, str] = {}
+    for factor in spec.factors:
+        paths = set().union(*(_leaves(d) for d in factor.levels.values()))
+        for p in paths:
+            if p in owners and owners[p] != factor.name:
+                raise _error(spec.path, f"factors.{factor.name}", f"sets {p}, which factor {owners[p]} sets too")
+            owners[p] = factor.name
+    for p in spec.search_space:
+        if p in owners:
+            raise _error(spec.path, f"search_space.{p}", f"factor {owners[p]} sets it too")
