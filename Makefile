@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-all setup clean
+.PHONY: test test-all setup demo clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,16 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m ''
+
+# The demo: a real ablation (sweeps/demo.yaml) on the bundled digits, SQLite storage, TensorBoard logs,
+# then the table and plots. Run it again and it resumes: finished cells are not trained twice.
+demo: setup
+	$(VENV)/bin/dat-lab sweep sweeps/demo.yaml
+	$(VENV)/bin/dat-lab analyze demo --out runs/demo/analysis
+	@echo
+	@echo "Report:       runs/demo/analysis/report.md"
+	@echo "TensorBoard:  $(VENV)/bin/tensorboard --logdir runs/demo"
+	@echo "Optuna:       $(VENV)/bin/optuna-dashboard sqlite:///runs/demo.db"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

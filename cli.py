@@ -6,6 +6,8 @@
     dat-lab train [fit|validate|test] --config experiments/X.yaml [--model.* ...] [--data.* ...] [--trainer.* ...]
     dat-lab sweep SPEC.yaml [KEY=VALUE ...] [--storage URL] [--study NAME] [--workers K] [--n-trials N] [--dry-run]
     dat-lab sweep-status STUDY [--storage URL] [--trial N]
+    dat-lab analyze STUDY [--storage URL] [--baseline LEVEL] [--out DIR]
+    dat-lab visualize CHECKPOINT [--images FILE ...] [--data digits] [--count N] [--out DIR]
 
 Bad input ends with one line, `dat-lab: error: ...`, and exit status 2, before any work starts.
 """
@@ -71,7 +73,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         table.add_column(key, justify="left" if key in ("row", "model") else "right")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs: no wrapping at 80 columns
 
 
 def _read_official_config(path: str) -> dict[str, Any]:
@@ -184,9 +186,7 @@ def _sweep_status(args: argparse.Namespace) -> None:
 
     from dat_lab.sweep.status import counts, study_status, trial_of
 
-    storage = args.storage or f"sqlite:///runs/{args.study}.db"
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
-        raise ValueError(f"--storage: {storage} does not exist")
+    storage = _existing_storage(args.storage, args.study)
     try:
         study = optuna.load_study(study_name=args.study, storage=storage)
     except KeyError:
@@ -204,6 +204,35 @@ def _sweep_status(args: argparse.Namespace) -> None:
             if r.status == "failed":
                 print(f"failed: trial {r.trial} ({r.cell}): {r.failure or 'no reason recorded'}")
         print("reproduce a trial: dat-lab sweep-status", args.study, "--trial N")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from dat_lab.analysis import analyze
+
+    storage = _existing_storage(args.storage, args.study)
+    out = args.out or f"runs/{args.study}/analysis"
+    report = analyze(args.study, storage, out, baseline=args.baseline)
+    if report.paper is not None:
+        print("As in the paper:")
+        _print_table(report.paper.to_dict(orient="records"))
+    print(f"study {args.study!r}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
+    _print_table(report.table.astype(str).to_dict(orient="records"))
+    print(f"report: {report.path} (tables: .md .csv .tex; plots: " +
+          ", ".join(p.name for p in report.plots if p.suffix == ".png") + ", each also as PDF)")
+
+
+def _existing_storage(storage: str | None, study: str) -> str:
+    storage = storage or f"sqlite:///runs/{study}.db"
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        raise ValueError(f"--storage: {storage} does not exist (run the sweep first, or name its storage)")
+    return storage
+
+
+def _visualize(args: argparse.Namespace) -> None:
+    from dat_lab.analysis.visualize import visualize
+
+    paths = visualize(args.checkpoint, args.out, images=args.images, data=args.data, count=args.count)
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
     st.add_argument("--trial", type=int, help="print the `dat-lab train` command that reproduces trial N")
     st.set_defaults(run=_sweep_status)
+
+    a = sub.add_parser("analyze", help="table (Markdown, CSV, LaTeX), plots (PNG, PDF) and report.md of a study")
+    a.add_argument("study")
+    a.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
+    a.add_argument("--baseline", help="the row to compare against: a level, or factor=level,... (default: the spec's)")
+    a.add_argument("--out", help="output folder (default: runs/<study>/analysis)")
+    a.set_defaults(run=_analyze)
+
+    v = sub.add_parser("visualize", help="sampled key positions of a checkpoint on a few images (Figs. 5-7)")
+    v.add_argument("checkpoint", help="a dat-lab checkpoint (training run or `dat-lab convert` output)")
+    v.add_argument("--images", nargs="+", help="image files (default: validation images of --data)")
+    v.add_argument("--data", default="digits", help="digits or synthetic, when no --images (default: digits)")
+    v.add_argument("--count", type=int, default=4, help="how many validation images (default: 4)")
+    v.add_argument("--out", default="runs/visualize", help="output folder (default: runs/visualize)")
+    v.set_defaults(run=_visualize)
     return parser
 
 

@@ -29,3 +29,23 @@ SAMPLING_IMAGE = "offsets/sampling_points"
 def offset_mean(stage: int) -> str:
     """Scalar: mean offset length in key-grid cells of the deformable blocks of a stage."""
     return f"offsets/stage{stage}/mean_cells"
+
+
+# Trial user attributes a sweep writes and analysis reads (Optuna storage).
+TRIAL_CELL = "cell"  # "factor=level, ... | seed=s": unique per cell and seed
+TRIAL_LEVELS = "levels"  # {factor: level}
+TRIAL_SEED = "seed"
+TRIAL_BEST = "best"  # best objective metric over validations
+TRIAL_FINAL = "final"  # last objective metric
+TRIAL_PARAMS_M = "params_m"
+TRIAL_GFLOPS = "gflops"
+TRIAL_IMAGES_PER_S = "images_per_s"
+TRIAL_WALL_S = "wall_s"
+TRIAL_RUN_DIR = "run_dir"
+TRIAL_FAILURE = "failure"
+TRIAL_REPRODUCE = "reproduce"
+# Study user attributes.
+STUDY_METRIC = "metric"
+STUDY_DIRECTION = "direction"
+STUDY_FACTORS = "factors"  # {factor: {"levels": [...], "baseline": level, "paper_table": 6 | 7 | None}}
+STUDY_SEEDS = "seeds"

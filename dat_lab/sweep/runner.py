@@ -35,7 +35,7 @@ from .plan import PlannedCell, plan
 from .spec import SpecError, SweepSpec, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
-CELL = "cell"  # user attribute: the cell key ("factor=level, ... | seed=s"); retries inherit it
+CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inherit it
 POLL_SECONDS = 2.0
 
 
@@ -92,10 +92,11 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
             time.sleep(POLL_SECONDS / 4)
     else:
         study.set_user_attr("spec", str(spec.path))
-        study.set_user_attr("metric", spec.metric)
-        study.set_user_attr("direction", spec.direction)
-        study.set_user_attr("factors", {f.name: {"levels": list(f.levels), "baseline": f.baseline}
-                                        for f in spec.factors})
+        study.set_user_attr(M.STUDY_METRIC, spec.metric)
+        study.set_user_attr(M.STUDY_DIRECTION, spec.direction)
+        study.set_user_attr(M.STUDY_SEEDS, list(spec.seeds))
+        study.set_user_attr(M.STUDY_FACTORS, {f.name: {"levels": list(f.levels), "baseline": f.baseline,
+                                                       "paper_table": f.paper_table} for f in spec.factors})
     if spec.is_grid and planned is not None:
         enqueue_missing(study, planned)
         study.set_user_attr(ENQUEUED, True)
@@ -160,7 +161,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
             raise optuna.TrialPruned(f"duplicate: cell {key!r} is trial {first.number}'s")
         p = planned[key]
         config, seed = p.config, p.cell.seed
-        trial.set_user_attr("levels", p.cell.levels)
+        trial.set_user_attr(M.TRIAL_LEVELS, p.cell.levels)
     else:
         p = next(iter(planned.values()))
         config, seed = p.config, p.cell.seed
@@ -172,13 +173,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
                    "init_args": {"save_dir": runs_root, "name": study.study_name, "version": run_dir.name,
                                  "default_hp_metric": False}},
         "enable_progress_bar": False, "enable_model_summary": False}})
-    trial.set_user_attr("seed", seed)
+    trial.set_user_attr(M.TRIAL_SEED, seed)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("run_dir", str(run_dir))
-    trial.set_user_attr("reproduce", _reproduce(run_dir))
+    trial.set_user_attr(M.TRIAL_RUN_DIR, str(run_dir))
+    trial.set_user_attr(M.TRIAL_REPRODUCE, _reproduce(run_dir))
     if spec.is_grid:
-        trial.set_user_attr("params_m", round(p.params_m, 4))
-        trial.set_user_attr("gflops", round(p.gflops, 4))
+        trial.set_user_attr(M.TRIAL_PARAMS_M, round(p.params_m, 4))
+        trial.set_user_attr(M.TRIAL_GFLOPS, round(p.gflops, 4))
     tracker = _tracker(spec.metric, spec.direction)
     callbacks = [tracker]
     if spec.pruner["name"] != "none":
@@ -191,25 +192,25 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
     except optuna.TrialPruned:
         raise
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit
-        trial.set_user_attr("failure", "interrupted")
+        trial.set_user_attr(M.TRIAL_FAILURE, "interrupted")
         raise KeyboardInterrupt from err
     except Exception as err:
-        trial.set_user_attr("failure", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        trial.set_user_attr(M.TRIAL_FAILURE, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise
     finally:
-        trial.set_user_attr("wall_s", round(time.time() - start, 2))
+        trial.set_user_attr(M.TRIAL_WALL_S, round(time.time() - start, 2))
     if not spec.is_grid:
         from ..profile import profile_model
 
         prof = profile_model(cli.model.model)
-        trial.set_user_attr("params_m", round(prof.params_m, 4))
-        trial.set_user_attr("gflops", round(prof.gflops, 4))
+        trial.set_user_attr(M.TRIAL_PARAMS_M, round(prof.params_m, 4))
+        trial.set_user_attr(M.TRIAL_GFLOPS, round(prof.gflops, 4))
     throughput = cli.trainer.callback_metrics.get(M.THROUGHPUT)
-    trial.set_user_attr("images_per_s", round(float(throughput), 2) if throughput is not None else None)
+    trial.set_user_attr(M.TRIAL_IMAGES_PER_S, round(float(throughput), 2) if throughput is not None else None)
     if tracker.best is None:
         raise RuntimeError(f"no {spec.metric} was logged: does the run validate?")
-    trial.set_user_attr("best", tracker.best)
-    trial.set_user_attr("final", tracker.last)
+    trial.set_user_attr(M.TRIAL_BEST, tracker.best)
+    trial.set_user_attr(M.TRIAL_FINAL, tracker.last)
     return tracker.best if spec.value == "best" else tracker.last
 
 

@@ -83,6 +83,7 @@ class Factor:
     name: str
     levels: dict[str, dict[str, Any]]  # level name -> config delta
     baseline: str
+    paper_table: int | None = None  # levels are the rows of this paper table
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
     baseline = str(raw.get("baseline", next(iter(levels))))
     if baseline not in levels:
         raise _error(path, f"{key}.baseline", f"{baseline!r} is not one of {', '.join(levels)}")
-    return Factor(name=str(name), levels=levels, baseline=baseline)
+    return Factor(name=str(name), levels=levels, baseline=baseline, paper_table=raw.get("paper_table"))
 
 
 def _named(path: Path, key: str, raw: Any, allowed: set[str], default: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .. import metrics as M
 from .runner import CELL, cell_trials
 
 
@@ -39,8 +40,8 @@ def study_status(study: optuna.Study) -> list[CellStatus]:
         status, t = _status(trials)
         rows.append(CellStatus(cell=cell, status=status, trial=t.number if t else None,
                                value=t.value if t is not None and t.state == TrialState.COMPLETE else None,
-                               failure=t.user_attrs.get("failure") if t else None,
-                               reproduce=t.user_attrs.get("reproduce") if t else None))
+                               failure=t.user_attrs.get(M.TRIAL_FAILURE) if t else None,
+                               reproduce=t.user_attrs.get(M.TRIAL_REPRODUCE) if t else None))
     return rows
 
 

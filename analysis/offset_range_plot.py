@@ -1,0 +1,30 @@
+"""The paper's offset-range figure from a study of sweeps/offset_range.yaml: top-1 against s,
+mean and sd over seeds, the baseline (s = 2) starred.
+
+    python analysis/offset_range_plot.py offset_range [--storage URL] [--out runs/offset_range/analysis]
+"""
+
+import argparse
+from pathlib import Path
+
+from dat_lab.analysis.plots import factor_plot, save
+from dat_lab.analysis.study import load, trials_frame
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study")
+    parser.add_argument("--storage", help="default: sqlite:///runs/<study>.db")
+    parser.add_argument("--factor", default="s", help="the offset-range factor of the spec (default: s)")
+    parser.add_argument("--out", help="default: runs/<study>/analysis")
+    args = parser.parse_args()
+    study, info = load(args.study, args.storage or f"sqlite:///runs/{args.study}.db")
+    if args.factor not in info.factors:
+        parser.error(f"study {args.study!r} has no factor {args.factor!r} (it has: {', '.join(info.factors)})")
+    paths = save(factor_plot(trials_frame(study, info), info, args.factor), Path(args.out or f"runs/{args.study}/analysis"),
+                 "offset_range")
+    print("wrote " + ", ".join(map(str, paths)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Tables 6 and 7 of the paper laid out as in the paper, this study's numbers beside the paper's.
+
+    python analysis/paper_tables.py table7_stages [--storage sqlite:///runs/table7_stages.db]
+
+The study must come from sweeps/table6_geometry.yaml or sweeps/table7_stages.yaml (any scale).
+"""
+
+import argparse
+
+from dat_lab.analysis.study import load, trials_frame
+from dat_lab.analysis.tables import paper_layout, summarize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study")
+    parser.add_argument("--storage", help="default: sqlite:///runs/<study>.db")
+    args = parser.parse_args()
+    study, info = load(args.study, args.storage or f"sqlite:///runs/{args.study}.db")
+    layout = paper_layout(summarize(trials_frame(study, info), info), info)
+    if layout is None:
+        parser.error(f"study {args.study!r} is not one of the paper's tables (a factor with paper_table: 6 or 7)")
+    print(layout.to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Plots of a study with seaborn, each written as PNG and PDF: bars with error bars for categorical
+factors, a line with an error band for numeric ones (the paper's offset-range figure), learning
+curves per cell from the trials' TensorBoard events, and Optuna's history and importances for searches."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .study import StudyInfo  # noqa: E402
+from .tables import baseline_levels, metric_label  # noqa: E402
+
+BASELINE_COLOR, OTHER_COLOR = "#d62728", "#4c72b0"
+
+
+def save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def _numeric(levels: list[str]) -> bool:
+    try:
+        return all(math.isfinite(float(v)) for v in levels)
+    except ValueError:
+        return False
+
+
+def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str | None = None) -> plt.Figure:
+    """The objective against one factor's levels, mean and sd over seeds (and over other factors'
+    levels, shown as hue when there is one other factor); the baseline level highlighted."""
+    label, scale = metric_label(info.metric)
+    done = frame[frame["status"] == "done"].copy()
+    done["y"] = done["value"].astype(float) * scale
+    levels = info.factors[factor]["levels"]
+    base = baseline_levels(info, baseline)[factor]
+    others = [f for f in info.factors if f != factor]
+    hue = others[0] if len(others) == 1 else None
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(levels) + 2), 3.6))
+    if _numeric(levels):
+        done["x"] = done[factor].astype(str).astype(float)
+        sns.lineplot(data=done, x="x", y="y", hue=hue, errorbar="sd", marker="o", ax=ax, color=OTHER_COLOR)
+        means = done[done[factor].astype(str) == base]["y"]
+        if len(means):
+            ax.scatter([float(base)], [means.mean()], s=140, marker="*", color=BASELINE_COLOR, zorder=5,
+                       label=f"baseline ({factor} = {base})")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(factor)
+    else:
+        done[factor] = done[factor].astype(str)
+        palette = None if hue else {lvl: BASELINE_COLOR if lvl == base else OTHER_COLOR for lvl in levels}
+        sns.barplot(data=done, x=factor, y="y", hue=hue or factor, order=[lv for lv in levels if lv in set(done[factor])],
+                    errorbar="sd", capsize=0.15, palette=palette, legend=bool(hue), ax=ax)
+        ax.set_xlabel(f"{factor} (baseline: {base})")
+        ax.tick_params(axis="x", rotation=20 if max(len(str(lv)) for lv in levels) > 8 else 0, labelsize=8)
+        for tick in ax.get_xticklabels():
+            if tick.get_text() == base:
+                tick.set_color(BASELINE_COLOR)
+                tick.set_fontweight("bold")
+        base_cell = done[(done[list(info.factors)].astype(str) == pd.Series(baseline_levels(info, baseline))).all(axis=1)]
+        if len(base_cell):
+            ax.axhline(base_cell["y"].mean(), color=BASELINE_COLOR, linestyle="--", linewidth=1, label="baseline cell")
+        low = done["y"].min()
+        ax.set_ylim(bottom=max(0.0, low - 0.15 * (done["y"].max() - low + 1e-9) - 1.0) if scale == 100 else None)
+    ax.set_ylabel(label)
+    ax.set_title(f"{info.name}: {info.metric} by {factor} (mean ± sd over seeds)", fontsize=9)
+    return fig
+
+
+def learning_curves(frame: pd.DataFrame, info: StudyInfo, tag: str | None = None) -> plt.Figure | None:
+    """Validation metric per epoch, one line per cell: mean and sd band over seeds, from TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tag = tag or info.metric
+    label, scale = metric_label(tag)
+    rows = []
+    factors = list(info.factors)
+    for _, trial in frame[frame["status"] == "done"].iterrows():
+        run = trial.get("run_dir")
+        if not isinstance(run, str) or not Path(run).is_dir():
+            continue
+        events = EventAccumulator(run, size_guidance={"scalars": 0})
+        events.Reload()
+        if tag not in events.Tags()["scalars"]:
+            continue
+        cell = ", ".join(str(trial[f]) for f in factors) if factors else trial["cell"]
+        for epoch, event in enumerate(events.Scalars(tag), start=1):
+            rows.append({"epoch": epoch, "y": event.value * scale, "cell": cell})
+    if not rows:
+        return None
+    data = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    sns.lineplot(data=data, x="epoch", y="y", hue="cell", errorbar="sd", marker="o", ax=ax)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(label)
+    ax.set_title(f"{info.name}: learning curves (mean ± sd over seeds)", fontsize=9)
+    ax.legend(fontsize=7, title=", ".join(factors) or None, title_fontsize=7)
+    return fig
+
+
+def search_plots(study: optuna.Study) -> dict[str, plt.Figure]:
+    """Optuna's optimisation history and (with two or more finished trials) parameter importances."""
+    from optuna.visualization import matplotlib as ovm
+
+    figures = {"history": ovm.plot_optimization_history(study).figure}
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(finished) >= 2 and finished[0].params:
+        figures["importances"] = ovm.plot_param_importances(study).figure
+    return figures

@@ -1,0 +1,67 @@
+"""`dat-lab analyze`: a study to its table (Markdown, CSV, LaTeX), plots (PNG, PDF) and report.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots
+from .study import AnalysisError, load, trials_frame
+from .tables import display, paper_layout, summarize, write_tables
+
+
+@dataclass
+class Report:
+    path: Path
+    table: pd.DataFrame  # as displayed
+    paper: pd.DataFrame | None
+    plots: list[Path] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None = None) -> Report:
+    study, info = load(study_name, storage)
+    frame = trials_frame(study, info)
+    out = Path(out)
+    counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
+    if not info.factors:  # a search: history and importances, trials as the table
+        done = frame[frame["status"] == "done"] if not frame.empty else frame
+        if done.empty:
+            raise AnalysisError(f"study {study_name!r} has no finished trials yet")
+        out.mkdir(parents=True, exist_ok=True)
+        shown = done.drop(columns=["run_dir", "cell"]).sort_values("value", ascending=info.direction == "minimize")
+        shown.to_csv(out / "table.csv", index=False)
+        (out / "table.md").write_text(shown.to_markdown(index=False) + "\n")
+        paths = [p for name, fig in plots.search_plots(study).items() for p in plots.save(fig, out, name)]
+        return _write_report(Report(out / "report.md", shown, None, paths, counts), info, out)
+    table = summarize(frame, info, baseline)
+    write_tables(table, info, out)
+    paths = []
+    for factor in info.factors:
+        paths += plots.save(plots.factor_plot(frame, info, factor, baseline), out, f"factor_{_slug(factor)}")
+    curves = plots.learning_curves(frame, info)
+    if curves is not None:
+        paths += plots.save(curves, out, "learning_curves")
+    report = Report(out / "report.md", display(table, info), paper_layout(table, info), paths, counts)
+    return _write_report(report, info, out)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _write_report(report: Report, info, out: Path) -> Report:
+    lines = [f"# Study `{info.name}`", "",
+             f"Objective: `{info.metric}` ({info.direction}). Trials: "
+             + ", ".join(f"{v} {k}" for k, v in report.counts.items()) + ".", ""]
+    if report.paper is not None:
+        lines += ["## As in the paper", "", report.paper.to_markdown(index=False), ""]
+    lines += ["## Table (mean ± std over seeds; diff: to the baseline)" if info.factors else "## Trials", "",
+              report.table.to_markdown(index=False), "",
+              "Also as [CSV](table.csv)" + (" and [LaTeX](table.tex)." if info.factors else "."), "", "## Plots", ""]
+    for png in [p for p in report.plots if p.suffix == ".png"]:
+        lines += [f"![{png.stem}]({png.name})", "", f"([PDF]({png.stem}.pdf))", ""]
+    report.path.write_text("\n".join(lines))
+    return report

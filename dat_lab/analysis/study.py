@@ -1,0 +1,97 @@
+"""Read a study: its trials as a pandas DataFrame, and what the sweep recorded about its factors.
+
+Analysis reads only what sweeps wrote (Optuna storage, run directories); it never trains.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from .. import metrics as M
+
+
+class AnalysisError(ValueError):
+    """The study cannot be analysed (missing, empty); one line saying why."""
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    name: str
+    metric: str
+    direction: str
+    factors: dict[str, dict[str, Any]]  # {factor: {"levels", "baseline", "paper_table"}}
+    seeds: list[int]
+
+
+def load(study_name: str, storage: str) -> tuple[optuna.Study, StudyInfo]:
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
+        raise AnalysisError(f"no study {study_name!r} in {storage}; it holds: {', '.join(names) or 'none'}") from None
+    a = study.user_attrs
+    info = StudyInfo(name=study_name, metric=a.get(M.STUDY_METRIC, M.VAL_ACC1),
+                     direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()),
+                     factors=a.get(M.STUDY_FACTORS, {}), seeds=a.get(M.STUDY_SEEDS, [0]))
+    return study, info
+
+
+STATUS = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.WAITING: "pending",
+          TrialState.FAIL: "failed", TrialState.PRUNED: "pruned"}
+
+
+def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
+    """One row per cell and seed of a grid (its deciding trial, or 'missing'), or per trial of a search.
+
+    Columns: one per factor (grid) or per searched parameter, seed, status, trial, value, params_m,
+    gflops, images_per_s, run_dir.
+    """
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        if info.factors and M.TRIAL_CELL not in a:
+            continue
+        row = dict(a.get(M.TRIAL_LEVELS) or {}) if info.factors else dict(t.params)
+        row.update(cell=a.get(M.TRIAL_CELL, f"trial {t.number}"), seed=a.get(M.TRIAL_SEED), status=STATUS[t.state],
+                   trial=t.number, value=t.value if t.state == TrialState.COMPLETE else None,
+                   params_m=a.get(M.TRIAL_PARAMS_M), gflops=a.get(M.TRIAL_GFLOPS),
+                   images_per_s=a.get(M.TRIAL_IMAGES_PER_S), run_dir=a.get(M.TRIAL_RUN_DIR))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not info.factors:
+        return frame
+    if not frame.empty:  # levels are missing on never-started retries: take them from the cell key
+        frame = _deciding_trials(frame)
+    return _with_missing_cells(frame, info)
+
+
+def _deciding_trials(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: its first COMPLETE trial, else its latest trial (running, pending or failed)."""
+    rank = frame["status"].map({"done": 0, "running": 1, "pending": 2, "failed": 3, "pruned": 4})
+    order = frame["trial"].where(rank == 0, -frame["trial"])  # the first COMPLETE; otherwise the latest
+    frame = frame.assign(_rank=rank, _order=order).sort_values(["_rank", "_order"])
+    frame = frame[frame["status"] != "pruned"].groupby("cell", sort=False).head(1)
+    return frame.drop(columns=["_rank", "_order"])
+
+
+def _with_missing_cells(frame: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
+    names = list(info.factors)
+    expected = []
+    for combo in itertools.product(*(info.factors[f]["levels"] for f in names)):
+        for seed in info.seeds:
+            levels = dict(zip(names, combo))
+            expected.append({**levels, "seed": seed,
+                             "cell": ", ".join(f"{k}={v}" for k, v in levels.items()) + f" | seed={seed}"})
+    grid = pd.DataFrame(expected)
+    found = frame.drop(columns=[c for c in names + ["seed"] if c in frame.columns]) if not frame.empty else None
+    merged = grid.merge(found, on="cell", how="left") if found is not None else grid
+    merged["status"] = merged.get("status", pd.Series(index=merged.index, dtype=object)).fillna("missing")
+    for factor in names:  # keep the spec's level order
+        merged[factor] = pd.Categorical(merged[factor], categories=info.factors[factor]["levels"], ordered=True)
+    return merged

@@ -1,0 +1,127 @@
+"""The ablation table: per cell, mean +- std of the objective over seeds, seeds, params, FLOPs,
+images/s and the difference to the baseline (the paper's "Diff" column); Markdown, CSV and LaTeX."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+import pandas as pd
+
+from ..ablations import paper_rows
+from .study import AnalysisError, StudyInfo
+
+
+def metric_label(metric: str) -> tuple[str, float]:
+    """Column label and display scale of a metric: accuracies in percent."""
+    if "acc" in metric:
+        return f"{metric} (%)", 100.0
+    return metric, 1.0
+
+
+def baseline_levels(info: StudyInfo, baseline: str | None) -> dict[str, str]:
+    """The baseline cell's levels: the spec's baselines, or `baseline` ("level" with one factor, or
+    "factor=level, ...")."""
+    levels = {f: d["baseline"] for f, d in info.factors.items()}
+    if baseline:
+        parts = [p.strip() for p in baseline.split(",")] if "=" in baseline else [baseline]
+        for part in parts:
+            factor, _, level = part.rpartition("=") if "=" in part else (next(iter(levels), ""), "", part)
+            if factor not in info.factors or level not in info.factors[factor]["levels"]:
+                allowed = "; ".join(f"{f}: {', '.join(d['levels'])}" for f, d in info.factors.items())
+                raise AnalysisError(f"--baseline: {baseline!r} names no level ({allowed})")
+            levels[factor] = level
+    return levels
+
+
+def summarize(frame: pd.DataFrame, info: StudyInfo, baseline: str | None = None) -> pd.DataFrame:
+    """One row per cell (levels): mean, std, n, params_m, gflops, images_per_s, diff, status."""
+    factors = list(info.factors)
+    if frame.empty or not (frame["status"] == "done").any():
+        counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
+        raise AnalysisError(f"study {info.name!r} has no finished trials yet "
+                            f"({', '.join(f'{v} {k}' for k, v in counts.items()) or 'no trials'})")
+    _, scale = metric_label(info.metric)
+    rows = []
+    for levels, group in frame.groupby(factors, observed=True, sort=True):
+        levels = levels if isinstance(levels, tuple) else (levels,)
+        done = group[group["status"] == "done"]
+        values = done["value"].astype(float) * scale
+        pending = sorted(set(group["status"]) - {"done"})
+        rows.append({**dict(zip(factors, levels)), "mean": values.mean() if len(values) else math.nan,
+                     "std": values.std(ddof=1) if len(values) > 1 else (0.0 if len(values) else math.nan),
+                     "n": len(values), "params_m": _first(group["params_m"]), "gflops": _first(group["gflops"]),
+                     "images_per_s": done["images_per_s"].astype(float).mean() if len(done) else math.nan,
+                     "status": "done" if not pending else f"{len(done)}/{len(group)} done; " + ", ".join(pending)})
+    table = pd.DataFrame(rows)
+    base = baseline_levels(info, baseline)
+    match = table[(table[factors] == pd.Series(base)).all(axis=1)]
+    base_mean = match["mean"].iloc[0] if len(match) else math.nan
+    table["diff"] = table["mean"] - base_mean
+    table["baseline"] = (table[factors] == pd.Series(base)).all(axis=1)
+    return table
+
+
+def _first(series: pd.Series) -> float:
+    values = series.dropna()
+    return float(values.iloc[0]) if len(values) else math.nan
+
+
+def _fmt(value: float, digits: int = 2, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def display(table: pd.DataFrame, info: StudyInfo, *, latex: bool = False) -> pd.DataFrame:
+    """The table as strings, ready for Markdown, LaTeX or the terminal."""
+    label, _ = metric_label(info.metric)
+    pm = r"$\pm$" if latex else "±"
+    out = table[list(info.factors)].astype(str)
+    if latex:
+        out = out.map(lambda s: s.replace("_", r"\_"))
+    out[label] = [f"{_fmt(m)} {pm} {_fmt(s)}" if not math.isnan(m) else "-" for m, s in zip(table["mean"], table["std"])]
+    out["seeds"] = table["n"].astype(str)
+    out["params (M)"] = table["params_m"].map(lambda v: _fmt(v, 2))
+    out["FLOPs (G)"] = table["gflops"].map(lambda v: _fmt(v, 3))
+    out["images/s"] = table["images_per_s"].map(lambda v: _fmt(v, 0))
+    out["diff"] = ["baseline" if b else _fmt(d, 2, sign=True) for d, b in zip(table["diff"], table["baseline"])]
+    if (table["status"] != "done").any():
+        out["status"] = table["status"]
+    return out
+
+
+def paper_layout(table: pd.DataFrame, info: StudyInfo) -> pd.DataFrame | None:
+    """For a factor made of a paper table's rows: the rows in the paper's order, the paper's FLOPs,
+    params and top-1 beside this study's numbers. None for other studies."""
+    tables = [(f, d["paper_table"]) for f, d in info.factors.items() if d.get("paper_table")]
+    if len(info.factors) != 1 or not tables:
+        return None
+    factor, number = tables[0]
+    label, _ = metric_label(info.metric)
+    shown = display(table, info).set_index(factor)
+    rows = []
+    for row in paper_rows(number):
+        ours = shown.loc[row.row] if row.row in shown.index else None
+        rows.append({f"Table {number}": row.row, "paper FLOPs (G)": f"{row.paper_gflops:.2f}",
+                     "paper params (M)": f"{row.paper_params_m:.2f}", "paper top-1 (%)": f"{row.paper_top1:.1f}",
+                     "FLOPs (G)": ours["FLOPs (G)"] if ours is not None else "-",
+                     "params (M)": ours["params (M)"] if ours is not None else "-",
+                     label: ours[label] if ours is not None else "-",
+                     "diff": ours["diff"] if ours is not None else "-"})
+    return pd.DataFrame(rows)
+
+
+def write_tables(table: pd.DataFrame, info: StudyInfo, out: Path) -> dict[str, Path]:
+    """table.md, table.csv, table.tex (booktabs), and paper_table.md when the study is a paper table."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "table.md", "csv": out / "table.csv", "tex": out / "table.tex"}
+    paths["md"].write_text(display(table, info).to_markdown(index=False) + "\n")
+    table.drop(columns=["baseline"]).to_csv(paths["csv"], index=False)
+    tex = display(table, info, latex=True)
+    tex.columns = [c.replace("%", r"\%").replace("_", r"\_") for c in tex.columns]
+    paths["tex"].write_text(tex.to_latex(index=False, escape=False))
+    paper = paper_layout(table, info)
+    if paper is not None:
+        paths["paper"] = out / "paper_table.md"
+        paths["paper"].write_text(paper.to_markdown(index=False) + "\n")
+    return paths

@@ -1,0 +1,56 @@
+"""Sampled key positions of a trained DAT on a few images, per deformable stage (the paper's
+Figs. 5-7): a checkpoint and images (files, or the digits / synthetic validation set) to PNG and PDF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data import IMAGENET_MEAN, IMAGENET_STD, DigitsDataModule, SyntheticDataModule
+from ..figures import sampling_points_figure
+from ..models import load_checkpoint
+from .plots import save
+from .study import AnalysisError
+
+DATASETS = {"digits": DigitsDataModule, "synthetic": SyntheticDataModule}
+
+
+def _from_files(paths: list[str], img_size: int, channels: int) -> tuple[torch.Tensor, tuple, tuple]:
+    from PIL import Image
+    from torchvision import transforms as T
+
+    mean, std = IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]
+    tf = T.Compose([T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+                    T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)])
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(tf(image.convert("RGB" if channels == 3 else "L")))
+        except OSError as err:
+            raise AnalysisError(f"{path}: unreadable image ({err})") from None
+    return torch.stack(images), mean, std
+
+
+def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = None, data: str = "digits",
+              count: int = 4) -> list[Path]:
+    """Write sampling_points.png/.pdf under `out`; return their paths."""
+    if not Path(checkpoint).is_file():
+        raise AnalysisError(f"{checkpoint}: no such checkpoint")
+    model = load_checkpoint(checkpoint).eval()
+    cfg = model.config
+    if images:
+        x, mean, std = _from_files(images, cfg.img_size, cfg.in_chans)
+    else:
+        if data not in DATASETS:
+            raise AnalysisError(f"--data: {data!r} is not one of {', '.join(DATASETS)} (or give --images FILE ...)")
+        dm = DATASETS[data](img_size=cfg.img_size, channels=cfg.in_chans)
+        dm.setup("validate")
+        x = torch.stack([dm.val_set[i][0] for i in range(min(count, len(dm.val_set)))])
+        mean, std = dm.mean, dm.std
+    with torch.no_grad():
+        result = model.forward_intermediates(x)
+    if not result["deformable"]:
+        raise AnalysisError(f"{checkpoint}: the model has no deformable (D) blocks to show")
+    return save(sampling_points_figure(x, result, mean=mean, std=std), Path(out), "sampling_points")

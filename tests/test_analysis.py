@@ -1,0 +1,132 @@
+"""Analysis of studies built with known values (Optuna create_trial): tables, plots, report."""
+
+import math
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+from PIL import Image
+
+import cli
+import dat_lab
+from dat_lab import metrics as M
+from dat_lab.ablations import paper_rows
+from dat_lab.analysis import AnalysisError, analyze
+from dat_lab.analysis.study import load, trials_frame
+from dat_lab.analysis.tables import summarize
+from dat_lab.analysis.visualize import visualize
+
+VALUES = {("none", "0"): [0.90, 0.92], ("none", "2"): [0.94, 0.96],
+          ("relative", "0"): [0.91, 0.93], ("relative", "2"): [0.97, 0.99]}
+
+
+def _study(storage, name="known", values=VALUES, factors=None, seeds=(0, 1), states=None):
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    factors = factors or {"position": {"levels": ["relative", "none"], "baseline": "relative", "paper_table": None},
+                          "s": {"levels": ["0", "2"], "baseline": "2", "paper_table": None}}
+    study.set_user_attr(M.STUDY_METRIC, M.VAL_ACC1)
+    study.set_user_attr(M.STUDY_DIRECTION, "maximize")
+    study.set_user_attr(M.STUDY_FACTORS, factors)
+    study.set_user_attr(M.STUDY_SEEDS, list(seeds))
+    names = list(factors)
+    for levels, vals in values.items():
+        for seed, value in zip(seeds, vals):
+            lv = dict(zip(names, levels))
+            cell = ", ".join(f"{k}={v}" for k, v in lv.items()) + f" | seed={seed}"
+            state = (states or {}).get((levels, seed), TrialState.COMPLETE)
+            study.add_trial(create_trial(
+                state=state, value=value if state == TrialState.COMPLETE else None,
+                user_attrs={M.TRIAL_CELL: cell, M.TRIAL_LEVELS: lv, M.TRIAL_SEED: seed, M.TRIAL_PARAMS_M: 0.58,
+                            M.TRIAL_GFLOPS: 0.0074, M.TRIAL_IMAGES_PER_S: 100.0 + seed}))
+    return study
+
+
+def test_known_means_stds_and_differences(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _study(storage)
+    study, info = load("known", storage)
+    table = summarize(trials_frame(study, info), info).set_index(["position", "s"])
+    row = table.loc[("none", "2")]
+    assert row["mean"] == pytest.approx(95.0) and row["std"] == pytest.approx(math.sqrt(2.0)) and row["n"] == 2
+    assert table.loc[("relative", "2"), "diff"] == 0 and table.loc[("relative", "2"), "baseline"]
+    assert table.loc[("none", "0"), "diff"] == pytest.approx(91.0 - 98.0)
+    assert row["images_per_s"] == pytest.approx(100.5) and row["params_m"] == 0.58
+    assert list(table.index) == [("relative", "0"), ("relative", "2"), ("none", "0"), ("none", "2")]  # spec order
+    other = summarize(trials_frame(study, info), info, baseline="position=none, s=0").set_index(["position", "s"])
+    assert other.loc[("relative", "2"), "diff"] == pytest.approx(98.0 - 91.0)
+    with pytest.raises(AnalysisError, match="--baseline: 'sparse' names no level"):
+        summarize(trials_frame(study, info), info, baseline="sparse")
+
+
+def test_analyze_writes_every_output(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _study(storage)
+    report = analyze("known", storage, tmp_path / "out")
+    for name in ("report.md", "table.md", "table.csv", "table.tex", "factor_position.png", "factor_position.pdf",
+                 "factor_s.png", "factor_s.pdf"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    for png in (tmp_path / "out").glob("*.png"):
+        with Image.open(png) as image:
+            image.verify()
+    assert all(p.read_bytes().startswith(b"%PDF") for p in (tmp_path / "out").glob("*.pdf"))
+    text = report.path.read_text()
+    assert "95.00 ± 1.41" in text and "baseline" in text and "![factor_s](factor_s.png)" in text
+    tex = (tmp_path / "out" / "table.tex").read_text()
+    assert r"\toprule" in tex and r"95.00 $\pm$ 1.41" in tex and r"val/acc1 (\%)" in tex
+    assert "-7.00" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_partial_and_empty_studies(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    values = {k: v for k, v in VALUES.items() if k != ("none", "0")}  # a cell never queued
+    _study(storage, values=values, states={(("none", "2"), 1): TrialState.RUNNING})
+    report = analyze("known", storage, tmp_path / "out")
+    status = dict(zip(zip(report.table["position"], report.table["s"]), report.table["status"]))
+    assert status[("none", "0")] == "0/2 done; missing" and status[("none", "2")] == "1/2 done; running"
+    optuna.create_study(storage=storage, study_name="empty")
+    with pytest.raises(AnalysisError, match="study 'empty' has no finished trials yet"):
+        analyze("empty", storage, tmp_path / "empty")
+    assert cli.main(["analyze", "empty", "--storage", storage]) == 2
+    assert "no finished trials yet" in capsys.readouterr().err
+    assert cli.main(["analyze", "nope", "--storage", storage]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_paper_layout_of_table7(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 't7.db'}"
+    rows = paper_rows(7)
+    factors = {"stages": {"levels": [r.row for r in rows], "baseline": "- - D D (DAT-T)", "paper_table": 7}}
+    _study(storage, name="t7", factors=factors, seeds=(0,),
+           values={(r.row,): [0.5 + i / 100] for i, r in enumerate(rows)})
+    assert cli.main(["analyze", "t7", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "As in the paper:" in out
+    layout = (tmp_path / "out" / "paper_table.md").read_text()
+    positions = [layout.index(r.row) for r in rows]
+    assert positions == sorted(positions)
+    assert "4.64" in layout and "81.7" in layout and "52.00 ± 0.00" in layout
+
+
+def test_search_study_plots(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    study = optuna.create_study(storage=storage, study_name="lr", direction="maximize")
+    study.set_user_attr(M.STUDY_METRIC, M.VAL_ACC1)
+    for i, lr in enumerate([1e-4, 1e-3, 3e-3, 1e-2]):
+        study.add_trial(create_trial(params={"model.lr": lr}, distributions={"model.lr": FloatDistribution(1e-5, 1e-1, log=True)},
+                                     value=0.8 + i / 100, user_attrs={M.TRIAL_SEED: 0}))
+    report = analyze("lr", storage, tmp_path / "out")
+    assert (tmp_path / "out" / "history.png").stat().st_size > 0 and (tmp_path / "out" / "importances.pdf").exists()
+    assert report.table["value"].iloc[0] == pytest.approx(0.83)
+
+
+def test_visualize_a_checkpoint(tmp_path):
+    model = dat_lab.create_model("dat_pico", in_chans=1, num_classes=10)
+    dat_lab.save_checkpoint(model, tmp_path / "m.ckpt")
+    paths = visualize(str(tmp_path / "m.ckpt"), tmp_path / "vis", count=2)
+    with Image.open(paths[0]) as image:
+        assert image.size[0] > 100
+    swin = dat_lab.create_model("dat_pico", blocks="LS")
+    dat_lab.save_checkpoint(swin, tmp_path / "swin.ckpt")
+    with pytest.raises(AnalysisError, match="no deformable"):
+        visualize(str(tmp_path / "swin.ckpt"), tmp_path / "vis", data="synthetic")
