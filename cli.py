@@ -123,7 +123,8 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.n_trials is not None:
         overrides["n_trials"] = args.n_trials
     spec = parse_spec(args.spec, overrides)
-    storage, study = args.storage or spec.storage, args.study or spec.study
+    study = args.study or spec.study
+    storage = args.storage or spec.storage or f"sqlite:///runs/{study}.db"
     if args.workers < 1:
         raise ValueError(f"--workers: {args.workers} must be >= 1")
     if args.workers > 1 and storage.startswith("sqlite"):

@@ -18,7 +18,7 @@
     search_space: {model.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}}   # tpe only
     n_trials: 20                              # tpe only
     pruner: none                              # or {name: median, ...} / {name: hyperband, ...}
-    storage: sqlite:///runs/demo.db           # default: sqlite:///runs/<study>.db
+    storage: sqlite:///runs/demo.db           # default: sqlite:///runs/<study>.db (the study run, --study included)
     heartbeat: {interval: 10, grace: 30}      # seconds; a RUNNING trial silent for `grace` is stale
 
 A bad spec raises SpecError naming the key, before anything runs.
@@ -119,7 +119,7 @@ class SweepSpec:
     search_space: dict[str, dict[str, Any]]
     n_trials: int | None
     pruner: dict[str, Any]
-    storage: str
+    storage: str | None  # None: sqlite:///runs/<study>.db of the study actually run
     heartbeat: tuple[int, int]
 
     @property
@@ -283,7 +283,7 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     study = raw["study"]
     spec = SweepSpec(path=path, study=study, base=base, delta=delta, factors=factors, seeds=tuple(seeds),
                      metric=metric, direction=direction, value=value, sampler=sampler, search_space=space,
-                     n_trials=n_trials, pruner=pruner, storage=raw.get("storage") or f"sqlite:///runs/{study}.db",
+                     n_trials=n_trials, pruner=pruner, storage=raw.get("storage") or None,
                      heartbeat=(interval, grace))
     _check_conflicts(spec)
     return spec
