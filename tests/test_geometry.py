@@ -30,7 +30,9 @@ def test_aligned_grid_samples_exactly_the_input():
 
 def _block(**stage) -> DeformableAttention:
     cfg = StageConfig(dim=8, depth=2, heads=2, blocks="LD", groups=2, **stage)
-    return DeformableAttention(stage=cfg, q_size=(6, 6), attn_drop=0.0, proj_drop=0.0).eval()
+    block = DeformableAttention(stage=cfg, q_size=(6, 6), attn_drop=0.0, proj_drop=0.0).eval()
+    block.reference = True  # the reference path runs proj_k as a module, so a hook sees the sampled keys
+    return block
 
 
 def test_zero_offsets_aligned_r1_keys_are_the_input():
@@ -39,7 +41,7 @@ def test_zero_offsets_aligned_r1_keys_are_the_input():
     seen = {}
     block.proj_k.register_forward_hook(lambda m, inp, out: seen.setdefault("samples", inp[0]))
     x = torch.randn(2, 8, 6, 6)
-    _, info = block(x)
+    _, info = block(x.permute(0, 2, 3, 1))  # blocks take channels-last maps
     torch.testing.assert_close(seen["samples"], x, atol=1e-6, rtol=0)
     torch.testing.assert_close(info["positions"], info["references"])
 
@@ -50,7 +52,7 @@ def test_no_offset_block_samples_at_reference_and_builds_no_offset_network():
     seen = {}
     block.proj_k.register_forward_hook(lambda m, inp, out: seen.setdefault("samples", inp[0]))
     x = torch.randn(1, 8, 6, 6)
-    block(x)
+    block(x.permute(0, 2, 3, 1))
     torch.testing.assert_close(seen["samples"], x, atol=1e-6, rtol=0)
     assert _block(offset_range=0.0).conv_offset is None  # s = 0: no offset at all
 
@@ -62,7 +64,7 @@ def test_huge_raw_offsets_stay_inside_s(s):
     assert (off[..., 0].abs() <= s / 4 + 1e-6).all() and (off[..., 1].abs() <= s / 5 + 1e-6).all()
     block = _block(offset_range=s, key_downsample=2)
     torch.nn.init.constant_(block.conv_offset[3].weight, 1e4)
-    _, info = block(torch.randn(2, 8, 6, 6))
+    _, info = block(torch.randn(2, 6, 6, 8))
     cells = offsets_in_cells(info["positions"], info["references"])  # (B, G, 3, 3, 2)
     assert info["positions"].shape == (2, 2, 3, 3, 2)
     assert cells.abs().max() <= s / 2 + 1e-4 and cells.abs().max() >= s / 2 - 1e-3

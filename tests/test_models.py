@@ -121,3 +121,30 @@ def test_reset_classifier_and_no_weight_decay():
     assert "stages.3.attns.1.rpe_table.weight" in names
     assert "stages.0.attns.0.relative_position_bias_table" in names
     assert "stages.2.attns.1.proj_q.weight" not in names and "stages.2.mlps.0.chunk.linear1.weight" not in names
+
+
+@pytest.mark.parametrize("knob", ["position_none", "position_fixed", "position_dwconv", "position_log_cpb",
+                                  "no_offsets", "unbounded", "r2", "aligned"])
+def test_fast_deformable_path_equals_the_reference(knob):
+    """The fast formulation against the released one: outputs and gradients to 1e-5 (float32)."""
+    from dat_lab.models.attention import use_reference_attention
+
+    torch.manual_seed(0)
+    model = dat_lab.create_model("dat_pico", **KNOBS[knob]).eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    results = []
+    for reference in (True, False):
+        use_reference_attention(model, reference)
+        model.zero_grad()
+        x.grad = None
+        out = model.forward_intermediates(x, return_attention=True)
+        (out["logits"].square().sum() + out["features"][2].sum()).backward()
+        results.append((out, x.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref, ref_x, ref_g), (fast, fast_x, fast_g) = results
+    torch.testing.assert_close(fast["logits"], ref["logits"], atol=1e-5, rtol=1e-5)
+    for name in ref["deformable"]:
+        torch.testing.assert_close(fast["deformable"][name]["attention"], ref["deformable"][name]["attention"],
+                                   atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_x, ref_x, atol=1e-5, rtol=1e-5)
+    for name in ref_g:
+        torch.testing.assert_close(fast_g[name], ref_g[name], atol=1e-5, rtol=1e-5, msg=name)

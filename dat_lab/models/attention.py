@@ -1,5 +1,7 @@
 """The attention blocks of DAT, bottom up: window (L), shifted window (S), spatial-reduction (P) and
-deformable (D) attention. All take and give channel-first maps (B, C, H, W); each returns
+deformable (D) attention. All take and give channels-last maps (B, H, W, C), the layout the
+stages keep between blocks (LayerNorm and the token MLP need no copies); D and P blocks work
+channel-first inside, as the released code does. Each returns
 `(y, info)` where `info` is None, or for D blocks a dict of sampling positions and reference points
 (B, G, Hk, Wk, 2) and, when asked, the attention (B, heads, H*W, Ns). Parameter names follow the
 released checkpoints (DAT_SPEC sections 1-2).
@@ -69,16 +71,16 @@ class WindowAttention(nn.Module):
         return bias, mask  # (heads, n, n), (nW, n, n)
 
     def forward(self, x: Tensor, *, return_attention: bool = False) -> tuple[Tensor, None]:
-        B, C, H, W = x.shape
+        B, H, W, C = x.shape
         window, shift = self._layout(H, W)
         pad_h, pad_w = -H % window, -W % window
-        x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
         if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(2, 3))
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
         nh, nw, n = Hp // window, Wp // window, window * window
-        # (B, C, nh*w, nw*w) -> (B*nW, n, C)
-        t = x.reshape(B, C, nh, window, nw, window).permute(0, 2, 4, 3, 5, 1).reshape(-1, n, C)
+        # (B, nh*w, nw*w, C) -> (B*nW, n, C)
+        t = x.reshape(B, nh, window, nw, window, C).transpose(2, 3).reshape(-1, n, C)
         q, k, v = self.proj_qkv(t).reshape(-1, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nW, heads, n, n)
         bias, mask = self._bias_and_mask(Hp, Wp, window, shift, x.device)
@@ -88,10 +90,10 @@ class WindowAttention(nn.Module):
         attn = self.attn_drop(attn.softmax(dim=-1))
         t = (attn @ v).transpose(1, 2).reshape(-1, n, C)  # (B*nW, n, C)
         t = self.proj_drop(self.proj_out(t))
-        x = t.reshape(B, nh, nw, window, window, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, Hp, Wp)
+        x = t.reshape(B, nh, nw, window, window, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(2, 3))
-        return x[:, :, :H, :W], None
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        return x[:, :H, :W], None
 
 
 class ShiftedWindowAttention(WindowAttention):
@@ -115,6 +117,7 @@ class PyramidAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, *, return_attention: bool = False) -> tuple[Tensor, None]:
+        x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
         B, C, H, W = x.shape
         hc = C // self.heads
         q = (self.q(x) * self.scale).reshape(B * self.heads, hc, H * W)
@@ -122,7 +125,7 @@ class PyramidAttention(nn.Module):
         k, v = k.reshape(B * self.heads, hc, -1), v.reshape(B * self.heads, hc, -1)
         attn = self.attn_drop((q.transpose(1, 2) @ k).softmax(dim=-1))  # (B*heads, HW, Nk)
         out = (v @ attn.transpose(1, 2)).reshape(B, C, H, W)
-        return self.proj_drop(self.proj(out)), None
+        return self.proj_drop(self.proj(out)).permute(0, 2, 3, 1), None
 
 
 class DeformableAttention(nn.Module):
@@ -141,6 +144,7 @@ class DeformableAttention(nn.Module):
         self.r, self.s = stage.key_downsample, stage.offset_range
         self.position, self.convention = stage.position, stage.reference
         self.q_size = q_size
+        self.reference = False  # True: the plain released formulation (see use_reference_attention)
         self.proj_q, self.proj_k, self.proj_v, self.proj_out = (nn.Conv2d(dim, dim, 1) for _ in range(4))
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -183,9 +187,11 @@ class DeformableAttention(nn.Module):
         return t.flatten(2).transpose(1, 2)  # (heads, HW, Ns)
 
     def forward(self, x: Tensor, *, return_attention: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
         B, C, H, W = x.shape
-        G, M, Cg, hc = self.groups, self.heads, self.group_dim, C // self.heads
-        q = self.proj_q(x)  # (B, C, H, W)
+        G, M, Cg = self.groups, self.heads, self.group_dim
+        project = _conv1x1 if self.reference else _pointwise
+        q = project(self.proj_q, x)  # (B, C, H, W)
         if self.conv_offset is not None:
             raw = self.conv_offset(q.reshape(B * G, Cg, H, W))  # (B*G, 2, Hk, Wk), channels (dy, dx)
             Hk, Wk = raw.shape[-2:]
@@ -195,41 +201,84 @@ class DeformableAttention(nn.Module):
         reference = grid_points(Hk, Wk, convention=self.convention, device=x.device, dtype=x.dtype)
         pos = sampling_positions(reference, offsets, self.s).expand(B * G, Hk, Wk, 2)  # (B*G, Hk, Wk, 2)
         samples = F.grid_sample(x.reshape(B * G, Cg, H, W), pos.flip(-1), mode="bilinear",
-                                padding_mode="zeros", align_corners=True)  # (B*G, Cg, Hk, Wk)
-        samples = samples.reshape(B, C, Hk, Wk)
-        Ns = Hk * Wk
-        k = self.proj_k(samples).reshape(B * M, hc, Ns)
-        v = self.proj_v(samples).reshape(B * M, hc, Ns)
-        attn = torch.einsum("bcm,bcn->bmn", q.reshape(B * M, hc, H * W), k) * self.scale  # (B*M, HW, Ns)
-        attn = attn + self._bias(B, H, W, Hk, Wk, pos)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = torch.einsum("bmn,bcn->bcm", attn, v).reshape(B, C, H, W)
+                                padding_mode="zeros", align_corners=True).reshape(B, C, Hk, Wk)
+        k, v = project(self.proj_k, samples), project(self.proj_v, samples)  # (B, C, Hk, Wk)
+        attend = self._attend_reference if self.reference else self._attend
+        out, attn = attend(q, k, v, pos, H, W)  # (B, C, H, W), (B*M, HW, Ns)
         if self.position == "dwconv":
             out = out + self.rpe_table(q)
-        y = self.proj_drop(self.proj_out(out))
+        y = self.proj_drop(project(self.proj_out, out))
         info = {"positions": pos.reshape(B, G, Hk, Wk, 2),
                 "references": reference.expand(B, G, Hk, Wk, 2)}
         if return_attention:
-            info["attention"] = attn.reshape(B, M, H * W, Ns)
-        return y, info
+            info["attention"] = attn.reshape(B, M, H * W, Hk * Wk)
+        return y.permute(0, 2, 3, 1), info
 
-    def _bias(self, B: int, H: int, W: int, Hk: int, Wk: int, pos: Tensor) -> Tensor | float:
-        """Position bias added to the logits, (B*M, HW, Ns), or 0."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """Fast path: the scale folded into q, the bias added by the matmul itself (baddbmm), the bias
+        grid built directly in grid_sample's (x, y) order, no copies of (HW x Ns)-sized tensors."""
+        B, C = q.shape[:2]
+        M, hc, Ns = self.heads, C // self.heads, k.shape[-2] * k.shape[-1]
+        qs = (q.reshape(B * M, hc, H * W) * self.scale).transpose(1, 2)  # (B*M, HW, hc)
+        k, v = k.reshape(B * M, hc, Ns), v.reshape(B * M, hc, Ns)
+        bias = self._bias(B, H, W, pos, xy_grid=True)
+        attn = torch.baddbmm(bias, qs, k) if bias is not None else torch.bmm(qs, k)  # (B*M, HW, Ns)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return torch.bmm(v, attn.transpose(1, 2)).reshape(B, C, H, W), attn
+
+    def _attend_reference(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """The released formulation step by step: einsum logits, scale, bias added, softmax, einsum."""
+        B, C = q.shape[:2]
+        M, hc, Ns = self.heads, C // self.heads, k.shape[-2] * k.shape[-1]
+        k, v = k.reshape(B * M, hc, Ns), v.reshape(B * M, hc, Ns)
+        attn = torch.einsum("bcm,bcn->bmn", q.reshape(B * M, hc, H * W), k) * self.scale  # (B*M, HW, Ns)
+        bias = self._bias(B, H, W, pos, xy_grid=False)
+        attn = attn + bias if bias is not None else attn
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return torch.einsum("bmn,bcn->bcm", attn, v).reshape(B, C, H, W), attn
+
+    def _bias(self, B: int, H: int, W: int, pos: Tensor, *, xy_grid: bool) -> Tensor | None:
+        """Position bias added to the logits, (B*M, HW, Ns), or None."""
         G, M = self.groups, self.heads
-        if self.position == "relative":
-            q_grid = grid_points(H, W, convention=self.convention, device=pos.device, dtype=pos.dtype)
-            disp = displacement(q_grid, pos)  # (B*G, HW, Ns, 2)
-            table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
-            table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
-            bias = F.grid_sample(table, disp.flip(-1), mode="bilinear", align_corners=True)  # (B*G, M/G, HW, Ns)
-            return bias.reshape(B * M, H * W, Hk * Wk)
+        Hk, Wk = pos.shape[1:3]
+        if self.position in ("none", "dwconv"):
+            return None
         if self.position == "fixed":
             return self._fixed_bias(H, W, Hk, Wk).repeat(B, 1, 1)
+        q_grid = grid_points(H, W, convention=self.convention, device=pos.device, dtype=pos.dtype)
         if self.position == "log_cpb":
-            q_grid = grid_points(H, W, convention=self.convention, device=pos.device, dtype=pos.dtype)
             bias = self.rpe_table(log_cpb_coords(q_grid, pos))  # (B*G, HW, Ns, M/G)
             return bias.permute(0, 3, 1, 2).reshape(B * M, H * W, Hk * Wk)
-        return 0.0
+        # relative: the (M, 2H-1, 2W-1) table read at half the query-key displacement
+        if xy_grid:  # flip the small (H, W) and (Hk, Wk) grids, not the (HW x Ns) displacement
+            grid = displacement(q_grid.flip(-1), pos.flip(-1))  # (B*G, HW, Ns, 2) as (x, y)
+        else:
+            grid = displacement(q_grid, pos).flip(-1)
+        table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
+        table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
+        bias = F.grid_sample(table, grid, mode="bilinear", align_corners=True)  # (B*G, M/G, HW, Ns)
+        return bias.reshape(B * M, H * W, Hk * Wk)
+
+
+def _conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    return conv(x)
+
+
+def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution as one matrix product over (B, C, H*W): faster than the conv kernel on CPUs."""
+    B, _, H, W = x.shape
+    y = torch.matmul(conv.weight.flatten(1), x.flatten(2))  # (B, Cout, HW)
+    if conv.bias is not None:
+        y = y + conv.bias[:, None]
+    return y.reshape(B, -1, H, W)
+
+
+def use_reference_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every deformable block of `model` to the plain reference formulation (or back)."""
+    for module in model.modules():
+        if isinstance(module, DeformableAttention):
+            module.reference = enabled
+    return model
 
 
 BLOCKS: dict[str, type[nn.Module]] = {

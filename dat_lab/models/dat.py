@@ -21,7 +21,7 @@ from .config import VARIANTS, DATConfig, StageConfig, get_config
 
 
 class TokenMlp(nn.Module):
-    """Per-token MLP: Linear(C, rC), GELU, Dropout, Linear(rC, C), Dropout on a channel-first map."""
+    """Per-token MLP: Linear(C, rC), GELU, Dropout, Linear(rC, C), Dropout on a channels-last map."""
 
     def __init__(self, *, dim: int, ratio: int, drop: float) -> None:
         super().__init__()
@@ -33,7 +33,7 @@ class TokenMlp(nn.Module):
         self.chunk.add_module("drop2", nn.Dropout(drop))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.chunk(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.chunk(x)
 
 
 class DwConvMlp(nn.Module):
@@ -49,16 +49,17 @@ class DwConvMlp(nn.Module):
         self.linear2 = nn.Conv2d(hidden, dim, 1)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.drop1(self.act(self.dwc(self.linear1(x))))
-        return self.drop2(self.linear2(x))
+    def forward(self, x: Tensor) -> Tensor:  # channels-last in and out, convolutions channel-first
+        x = self.drop1(self.act(self.dwc(self.linear1(x.permute(0, 3, 1, 2)))))
+        return self.drop2(self.linear2(x)).permute(0, 2, 3, 1)
 
 
 MLPS = {"token": TokenMlp, "dwconv": DwConvMlp}
 
 
 class Stage(nn.Module):
-    """`depth` pre-norm blocks: x + DropPath(attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """`depth` pre-norm blocks: x + DropPath(attn(LN(x))), then x + DropPath(MLP(LN(x))).
+    Takes and gives (B, C, H, W); the blocks run on one channels-last copy (B, H, W, C)."""
 
     def __init__(self, *, stage: StageConfig, in_dim: int, q_size: tuple[int, int], config: DATConfig,
                  drop_path: list[float]) -> None:
@@ -77,14 +78,15 @@ class Stage(nn.Module):
 
     def forward(self, x: Tensor, *, infos: dict[str, Any] | None = None, prefix: str = "",
                 return_attention: bool = False) -> Tensor:
-        x = self.proj(x)
+        x = self.proj(x).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+        norms = self.layer_norms
         for d, (attn, mlp, drop) in enumerate(zip(self.attns, self.mlps, self.drop_path)):
-            y, info = attn(self.layer_norms[2 * d](x), return_attention=return_attention)
+            y, info = attn(norms[2 * d].norm(x), return_attention=return_attention)
             x = x + drop(y)
-            x = x + drop(mlp(self.layer_norms[2 * d + 1](x)))
+            x = x + drop(mlp(norms[2 * d + 1].norm(x)))
             if infos is not None and info is not None:
                 infos[f"{prefix}attns.{d}"] = info
-        return x
+        return x.permute(0, 3, 1, 2)  # (B, C, H, W) in channels_last memory format
 
 
 def _stem(config: DATConfig, out_dim: int) -> nn.Sequential:

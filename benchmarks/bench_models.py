@@ -1,0 +1,97 @@
+"""dat_tiny against timm's swin_tiny_patch4_window7_224: training (forward, backward, AdamW step) and
+inference images/s, and peak memory, at several batch sizes; both models in one process, alternating.
+
+    python benchmarks/bench_models.py [--device cpu|cuda] [--batch 8 32] [--precision bf16] \
+        [--channels-last] [--compile] [--repeats 5] [--md docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, cuda_peak_mb, in_subprocess, machine, markdown, peak_rss_delta_mb, write  # noqa: E402
+
+import dat_lab  # noqa: E402,F401  (registers dat_tiny with timm)
+
+MODELS = {"dat_tiny": "dat_tiny", "swin_tiny": "swin_tiny_patch4_window7_224"}
+
+
+def build(name: str, batch: int, a: argparse.Namespace, train: bool):
+    torch.manual_seed(0)
+    model = timm.create_model(MODELS[name], num_classes=1000).to(a.device)
+    x = torch.randn(batch, 3, 224, 224, device=a.device)
+    if a.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if a.compile else model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.precision)
+    autocast = (lambda: torch.autocast(a.device, dtype=dtype)) if dtype else contextlib.nullcontext
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train(train)
+
+    def run() -> None:
+        if train:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = net(x).float().logsumexp(-1).mean()
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.no_grad(), autocast():
+                net(x)
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, nargs="+", default=[8])
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--json", default="benchmarks/results/models.json")
+    p.add_argument("--md", help="update this Markdown file's models section (e.g. docs/benchmarks.md)")
+    p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.measure_memory:
+        name, batch, mode = a.args
+        fn = lambda: build(name, int(batch), a, mode == "train")  # noqa: E731
+        print(cuda_peak_mb(fn()) if a.device == "cuda" else peak_rss_delta_mb(fn))
+        return
+    options = f"{a.precision}" + (", channels_last" if a.channels_last else "") + (", compiled" if a.compile else "")
+    results = {"machine": machine(a.device), "device": a.device, "options": options, "rows": []}
+    flags = ["--device", a.device, "--precision", a.precision] + (["--channels-last"] if a.channels_last else []) \
+        + (["--compile"] if a.compile else [])
+    for batch in a.batch:
+        for mode in ("train", "infer"):
+            times = alternate({n: build(n, batch, a, mode == "train") for n in MODELS}, repeats=a.repeats,
+                              device=a.device)
+            row = {"batch": batch, "mode": mode, **{f"{n}_images_per_s": batch / t for n, t in times.items()}}
+            row["ratio"] = row["dat_tiny_images_per_s"] / row["swin_tiny_images_per_s"]
+            if not a.no_memory:
+                for n in MODELS:
+                    row[f"{n}_peak_mb"] = in_subprocess(__file__, *flags, n, str(batch), mode)
+            results["rows"].append(row)
+    nan = float("nan")
+    table = markdown(f"dat_tiny vs swin_tiny ({a.device}, {options}, medians of {a.repeats})", results["machine"],
+                     ["batch", "mode", "dat_tiny (img/s)", "swin_tiny (img/s)", "dat/swin", "dat peak (MB)",
+                      "swin peak (MB)"],
+                     [[str(r["batch"]), r["mode"], f"{r['dat_tiny_images_per_s']:.2f}",
+                       f"{r['swin_tiny_images_per_s']:.2f}", f"{r['ratio']:.2f}x",
+                       f"{r.get('dat_tiny_peak_mb', nan):.0f}", f"{r.get('swin_tiny_peak_mb', nan):.0f}"]
+                      for r in results["rows"]])
+    write(results, Path(a.json), Path(a.md) if a.md else None, f"models-{a.device}", table)
+
+
+if __name__ == "__main__":
+    main()
