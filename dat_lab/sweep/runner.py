@@ -30,6 +30,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import metrics as M
+from ..training.callbacks import MetricTracker
 from ..training.cli import main as train
 from .plan import PlannedCell, plan
 from .spec import SpecError, SweepSpec, deep_merge, nest
@@ -124,24 +125,6 @@ def enqueue_missing(study: optuna.Study, planned: list[PlannedCell]) -> int:
     return queued
 
 
-def _tracker(metric: str, direction: str):
-    import lightning as L
-
-    class Tracker(L.Callback):
-        best: float | None = None
-        last: float | None = None
-
-        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            value = trainer.callback_metrics.get(metric)
-            if trainer.sanity_checking or value is None:
-                return
-            self.last = float(value)
-            better = self.best is None or (self.last > self.best if direction == "maximize" else self.last < self.best)
-            self.best = self.last if better else self.best
-
-    return Tracker()
-
-
 def _reproduce(run_dir: Path) -> str:
     return f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --name {run_dir.name}_again"
 
@@ -180,7 +163,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
     if spec.is_grid:
         trial.set_user_attr(M.TRIAL_PARAMS_M, round(p.params_m, 4))
         trial.set_user_attr(M.TRIAL_GFLOPS, round(p.gflops, 4))
-    tracker = _tracker(spec.metric, spec.direction)
+    tracker = MetricTracker(spec.metric, spec.direction)
     callbacks = [tracker]
     if spec.pruner["name"] != "none":
         from optuna_integration import PyTorchLightningPruningCallback

@@ -1,6 +1,6 @@
 """Training with Lightning: the LightningModule, callbacks and the LightningCLI wiring."""
 
-from .callbacks import DeformableMonitor, HparamsMetric, Throughput
+from .callbacks import DeformableMonitor, HparamsMetric, MetricTracker, Throughput
 from .module import ImageClassifier, NonFiniteLossError
 
-__all__ = ["DeformableMonitor", "HparamsMetric", "ImageClassifier", "NonFiniteLossError", "Throughput"]
+__all__ = ["DeformableMonitor", "HparamsMetric", "ImageClassifier", "MetricTracker", "NonFiniteLossError", "Throughput"]

@@ -75,16 +75,31 @@ class DeformableMonitor(L.Callback):
             writer.add_figure(M.SAMPLING_IMAGE, fig, step, close=True)
 
 
-class HparamsMetric(L.Callback):
-    """Write the run's hyper-parameters to TensorBoard with the real best `val/acc1` (no -1 placeholder)."""
+class MetricTracker(L.Callback):
+    """The best and the last value of a logged metric over the run's validations."""
 
-    def __init__(self) -> None:
+    def __init__(self, metric: str = M.VAL_ACC1, direction: str = "maximize") -> None:
+        self.metric, self.direction = metric, direction
         self.best: float | None = None
+        self.last: float | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        value = trainer.callback_metrics.get(M.VAL_ACC1)
-        if not trainer.sanity_checking and value is not None:
-            self.best = max(self.best or 0.0, float(value))
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or value is None:
+            return
+        self.last = float(value)
+        if self.best is None or (self.last > self.best if self.direction == "maximize" else self.last < self.best):
+            self.best = self.last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.last = state_dict.get("best"), state_dict.get("last")
+
+
+class HparamsMetric(MetricTracker):
+    """Write the run's hyper-parameters to TensorBoard with the real best `val/acc1` (no -1 placeholder)."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.best is None:
@@ -93,9 +108,3 @@ class HparamsMetric(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(params, metrics={M.HP_METRIC: self.best})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = state_dict.get("best")
