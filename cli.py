@@ -117,7 +117,7 @@ def _train(argv: list[str]) -> int:
 
 def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
-    from dat_lab.sweep.runner import make_storage, spawn_workers, work
+    from dat_lab.sweep.runner import check_storage_url, make_storage, spawn_workers
 
     overrides = _parse_sets(args.overrides)
     if args.n_trials is not None:
@@ -130,7 +130,11 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.workers > 1 and storage.startswith("sqlite"):
         raise ValueError("--workers: SQLite is unsafe for parallel workers; give --storage postgresql://... "
                          "(one server shared by every worker, on this machine or many)")
-    make_storage(storage, spec.heartbeat)  # a bad URL fails here, before planning
+    # a bad URL (or, for a real run, an unreachable database) fails here, before planning; a dry run writes nothing
+    if args.dry_run:
+        check_storage_url(storage)
+    else:
+        make_storage(storage, spec.heartbeat)
     planned = plan(spec, spec.cells() if spec.is_grid else spec.cells()[:1])
     if args.dry_run:
         _print_plan(spec, planned)

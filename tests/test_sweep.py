@@ -69,8 +69,10 @@ def test_grid_cells_are_the_product_times_seeds():
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
-def test_dry_run_of_every_spec(path, capsys):
-    assert cli.main(["sweep", str(path), "--dry-run"]) == 0
+def test_dry_run_of_every_spec(path, capsys, tmp_path):
+    storage = tmp_path / "dry.db"
+    assert cli.main(["sweep", str(path), "--dry-run", "--storage", f"sqlite:///{storage}"]) == 0
+    assert not storage.exists()  # a dry run writes nothing
     out = capsys.readouterr().out
     assert "nothing trained (--dry-run)" in out
 

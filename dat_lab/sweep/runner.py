@@ -40,11 +40,16 @@ CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inhe
 POLL_SECONDS = 2.0
 
 
-def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
-    """An RDB storage (SQLite file or PostgreSQL) with heartbeats and retry of stale trials."""
+def check_storage_url(url: str) -> None:
+    """Raise SpecError unless `url` names an SQLite file or a PostgreSQL (or MySQL) database."""
     if not url.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
         raise SpecError(f"storage: {url!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
                         "postgresql://user:pass@host/db)")
+
+
+def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
+    """An RDB storage (SQLite file or PostgreSQL) with heartbeats and retry of stale trials."""
+    check_storage_url(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("postgresql://"):
