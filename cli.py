@@ -18,19 +18,19 @@ import argparse
 import json
 import pickle
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from pathlib import Path
 
 
-def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+def _parse_sets(items: Sequence[str], what: str = "--set") -> dict[str, Any]:
     """`key=value` pairs; values read as YAML, so `offset_range=4` and `groups=[1,2,3,6]` work."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set: {item!r} is not key=value")
+            raise ValueError(f"{what}: {item!r} is not key=value")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
 
@@ -119,7 +119,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
     from dat_lab.sweep.runner import check_storage_url, make_storage, spawn_workers
 
-    overrides = _parse_sets(args.overrides)
+    overrides = _parse_sets(args.overrides, "sweep override")
     if args.n_trials is not None:
         overrides["n_trials"] = args.n_trials
     spec = parse_spec(args.spec, overrides)
