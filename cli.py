@@ -117,6 +117,7 @@ def _train(argv: list[str]) -> int:
 
 def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
+    from dat_lab.metrics import default_storage
     from dat_lab.sweep.runner import check_storage_url, make_storage, spawn_workers
 
     overrides = _parse_sets(args.overrides, "sweep override")
@@ -124,7 +125,7 @@ def _sweep(args: argparse.Namespace) -> None:
         overrides["n_trials"] = args.n_trials
     spec = parse_spec(args.spec, overrides)
     study = args.study or spec.study
-    storage = args.storage or spec.storage or f"sqlite:///runs/{study}.db"
+    storage = args.storage or spec.storage or default_storage(study)
     if args.workers < 1:
         raise ValueError(f"--workers: {args.workers} must be >= 1")
     if args.workers > 1 and storage.startswith("sqlite"):
@@ -135,7 +136,7 @@ def _sweep(args: argparse.Namespace) -> None:
         check_storage_url(storage)
     else:
         make_storage(storage, spec.heartbeat)
-    planned = plan(spec, spec.cells() if spec.is_grid else spec.cells()[:1])
+    planned = plan(spec, spec.planned_cells())
     if args.dry_run:
         _print_plan(spec, planned)
         return
@@ -187,28 +188,30 @@ def _print_plan(spec, planned) -> None:
 
 
 def _sweep_status(args: argparse.Namespace) -> None:
-    import optuna
+    from collections import Counter
 
-    from dat_lab.sweep.status import counts, study_status, trial_of
+    import pandas as pd
 
-    storage = _existing_storage(args.storage, args.study)
-    try:
-        study = optuna.load_study(study_name=args.study, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
-        raise ValueError(f"no study {args.study!r} in {storage}; it holds: {', '.join(names) or 'none'}") from None
+    from dat_lab.analysis.study import load, trials_frame
+
+    study, info = load(args.study, _existing_storage(args.storage, args.study))
     if args.trial is not None:
-        trial = trial_of(study, args.trial)
+        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == args.trial), None)
+        if trial is None:
+            raise ValueError(f"--trial: study {args.study!r} has no trial {args.trial}")
         print(trial.user_attrs.get("reproduce") or f"trial {args.trial} has no recorded training run")
         return
-    rows = study_status(study)
-    print(f"study {args.study!r}: " + ", ".join(f"{v} {k}" for k, v in counts(rows).items()))
-    if rows:
-        _print_table([{"cell": r.cell, "status": r.status, "trial": r.trial, "value": r.value} for r in rows])
-        for r in rows:
-            if r.status == "failed":
-                print(f"failed: trial {r.trial} ({r.cell}): {r.failure or 'no reason recorded'}")
-        print("reproduce a trial: dat-lab sweep-status", args.study, "--trial N")
+    rows = trials_frame(study, info)
+    statuses = Counter(rows["status"]) if not rows.empty else Counter()
+    print(f"study {args.study!r}: " + ", ".join(f"{statuses[k]} {k}" for k in ("done", "running", "failed", "pending"))
+          + "".join(f", {n} {k}" for k, n in statuses.items() if k not in ("done", "running", "failed", "pending")))
+    if rows.empty:
+        return
+    _print_table([{"cell": r.cell, "status": r.status, "trial": "-" if pd.isna(r.trial) else int(r.trial),
+                   "value": "-" if pd.isna(r.value) else r.value} for r in rows.itertuples()])
+    for r in rows[rows["status"] == "failed"].itertuples():
+        print(f"failed: trial {int(r.trial)} ({r.cell}): {r.failure if isinstance(r.failure, str) else 'no reason recorded'}")
+    print("reproduce a trial: dat-lab sweep-status", args.study, "--trial N")
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -227,7 +230,9 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _existing_storage(storage: str | None, study: str) -> str:
-    storage = storage or f"sqlite:///runs/{study}.db"
+    from dat_lab.metrics import default_storage
+
+    storage = storage or default_storage(study)
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
         raise ValueError(f"--storage: {storage} does not exist (run the sweep first, or name its storage)")
     return storage

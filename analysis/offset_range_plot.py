@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dat_lab.analysis.plots import factor_plot, save
 from dat_lab.analysis.study import load, trials_frame
+from dat_lab.metrics import default_storage
 
 
 def main() -> None:
@@ -18,7 +19,7 @@ def main() -> None:
     parser.add_argument("--factor", default="s", help="the offset-range factor of the spec (default: s)")
     parser.add_argument("--out", help="default: runs/<study>/analysis")
     args = parser.parse_args()
-    study, info = load(args.study, args.storage or f"sqlite:///runs/{args.study}.db")
+    study, info = load(args.study, args.storage or default_storage(args.study))
     if args.factor not in info.factors:
         parser.error(f"study {args.study!r} has no factor {args.factor!r} (it has: {', '.join(info.factors)})")
     paths = save(factor_plot(trials_frame(study, info), info, args.factor), Path(args.out or f"runs/{args.study}/analysis"),

@@ -49,3 +49,8 @@ STUDY_METRIC = "metric"
 STUDY_DIRECTION = "direction"
 STUDY_FACTORS = "factors"  # {factor: {"levels": [...], "baseline": level, "paper_table": 6 | 7 | None}}
 STUDY_SEEDS = "seeds"
+
+
+def default_storage(study: str) -> str:
+    """Where a sweep keeps a study when no storage is named (the embedded default)."""
+    return f"sqlite:///runs/{study}.db"

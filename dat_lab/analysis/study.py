@@ -50,7 +50,7 @@ def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
     """One row per cell and seed of a grid (its deciding trial, or 'missing'), or per trial of a search.
 
     Columns: one per factor (grid) or per searched parameter, seed, status, trial, value, params_m,
-    gflops, images_per_s, run_dir.
+    gflops, images_per_s, run_dir, failure.
     """
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -61,7 +61,8 @@ def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
         row.update(cell=a.get(M.TRIAL_CELL, f"trial {t.number}"), seed=a.get(M.TRIAL_SEED), status=STATUS[t.state],
                    trial=t.number, value=t.value if t.state == TrialState.COMPLETE else None,
                    params_m=a.get(M.TRIAL_PARAMS_M), gflops=a.get(M.TRIAL_GFLOPS),
-                   images_per_s=a.get(M.TRIAL_IMAGES_PER_S), run_dir=a.get(M.TRIAL_RUN_DIR))
+                   images_per_s=a.get(M.TRIAL_IMAGES_PER_S), run_dir=a.get(M.TRIAL_RUN_DIR),
+                   failure=a.get(M.TRIAL_FAILURE))
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not info.factors:

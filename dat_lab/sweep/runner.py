@@ -226,7 +226,7 @@ def _finished(study: optuna.Study, spec: SweepSpec, planned: dict[str, PlannedCe
 def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "runs",
          planned: list[PlannedCell] | None = None, progress: Callable[[int, int], None] | None = None) -> optuna.Study:
     """One worker: claim and train trials until the sweep has nothing left to run."""
-    planned_list = planned if planned is not None else plan(spec, spec.cells() if spec.is_grid else spec.cells()[:1])
+    planned_list = planned if planned is not None else plan(spec, spec.planned_cells())
     by_key = {p.cell.key: p for p in planned_list}
     study = open_study(spec, storage, study_name, planned_list)
     objective = lambda trial: run_trial(study, trial, spec, by_key, runs_root)  # noqa: E731

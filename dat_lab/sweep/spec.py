@@ -139,6 +139,11 @@ class SweepSpec:
                 out.append(Cell(levels=dict(zip(names, (lvl for lvl, _ in combo))), seed=seed, delta=delta))
         return out
 
+    def planned_cells(self) -> list[Cell]:
+        """What to plan before running: every cell of a grid; for a search, its one base cell."""
+        cells = self.cells()
+        return cells if self.is_grid else cells[:1]
+
     def base_config(self) -> dict[str, Any]:
         with open(self.base) as f:
             return deep_merge(yaml.safe_load(f) or {}, self.delta)
