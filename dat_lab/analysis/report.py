@@ -9,7 +9,7 @@ import pandas as pd
 
 from . import plots
 from .study import AnalysisError, load, trials_frame
-from .tables import display, paper_layout, summarize, write_tables
+from .tables import summarize, write_tables
 
 
 @dataclass
@@ -37,14 +37,14 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
         paths = [p for name, fig in plots.search_plots(study).items() for p in plots.save(fig, out, name)]
         return _write_report(Report(out / "report.md", shown, None, paths, counts), info, out)
     table = summarize(frame, info, baseline)
-    write_tables(table, info, out)
+    shown, paper = write_tables(table, info, out)
     paths = []
     for factor in info.factors:
         paths += plots.save(plots.factor_plot(frame, info, factor, baseline), out, f"factor_{_slug(factor)}")
     curves = plots.learning_curves(frame, info)
     if curves is not None:
         paths += plots.save(curves, out, "learning_curves")
-    report = Report(out / "report.md", display(table, info), paper_layout(table, info), paths, counts)
+    report = Report(out / "report.md", shown, paper, paths, counts)
     return _write_report(report, info, out)
 
 

@@ -111,17 +111,18 @@ def paper_layout(table: pd.DataFrame, info: StudyInfo) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def write_tables(table: pd.DataFrame, info: StudyInfo, out: Path) -> dict[str, Path]:
-    """table.md, table.csv, table.tex (booktabs), and paper_table.md when the study is a paper table."""
+def write_tables(table: pd.DataFrame, info: StudyInfo, out: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Write table.md, table.csv, table.tex (booktabs), and paper_table.md when the study is a paper
+    table; return the displayed table and the paper layout (or None)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "table.md", "csv": out / "table.csv", "tex": out / "table.tex"}
-    paths["md"].write_text(display(table, info).to_markdown(index=False) + "\n")
+    shown = display(table, info)
+    paths["md"].write_text(shown.to_markdown(index=False) + "\n")
     table.drop(columns=["baseline"]).to_csv(paths["csv"], index=False)
     tex = display(table, info, latex=True)
     tex.columns = [c.replace("%", r"\%").replace("_", r"\_") for c in tex.columns]
     paths["tex"].write_text(tex.to_latex(index=False, escape=False))
     paper = paper_layout(table, info)
     if paper is not None:
-        paths["paper"] = out / "paper_table.md"
-        paths["paper"].write_text(paper.to_markdown(index=False) + "\n")
-    return paths
+        (out / "paper_table.md").write_text(paper.to_markdown(index=False) + "\n")
+    return shown, paper
