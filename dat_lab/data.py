@@ -70,8 +70,6 @@ class ImageDataModule(L.LightningDataModule):
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded (train, val) index split."""
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction: {val_fraction} must be in (0, 1)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * val_fraction))
     return perm[n_val:], perm[:n_val]
@@ -107,7 +105,8 @@ class DigitsDataModule(ImageDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
         self.val_fraction, self.in_chans = val_fraction, channels
         self.mean, self.std = (0.3,) * channels, (0.4,) * channels
-        _split(10, val_fraction, seed)  # validates val_fraction now
+        if not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction: {val_fraction} must be in (0, 1)")
 
     def setup(self, stage: str | None = None) -> None:
         from sklearn.datasets import load_digits
