@@ -1,4 +1,4 @@
-"""Ablation sweeps on Optuna: spec parsing and validation, planning, workers, status."""
+"""Ablation sweeps on Optuna: spec parsing and validation, planning, workers (status: dat_lab.analysis)."""
 
 from .plan import plan
 from .runner import open_study, work
