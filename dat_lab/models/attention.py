@@ -63,7 +63,11 @@ class WindowAttention(nn.Module):
         key = (hp, wp, window, shift, device)
         if key not in self._cache:
             index = window_relative_index(window, self.window).to(device)
-            mask = shifted_window_mask(hp, wp, window, shift).to(device) if shift else None
+            mask = None
+            if shift:  # Swin's -100 made -inf: the same softmax in float32 (e^-100 is below its normal
+                # range), but no denormal weights, which slow the matmuls after it many times on x86 CPUs
+                mask = shifted_window_mask(hp, wp, window, shift).to(device)
+                mask = mask.masked_fill(mask < 0, float("-inf"))
             self._cache[key] = (index, mask)
         index, mask = self._cache[key]
         n = window * window
