@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 from dat_lab.models import StageConfig
 from dat_lab.models.attention import DeformableAttention
-from dat_lab.models.geometry import (bounded_offsets, grid_points, offsets_in_cells, sampling_positions,
-                                     shifted_window_mask, window_relative_index)
+from dat_lab.models.geometry import (bounded_offsets, displacement, grid_points, interpolation_weights,
+                                     offsets_in_cells, sampling_positions, shifted_window_mask,
+                                     window_relative_index)
 
 
 def test_grid_points_known_values():
@@ -93,3 +94,35 @@ def test_shifted_window_mask_known_values():
     # the last window holds four regions: every token sees only itself
     assert torch.equal(mask[3] == 0, torch.eye(4, dtype=torch.bool))
     assert set(mask.unique().tolist()) == {0.0, -100.0}
+
+
+def test_interpolation_weights_known_values():
+    w = interpolation_weights(torch.tensor([-1.0, 0.25, 1.0, 1.2, -1.5, 3.0]), 3)  # pixels at -1, 0, 1
+    expected = [[1, 0, 0], [0, 0.75, 0.25], [0, 0, 1], [0, 0, 0.8], [0.5, 0, 0], [0, 0, 0]]
+    torch.testing.assert_close(w, torch.tensor(expected))  # outside the axis: that corner weighs nothing
+
+
+def test_dense_sampling_equals_grid_sample():
+    """The deterministic samplers (interpolation matrices) against grid_sample, values and gradients,
+    with points inside, on the border of and outside the map."""
+    from dat_lab.models.attention import _relative_bias_dense, _sample_dense
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, 4, requires_grad=True)  # (B, G, H, W, Cg)
+    pos = (torch.rand(6, 3, 4, 2) * 2.6 - 1.3).requires_grad_()  # (B*G, Hk, Wk, 2), (y, x)
+    dense = _sample_dense(x.flatten(2, 3), pos.reshape(2, 3, 12, 2), 5, 6)  # (B, Ns, G*Cg)
+    plain = F.grid_sample(x.permute(0, 1, 4, 2, 3).reshape(6, 4, 5, 6), pos.flip(-1), align_corners=True)
+    plain = plain.reshape(2, 3, 4, 12).permute(0, 3, 1, 2).reshape(2, 12, 12)
+    g = torch.randn_like(plain)
+    torch.testing.assert_close(dense, plain, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(dense, (x, pos), g), torch.autograd.grad(plain, (x, pos), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    table = torch.randn(6, 2, 9, 11, requires_grad=True)  # (N, heads per group, 2H-1, 2W-1)
+    q_grid = grid_points(5, 6)
+    dense = _relative_bias_dense(table, q_grid, pos).reshape(6, 2, 30, 12)
+    plain = F.grid_sample(table, displacement(q_grid, pos).flip(-1), align_corners=True)  # (N, 2, HW, Ns)
+    g = torch.randn_like(plain)
+    torch.testing.assert_close(dense, plain, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(dense, (table, pos), g), torch.autograd.grad(plain, (table, pos), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

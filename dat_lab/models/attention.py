@@ -17,8 +17,8 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from .config import StageConfig
-from .geometry import (bounded_offsets, displacement, grid_points, key_grid_size, log_cpb_coords,
-                       sampling_positions, shifted_window_mask, window_relative_index)
+from .geometry import (bounded_offsets, displacement, grid_points, interpolation_weights, key_grid_size,
+                       log_cpb_coords, sampling_positions, shifted_window_mask, window_relative_index)
 
 
 class LayerNorm2d(nn.Module):
@@ -138,7 +138,18 @@ class DeformableAttention(nn.Module):
     Queries from every pixel; keys and values from x bilinearly sampled at an Hk x Wk grid of
     reference points moved by offsets that a small network predicts from the queries, per group.
     `q_size` is the training-time map size; position tables adapt to other sizes.
+
+    Two formulations of the same function: the default fast path (`_forward_fast`) and the plain
+    released one (`_forward_reference`), equal to 1e-5 in outputs and gradients (tests). Options of
+    the fast path (set them with `set_deformable_options`): `sampler` "auto" | "grid_sample" |
+    "dense" (bilinear sampling by interpolation matrices, whose backward is matrix products, so
+    deterministic on CUDA; "auto" takes it on CUDA when `torch.use_deterministic_algorithms` is on),
+    `kernel` "auto" | "matmul" | "sdpa" (fused `scaled_dot_product_attention` with the bias as its
+    mask; "auto" takes it on CUDA), `chunk_bytes` (CPU: logits, bias and probabilities are made,
+    used and freed a few batch elements at a time, about this many bytes each).
     """
+
+    chunk_bytes = 2**22
 
     def __init__(self, *, stage: StageConfig, q_size: tuple[int, int], attn_drop: float, proj_drop: float) -> None:
         super().__init__()
@@ -149,6 +160,7 @@ class DeformableAttention(nn.Module):
         self.position, self.convention = stage.position, stage.reference
         self.q_size = q_size
         self.reference = False  # True: the plain released formulation (see use_reference_attention)
+        self.sampler, self.kernel = "auto", "auto"
         self.proj_q, self.proj_k, self.proj_v, self.proj_out = (nn.Conv2d(dim, dim, 1) for _ in range(4))
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -191,58 +203,126 @@ class DeformableAttention(nn.Module):
         return t.flatten(2).transpose(1, 2)  # (heads, HW, Ns)
 
     def forward(self, x: Tensor, *, return_attention: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
-        B, C, H, W = x.shape
-        G, M, Cg = self.groups, self.heads, self.group_dim
-        project = _conv1x1 if self.reference else _pointwise
-        q = project(self.proj_q, x)  # (B, C, H, W)
-        if self.conv_offset is not None:
-            raw = self.conv_offset(q.reshape(B * G, Cg, H, W))  # (B*G, 2, Hk, Wk), channels (dy, dx)
-            Hk, Wk = raw.shape[-2:]
-            offsets = bounded_offsets(raw.permute(0, 2, 3, 1), self.s)  # (B*G, Hk, Wk, 2)
+        """x (B, H, W, C) -> (B, H, W, C) and the sampling record (see the class docstring)."""
+        forward = self._forward_reference if self.reference else self._forward_fast
+        y, pos, reference, attn = forward(x, return_attention)
+        B, G, (Hk, Wk) = x.shape[0], self.groups, pos.shape[1:3]
+        info = {"positions": pos.reshape(B, G, Hk, Wk, 2), "references": reference.expand(B, G, Hk, Wk, 2)}
+        if return_attention:
+            info["attention"] = attn.reshape(B, self.heads, -1, Hk * Wk)
+        return y, info
+
+    def _positions(self, raw: Tensor | None, x: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """Sampling positions (B*G, Hk, Wk, 2) from raw offsets (B*G, Hk, Wk, 2) or None; references (Hk, Wk, 2)."""
+        B = x.shape[0]
+        if raw is not None:
+            (Hk, Wk), offsets = raw.shape[1:3], bounded_offsets(raw, self.s)
         else:
             (Hk, Wk), offsets = key_grid_size(H, W, self.r), None
         reference = grid_points(Hk, Wk, convention=self.convention, device=x.device, dtype=x.dtype)
-        pos = sampling_positions(reference, offsets, self.s).expand(B * G, Hk, Wk, 2)  # (B*G, Hk, Wk, 2)
+        return sampling_positions(reference, offsets, self.s).expand(B * self.groups, Hk, Wk, 2), reference
+
+    def _forward_reference(self, x: Tensor, return_attention: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The released formulation step by step: 1x1 convs on (B, C, H, W), the offset network on
+        (B*G, Cg, H, W), grid_sample for keys and bias, einsum logits, scale, bias added, softmax, einsum."""
+        x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        B, C, H, W = x.shape
+        G, M, Cg, hc = self.groups, self.heads, self.group_dim, C // self.heads
+        q = self.proj_q(x)  # (B, C, H, W)
+        raw = None
+        if self.conv_offset is not None:  # (B*G, 2, Hk, Wk), channels (dy, dx)
+            raw = self.conv_offset(q.reshape(B * G, Cg, H, W)).permute(0, 2, 3, 1)
+        pos, reference = self._positions(raw, x, H, W)  # (B*G, Hk, Wk, 2)
+        Hk, Wk = pos.shape[1:3]
         samples = F.grid_sample(x.reshape(B * G, Cg, H, W), pos.flip(-1), mode="bilinear",
                                 padding_mode="zeros", align_corners=True).reshape(B, C, Hk, Wk)
-        k, v = project(self.proj_k, samples), project(self.proj_v, samples)  # (B, C, Hk, Wk)
-        attend = self._attend_reference if self.reference else self._attend
-        out, attn = attend(q, k, v, pos, H, W)  # (B, C, H, W), (B*M, HW, Ns)
-        if self.position == "dwconv":
-            out = out + self.rpe_table(q)
-        y = self.proj_drop(project(self.proj_out, out))
-        info = {"positions": pos.reshape(B, G, Hk, Wk, 2),
-                "references": reference.expand(B, G, Hk, Wk, 2)}
-        if return_attention:
-            info["attention"] = attn.reshape(B, M, H * W, Hk * Wk)
-        return y.permute(0, 2, 3, 1), info
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
-        """Fast path: the scale folded into q, the bias added by the matmul itself (baddbmm), the bias
-        grid built directly in grid_sample's (x, y) order, no copies of (HW x Ns)-sized tensors."""
-        B, C = q.shape[:2]
-        M, hc, Ns = self.heads, C // self.heads, k.shape[-2] * k.shape[-1]
-        qs = (q.reshape(B * M, hc, H * W) * self.scale).transpose(1, 2)  # (B*M, HW, hc)
-        k, v = k.reshape(B * M, hc, Ns), v.reshape(B * M, hc, Ns)
-        bias = self._bias(B, H, W, pos, xy_grid=True)
-        attn = torch.baddbmm(bias, qs, k) if bias is not None else torch.bmm(qs, k)  # (B*M, HW, Ns)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        return torch.bmm(v, attn.transpose(1, 2)).reshape(B, C, H, W), attn
-
-    def _attend_reference(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
-        """The released formulation step by step: einsum logits, scale, bias added, softmax, einsum."""
-        B, C = q.shape[:2]
-        M, hc, Ns = self.heads, C // self.heads, k.shape[-2] * k.shape[-1]
-        k, v = k.reshape(B * M, hc, Ns), v.reshape(B * M, hc, Ns)
+        k = self.proj_k(samples).reshape(B * M, hc, Hk * Wk)
+        v = self.proj_v(samples).reshape(B * M, hc, Hk * Wk)
         attn = torch.einsum("bcm,bcn->bmn", q.reshape(B * M, hc, H * W), k) * self.scale  # (B*M, HW, Ns)
         bias = self._bias(B, H, W, pos, xy_grid=False)
         attn = attn + bias if bias is not None else attn
         attn = self.attn_drop(attn.softmax(dim=-1))
-        return torch.einsum("bmn,bcn->bcm", attn, v).reshape(B, C, H, W), attn
+        out = torch.einsum("bmn,bcn->bcm", attn, v).reshape(B, C, H, W)
+        if self.position == "dwconv":
+            out = out + self.rpe_table(q)
+        y = self.proj_drop(self.proj_out(out))
+        return y.permute(0, 2, 3, 1), pos, reference, attn
 
-    def _bias(self, B: int, H: int, W: int, pos: Tensor, *, xy_grid: bool) -> Tensor | None:
-        """Position bias added to the logits, (B*M, HW, Ns), or None."""
+    def _forward_fast(self, x: Tensor, return_attention: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Channels-last throughout: the 1x1 projections as F.linear on (B, H, W, C), the offset network
+        without regrouping q, the attention a few batch elements at a time (see `_attend`)."""
+        B, H, W, C = x.shape
+        M, hc = self.heads, C // self.heads
+        q = _linear(self.proj_q, x)  # (B, H, W, C)
+        raw = self._offsets_channels_last(q) if self.conv_offset is not None else None
+        pos, reference = self._positions(raw, x, H, W)  # (B*G, Hk, Wk, 2)
+        Ns = pos.shape[1] * pos.shape[2]
+        dense = self.sampler == "dense" or (self.sampler == "auto" and x.is_cuda
+                                            and torch.are_deterministic_algorithms_enabled())
+        samples = self._sample_keys(x, pos, dense)  # (B, Ns, C)
+        k, v = _linear(self.proj_k, samples), _linear(self.proj_v, samples)  # (B, Ns, C)
+        qh = q.reshape(B, H * W, M, hc).transpose(1, 2).reshape(B * M, H * W, hc)
+        kh = k.reshape(B, Ns, M, hc).transpose(1, 2).reshape(B * M, Ns, hc)
+        vh = v.reshape(B, Ns, M, hc).transpose(1, 2).reshape(B * M, Ns, hc)
+        out, attn = self._attend(qh, kh, vh, pos, H, W, dense=dense, return_attention=return_attention)
+        out = out.reshape(B, M, H * W, hc).transpose(1, 2).reshape(B, H, W, C)
+        if self.position == "dwconv":
+            out = out + self.rpe_table(q.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj_drop(_linear(self.proj_out, out)), pos, reference, attn
+
+    def _offsets_channels_last(self, q: Tensor) -> Tensor:
+        """conv_offset on q (B, H, W, C) as it lies: the depthwise conv over all C channels with its
+        kernel tiled per group, LayerNorm, GELU and the 1x1 conv on the last axis -> (B*G, Hk, Wk, 2)."""
+        dw, norm, act, pw = self.conv_offset
+        G = self.groups
+        t = F.conv2d(q.permute(0, 3, 1, 2), dw.weight.repeat(G, 1, 1, 1), stride=dw.stride, padding=dw.padding,
+                     groups=q.shape[-1])  # (B, C, Hk, Wk), channels-last in memory
+        t = t.permute(0, 2, 3, 1).unflatten(-1, (G, self.group_dim)) + dw.bias  # (B, Hk, Wk, G, Cg)
+        t = act(norm.norm(t))  # the conv's bias added apart: its gradient is then a plain sum
+        raw = F.linear(t, pw.weight.flatten(1))  # (B, Hk, Wk, G, 2)
+        return raw.permute(0, 3, 1, 2, 4).reshape(-1, *raw.shape[1:3], 2)
+
+    def _sample_keys(self, x: Tensor, pos: Tensor, dense: bool) -> Tensor:
+        """x (B, H, W, C) sampled per group at pos (B*G, Hk, Wk, 2): (B, Hk*Wk, C)."""
+        B, H, W, C = x.shape
+        G, Cg = self.groups, self.group_dim
+        if dense:
+            return _sample_dense(x.reshape(B, H * W, G, Cg).transpose(1, 2), pos.reshape(B, G, -1, 2), H, W)
+        s = F.grid_sample(x.permute(0, 3, 1, 2).reshape(B * G, Cg, H, W), pos.flip(-1), mode="bilinear",
+                          padding_mode="zeros", align_corners=True)  # (B*G, Cg, Hk, Wk)
+        return s.reshape(B, C, -1).transpose(1, 2).contiguous()
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, H: int, W: int, *, dense: bool,
+                return_attention: bool) -> tuple[Tensor, Tensor | None]:
+        """Heads-major q (B*M, HW, hc), k and v (B*M, Ns, hc) -> (B*M, HW, hc), and the attention
+        (B*M, HW, Ns) when asked. On CUDA in one piece, fused (SDPA with the bias as mask) unless the
+        attention is asked for; on the CPU a few batch elements at a time, so that the (HW x Ns)
+        logits, bias and probabilities of only those are alive at once (and stay in cache): the
+        scale folded into the matmul, the bias added by it (baddbmm)."""
+        M, G, Ns = self.heads, self.groups, k.shape[1]
+        B = q.shape[0] // M
+        fused = (self.kernel == "sdpa" or (self.kernel == "auto" and q.is_cuda)) and not return_attention
+        step = B if q.is_cuda else max(1, self.chunk_bytes // (M * H * W * Ns * q.element_size()))
+        outs, attns = [], []  # split, not sliced: one gradient buffer per input, not one per piece
+        for qc, kc, vc, pc in zip(q.split(step * M), k.split(step * M), v.split(step * M), pos.split(step * G)):
+            n = pc.shape[0] // G
+            bias = self._bias(n, H, W, pc, xy_grid=True, dense=dense)  # (n*M, HW, Ns)
+            if fused:
+                p = self.attn_drop.p if self.training else 0.0
+                outs.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias, dropout_p=p, scale=self.scale))
+                continue
+            if bias is None:
+                logits = torch.bmm(qc, kc.transpose(1, 2)) * self.scale
+            else:
+                logits = torch.baddbmm(bias, qc, kc.transpose(1, 2), alpha=self.scale)  # (n*M, HW, Ns)
+            attn = self.attn_drop(logits.softmax(dim=-1))
+            outs.append(torch.bmm(attn, vc))
+            if return_attention:
+                attns.append(attn)
+        return torch.cat(outs), (torch.cat(attns) if return_attention else None)
+
+    def _bias(self, B: int, H: int, W: int, pos: Tensor, *, xy_grid: bool, dense: bool = False) -> Tensor | None:
+        """Position bias added to the logits, (B*M, HW, Ns), or None. pos (B*G, Hk, Wk, 2)."""
         G, M = self.groups, self.heads
         Hk, Wk = pos.shape[1:3]
         if self.position in ("none", "dwconv"):
@@ -254,35 +334,66 @@ class DeformableAttention(nn.Module):
             bias = self.rpe_table(log_cpb_coords(q_grid, pos))  # (B*G, HW, Ns, M/G)
             return bias.permute(0, 3, 1, 2).reshape(B * M, H * W, Hk * Wk)
         # relative: the (M, 2H-1, 2W-1) table read at half the query-key displacement
+        table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
+        table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
+        if dense:
+            return _relative_bias_dense(table, q_grid, pos).reshape(B * M, H * W, Hk * Wk)
         if xy_grid:  # flip the small (H, W) and (Hk, Wk) grids, not the (HW x Ns) displacement
             grid = displacement(q_grid.flip(-1), pos.flip(-1))  # (B*G, HW, Ns, 2) as (x, y)
         else:
             grid = displacement(q_grid, pos).flip(-1)
-        table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
-        table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
         bias = F.grid_sample(table, grid, mode="bilinear", align_corners=True)  # (B*G, M/G, HW, Ns)
         return bias.reshape(B * M, H * W, Hk * Wk)
 
 
-def _conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    return conv(x)
+def _linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution applied to a channels-last tensor (..., C) as a linear map."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
-def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """A 1x1 convolution as one matrix product over (B, C, H*W): faster than the conv kernel on CPUs."""
-    B, _, H, W = x.shape
-    y = torch.matmul(conv.weight.flatten(1), x.flatten(2))  # (B, Cout, HW)
-    if conv.bias is not None:
-        y = y + conv.bias[:, None]
-    return y.reshape(B, -1, H, W)
+def _sample_dense(x: Tensor, pos: Tensor, H: int, W: int) -> Tensor:
+    """Bilinear sampling as a matrix product (no scatter in the backward: deterministic on CUDA).
+    x (B, G, H*W, Cg) at pos (B, G, Ns, 2) -> (B, Ns, G*Cg), as grid_sample(align_corners=True) gives."""
+    B, G, _, Cg = x.shape
+    s = interpolation_weights(pos[..., 0], H)[..., :, None] * interpolation_weights(pos[..., 1], W)[..., None, :]
+    return (s.flatten(-2) @ x).transpose(1, 2).reshape(B, -1, G * Cg)  # (B, G, Ns, HW) @ (B, G, HW, Cg)
+
+
+def _relative_bias_dense(table: Tensor, q_grid: Tensor, pos: Tensor) -> Tensor:
+    """The table (N, m, Ht, Wt) read bilinearly at half the query-key displacement by interpolation
+    matrices per axis (matrix products, deterministic on CUDA): (N, m, H, W, Ns) as grid_sample gives.
+    q_grid (H, W, 2), pos (N, Hk, Wk, 2)."""
+    Ht, Wt = table.shape[-2:]
+    wy = interpolation_weights(displacement(q_grid[:, :1], pos)[..., 0], Ht)  # (N, H, Ns, Ht)
+    wx = interpolation_weights(displacement(q_grid[:1], pos)[..., 1], Wt)  # (N, W, Ns, Wt)
+    return torch.einsum("niky,nmyx,njkx->nmijk", wy, table, wx)
+
+
+SAMPLERS = ("auto", "grid_sample", "dense")
+KERNELS = ("auto", "matmul", "sdpa")
+
+
+def set_deformable_options(model: nn.Module, *, reference: bool | None = None, sampler: str | None = None,
+                           kernel: str | None = None, chunk_bytes: int | None = None) -> nn.Module:
+    """Set the formulation of every deformable block of `model` (see DeformableAttention); None keeps."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel: {kernel!r} is not one of {', '.join(KERNELS)}")
+    if chunk_bytes is not None and chunk_bytes < 0:
+        raise ValueError(f"chunk_bytes: {chunk_bytes} is negative; give a byte count >= 0")
+    options = {"reference": reference, "sampler": sampler, "kernel": kernel, "chunk_bytes": chunk_bytes}
+    for module in model.modules():
+        if isinstance(module, DeformableAttention):
+            for name, value in options.items():
+                if value is not None:
+                    setattr(module, name, value)
+    return model
 
 
 def use_reference_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Switch every deformable block of `model` to the plain reference formulation (or back)."""
-    for module in model.modules():
-        if isinstance(module, DeformableAttention):
-            module.reference = enabled
-    return model
+    return set_deformable_options(model, reference=enabled)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {

@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models import register_model
 from torch import Tensor, nn
@@ -153,7 +152,7 @@ class DAT(nn.Module):
         return self._run(x, None, False)[0]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = x.mean(dim=(2, 3))  # global average pool (a mean, not adaptive pooling: deterministic on CUDA)
         return x if pre_logits else self.cls_head(x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -56,9 +56,17 @@ def sampling_positions(reference: Tensor, offsets: Tensor | None, offset_range: 
 def displacement(query_grid: Tensor, positions: Tensor) -> Tensor:
     """Half the (query - key) vector for every query and sample: (N, H*W, Ns, 2), in [-1, 1] for
     the relative-bias table of size (2H-1, 2W-1).  query_grid (H, W, 2), positions (N, Hk, Wk, 2)."""
-    q = query_grid.reshape(1, -1, 1, 2)  # (1, HW, 1, 2)
-    k = positions.reshape(positions.shape[0], 1, -1, 2)  # (N, 1, Ns, 2)
-    return (q - k) * 0.5
+    q = query_grid.reshape(1, -1, 1, 2) * 0.5  # (1, HW, 1, 2); halving is exact, so halve the small
+    k = positions.reshape(positions.shape[0], 1, -1, 2) * 0.5  # (N, 1, Ns, 2) operands, not the product
+    return q - k
+
+
+def interpolation_weights(coords: Tensor, size: int) -> Tensor:
+    """Weights (..., size) of linear interpolation along one axis of `size` pixels at normalised
+    coords (...), as grid_sample(align_corners=True, padding_mode="zeros") reads them: max(0, 1 - |t - i|)
+    for t = (coord + 1) / 2 * (size - 1); a pixel outside the axis weighs nothing."""
+    t = (coords + 1) * (0.5 * (size - 1))
+    return (1 - (t[..., None] - torch.arange(size, device=coords.device, dtype=coords.dtype)).abs()).clamp(min=0)
 
 
 def log_cpb_coords(query_grid: Tensor, positions: Tensor) -> Tensor:
