@@ -2,7 +2,7 @@
 inference images/s, and peak memory, at several batch sizes; both models in one process, alternating.
 
     python benchmarks/bench_models.py [--device cpu|cuda] [--batch 8 32] [--precision bf16] \
-        [--channels-last] [--compile] [--repeats 5] [--md docs/benchmarks.md]
+        [--channels-last] [--compile] [--flush-denormal] [--repeats 5] [--md docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True) for both models (x86: denormal floats are slow)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", default="benchmarks/results/models.json")
@@ -63,15 +65,18 @@ def main() -> None:
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.flush_denormal:
+        torch.set_flush_denormal(True)
     if a.measure_memory:
         name, batch, mode = a.args
         fn = lambda: build(name, int(batch), a, mode == "train")  # noqa: E731
         print(cuda_peak_mb(fn()) if a.device == "cuda" else peak_rss_delta_mb(fn))
         return
-    options = f"{a.precision}" + (", channels_last" if a.channels_last else "") + (", compiled" if a.compile else "")
+    options = f"{a.precision}" + (", channels_last" if a.channels_last else "") + (", compiled" if a.compile else "") \
+        + (", denormals flushed" if a.flush_denormal else "")
     results = {"machine": machine(a.device), "device": a.device, "options": options, "rows": []}
     flags = ["--device", a.device, "--precision", a.precision] + (["--channels-last"] if a.channels_last else []) \
-        + (["--compile"] if a.compile else [])
+        + (["--compile"] if a.compile else []) + (["--flush-denormal"] if a.flush_denormal else [])
     for batch in a.batch:
         for mode in ("train", "infer"):
             times = alternate({n: build(n, batch, a, mode == "train") for n in MODELS}, repeats=a.repeats,
@@ -90,7 +95,8 @@ def main() -> None:
                        f"{r['swin_tiny_images_per_s']:.2f}", f"{r['ratio']:.2f}x",
                        f"{r.get('dat_tiny_peak_mb', nan):.0f}", f"{r.get('swin_tiny_peak_mb', nan):.0f}"]
                       for r in results["rows"]])
-    write(results, Path(a.json), Path(a.md) if a.md else None, f"models-{a.device}", table)
+    section = f"models-{a.device}" + ("-flush-denormal" if a.flush_denormal else "")
+    write(results, Path(a.json), Path(a.md) if a.md else None, section, table)
 
 
 if __name__ == "__main__":
