@@ -309,7 +309,8 @@ class DeformableAttention(nn.Module):
             bias = self._bias(n, H, W, pc, xy_grid=True, dense=dense)  # (n*M, HW, Ns)
             if fused:
                 p = self.attn_drop.p if self.training else 0.0
-                outs.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias, dropout_p=p, scale=self.scale))
+                mask = bias.to(qc.dtype) if bias is not None else None  # autocast: q in bf16, the bias not
+                outs.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=p, scale=self.scale))
                 continue
             if bias is None:
                 logits = torch.bmm(qc, kc.transpose(1, 2)) * self.scale

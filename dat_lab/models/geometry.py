@@ -57,8 +57,8 @@ def displacement(query_grid: Tensor, positions: Tensor) -> Tensor:
     """Half the (query - key) vector for every query and sample: (N, H*W, Ns, 2), in [-1, 1] for
     the relative-bias table of size (2H-1, 2W-1).  query_grid (H, W, 2), positions (N, Hk, Wk, 2)."""
     q = query_grid.reshape(1, -1, 1, 2) * 0.5  # (1, HW, 1, 2); halving is exact, so halve the small
-    k = positions.reshape(positions.shape[0], 1, -1, 2) * 0.5  # (N, 1, Ns, 2) operands, not the product
-    return q - k
+    k = positions.reshape(positions.shape[0], 1, -1, 2) * -0.5  # (N, 1, Ns, 2) operands, not the sum;
+    return q + k  # negated small too: autograd then negates the reduced gradient, not the full one
 
 
 def interpolation_weights(coords: Tensor, size: int) -> Tensor:
