@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import StageConfig
 from .geometry import (bounded_offsets, displacement, grid_points, interpolation_weights, key_grid_size,
@@ -272,15 +273,21 @@ class DeformableAttention(nn.Module):
 
     def _offsets_channels_last(self, q: Tensor) -> Tensor:
         """conv_offset on q (B, H, W, C) as it lies: the depthwise conv over all C channels with its
-        kernel tiled per group, LayerNorm, GELU and the 1x1 conv on the last axis -> (B*G, Hk, Wk, 2)."""
-        dw, norm, act, pw = self.conv_offset
-        G = self.groups
-        t = F.conv2d(q.permute(0, 3, 1, 2), dw.weight.repeat(G, 1, 1, 1), stride=dw.stride, padding=dw.padding,
-                     groups=q.shape[-1])  # (B, C, Hk, Wk), channels-last in memory
-        t = t.permute(0, 2, 3, 1).unflatten(-1, (G, self.group_dim)) + dw.bias  # (B, Hk, Wk, G, Cg)
-        t = act(norm.norm(t))  # the conv's bias added apart: its gradient is then a plain sum
-        raw = F.linear(t, pw.weight.flatten(1))  # (B, Hk, Wk, G, 2)
+        kernel tiled per group, LayerNorm, GELU and the 1x1 conv on the last axis -> (B*G, Hk, Wk, 2).
+        When training, LayerNorm, GELU and the 1x1 conv are recomputed in the backward instead of
+        keeping their (B, Hk, Wk, C) inputs (checkpointing: a little time for memory)."""
+        dw = self.conv_offset[0]
+        t = F.conv2d(q.permute(0, 3, 1, 2), dw.weight.repeat(self.groups, 1, 1, 1), stride=dw.stride,
+                     padding=dw.padding, groups=q.shape[-1])  # (B, C, Hk, Wk), channels-last in memory
+        t = t.permute(0, 2, 3, 1).unflatten(-1, (self.groups, self.group_dim))  # (B, Hk, Wk, G, Cg)
+        raw = checkpoint(self._offset_head, t, use_reentrant=False) if t.requires_grad else self._offset_head(t)
         return raw.permute(0, 3, 1, 2, 4).reshape(-1, *raw.shape[1:3], 2)
+
+    def _offset_head(self, t: Tensor) -> Tensor:
+        """(B, Hk, Wk, G, Cg) depthwise-conv output without its bias -> raw offsets (B, Hk, Wk, G, 2)."""
+        dw, norm, act, pw = self.conv_offset
+        t = act(norm.norm(t + dw.bias))  # the conv's bias added apart: its gradient is then a plain sum
+        return F.linear(t, pw.weight.flatten(1))
 
     def _sample_keys(self, x: Tensor, pos: Tensor, dense: bool) -> Tensor:
         """x (B, H, W, C) sampled per group at pos (B*G, Hk, Wk, 2): (B, Hk*Wk, C)."""
