@@ -162,6 +162,7 @@ class DeformableAttention(nn.Module):
         self.q_size = q_size
         self.reference = False  # True: the plain released formulation (see use_reference_attention)
         self.sampler, self.kernel = "auto", "auto"
+        self._grids: dict[tuple, Tensor] = {}  # query and reference grids by (h, w, device, dtype)
         self.proj_q, self.proj_k, self.proj_v, self.proj_out = (nn.Conv2d(dim, dim, 1) for _ in range(4))
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -213,6 +214,13 @@ class DeformableAttention(nn.Module):
             info["attention"] = attn.reshape(B, self.heads, -1, Hk * Wk)
         return y, info
 
+    def _grid(self, h: int, w: int, like: Tensor) -> Tensor:
+        """grid_points(h, w) in this block's convention, on like's device and dtype, made once per shape."""
+        key = (h, w, like.device, like.dtype)
+        if key not in self._grids:
+            self._grids[key] = grid_points(h, w, convention=self.convention, device=like.device, dtype=like.dtype)
+        return self._grids[key]
+
     def _positions(self, raw: Tensor | None, x: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
         """Sampling positions (B*G, Hk, Wk, 2) from raw offsets (B*G, Hk, Wk, 2) or None; references (Hk, Wk, 2)."""
         B = x.shape[0]
@@ -220,7 +228,7 @@ class DeformableAttention(nn.Module):
             (Hk, Wk), offsets = raw.shape[1:3], bounded_offsets(raw, self.s)
         else:
             (Hk, Wk), offsets = key_grid_size(H, W, self.r), None
-        reference = grid_points(Hk, Wk, convention=self.convention, device=x.device, dtype=x.dtype)
+        reference = self._grid(Hk, Wk, x)
         return sampling_positions(reference, offsets, self.s).expand(B * self.groups, Hk, Wk, 2), reference
 
     def _forward_reference(self, x: Tensor, return_attention: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -337,7 +345,7 @@ class DeformableAttention(nn.Module):
             return None
         if self.position == "fixed":
             return self._fixed_bias(H, W, Hk, Wk).repeat(B, 1, 1)
-        q_grid = grid_points(H, W, convention=self.convention, device=pos.device, dtype=pos.dtype)
+        q_grid = self._grid(H, W, pos)
         if self.position == "log_cpb":
             bias = self.rpe_table(log_cpb_coords(q_grid, pos))  # (B*G, HW, Ns, M/G)
             return bias.permute(0, 3, 1, 2).reshape(B * M, H * W, Hk * Wk)
