@@ -118,6 +118,15 @@ def test_dense_sampling_equals_grid_sample():
     for a, b in zip(torch.autograd.grad(dense, (x, pos), g), torch.autograd.grad(plain, (x, pos), g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
+    # on whole pixels (zero offsets on the aligned grid): the one-sided slope grid_sample takes
+    on_pixels = grid_points(5, 6, convention="aligned").expand(2, 3, 5, 6, 2).reshape(2, 3, 30, 2).requires_grad_()
+    dense = _sample_dense(x.flatten(2, 3), on_pixels, 5, 6)
+    plain = F.grid_sample(x.permute(0, 1, 4, 2, 3).reshape(6, 4, 5, 6), on_pixels.reshape(6, 5, 6, 2).flip(-1),
+                          align_corners=True).reshape(2, 3, 4, 30).permute(0, 3, 1, 2).reshape(2, 30, 12)
+    g = torch.randn_like(plain)
+    torch.testing.assert_close(torch.autograd.grad(dense, on_pixels, g)[0], torch.autograd.grad(plain, on_pixels, g)[0],
+                               atol=1e-5, rtol=1e-5)
+
     table = torch.randn(6, 2, 9, 11, requires_grad=True)  # (N, heads per group, 2H-1, 2W-1)
     q_grid = grid_points(5, 6)
     dense = _relative_bias_dense(table, q_grid, pos).reshape(6, 2, 30, 12)
@@ -126,3 +135,10 @@ def test_dense_sampling_equals_grid_sample():
     torch.testing.assert_close(dense, plain, atol=1e-6, rtol=1e-5)
     for a, b in zip(torch.autograd.grad(dense, (table, pos), g), torch.autograd.grad(plain, (table, pos), g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # keys on the query grid: a query's own key sits on the table's centre, a whole pixel
+    pos = grid_points(5, 6).expand(6, 5, 6, 2).clone().requires_grad_()
+    dense = _relative_bias_dense(table, q_grid, pos).reshape(6, 2, 30, 30)
+    plain = F.grid_sample(table, displacement(q_grid, pos).flip(-1), align_corners=True)
+    g = torch.randn_like(plain)
+    torch.testing.assert_close(torch.autograd.grad(dense, pos, g)[0], torch.autograd.grad(plain, pos, g)[0],
+                               atol=1e-5, rtol=1e-5)

@@ -134,6 +134,7 @@ FAST_PATHS = {  # options of the fast deformable path (see set_deformable_option
 def _assert_close(actual, expected, name=""):
     """Equal to 1e-5 of the tensor's scale (max |expected|, at least 1): a gradient summed over many
     positions carries float32 rounding of that order in its small entries, so no elementwise rtol."""
+    assert actual.shape == expected.shape, name
     scale = max(1.0, expected.abs().max().item())
     assert (actual - expected).abs().max().item() <= 1e-5 * scale, name
 
@@ -180,6 +181,28 @@ def test_deformable_options_are_checked():
         set_deformable_options(model, kernel="flash")
 
 
+def test_automatic_choices_of_the_fast_path():
+    from dat_lab.models.attention import dense_sampling, fused_kernel
+
+    assert fused_kernel("auto", "cuda") and not fused_kernel("auto", "cpu") and fused_kernel("sdpa", "cpu")
+    assert not fused_kernel("matmul", "cuda")
+    assert dense_sampling("dense", "cpu") and not dense_sampling("grid_sample", "cuda")
+    assert not dense_sampling("auto", "cuda") and not dense_sampling("auto", "cpu")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert dense_sampling("auto", "cuda") and not dense_sampling("auto", "cpu")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_cached_tables_survive_inference_mode_and_dtype_changes():
+    model = dat_lab.create_model("dat_pico", blocks="LS")
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))
+    model(torch.randn(1, 3, 32, 32)).sum().backward()  # the cached index and mask are plain tensors
+    assert model.to(torch.bfloat16)(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_dense_sampling_runs_no_grid_sample_or_adaptive_pooling():
     """What makes training deterministic on CUDA: with the dense sampler, no op without a
     deterministic CUDA backward runs (grid_sample, adaptive pooling), forward or backward."""
@@ -200,7 +223,7 @@ def test_dense_sampling_runs_no_grid_sample_or_adaptive_pooling():
         with Ops() as ops:
             model(torch.randn(2, 3, 32, 32)).sum().backward()
         assert any("grid_sampler" in name for name in ops.seen) is expect, sampler
-        assert not any("adaptive" in name for name in ops.seen)
+        assert not any("adaptive" in name or "upsample" in name for name in ops.seen)
         ops.seen.clear()
 
 

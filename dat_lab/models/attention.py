@@ -60,15 +60,16 @@ class WindowAttention(nn.Module):
             return min(h, w), 0
         return self.window, math.ceil(self.window / 2) if self.shifted else 0
 
-    def _bias_and_mask(self, hp: int, wp: int, window: int, shift: int, device) -> tuple[Tensor, Tensor | None]:
-        key = (hp, wp, window, shift, device)
+    def _bias_and_mask(self, hp: int, wp: int, window: int, shift: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        key = (hp, wp, window, shift, like.device, like.dtype)
         if key not in self._cache:
-            index = window_relative_index(window, self.window).to(device)
-            mask = None
-            if shift:  # Swin's -100 made -inf: the same softmax in float32 (e^-100 is below its normal
-                # range), but no denormal weights, which slow the matmuls after it many times on x86 CPUs
-                mask = shifted_window_mask(hp, wp, window, shift).to(device)
-                mask = mask.masked_fill(mask < 0, float("-inf"))
+            with torch.inference_mode(False):  # cached: usable by later passes with gradients too
+                index = window_relative_index(window, self.window).to(like.device)
+                mask = None
+                if shift:  # Swin's -100 made -inf: the same softmax in float32 (e^-100 is below its normal
+                    # range), but no denormal weights, which slow the matmuls after it many times on x86
+                    mask = shifted_window_mask(hp, wp, window, shift).to(like.device, like.dtype)
+                    mask = mask.masked_fill(mask < 0, float("-inf"))
             self._cache[key] = (index, mask)
         index, mask = self._cache[key]
         n = window * window
@@ -88,7 +89,7 @@ class WindowAttention(nn.Module):
         t = x.reshape(B, nh, window, nw, window, C).transpose(2, 3).reshape(-1, n, C)
         q, k, v = self.proj_qkv(t).reshape(-1, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nW, heads, n, n)
-        bias, mask = self._bias_and_mask(Hp, Wp, window, shift, x.device)
+        bias, mask = self._bias_and_mask(Hp, Wp, window, shift, x)
         attn = attn + bias.unsqueeze(0)
         if mask is not None:
             attn = (attn.reshape(B, nh * nw, self.heads, n, n) + mask[None, :, None]).reshape(-1, self.heads, n, n)
@@ -162,7 +163,7 @@ class DeformableAttention(nn.Module):
         self.q_size = q_size
         self.reference = False  # True: the plain released formulation (see use_reference_attention)
         self.sampler, self.kernel = "auto", "auto"
-        self._grids: dict[tuple, Tensor] = {}  # query and reference grids by (h, w, device, dtype)
+        self._grids: dict[tuple, Tensor] = {}  # query grids by (h, w, device, dtype)
         self.proj_q, self.proj_k, self.proj_v, self.proj_out = (nn.Conv2d(dim, dim, 1) for _ in range(4))
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -214,11 +215,14 @@ class DeformableAttention(nn.Module):
             info["attention"] = attn.reshape(B, self.heads, -1, Hk * Wk)
         return y, info
 
-    def _grid(self, h: int, w: int, like: Tensor) -> Tensor:
-        """grid_points(h, w) in this block's convention, on like's device and dtype, made once per shape."""
+    def _query_grid(self, h: int, w: int, like: Tensor) -> Tensor:
+        """grid_points(h, w) of the queries, on like's device and dtype, made once per shape (internal:
+        never handed out, so nobody can change the cached copy)."""
         key = (h, w, like.device, like.dtype)
         if key not in self._grids:
-            self._grids[key] = grid_points(h, w, convention=self.convention, device=like.device, dtype=like.dtype)
+            with torch.inference_mode(False):
+                self._grids[key] = grid_points(h, w, convention=self.convention, device=like.device,
+                                               dtype=like.dtype)
         return self._grids[key]
 
     def _positions(self, raw: Tensor | None, x: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
@@ -228,7 +232,7 @@ class DeformableAttention(nn.Module):
             (Hk, Wk), offsets = raw.shape[1:3], bounded_offsets(raw, self.s)
         else:
             (Hk, Wk), offsets = key_grid_size(H, W, self.r), None
-        reference = self._grid(Hk, Wk, x)
+        reference = grid_points(Hk, Wk, convention=self.convention, device=x.device, dtype=x.dtype)
         return sampling_positions(reference, offsets, self.s).expand(B * self.groups, Hk, Wk, 2), reference
 
     def _forward_reference(self, x: Tensor, return_attention: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -266,8 +270,7 @@ class DeformableAttention(nn.Module):
         raw = self._offsets_channels_last(q) if self.conv_offset is not None else None
         pos, reference = self._positions(raw, x, H, W)  # (B*G, Hk, Wk, 2)
         Ns = pos.shape[1] * pos.shape[2]
-        dense = self.sampler == "dense" or (self.sampler == "auto" and x.is_cuda
-                                            and torch.are_deterministic_algorithms_enabled())
+        dense = dense_sampling(self.sampler, x.device.type)
         samples = self._sample_keys(x, pos, dense)  # (B, Ns, C)
         k, v = _linear(self.proj_k, samples), _linear(self.proj_v, samples)  # (B, Ns, C)
         qh = q.reshape(B, H * W, M, hc).transpose(1, 2).reshape(B * M, H * W, hc)
@@ -316,7 +319,7 @@ class DeformableAttention(nn.Module):
         scale folded into the matmul, the bias added by it (baddbmm)."""
         M, G, Ns = self.heads, self.groups, k.shape[1]
         B = q.shape[0] // M
-        fused = (self.kernel == "sdpa" or (self.kernel == "auto" and q.is_cuda)) and not return_attention
+        fused = fused_kernel(self.kernel, q.device.type) and not return_attention
         step = B if q.is_cuda else max(1, self.chunk_bytes // (M * H * W * Ns * q.element_size()))
         outs, attns = [], []  # split, not sliced: one gradient buffer per input, not one per piece
         for qc, kc, vc, pc in zip(q.split(step * M), k.split(step * M), v.split(step * M), pos.split(step * G)):
@@ -345,7 +348,7 @@ class DeformableAttention(nn.Module):
             return None
         if self.position == "fixed":
             return self._fixed_bias(H, W, Hk, Wk).repeat(B, 1, 1)
-        q_grid = self._grid(H, W, pos)
+        q_grid = self._query_grid(H, W, pos)
         if self.position == "log_cpb":
             bias = self.rpe_table(log_cpb_coords(q_grid, pos))  # (B*G, HW, Ns, M/G)
             return bias.permute(0, 3, 1, 2).reshape(B * M, H * W, Hk * Wk)
@@ -360,6 +363,19 @@ class DeformableAttention(nn.Module):
             grid = displacement(q_grid, pos).flip(-1)
         bias = F.grid_sample(table, grid, mode="bilinear", align_corners=True)  # (B*G, M/G, HW, Ns)
         return bias.reshape(B * M, H * W, Hk * Wk)
+
+
+def dense_sampling(sampler: str, device_type: str) -> bool:
+    """Whether deformable blocks sample by interpolation matrices: asked for, or "auto" on CUDA with
+    deterministic algorithms on (grid_sample's CUDA backward has no deterministic kernel)."""
+    return sampler == "dense" or (sampler == "auto" and device_type == "cuda"
+                                  and torch.are_deterministic_algorithms_enabled())
+
+
+def fused_kernel(kernel: str, device_type: str) -> bool:
+    """Whether deformable blocks attend with scaled_dot_product_attention: asked for, or "auto" on CUDA
+    (on the CPU its backward with a bias that needs a gradient is PyTorch's slower math path)."""
+    return kernel == "sdpa" or (kernel == "auto" and device_type == "cuda")
 
 
 def _linear(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -63,10 +63,15 @@ def displacement(query_grid: Tensor, positions: Tensor) -> Tensor:
 
 def interpolation_weights(coords: Tensor, size: int) -> Tensor:
     """Weights (..., size) of linear interpolation along one axis of `size` pixels at normalised
-    coords (...), as grid_sample(align_corners=True, padding_mode="zeros") reads them: max(0, 1 - |t - i|)
-    for t = (coord + 1) / 2 * (size - 1); a pixel outside the axis weighs nothing."""
+    coords (...), as grid_sample(align_corners=True, padding_mode="zeros") reads them: at
+    t = (coord + 1) / 2 * (size - 1), 1 - f on pixel floor(t) and f = t - floor(t) on the next; a
+    pixel outside the axis weighs nothing. Differentiable in coords the way grid_sample is (at a
+    whole t, the slope towards the next pixel)."""
     t = (coords + 1) * (0.5 * (size - 1))
-    return (1 - (t[..., None] - torch.arange(size, device=coords.device, dtype=coords.dtype)).abs()).clamp(min=0)
+    t0 = t.detach().floor()
+    f = (t - t0).unsqueeze(-1)
+    i = torch.arange(size, device=coords.device, dtype=coords.dtype) - t0.unsqueeze(-1)  # pixel - floor(t)
+    return (1 - f) * (i == 0) + f * (i == 1)
 
 
 def log_cpb_coords(query_grid: Tensor, positions: Tensor) -> Tensor:
