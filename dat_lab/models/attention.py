@@ -10,6 +10,7 @@ released checkpoints (DAT_SPEC sections 1-2).
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,14 @@ from torch.utils.checkpoint import checkpoint
 from .config import StageConfig
 from .geometry import (bounded_offsets, displacement, grid_points, interpolation_weights, key_grid_size,
                        log_cpb_coords, sampling_positions, shifted_window_mask, window_relative_index)
+
+
+def _cached(cache: dict, key: tuple, build: Callable[[], Any]) -> Any:
+    """cache[key], built on first use outside inference mode (so later passes with gradients can use it)."""
+    if key not in cache:
+        with torch.inference_mode(False):
+            cache[key] = build()
+    return cache[key]
 
 
 class LayerNorm2d(nn.Module):
@@ -61,17 +70,16 @@ class WindowAttention(nn.Module):
         return self.window, math.ceil(self.window / 2) if self.shifted else 0
 
     def _bias_and_mask(self, hp: int, wp: int, window: int, shift: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
-        key = (hp, wp, window, shift, like.device, like.dtype)
-        if key not in self._cache:
-            with torch.inference_mode(False):  # cached: usable by later passes with gradients too
-                index = window_relative_index(window, self.window).to(like.device)
-                mask = None
-                if shift:  # Swin's -100 made -inf: the same softmax in float32 (e^-100 is below its normal
-                    # range), but no denormal weights, which slow the matmuls after it many times on x86
-                    mask = shifted_window_mask(hp, wp, window, shift).to(like.device, like.dtype)
-                    mask = mask.masked_fill(mask < 0, float("-inf"))
-            self._cache[key] = (index, mask)
-        index, mask = self._cache[key]
+        def build() -> tuple[Tensor, Tensor | None]:
+            index = window_relative_index(window, self.window).to(like.device)
+            if not shift:
+                return index, None
+            # Swin's -100 made -inf: the same softmax in float32 (e^-100 is below its normal range), but
+            # no denormal weights, which slow the matmuls after it many times on x86 CPUs
+            mask = shifted_window_mask(hp, wp, window, shift).to(like.device, like.dtype)
+            return index, mask.masked_fill(mask < 0, float("-inf"))
+
+        index, mask = _cached(self._cache, (hp, wp, window, shift, like.device, like.dtype), build)
         n = window * window
         bias = self.relative_position_bias_table[index.flatten()].reshape(n, n, -1).permute(2, 0, 1)
         return bias, mask  # (heads, n, n), (nW, n, n)
@@ -218,12 +226,8 @@ class DeformableAttention(nn.Module):
     def _query_grid(self, h: int, w: int, like: Tensor) -> Tensor:
         """grid_points(h, w) of the queries, on like's device and dtype, made once per shape (internal:
         never handed out, so nobody can change the cached copy)."""
-        key = (h, w, like.device, like.dtype)
-        if key not in self._grids:
-            with torch.inference_mode(False):
-                self._grids[key] = grid_points(h, w, convention=self.convention, device=like.device,
-                                               dtype=like.dtype)
-        return self._grids[key]
+        return _cached(self._grids, (h, w, like.device, like.dtype),
+                       lambda: grid_points(h, w, convention=self.convention, device=like.device, dtype=like.dtype))
 
     def _positions(self, raw: Tensor | None, x: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
         """Sampling positions (B*G, Hk, Wk, 2) from raw offsets (B*G, Hk, Wk, 2) or None; references (Hk, Wk, 2)."""
