@@ -12,6 +12,10 @@
 | `hp/best_val_acc1` | the best `val/acc1` of the run, the TensorBoard hparams metric |
 """
 
+from __future__ import annotations
+
+from typing import Any, Mapping
+
 TRAIN_LOSS = "train/loss"
 TRAIN_ACC1 = "train/acc1"
 LR = "train/lr"
@@ -31,8 +35,18 @@ def offset_mean(stage: int) -> str:
     return f"offsets/stage{stage}/mean_cells"
 
 
+def cell_name(levels: Mapping[str, Any]) -> str:
+    """A cell's levels as "factor=level, ...", in the spec's factor order."""
+    return ", ".join(f"{k}={v}" for k, v in levels.items())
+
+
+def cell_key(levels: Mapping[str, Any], seed: int) -> str:
+    """The TRIAL_CELL value of a cell and seed, "factor=level, ... | seed=s": how analysis finds a cell."""
+    return f"{cell_name(levels)} | seed={seed}"
+
+
 # Trial user attributes a sweep writes and analysis reads (Optuna storage).
-TRIAL_CELL = "cell"  # "factor=level, ... | seed=s": unique per cell and seed
+TRIAL_CELL = "cell"  # cell_key(levels, seed): unique per cell and seed
 TRIAL_LEVELS = "levels"  # {factor: level}
 TRIAL_SEED = "seed"
 TRIAL_BEST = "best"  # best objective metric over validations

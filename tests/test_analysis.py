@@ -33,7 +33,7 @@ def _study(storage, name="known", values=VALUES, factors=None, seeds=(0, 1), sta
     for levels, vals in values.items():
         for seed, value in zip(seeds, vals):
             lv = dict(zip(names, levels))
-            cell = ", ".join(f"{k}={v}" for k, v in lv.items()) + f" | seed={seed}"
+            cell = M.cell_key(lv, seed)
             state = (states or {}).get((levels, seed), TrialState.COMPLETE)
             study.add_trial(create_trial(
                 state=state, value=value if state == TrialState.COMPLETE else None,

@@ -87,8 +87,7 @@ def _with_missing_cells(frame: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
     for combo in itertools.product(*(info.factors[f]["levels"] for f in names)):
         for seed in info.seeds:
             levels = dict(zip(names, combo))
-            expected.append({**levels, "seed": seed,
-                             "cell": ", ".join(f"{k}={v}" for k, v in levels.items()) + f" | seed={seed}"})
+            expected.append({**levels, "seed": seed, "cell": M.cell_key(levels, seed)})
     grid = pd.DataFrame(expected)
     found = frame.drop(columns=[c for c in names + ["seed"] if c in frame.columns]) if not frame.empty else None
     merged = grid.merge(found, on="cell", how="left") if found is not None else grid

@@ -96,12 +96,12 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.levels.items())
+        return M.cell_name(self.levels)
 
     @property
     def key(self) -> str:
         """Unique within a study: the cell name and the seed."""
-        return f"{self.name} | seed={self.seed}"
+        return M.cell_key(self.levels, self.seed)
 
 
 @dataclass(frozen=True)
