@@ -110,8 +110,7 @@ def _train(argv: list[str]) -> int:
     try:
         train_main(argv)
     except (ValueError, NonFiniteLossError) as err:  # bad config or data (DataError), diverged training
-        print(f"dat-lab: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return _fail(err)
     return 0
 
 
@@ -313,10 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (ValueError, OSError, pickle.UnpicklingError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"dat-lab: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(err)
     return 0
+
+
+def _fail(err: Exception) -> int:
+    """The one-line error (the message's first line, or the exception's name) and exit status 2."""
+    print(f"dat-lab: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
