@@ -248,6 +248,3 @@ def _verify(paths: list[str], workers: int) -> None:
             if problem:
                 raise DataError(problem)
 
-
-DATAMODULES = {"synthetic": SyntheticDataModule, "digits": DigitsDataModule, "cifar10": CIFAR10DataModule,
-               "cifar100": CIFAR100DataModule, "imagefolder": ImageFolderDataModule}
