@@ -46,7 +46,8 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
     done = frame[frame["status"] == "done"].copy()
     done["y"] = done["value"].astype(float) * scale
     levels = info.factors[factor]["levels"]
-    base = baseline_levels(info, baseline)[factor]
+    base_levels = baseline_levels(info, baseline)
+    base = base_levels[factor]
     others = [f for f in info.factors if f != factor]
     hue = others[0] if len(others) == 1 else None
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(levels) + 2), 3.6))
@@ -70,7 +71,7 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
             if tick.get_text() == base:
                 tick.set_color(BASELINE_COLOR)
                 tick.set_fontweight("bold")
-        base_cell = done[(done[list(info.factors)].astype(str) == pd.Series(baseline_levels(info, baseline))).all(axis=1)]
+        base_cell = done[(done[list(info.factors)].astype(str) == pd.Series(base_levels)).all(axis=1)]
         if len(base_cell):
             ax.axhline(base_cell["y"].mean(), color=BASELINE_COLOR, linestyle="--", linewidth=1, label="baseline cell")
         low = done["y"].min()

@@ -53,11 +53,10 @@ def summarize(frame: pd.DataFrame, info: StudyInfo, baseline: str | None = None)
                      "images_per_s": done["images_per_s"].astype(float).mean() if len(done) else math.nan,
                      "status": "done" if not pending else f"{len(done)}/{len(group)} done; " + ", ".join(pending)})
     table = pd.DataFrame(rows)
-    base = baseline_levels(info, baseline)
-    match = table[(table[factors] == pd.Series(base)).all(axis=1)]
-    base_mean = match["mean"].iloc[0] if len(match) else math.nan
+    is_base = (table[factors] == pd.Series(baseline_levels(info, baseline))).all(axis=1)
+    base_mean = table.loc[is_base, "mean"].iloc[0] if is_base.any() else math.nan
     table["diff"] = table["mean"] - base_mean
-    table["baseline"] = (table[factors] == pd.Series(base)).all(axis=1)
+    table["baseline"] = is_base
     return table
 
 
