@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .. import metrics as M
 from ..training.callbacks import MetricTracker
 from ..training.cli import main as train
+from ..training.cli import tensorboard_logger
 from .plan import PlannedCell, plan
 from .spec import SpecError, SweepSpec, deep_merge, nest
 
@@ -157,9 +158,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
             config = deep_merge(config, nest(path, _suggest(trial, path, dist)))
     run_dir = Path(runs_root) / study.study_name / f"trial_{trial.number:04d}"
     config = deep_merge(config, {"trainer": {
-        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                   "init_args": {"save_dir": runs_root, "name": study.study_name, "version": run_dir.name,
-                                 "default_hp_metric": False}},
+        "logger": tensorboard_logger(runs_root, study.study_name, run_dir.name).as_dict(),
         "enable_progress_bar": False, "enable_model_summary": False}})
     trial.set_user_attr(M.TRIAL_SEED, seed)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

@@ -64,11 +64,16 @@ class DatLabCLI(LightningCLI):
         root = trainer.default_root_dir or "runs"
         if trainer.logger in (None, True):
             version = run_directory(root, name, resume=config.get("ckpt_path") == "last")
-            trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                                       init_args=Namespace(save_dir=root, name=name, version=version,
-                                                           default_hp_metric=False))
+            trainer.logger = tensorboard_logger(root, name, version)
         if config.get("weights_only") is None and "weights_only" in config:
             config.weights_only = True
+
+
+def tensorboard_logger(save_dir: str, name: str, version: str | int) -> Namespace:
+    """The run's logger as a config: TensorBoard events under <save_dir>/<name>/<version>, no hp_metric
+    placeholder (HparamsMetric writes the real one)."""
+    return Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                     init_args=Namespace(save_dir=save_dir, name=name, version=version, default_hp_metric=False))
 
 
 def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list | None = None) -> DatLabCLI:
