@@ -3,6 +3,7 @@ Figs. 5-7). Used by the training callback (TensorBoard) and by `dat-lab visualiz
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -17,9 +18,27 @@ def to_pixels(points: Tensor, map_size: tuple[int, int], image_size: tuple[int, 
     return torch.stack((x, y), dim=-1)
 
 
+def stage_of(block: str) -> int:
+    """The stage index in a forward_intermediates block name ("stages.2.attns.1" -> 2)."""
+    return int(block.split(".")[1])
+
+
 def last_block_per_stage(deformable: dict[str, Any]) -> dict[int, str]:
     """{stage index: name of its last deformable block} from forward_intermediates' names."""
-    return {int(name.split(".")[1]): name for name in deformable}
+    return {stage_of(name): name for name in deformable}
+
+
+def save_figure(fig, out: Path, name: str) -> list[Path]:
+    """`fig` as out/name.png and out/name.pdf, then closed."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
 
 
 def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequence[float], std: Sequence[float],

@@ -22,15 +22,6 @@ from .tables import baseline_levels, metric_label  # noqa: E402
 BASELINE_COLOR, OTHER_COLOR = "#d62728", "#4c72b0"
 
 
-def save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.tight_layout()
-    for path in paths:
-        fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return paths
-
 
 def _numeric(levels: list[str]) -> bool:
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..figures import save_figure
 from . import plots
 from .study import AnalysisError, load, trials_frame
 from .tables import summarize, write_tables
@@ -34,16 +35,16 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
         shown = done.drop(columns=["run_dir", "cell"]).sort_values("value", ascending=info.direction == "minimize")
         shown.to_csv(out / "table.csv", index=False)
         (out / "table.md").write_text(shown.to_markdown(index=False) + "\n")
-        paths = [p for name, fig in plots.search_plots(study).items() for p in plots.save(fig, out, name)]
+        paths = [p for name, fig in plots.search_plots(study).items() for p in save_figure(fig, out, name)]
         return _write_report(Report(out / "report.md", shown, None, paths, counts), info, out)
     table = summarize(frame, info, baseline)
     shown, paper = write_tables(table, info, out)
     paths = []
     for factor in info.factors:
-        paths += plots.save(plots.factor_plot(frame, info, factor, baseline), out, f"factor_{_slug(factor)}")
+        paths += save_figure(plots.factor_plot(frame, info, factor, baseline), out, f"factor_{_slug(factor)}")
     curves = plots.learning_curves(frame, info)
     if curves is not None:
-        paths += plots.save(curves, out, "learning_curves")
+        paths += save_figure(curves, out, "learning_curves")
     report = Report(out / "report.md", shown, paper, paths, counts)
     return _write_report(report, info, out)
 

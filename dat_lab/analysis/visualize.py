@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD, DigitsDataModule, SyntheticDataModule
-from ..figures import sampling_points_figure
+from ..figures import sampling_points_figure, save_figure
 from ..models import load_checkpoint
-from .plots import save
 from .study import AnalysisError
 
 DATASETS = {"digits": DigitsDataModule, "synthetic": SyntheticDataModule}
@@ -53,4 +52,4 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
         result = model.forward_intermediates(x)
     if not result["deformable"]:
         raise AnalysisError(f"{checkpoint}: the model has no deformable (D) blocks to show")
-    return save(sampling_points_figure(x, result, mean=mean, std=std), Path(out), "sampling_points")
+    return save_figure(sampling_points_figure(x, result, mean=mean, std=std), Path(out), "sampling_points")

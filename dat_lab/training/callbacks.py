@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .. import metrics as M
-from ..figures import sampling_points_figure
+from ..figures import sampling_points_figure, stage_of
 from ..models.geometry import offsets_in_cells
 
 
@@ -60,7 +60,7 @@ class DeformableMonitor(L.Callback):
         by_stage: dict[int, list[torch.Tensor]] = {}
         for name, info in out["deformable"].items():
             cells = offsets_in_cells(info["positions"], info["references"]).norm(dim=-1)
-            by_stage.setdefault(int(name.split(".")[1]), []).append(cells.flatten())
+            by_stage.setdefault(stage_of(name), []).append(cells.flatten())
         writer = _tensorboard(trainer) if trainer.is_global_zero else None
         step = trainer.global_step
         for stage, values in by_stage.items():
