@@ -66,13 +66,15 @@ class PlannedCell:
 def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     """Every cell with its checked config and its model's params and FLOPs; raises SpecError naming
     the cell whose config does not parse or whose model config is invalid."""
-    out, profiles = [], {}
+    out, models, profiles = [], {}, {}
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
-        try:
-            model = model_config(parse_training_config(config))
-        except (SpecError, ValueError) as err:
-            raise SpecError(f"{spec.path}: cell {cell.name!r}: {err}") from None
+        if cell.name not in models:  # a cell's seeds differ in seed_everything only: parsed once per cell
+            try:
+                models[cell.name] = model_config(parse_training_config(config))
+            except (SpecError, ValueError) as err:
+                raise SpecError(f"{spec.path}: cell {cell.name!r}: {err}") from None
+        model = models[cell.name]
         if model not in profiles:
             profiles[model] = profile_model(DAT(config=model))
         p = profiles[model]
