@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import register_model
 from torch import Tensor, nn
@@ -129,8 +130,8 @@ class DAT(nn.Module):
         self.apply(_init_weights)
         self.pretrained_cfg = self.default_cfg = {
             "input_size": (config.in_chans, config.img_size, config.img_size), "num_classes": config.num_classes,
-            "interpolation": "bicubic", "crop_pct": 0.875, "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "first_conv": "patch_proj.0", "classifier": "cls_head",
+            "interpolation": "bicubic", "crop_pct": 0.875, "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_proj.0", "classifier": "cls_head",
         }
 
     @property
