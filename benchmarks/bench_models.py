@@ -2,7 +2,8 @@
 inference images/s, and peak memory, at several batch sizes; both models in one process, alternating.
 
     python benchmarks/bench_models.py [--device cpu|cuda] [--batch 8 32] [--precision bf16] \
-        [--channels-last] [--compile] [--flush-denormal] [--repeats 5] [--md docs/benchmarks.md]
+        [--channels-last] [--compile] [--flush-denormal] [--mode train infer] [--repeats 5] \
+        [--sampler auto|grid_sample|dense] [--kernel auto|matmul|sdpa] [--md docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, cuda_peak_mb, in_subprocess, machine, markdown, peak_rss_delta_mb, write  # noqa: E402
 
 import dat_lab  # noqa: E402,F401  (registers dat_tiny with timm)
+from dat_lab.models.attention import KERNELS, SAMPLERS, set_deformable_options  # noqa: E402
 
 MODELS = {"dat_tiny": "dat_tiny", "swin_tiny": "swin_tiny_patch4_window7_224"}
 
@@ -26,6 +28,7 @@ MODELS = {"dat_tiny": "dat_tiny", "swin_tiny": "swin_tiny_patch4_window7_224"}
 def build(name: str, batch: int, a: argparse.Namespace, train: bool):
     torch.manual_seed(0)
     model = timm.create_model(MODELS[name], num_classes=1000).to(a.device)
+    set_deformable_options(model, sampler=a.sampler, kernel=a.kernel)
     x = torch.randn(batch, 3, 224, 224, device=a.device)
     if a.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
@@ -58,6 +61,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) for both models (x86: denormal floats are slow)")
+    p.add_argument("--mode", nargs="+", choices=["train", "infer"], default=["train", "infer"])
+    p.add_argument("--sampler", default="auto", choices=SAMPLERS, help="sampling of dat_tiny's deformable blocks")
+    p.add_argument("--kernel", default="auto", choices=KERNELS, help="attention kernel of dat_tiny's deformable blocks")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", default="benchmarks/results/models.json")
@@ -73,12 +79,14 @@ def main() -> None:
         print(cuda_peak_mb(fn()) if a.device == "cuda" else peak_rss_delta_mb(fn))
         return
     options = f"{a.precision}" + (", channels_last" if a.channels_last else "") + (", compiled" if a.compile else "") \
-        + (", denormals flushed" if a.flush_denormal else "")
+        + (", denormals flushed" if a.flush_denormal else "") \
+        + "".join(f", {k} {v}" for k, v in (("sampler", a.sampler), ("kernel", a.kernel)) if v != "auto")
     results = {"machine": machine(a.device), "device": a.device, "options": options, "rows": []}
     flags = ["--device", a.device, "--precision", a.precision] + (["--channels-last"] if a.channels_last else []) \
-        + (["--compile"] if a.compile else []) + (["--flush-denormal"] if a.flush_denormal else [])
+        + (["--compile"] if a.compile else []) + (["--flush-denormal"] if a.flush_denormal else []) \
+        + ["--sampler", a.sampler, "--kernel", a.kernel]
     for batch in a.batch:
-        for mode in ("train", "infer"):
+        for mode in a.mode:
             times = alternate({n: build(n, batch, a, mode == "train") for n in MODELS}, repeats=a.repeats,
                               device=a.device)
             row = {"batch": batch, "mode": mode, **{f"{n}_images_per_s": batch / t for n, t in times.items()}}
@@ -95,7 +103,9 @@ def main() -> None:
                        f"{r['swin_tiny_images_per_s']:.2f}", f"{r['ratio']:.2f}x",
                        f"{r.get('dat_tiny_peak_mb', nan):.0f}", f"{r.get('swin_tiny_peak_mb', nan):.0f}"]
                       for r in results["rows"]])
-    section = f"models-{a.device}" + ("-flush-denormal" if a.flush_denormal else "")
+    section = f"models-{a.device}" + ("" if a.precision == "fp32" else f"-{a.precision}") \
+        + ("-compiled" if a.compile else "") + ("-flush-denormal" if a.flush_denormal else "") \
+        + "".join(f"-{v}" for v in (a.sampler, a.kernel) if v != "auto")
     write(results, Path(a.json), Path(a.md) if a.md else None, section, table)
 
 

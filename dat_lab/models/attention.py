@@ -46,10 +46,14 @@ class WindowAttention(nn.Module):
     """Swin window attention (block L).
 
     Maps are padded to a multiple of the window; a map no larger than the window uses one window
-    of the map's size and no shift (Swin's rule). Index and mask are rebuilt per map size.
+    of the map's size and no shift (Swin's rule). Index and mask are built once per map size, on
+    the map's device. `kernel` "auto" | "matmul" | "sdpa": the attention by matmuls and softmax, or
+    fused (`scaled_dot_product_attention` with bias and mask as its mask; "auto" takes it on CUDA,
+    as timm's Swin does).
     """
 
     shifted = False
+    kernel = "auto"
 
     def __init__(self, *, stage: StageConfig, q_size: tuple[int, int], attn_drop: float, proj_drop: float) -> None:
         super().__init__()
@@ -71,12 +75,12 @@ class WindowAttention(nn.Module):
 
     def _bias_and_mask(self, hp: int, wp: int, window: int, shift: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
         def build() -> tuple[Tensor, Tensor | None]:
-            index = window_relative_index(window, self.window).to(like.device)
+            index = window_relative_index(window, self.window, device=like.device)
             if not shift:
                 return index, None
             # Swin's -100 made -inf: the same softmax in float32 (e^-100 is below its normal range), but
             # no denormal weights, which slow the matmuls after it many times on x86 CPUs
-            mask = shifted_window_mask(hp, wp, window, shift).to(like.device, like.dtype)
+            mask = shifted_window_mask(hp, wp, window, shift, device=like.device).to(like.dtype)
             return index, mask.masked_fill(mask < 0, float("-inf"))
 
         index, mask = _cached(self._cache, (hp, wp, window, shift, like.device, like.dtype), build)
@@ -96,13 +100,18 @@ class WindowAttention(nn.Module):
         # (B, nh*w, nw*w, C) -> (B*nW, n, C)
         t = x.reshape(B, nh, window, nw, window, C).transpose(2, 3).reshape(-1, n, C)
         q, k, v = self.proj_qkv(t).reshape(-1, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nW, heads, n, n)
-        bias, mask = self._bias_and_mask(Hp, Wp, window, shift, x)
-        attn = attn + bias.unsqueeze(0)
-        if mask is not None:
-            attn = (attn.reshape(B, nh * nw, self.heads, n, n) + mask[None, :, None]).reshape(-1, self.heads, n, n)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        t = (attn @ v).transpose(1, 2).reshape(-1, n, C)  # (B*nW, n, C)
+        bias, mask = self._bias_and_mask(Hp, Wp, window, shift, x)  # (heads, n, n), (nW, n, n) or None
+        if fused_kernel(self.kernel, x.device.type):
+            bias = bias.unsqueeze(0) if mask is None else (bias + mask[:, None]).repeat(B, 1, 1, 1)
+            p = self.attn_drop.p if self.training else 0.0  # autocast: q in bf16, the bias not
+            t = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nW, heads, n, n)
+            attn = attn + bias.unsqueeze(0)
+            if mask is not None:
+                attn = (attn.reshape(B, nh * nw, self.heads, n, n) + mask[None, :, None]).reshape(-1, self.heads, n, n)
+            t = self.attn_drop(attn.softmax(dim=-1)) @ v
+        t = t.transpose(1, 2).reshape(-1, n, C)  # (B*nW, heads, n, hc) -> (B*nW, n, C)
         t = self.proj_drop(self.proj_out(t))
         x = t.reshape(B, nh, nw, window, window, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if shift:
@@ -411,7 +420,8 @@ KERNELS = ("auto", "matmul", "sdpa")
 
 def set_deformable_options(model: nn.Module, *, reference: bool | None = None, sampler: str | None = None,
                            kernel: str | None = None, chunk_bytes: int | None = None) -> nn.Module:
-    """Set the formulation of every deformable block of `model` (see DeformableAttention); None keeps."""
+    """Set the formulation of every deformable block of `model` (see DeformableAttention), and the
+    attention kernel of its window blocks too (see WindowAttention); None keeps."""
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if kernel is not None and kernel not in KERNELS:
@@ -424,6 +434,8 @@ def set_deformable_options(model: nn.Module, *, reference: bool | None = None, s
             for name, value in options.items():
                 if value is not None:
                     setattr(module, name, value)
+        elif isinstance(module, WindowAttention) and kernel is not None:
+            module.kernel = kernel
     return model
 
 

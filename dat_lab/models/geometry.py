@@ -86,21 +86,22 @@ def offsets_in_cells(positions: Tensor, reference: Tensor) -> Tensor:
     return (positions - reference) * positions.new_tensor([hk / 2, wk / 2])
 
 
-def window_relative_index(window: int, table_window: int) -> Tensor:
+def window_relative_index(window: int, table_window: int, *, device=None) -> Tensor:
     """Swin's relative_position_index: (w*w, w*w) rows of a ((2t-1)^2, heads) table, t = table_window.
 
     Entry [i, j] is (dy + t - 1) * (2t - 1) + (dx + t - 1) for (dy, dx) = query i - key j, so a
     window smaller than the table's (a clamped window) reads the table's central part.
     """
-    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    i = torch.arange(window, device=device)
+    ys, xs = torch.meshgrid(i, i, indexing="ij")
     coords = torch.stack((ys.flatten(), xs.flatten()))  # (2, w*w)
     rel = coords[:, :, None] - coords[:, None, :] + (table_window - 1)  # (2, w*w, w*w)
     return rel[0] * (2 * table_window - 1) + rel[1]
 
 
-def shifted_window_mask(h: int, w: int, window: int, shift: int) -> Tensor:
+def shifted_window_mask(h: int, w: int, window: int, shift: int, *, device=None) -> Tensor:
     """Swin's attn_mask (nW, window^2, window^2): 0 within a region, -100 across regions."""
-    labels = torch.zeros(h, w)
+    labels = torch.zeros(h, w, device=device)
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for n, (ys, xs) in enumerate((ys, xs) for ys in cuts for xs in cuts):
         labels[ys, xs] = n

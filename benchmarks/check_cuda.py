@@ -1,0 +1,130 @@
+"""Checks of the deformable block on a CUDA device (CI has none; run by hand where a GPU is lent):
+
+1. the fast path (auto: grid_sample + SDPA; dense sampler; matmul kernel) against the reference
+   formulation, float32 with TF32 off: logits and every gradient, error relative to the tensor's scale;
+2. deterministic training: with torch.use_deterministic_algorithms(True) (Lightning's
+   deterministic=True) two forward+backward passes give bit-identical gradients;
+3. torch.compile: graph breaks and graph count of dat_tiny (torch._dynamo.explain), and a compiled
+   forward+backward of dat_pico against eager.
+
+    python benchmarks/check_cuda.py [--model dat_tiny]
+
+Prints one line per check and exits 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what Lightning sets for deterministic runs
+
+import torch  # noqa: E402
+
+import dat_lab  # noqa: E402
+from dat_lab.models.attention import set_deformable_options  # noqa: E402
+
+KNOBS = {"default": {}, "position_none": {"position": "none"}, "position_fixed": {"position": "fixed"},
+         "position_log_cpb": {"position": "log_cpb"}, "unbounded": {"offset_range": -1.0},
+         "r2": {"key_downsample": [1, 1, 2, 1]}}
+PATHS = {"auto": {}, "dense": {"sampler": "dense"}, "matmul": {"kernel": "matmul"}}
+failures: list[str] = []
+DEVICE = "cuda"  # --device cpu: a dry run of this script where no GPU is
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def grads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    x.grad = None
+    logits = model(x)
+    logits.square().sum().backward()
+    return {"logits": logits.detach(), "input": x.grad.clone(),
+            **{n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def worst_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    errors = {n: ((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1.0)).item() for n in b}
+    name = max(errors, key=errors.get)
+    return errors[name], name
+
+
+def equivalence() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for knob, kwargs in KNOBS.items():
+        torch.manual_seed(0)
+        model = dat_lab.create_model("dat_pico", **kwargs).to(DEVICE).eval()
+        x = torch.randn(4, 3, 32, 32, device=DEVICE, requires_grad=True)
+        ref = grads(set_deformable_options(model, reference=True), x)
+        for path, options in PATHS.items():
+            set_deformable_options(model, reference=False, sampler="auto", kernel="auto")
+            error, where = worst_error(grads(set_deformable_options(model, **options), x), ref)
+            check(f"fast path {path} = reference [{knob}]", error <= 1e-5, f"max error {error:.1e} ({where})")
+
+
+def determinism() -> None:
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(0)
+        model = dat_lab.create_model("dat_pico").to(DEVICE).train()
+        x = torch.randn(8, 3, 32, 32, device=DEVICE, requires_grad=True)
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(1)  # same drop-path draws
+            runs.append(grads(model, x))
+        same = all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+        check("deterministic forward+backward (auto sampler -> dense)", same,
+              "bit-identical gradients" if same else "gradients differ between two runs")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def compiled(name: str) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = dat_lab.create_model(name).to(DEVICE).train()
+    x = torch.randn(2, 3, 224, 224, device=DEVICE, requires_grad=True)
+    explanation = torch._dynamo.explain(model)(x)
+    check(f"torch.compile {name}: no graph break", explanation.graph_break_count == 0,
+          f"{explanation.graph_count} graph(s), {explanation.graph_break_count} break(s) "
+          f"{[str(r.reason)[:120] for r in explanation.break_reasons]}")
+    torch._dynamo.reset()
+    torch.manual_seed(0)  # the compiled pass on the small model: compiling dat_tiny's backward takes minutes
+    model = dat_lab.create_model("dat_pico").to(DEVICE).eval()  # eval: no drop path draws
+    x = torch.randn(4, 3, 32, 32, device=DEVICE, requires_grad=True)
+    eager = grads(model, x)
+    with torch.autocast(DEVICE, enabled=False):
+        error, where = worst_error(grads(torch.compile(model), x), eager)
+    check("torch.compile dat_pico: compiled = eager", error <= 1e-4, f"max error {error:.1e} ({where})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dat_tiny")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    a = p.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"{name}, torch {torch.__version__}", flush=True)
+    for step in (equivalence, determinism, lambda: compiled(a.model)):
+        try:
+            step()
+        except Exception:  # report and go on: one run should say as much as it can
+            traceback.print_exc()
+            failures.append(getattr(step, "__name__", "step"))
+    print("all checks passed" if not failures else f"failed: {', '.join(failures)}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

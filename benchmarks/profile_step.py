@@ -1,0 +1,63 @@
+"""Where a training step's time goes: torch.profiler over a few steps of a timm model (dat_tiny by
+default), the ops with the most self device time (CUDA kernels on a GPU, CPU ops on the CPU).
+
+    python benchmarks/profile_step.py [--model dat_tiny] [--device cuda] [--batch 128] [--precision bf16] \
+        [--channels-last] [--steps 3] [--rows 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import MODELS  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dat_tiny", choices=list(MODELS))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=25)
+    a = p.parse_args()
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODELS[a.model], num_classes=1000).to(a.device).train()
+    x = torch.randn(a.batch, 3, 224, 224, device=a.device)
+    if a.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    autocast = torch.autocast(a.device, dtype=torch.bfloat16) if a.precision == "bf16" else contextlib.nullcontext()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(x).float().logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(a.steps):
+            step()
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if a.device == "cuda" else "self_cpu_time_total"
+    print(f"{a.model}, {a.device}, batch {a.batch}, {a.precision}, {a.steps} steps")
+    print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
