@@ -47,13 +47,10 @@ class WindowAttention(nn.Module):
 
     Maps are padded to a multiple of the window; a map no larger than the window uses one window
     of the map's size and no shift (Swin's rule). Index and mask are built once per map size, on
-    the map's device. `kernel` "auto" | "matmul" | "sdpa": the attention by matmuls and softmax, or
-    fused (`scaled_dot_product_attention` with bias and mask as its mask; "auto" takes it on CUDA,
-    as timm's Swin does).
+    the map's device.
     """
 
     shifted = False
-    kernel = "auto"
 
     def __init__(self, *, stage: StageConfig, q_size: tuple[int, int], attn_drop: float, proj_drop: float) -> None:
         super().__init__()
@@ -100,18 +97,13 @@ class WindowAttention(nn.Module):
         # (B, nh*w, nw*w, C) -> (B*nW, n, C)
         t = x.reshape(B, nh, window, nw, window, C).transpose(2, 3).reshape(-1, n, C)
         q, k, v = self.proj_qkv(t).reshape(-1, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        bias, mask = self._bias_and_mask(Hp, Wp, window, shift, x)  # (heads, n, n), (nW, n, n) or None
-        if fused_kernel(self.kernel, x.device.type):
-            bias = bias.unsqueeze(0) if mask is None else (bias + mask[:, None]).repeat(B, 1, 1, 1)
-            p = self.attn_drop.p if self.training else 0.0  # autocast: q in bf16, the bias not
-            t = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nW, heads, n, n)
-            attn = attn + bias.unsqueeze(0)
-            if mask is not None:
-                attn = (attn.reshape(B, nh * nw, self.heads, n, n) + mask[None, :, None]).reshape(-1, self.heads, n, n)
-            t = self.attn_drop(attn.softmax(dim=-1)) @ v
-        t = t.transpose(1, 2).reshape(-1, n, C)  # (B*nW, heads, n, hc) -> (B*nW, n, C)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nW, heads, n, n)
+        bias, mask = self._bias_and_mask(Hp, Wp, window, shift, x)
+        attn = attn + bias.unsqueeze(0)
+        if mask is not None:
+            attn = (attn.reshape(B, nh * nw, self.heads, n, n) + mask[None, :, None]).reshape(-1, self.heads, n, n)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        t = (attn @ v).transpose(1, 2).reshape(-1, n, C)  # (B*nW, n, C)
         t = self.proj_drop(self.proj_out(t))
         x = t.reshape(B, nh, nw, window, window, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if shift:
@@ -420,8 +412,7 @@ KERNELS = ("auto", "matmul", "sdpa")
 
 def set_deformable_options(model: nn.Module, *, reference: bool | None = None, sampler: str | None = None,
                            kernel: str | None = None, chunk_bytes: int | None = None) -> nn.Module:
-    """Set the formulation of every deformable block of `model` (see DeformableAttention), and the
-    attention kernel of its window blocks too (see WindowAttention); None keeps."""
+    """Set the formulation of every deformable block of `model` (see DeformableAttention); None keeps."""
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if kernel is not None and kernel not in KERNELS:
@@ -434,8 +425,6 @@ def set_deformable_options(model: nn.Module, *, reference: bool | None = None, s
             for name, value in options.items():
                 if value is not None:
                     setattr(module, name, value)
-        elif isinstance(module, WindowAttention) and kernel is not None:
-            module.kernel = kernel
     return model
 
 
