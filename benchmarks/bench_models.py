@@ -95,13 +95,12 @@ def main() -> None:
                 for n in MODELS:
                     row[f"{n}_peak_mb"] = in_subprocess(__file__, *flags, n, str(batch), mode)
             results["rows"].append(row)
-    nan = float("nan")
     table = markdown(f"dat_tiny vs swin_tiny ({a.device}, {options}, medians of {a.repeats})", results["machine"],
                      ["batch", "mode", "dat_tiny (img/s)", "swin_tiny (img/s)", "dat/swin", "dat peak (MB)",
                       "swin peak (MB)"],
                      [[str(r["batch"]), r["mode"], f"{r['dat_tiny_images_per_s']:.2f}",
                        f"{r['swin_tiny_images_per_s']:.2f}", f"{r['ratio']:.2f}x",
-                       f"{r.get('dat_tiny_peak_mb', nan):.0f}", f"{r.get('swin_tiny_peak_mb', nan):.0f}"]
+                       *(f"{r[k]:.0f}" if k in r else "-" for k in ("dat_tiny_peak_mb", "swin_tiny_peak_mb"))]
                       for r in results["rows"]])
     section = f"models-{a.device}" + ("" if a.precision == "fp32" else f"-{a.precision}") \
         + ("-compiled" if a.compile else "") + ("-flush-denormal" if a.flush_denormal else "") \
