@@ -87,13 +87,14 @@ def main() -> None:
         + ["--sampler", a.sampler, "--kernel", a.kernel]
     for batch in a.batch:
         for mode in a.mode:
-            times = alternate({n: build(n, batch, a, mode == "train") for n in MODELS}, repeats=a.repeats,
-                              device=a.device)
+            runs = {n: build(n, batch, a, mode == "train") for n in MODELS}
+            times = alternate(runs, repeats=a.repeats, device=a.device)
             row = {"batch": batch, "mode": mode, **{f"{n}_images_per_s": batch / t for n, t in times.items()}}
             row["ratio"] = row["dat_tiny_images_per_s"] / row["swin_tiny_images_per_s"]
             if not a.no_memory:
-                for n in MODELS:
-                    row[f"{n}_peak_mb"] = in_subprocess(__file__, *flags, n, str(batch), mode)
+                for n in MODELS:  # CUDA: in this process; CPU: a fresh one (resident-set growth)
+                    row[f"{n}_peak_mb"] = cuda_peak_mb(runs[n]) if a.device == "cuda" \
+                        else in_subprocess(__file__, *flags, n, str(batch), mode)
             results["rows"].append(row)
     table = markdown(f"dat_tiny vs swin_tiny ({a.device}, {options}, medians of {a.repeats})", results["machine"],
                      ["batch", "mode", "dat_tiny (img/s)", "swin_tiny (img/s)", "dat/swin", "dat peak (MB)",
