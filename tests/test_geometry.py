@@ -11,6 +11,18 @@ from dat_lab.models.geometry import (bounded_offsets, displacement, grid_points,
                                      window_relative_index)
 
 
+def test_displacement_known_values_in_both_layouts():
+    q_grid = torch.tensor([[[-0.5, 0.0]], [[0.5, 0.0]]])  # (2, 1, 2): two queries
+    pos = torch.tensor([[[[0.5, 1.0]]], [[[-1.0, 0.0]]]], requires_grad=True)  # (N 2, 1, 1, 2): one key each
+    d = displacement(q_grid, pos)  # (q - k) / 2
+    expected = torch.tensor([[[[-0.5, -0.5]], [[0.0, -0.5]]], [[[0.25, 0.0]], [[0.75, 0.0]]]])
+    torch.testing.assert_close(d, expected)
+    planes = displacement(q_grid, pos, coordinate_planes=True)
+    assert torch.equal(planes, d) and planes.stride(-1) != 1  # same values, one plane per coordinate
+    g = torch.randn_like(d)
+    assert torch.equal(torch.autograd.grad(planes, pos, g)[0], torch.autograd.grad(d, pos, g)[0])
+
+
 def test_grid_points_known_values():
     torch.testing.assert_close(grid_points(2, 1)[..., 0].flatten(), torch.tensor([-0.5, 0.5]))
     torch.testing.assert_close(grid_points(1, 4)[..., 1].flatten(), torch.tensor([-0.75, -0.25, 0.25, 0.75]))

@@ -362,8 +362,9 @@ class DeformableAttention(nn.Module):
         table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
         if dense:
             return _relative_bias_dense(table, q_grid, pos).reshape(B * M, H * W, Hk * Wk)
-        if xy_grid:  # flip the small (H, W) and (Hk, Wk) grids, not the (HW x Ns) displacement
-            grid = displacement(q_grid.flip(-1), pos.flip(-1))  # (B*G, HW, Ns, 2) as (x, y)
+        if xy_grid:  # flip the small (H, W) and (Hk, Wk) grids, not the (HW x Ns) displacement; on the
+            # CPU in coordinate planes (on CUDA cuDNN's sampler would copy them to the interleaved layout)
+            grid = displacement(q_grid.flip(-1), pos.flip(-1), coordinate_planes=not pos.is_cuda)  # (B*G, HW, Ns, 2) as (x, y)
         else:
             grid = displacement(q_grid, pos).flip(-1)
         bias = F.grid_sample(table, grid, mode="bilinear", align_corners=True)  # (B*G, M/G, HW, Ns)

@@ -53,11 +53,19 @@ def sampling_positions(reference: Tensor, offsets: Tensor | None, offset_range: 
     return pos.tanh() if offset_range < 0 else pos
 
 
-def displacement(query_grid: Tensor, positions: Tensor) -> Tensor:
+def displacement(query_grid: Tensor, positions: Tensor, *, coordinate_planes: bool = False) -> Tensor:
     """Half the (query - key) vector for every query and sample: (N, H*W, Ns, 2), in [-1, 1] for
-    the relative-bias table of size (2H-1, 2W-1).  query_grid (H, W, 2), positions (N, Hk, Wk, 2)."""
+    the relative-bias table of size (2H-1, 2W-1).  query_grid (H, W, 2), positions (N, Hk, Wk, 2).
+    coordinate_planes: the same values, laid out in memory as one (N, H*W, Ns) plane per coordinate
+    (a permuted view; grid_sample reads either): built several times faster than the interleaved
+    (..., 2) layout, whose innermost dimension of 2 defeats vectorisation."""
+    N = positions.shape[0]
+    if coordinate_planes:
+        q = (query_grid.reshape(-1, 2) * 0.5).t().contiguous().reshape(2, 1, -1, 1)  # (2, 1, HW, 1)
+        k = (positions.reshape(N, -1, 2) * -0.5).permute(2, 0, 1).contiguous().unsqueeze(2)  # (2, N, 1, Ns)
+        return (q + k).permute(1, 2, 3, 0)  # (N, HW, Ns, 2), planes in memory
     q = query_grid.reshape(1, -1, 1, 2) * 0.5  # (1, HW, 1, 2); halving is exact, so halve the small
-    k = positions.reshape(positions.shape[0], 1, -1, 2) * -0.5  # (N, 1, Ns, 2) operands, not the sum;
+    k = positions.reshape(N, 1, -1, 2) * -0.5  # (N, 1, Ns, 2) operands, not the sum;
     return q + k  # negated small too: autograd then negates the reduced gradient, not the full one
 
 
