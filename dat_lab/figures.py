@@ -54,13 +54,13 @@ def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequenc
     n, cols = images.shape[0], max(1, len(stages))
     fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.6 * n), squeeze=False)
     pictures = images.detach().float().cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-    pictures = pictures.clamp(0, 1).permute(0, 2, 3, 1)
+    pictures = pictures.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # matplotlib takes arrays, not tensors
     size = tuple(images.shape[-2:])
     for col, (stage, name) in enumerate(sorted(stages.items())):
         info = out["deformable"][name]
         map_size = tuple(out["features"][stage].shape[-2:])
-        pos = to_pixels(info["positions"].detach().float().cpu(), map_size, size)  # (B, G, Hk, Wk, 2)
-        ref = to_pixels(info["references"].detach().float().cpu(), map_size, size)
+        pos = to_pixels(info["positions"].detach().float().cpu(), map_size, size).numpy()  # (B, G, Hk, Wk, 2)
+        ref = to_pixels(info["references"].detach().float().cpu(), map_size, size).numpy()
         for row in range(n):
             ax = axes[row][col]
             picture = pictures[row]

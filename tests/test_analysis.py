@@ -126,6 +126,11 @@ def test_visualize_a_checkpoint(tmp_path):
     paths = visualize(str(tmp_path / "m.ckpt"), tmp_path / "vis", count=2)
     with Image.open(paths[0]) as image:
         assert image.size[0] > 100
+    Image.new("L", (40, 30), color=128).save(tmp_path / "a.png")  # image files: timm's eval transform
+    assert visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "a.png")])[0].exists()
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(AnalysisError, match="bad.png: unreadable image"):
+        visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "bad.png")])
     swin = dat_lab.create_model("dat_pico", blocks="LS")
     dat_lab.save_checkpoint(swin, tmp_path / "swin.ckpt")
     with pytest.raises(AnalysisError, match="no deformable"):

@@ -15,13 +15,15 @@ from .study import AnalysisError
 DATASETS = {"digits": DigitsDataModule, "synthetic": SyntheticDataModule}
 
 
-def _from_files(paths: list[str], img_size: int, channels: int) -> tuple[torch.Tensor, tuple, tuple]:
+def _from_files(paths: list[str], model: torch.nn.Module) -> tuple[torch.Tensor, tuple, tuple]:
+    """Image files through timm's evaluation transform with the model's crop and interpolation."""
     from PIL import Image
-    from torchvision import transforms as T
+    from timm.data import create_transform
 
+    channels, cfg = model.config.in_chans, model.pretrained_cfg
     mean, std = IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]
-    tf = T.Compose([T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-                    T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)])
+    tf = create_transform(model.config.img_size, is_training=False, crop_pct=cfg["crop_pct"],
+                          interpolation=cfg["interpolation"], mean=mean, std=std)
     images = []
     for path in paths:
         try:
@@ -40,7 +42,7 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
     model = load_checkpoint(checkpoint).eval()
     cfg = model.config
     if images:
-        x, mean, std = _from_files(images, cfg.img_size, cfg.in_chans)
+        x, mean, std = _from_files(images, model)
     else:
         if data not in DATASETS:
             raise AnalysisError(f"--data: {data!r} is not one of {', '.join(DATASETS)} (or give --images FILE ...)")
