@@ -36,7 +36,7 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
         shown.to_csv(out / "table.csv", index=False)
         (out / "table.md").write_text(shown.to_markdown(index=False) + "\n")
         paths = [p for name, fig in plots.search_plots(study).items() for p in save_figure(fig, out, name)]
-        return _write_report(Report(out / "report.md", shown, None, paths, counts), info, out)
+        return _write_report(Report(out / "report.md", shown, None, paths, counts), info)
     table = summarize(frame, info, baseline)
     shown, paper = write_tables(table, info, out)
     paths = []
@@ -46,14 +46,14 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
     if curves is not None:
         paths += save_figure(curves, out, "learning_curves")
     report = Report(out / "report.md", shown, paper, paths, counts)
-    return _write_report(report, info, out)
+    return _write_report(report, info)
 
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def _write_report(report: Report, info, out: Path) -> Report:
+def _write_report(report: Report, info) -> Report:
     lines = [f"# Study `{info.name}`", "",
              f"Objective: `{info.metric}` ({info.direction}). Trials: "
              + ", ".join(f"{v} {k}" for k, v in report.counts.items()) + ".", ""]
