@@ -64,7 +64,7 @@ def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequenc
         for row in range(n):
             ax = axes[row][col]
             picture = pictures[row]
-            ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
+            ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
             r = ref[row, 0].reshape(-1, 2)
             ax.scatter(r[:, 0], r[:, 1], s=3, c="lightgrey", alpha=0.6, linewidths=0)
             for g in range(pos.shape[1]):

@@ -4,6 +4,7 @@ import math
 
 import optuna
 import pytest
+import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from PIL import Image
@@ -118,6 +119,20 @@ def test_search_study_plots(tmp_path):
     report = analyze("lr", storage, tmp_path / "out")
     assert (tmp_path / "out" / "history.png").stat().st_size > 0 and (tmp_path / "out" / "importances.pdf").exists()
     assert report.table["value"].iloc[0] == pytest.approx(0.83)
+
+
+def test_sampling_points_figure_shows_images_on_a_fixed_scale():
+    """Grey stays grey: pixel values map to [0, 1] as they are, not stretched to each image's range."""
+    from dat_lab.figures import sampling_points_figure
+
+    model = dat_lab.create_model("dat_pico", in_chans=1).eval()
+    x = torch.zeros(2, 1, 32, 32)  # normalised zeros: the mean grey
+    with torch.no_grad():
+        out = model.forward_intermediates(x)
+    fig = sampling_points_figure(x, out, mean=(0.5,), std=(0.25,))
+    assert len(fig.axes) == 2 * 2  # 2 images x 2 deformable stages
+    image = fig.axes[0].images[0]
+    assert image.get_clim() == (0, 1) and image.get_array().min() == image.get_array().max() == 0.5
 
 
 def test_visualize_a_checkpoint(tmp_path):
