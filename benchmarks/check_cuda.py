@@ -7,7 +7,7 @@
 3. torch.compile: graph breaks and graph count of dat_tiny (torch._dynamo.explain), and a compiled
    forward+backward of dat_pico against eager.
 
-    python benchmarks/check_cuda.py [--model dat_tiny]
+    python benchmarks/check_cuda.py [--model dat_tiny] [--device cpu]   # cpu: a dry run of the script
 
 Prints one line per check and exits 1 if any fails.
 """
