@@ -72,9 +72,8 @@ def main() -> None:
             runs = {impl: build(shape, impl == "reference", a.batch, a.device, kind == "fwd+bwd", a.sampler,
                                 a.kernel) for impl in ("reference", "dat-lab")}
             times = alternate(runs, repeats=a.repeats, device=a.device)
-            memory = {impl: cuda_peak_mb(runs[impl]) if a.device == "cuda"  # CUDA: in process; CPU: a fresh one
-                      else in_subprocess(__file__, "--device", a.device, "--batch", str(a.batch), "--sampler",
-                                         a.sampler, "--kernel", a.kernel, shape, impl, kind)
+            memory = {impl: in_subprocess(__file__, "--device", a.device, "--batch", str(a.batch), "--sampler",
+                                          a.sampler, "--kernel", a.kernel, shape, impl, kind)
                       for impl in runs}
             results["rows"].append({"shape": shape, "pass": kind, "reference_ms": times["reference"] * 1e3,
                                     "dat_lab_ms": times["dat-lab"] * 1e3,

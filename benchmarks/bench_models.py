@@ -87,14 +87,13 @@ def main() -> None:
         + ["--sampler", a.sampler, "--kernel", a.kernel]
     for batch in a.batch:
         for mode in a.mode:
-            runs = {n: build(n, batch, a, mode == "train") for n in MODELS}
-            times = alternate(runs, repeats=a.repeats, device=a.device)
+            times = alternate({n: build(n, batch, a, mode == "train") for n in MODELS}, repeats=a.repeats,
+                              device=a.device)
             row = {"batch": batch, "mode": mode, **{f"{n}_images_per_s": batch / t for n, t in times.items()}}
             row["ratio"] = row["dat_tiny_images_per_s"] / row["swin_tiny_images_per_s"]
             if not a.no_memory:
-                for n in MODELS:  # CUDA: in this process; CPU: a fresh one (resident-set growth)
-                    row[f"{n}_peak_mb"] = cuda_peak_mb(runs[n]) if a.device == "cuda" \
-                        else in_subprocess(__file__, *flags, n, str(batch), mode)
+                for n in MODELS:
+                    row[f"{n}_peak_mb"] = in_subprocess(__file__, *flags, n, str(batch), mode)
             results["rows"].append(row)
     table = markdown(f"dat_tiny vs swin_tiny ({a.device}, {options}, medians of {a.repeats})", results["machine"],
                      ["batch", "mode", "dat_tiny (img/s)", "swin_tiny (img/s)", "dat/swin", "dat peak (MB)",
@@ -104,8 +103,9 @@ def main() -> None:
                        *(f"{r[k]:.0f}" if k in r else "-" for k in ("dat_tiny_peak_mb", "swin_tiny_peak_mb"))]
                       for r in results["rows"]])
     section = f"models-{a.device}" + ("" if a.precision == "fp32" else f"-{a.precision}") \
-        + ("-compiled" if a.compile else "") + ("-flush-denormal" if a.flush_denormal else "") \
-        + "".join(f"-{v}" for v in (a.sampler, a.kernel) if v != "auto")
+        + ("-channels-last" if a.channels_last else "") + ("-compiled" if a.compile else "") \
+        + ("-flush-denormal" if a.flush_denormal else "") + "".join(f"-{v}" for v in (a.sampler, a.kernel) if v != "auto") \
+        + ("" if set(a.mode) == {"train", "infer"} else "-" + "-".join(a.mode))  # one Markdown section per setting
     write(results, Path(a.json), Path(a.md) if a.md else None, section, table)
 
 

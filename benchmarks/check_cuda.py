@@ -1,7 +1,8 @@
 """Checks of the deformable block on a CUDA device (CI has none; run by hand where a GPU is lent):
 
 1. the fast path (auto: grid_sample + SDPA; dense sampler; matmul kernel) against the reference
-   formulation, float32 with TF32 off: logits and every gradient, error relative to the tensor's scale;
+   formulation, float32 with TF32 off: logits and every gradient, the largest error relative to
+   max(1, the tensor's largest magnitude);
 2. deterministic training: with torch.use_deterministic_algorithms(True) (Lightning's
    deterministic=True) two forward+backward passes give bit-identical gradients;
 3. torch.compile: graph breaks and graph count of dat_tiny (torch._dynamo.explain), and a compiled

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one go (CI has no GPU; run where one is lent):
-#   bash benchmarks/cuda.sh OUTDIR      -> OUTDIR/check.log, profile_*.txt, benchmarks.md (docs/benchmarks.md
-#                                          updated), *.json
-# Each step has its own time limit, so one that hangs or fails does not take the others with it. Seen on
-# an H100: the compiled comparison ran past 150 s (compiling both models' training steps); the rest ~4 min.
+#   bash benchmarks/cuda.sh OUTDIR   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md (a copy of
+#                                       docs/benchmarks.md with the GPU sections filled in)
+# Each step has its own time limit, so one that hangs or fails does not take the others with it. All limits
+# together are ~16 minutes; seen on an H100: everything but the compiled comparison in ~5 minutes, the
+# compiled one past 150 s (compiling both models' training steps).
+set -u
 out=${1:?usage: bash benchmarks/cuda.sh OUTDIR}
-mkdir -p "$out" && cp docs/benchmarks.md "$out/benchmarks.md"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.." || exit 1
+cp docs/benchmarks.md "$out/benchmarks.md"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi -L; python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'
-gpu="--device cuda --batch 128 --precision bf16 --channels-last --md $out/benchmarks.md"
+gpu=(--device cuda --batch 128 --precision bf16 --channels-last --md "$out/benchmarks.md")
 timeout 180 python3 benchmarks/check_cuda.py 2>&1 | tee "$out/check.log"
-timeout 120 python3 benchmarks/bench_models.py $gpu --repeats 10 --json "$out/models.json"
+timeout 120 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "$out/models.json"
 for m in dat_tiny swin_tiny; do  # where a training step's time goes
     timeout 60 python3 benchmarks/profile_step.py --model $m --device cuda --batch 128 --precision bf16 \
         --channels-last --rows 30 > "$out/profile_$m.txt" 2>&1
 done
 timeout 120 python3 benchmarks/bench_attention.py --device cuda --batch 128 --repeats 10 --md "$out/benchmarks.md" \
     --json "$out/attention.json"
-timeout 50 python3 benchmarks/bench_models.py $gpu --mode train --sampler dense --no-memory --repeats 10 \
+timeout 50 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --sampler dense --no-memory --repeats 10 \
     --json "$out/models-dense.json"
-timeout 400 python3 benchmarks/bench_models.py $gpu --mode train --compile --no-memory --repeats 10 \
+timeout 400 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --compile --no-memory --repeats 10 \
     --json "$out/models-compiled.json"
-echo "done"
+echo "done: $out"

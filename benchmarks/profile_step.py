@@ -54,7 +54,7 @@ def main() -> None:
             step()
         if a.device == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if a.device == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if a.device == "cuda" else "self_cpu_time_total"
     print(f"{a.model}, {a.device}, batch {a.batch}, {a.precision}, {a.steps} steps")
     print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=70))
 

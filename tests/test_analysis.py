@@ -16,7 +16,7 @@ from dat_lab.ablations import paper_rows
 from dat_lab.analysis import AnalysisError, analyze
 from dat_lab.analysis.study import load, trials_frame
 from dat_lab.analysis.tables import summarize
-from dat_lab.analysis.visualize import visualize
+from dat_lab.analysis.visualize import _from_files, visualize
 
 VALUES = {("none", "0"): [0.90, 0.92], ("none", "2"): [0.94, 0.96],
           ("relative", "0"): [0.91, 0.93], ("relative", "2"): [0.97, 0.99]}
@@ -143,6 +143,9 @@ def test_visualize_a_checkpoint(tmp_path):
         assert image.size[0] > 100
     Image.new("L", (40, 30), color=128).save(tmp_path / "a.png")  # image files: timm's eval transform
     assert visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "a.png")])[0].exists()
+    x, mean, std = _from_files([str(tmp_path / "a.png")], model)  # resized, cropped, normalised with 1 channel
+    assert x.shape == (1, 1, 32, 32) and mean == (0.485,)
+    torch.testing.assert_close(x, torch.full_like(x, (128 / 255 - 0.485) / 0.229), atol=1e-3, rtol=0)
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(AnalysisError, match="bad.png: unreadable image"):
         visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "bad.png")])

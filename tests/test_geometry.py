@@ -17,10 +17,13 @@ def test_displacement_known_values_in_both_layouts():
     d = displacement(q_grid, pos)  # (q - k) / 2
     expected = torch.tensor([[[[-0.5, -0.5]], [[0.0, -0.5]]], [[[0.25, 0.0]], [[0.75, 0.0]]]])
     torch.testing.assert_close(d, expected)
-    planes = displacement(q_grid, pos, coordinate_planes=True)
-    assert torch.equal(planes, d) and planes.stride(-1) != 1  # same values, one plane per coordinate
+    assert torch.equal(displacement(q_grid, pos, coordinate_planes=True), d)
+    # DAT-T stage-2 sizes: the same values, one plane per coordinate; gradients up to summation order
+    q_grid, pos = grid_points(14, 14), torch.rand(6, 14, 14, 2, requires_grad=True) * 2 - 1
+    d, planes = displacement(q_grid, pos), displacement(q_grid, pos, coordinate_planes=True)
+    assert torch.equal(planes, d) and planes.stride(-1) != 1
     g = torch.randn_like(d)
-    assert torch.equal(torch.autograd.grad(planes, pos, g)[0], torch.autograd.grad(d, pos, g)[0])
+    torch.testing.assert_close(torch.autograd.grad(planes, pos, g)[0], torch.autograd.grad(d, pos, g)[0])
 
 
 def test_grid_points_known_values():

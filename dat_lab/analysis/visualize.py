@@ -16,7 +16,8 @@ DATASETS = {"digits": DigitsDataModule, "synthetic": SyntheticDataModule}
 
 
 def _from_files(paths: list[str], model: torch.nn.Module) -> tuple[torch.Tensor, tuple, tuple]:
-    """Image files through timm's evaluation transform with the model's crop and interpolation."""
+    """Image files through timm's evaluation transform with the model's default crop_pct and
+    interpolation (its pretrained_cfg), normalised with ImageNet's mean and std per channel."""
     from PIL import Image
     from timm.data import create_transform
 

@@ -58,7 +58,8 @@ def displacement(query_grid: Tensor, positions: Tensor, *, coordinate_planes: bo
     the relative-bias table of size (2H-1, 2W-1).  query_grid (H, W, 2), positions (N, Hk, Wk, 2).
     coordinate_planes: the same values, laid out in memory as one (N, H*W, Ns) plane per coordinate
     (a permuted view; grid_sample reads either): built several times faster than the interleaved
-    (..., 2) layout, whose innermost dimension of 2 defeats vectorisation."""
+    (..., 2) layout, whose innermost dimension of 2 defeats vectorisation. Gradients are equal up to
+    the order of summation."""
     N = positions.shape[0]
     if coordinate_planes:
         q = (query_grid.reshape(-1, 2) * 0.5).t().contiguous().reshape(2, 1, -1, 1)  # (2, 1, HW, 1)
