@@ -8,7 +8,6 @@ default), the ops with the most self device time (CUDA kernels on a GPU, CPU ops
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import MODELS  # noqa: E402
+from bench_models import MODELS, build  # noqa: E402
 
 
 def main() -> None:
@@ -29,23 +28,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     a = p.parse_args()
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model(MODELS[a.model], num_classes=1000).to(a.device).train()
-    x = torch.randn(a.batch, 3, 224, 224, device=a.device)
-    if a.channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    autocast = torch.autocast(a.device, dtype=torch.bfloat16) if a.precision == "bf16" else contextlib.nullcontext()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = model(x).float().logsumexp(-1).mean()
-        loss.backward()
-        optimizer.step()
-
+    step = build(a.model, a.batch, argparse.Namespace(**vars(a), compile=False, sampler="auto", kernel="auto"),
+                 train=True)  # the training step bench_models times
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
