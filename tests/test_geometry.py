@@ -109,6 +109,7 @@ def test_shifted_window_mask_known_values():
     # the last window holds four regions: every token sees only itself
     assert torch.equal(mask[3] == 0, torch.eye(4, dtype=torch.bool))
     assert set(mask.unique().tolist()) == {0.0, -100.0}
+    assert torch.equal(shifted_window_mask(4, 4, 2, 1, across=float("-inf")).isinf(), mask == -100.0)
 
 
 def test_interpolation_weights_known_values():

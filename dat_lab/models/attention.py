@@ -77,8 +77,8 @@ class WindowAttention(nn.Module):
                 return index, None
             # Swin's -100 made -inf: the same softmax in float32 (e^-100 is below its normal range), but
             # no denormal weights, which slow the matmuls after it many times on x86 CPUs
-            mask = shifted_window_mask(hp, wp, window, shift, device=like.device).to(like.dtype)
-            return index, mask.masked_fill(mask < 0, float("-inf"))
+            mask = shifted_window_mask(hp, wp, window, shift, across=float("-inf"), device=like.device)
+            return index, mask.to(like.dtype)
 
         index, mask = _cached(self._cache, (hp, wp, window, shift, like.device, like.dtype), build)
         n = window * window

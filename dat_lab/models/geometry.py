@@ -108,8 +108,8 @@ def window_relative_index(window: int, table_window: int, *, device=None) -> Ten
     return rel[0] * (2 * table_window - 1) + rel[1]
 
 
-def shifted_window_mask(h: int, w: int, window: int, shift: int, *, device=None) -> Tensor:
-    """Swin's attn_mask (nW, window^2, window^2): 0 within a region, -100 across regions."""
+def shifted_window_mask(h: int, w: int, window: int, shift: int, *, across: float = -100.0, device=None) -> Tensor:
+    """Swin's attn_mask (nW, window^2, window^2): 0 within a region, `across` (Swin's -100) across regions."""
     labels = torch.zeros(h, w, device=device)
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for n, (ys, xs) in enumerate((ys, xs) for ys in cuts for xs in cuts):
@@ -117,7 +117,7 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int, *, device=None)
     windows = labels.reshape(h // window, window, w // window, window).transpose(1, 2)
     windows = windows.reshape(-1, window * window)  # (nW, w*w)
     diff = windows[:, None, :] - windows[:, :, None]
-    return torch.where(diff == 0, 0.0, -100.0)
+    return torch.where(diff == 0, 0.0, across)
 
 
 def key_grid_size(h: int, w: int, key_downsample: int) -> tuple[int, int]:
