@@ -22,7 +22,6 @@ from .tables import baseline_levels, metric_label  # noqa: E402
 BASELINE_COLOR, OTHER_COLOR = "#d62728", "#4c72b0"
 
 
-
 def _numeric(levels: list[str]) -> bool:
     try:
         return all(math.isfinite(float(v)) for v in levels)
