@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, cuda_peak_mb, in_subprocess, machine, markdown, peak_rss_delta_mb, write  # noqa: E402
+from common import (add_path_options, alternate, cuda_peak_mb, in_subprocess, machine, markdown,  # noqa: E402
+                    path_options, peak_rss_delta_mb, write)
 
 from dat_lab.models import StageConfig  # noqa: E402
-from dat_lab.models.attention import KERNELS, SAMPLERS, DeformableAttention, set_deformable_options  # noqa: E402
+from dat_lab.models.attention import DeformableAttention, set_deformable_options  # noqa: E402
 
 SHAPES = {  # DAT-T: stage 2 (C 384, 14x14, 12 heads, G 3, k 5), stage 3 (C 768, 7x7, 24 heads, G 6, k 3)
     "stage2": dict(dim=384, heads=12, groups=3, size=14, kernel=5),
@@ -53,8 +54,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", default="benchmarks/results/attention.json")
     p.add_argument("--md", help="update this Markdown file's attention section (e.g. docs/benchmarks.md)")
-    p.add_argument("--sampler", default="auto", choices=SAMPLERS, help="sampling of the dat-lab path")
-    p.add_argument("--kernel", default="auto", choices=KERNELS, help="attention kernel of the dat-lab path")
+    add_path_options(p, "the dat-lab path")
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -64,7 +64,7 @@ def main() -> None:
                            a.sampler, a.kernel)
         print(cuda_peak_mb(fn()) if a.device == "cuda" else peak_rss_delta_mb(fn))
         return
-    options = "".join(f", {k} {v}" for k, v in (("sampler", a.sampler), ("kernel", a.kernel)) if v != "auto")
+    options = path_options(a)
     results = {"machine": machine(a.device), "device": a.device, "batch": a.batch, "repeats": a.repeats,
                "sampler": a.sampler, "kernel": a.kernel, "rows": []}
     for shape in SHAPES:

@@ -17,10 +17,11 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, cuda_peak_mb, in_subprocess, machine, markdown, peak_rss_delta_mb, write  # noqa: E402
+from common import (add_path_options, alternate, cuda_peak_mb, in_subprocess, machine, markdown,  # noqa: E402
+                    path_options, peak_rss_delta_mb, write)
 
 import dat_lab  # noqa: E402,F401  (registers dat_tiny with timm)
-from dat_lab.models.attention import KERNELS, SAMPLERS, set_deformable_options  # noqa: E402
+from dat_lab.models.attention import set_deformable_options  # noqa: E402
 
 MODELS = {"dat_tiny": "dat_tiny", "swin_tiny": "swin_tiny_patch4_window7_224"}
 
@@ -62,8 +63,7 @@ def main() -> None:
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) for both models (x86: denormal floats are slow)")
     p.add_argument("--mode", nargs="+", choices=["train", "infer"], default=["train", "infer"])
-    p.add_argument("--sampler", default="auto", choices=SAMPLERS, help="sampling of dat_tiny's deformable blocks")
-    p.add_argument("--kernel", default="auto", choices=KERNELS, help="attention kernel of dat_tiny's deformable blocks")
+    add_path_options(p, "dat_tiny's deformable blocks")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", default="benchmarks/results/models.json")
@@ -80,7 +80,7 @@ def main() -> None:
         return
     options = f"{a.precision}" + (", channels_last" if a.channels_last else "") + (", compiled" if a.compile else "") \
         + (", denormals flushed" if a.flush_denormal else "") \
-        + "".join(f", {k} {v}" for k, v in (("sampler", a.sampler), ("kernel", a.kernel)) if v != "auto")
+        + path_options(a)
     results = {"machine": machine(a.device), "device": a.device, "options": options, "rows": []}
     flags = ["--device", a.device, "--precision", a.precision] + (["--channels-last"] if a.channels_last else []) \
         + (["--compile"] if a.compile else []) + (["--flush-denormal"] if a.flush_denormal else []) \

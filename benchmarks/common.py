@@ -1,5 +1,5 @@
-"""Shared by the benchmarks: alternating timed runs with medians, peak memory, machine name, output.
-Benchmarks are not tests: they measure, print, and write JSON and Markdown; nothing asserts a timing."""
+"""Shared by the benchmarks: alternating timed runs with medians, peak memory, machine name, the
+deformable-path options, output. Benchmarks are not tests: they measure, print, and write JSON and Markdown; nothing asserts a timing."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from dat_lab.models.attention import KERNELS, SAMPLERS
+
 
 def machine(device: str) -> str:
     if device == "cuda":
@@ -28,6 +30,17 @@ def machine(device: str) -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def add_path_options(parser, blocks: str) -> None:
+    """--sampler and --kernel: options of the fast deformable path (see set_deformable_options)."""
+    parser.add_argument("--sampler", default="auto", choices=SAMPLERS, help=f"sampling of {blocks}")
+    parser.add_argument("--kernel", default="auto", choices=KERNELS, help=f"attention kernel of {blocks}")
+
+
+def path_options(a) -> str:
+    """The non-default --sampler / --kernel as ", sampler dense, kernel sdpa" for table titles."""
+    return "".join(f", {k} {v}" for k, v in (("sampler", a.sampler), ("kernel", a.kernel)) if v != "auto")
 
 
 def sync(device: str) -> None:
