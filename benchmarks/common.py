@@ -1,5 +1,6 @@
 """Shared by the benchmarks: alternating timed runs with medians, peak memory, machine name, the
-deformable-path options, output. Benchmarks are not tests: they measure, print, and write JSON and Markdown; nothing asserts a timing."""
+deformable-path options, output. Benchmarks are not tests: they measure, print, and write JSON and
+Markdown; nothing asserts a timing."""
 
 from __future__ import annotations
 
