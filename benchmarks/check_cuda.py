@@ -1,6 +1,7 @@
 """Checks of the deformable block on a CUDA device (CI has none; run by hand where a GPU is lent):
 
-1. the fast path (auto: grid_sample + SDPA; dense sampler; matmul kernel) against the reference
+1. the fast path (auto: the relative bias by the Triton kernels, keys by grid_sample, SDPA; grid_sample
+   for the bias too; dense sampler; matmul kernel) against the reference
    formulation, float32 with TF32 off: logits and every gradient, the largest error relative to
    max(1, the tensor's largest magnitude);
 2. deterministic training: with torch.use_deterministic_algorithms(True) (Lightning's
@@ -30,7 +31,8 @@ from dat_lab.models.attention import set_deformable_options  # noqa: E402
 KNOBS = {"default": {}, "position_none": {"position": "none"}, "position_fixed": {"position": "fixed"},
          "position_log_cpb": {"position": "log_cpb"}, "unbounded": {"offset_range": -1.0},
          "r2": {"key_downsample": [1, 1, 2, 1]}}
-PATHS = {"auto": {}, "dense": {"sampler": "dense"}, "matmul": {"kernel": "matmul"}}
+PATHS = {"auto": {}, "grid_sample": {"sampler": "grid_sample"}, "dense": {"sampler": "dense"},
+         "matmul": {"kernel": "matmul"}}
 failures: list[str] = []
 DEVICE = "cuda"  # --device cpu: a dry run of this script where no GPU is
 
@@ -80,7 +82,7 @@ def determinism() -> None:
             torch.manual_seed(1)  # same drop-path draws
             runs.append(grads(model, x))
         same = all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
-        check("deterministic forward+backward (auto sampler -> dense)", same,
+        check("deterministic forward+backward (auto sampler -> dense keys, Triton bias)", same,
               "bit-identical gradients" if same else "gradients differ between two runs")
     finally:
         torch.use_deterministic_algorithms(False)

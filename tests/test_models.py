@@ -182,8 +182,10 @@ def test_deformable_options_are_checked():
 
 
 def test_automatic_choices_of_the_fast_path():
-    from dat_lab.models.attention import dense_sampling, fused_kernel
+    from dat_lab.models.attention import dense_sampling, fused_kernel, triton_sampling
 
+    assert triton_sampling("auto", "cuda") and not triton_sampling("auto", "cpu") and triton_sampling("triton", "cpu")
+    assert not triton_sampling("grid_sample", "cuda") and not dense_sampling("triton", "cuda")
     assert fused_kernel("auto", "cuda") and not fused_kernel("auto", "cpu") and fused_kernel("sdpa", "cpu")
     assert not fused_kernel("matmul", "cuda")
     assert dense_sampling("dense", "cpu") and not dense_sampling("grid_sample", "cuda")

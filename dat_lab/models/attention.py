@@ -18,6 +18,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import triton_bias
 from .config import StageConfig
 from .geometry import (bounded_offsets, displacement, grid_points, interpolation_weights, key_grid_size,
                        log_cpb_coords, sampling_positions, shifted_window_mask, window_relative_index)
@@ -153,8 +154,10 @@ class DeformableAttention(nn.Module):
     Two formulations of the same function: the default fast path (`_forward_fast`) and the plain
     released one (`_forward_reference`), equal to 1e-5 in outputs and gradients (tests). Options of
     the fast path (set them with `set_deformable_options`): `sampler` "auto" | "grid_sample" |
-    "dense" (bilinear sampling by interpolation matrices, whose backward is matrix products, so
-    deterministic on CUDA; "auto" takes it on CUDA when `torch.use_deterministic_algorithms` is on),
+    "dense" | "triton" ("dense": bilinear sampling by interpolation matrices, whose backward is
+    matrix products, so deterministic on CUDA; "triton": keys by grid_sample, the relative bias by
+    the kernels of `triton_bias`, CUDA only, deterministic; "auto" on CUDA: the relative bias by
+    those kernels, keys by grid_sample, or dense when `torch.use_deterministic_algorithms` is on),
     `kernel` "auto" | "matmul" | "sdpa" (fused `scaled_dot_product_attention` with the bias as its
     mask; "auto" takes it on CUDA), `chunk_bytes` (CPU: logits, bias and probabilities are made,
     used and freed a few batch elements at a time, about this many bytes each).
@@ -278,11 +281,9 @@ class DeformableAttention(nn.Module):
         dense = dense_sampling(self.sampler, x.device.type)
         samples = self._sample_keys(x, pos, dense)  # (B, Ns, C)
         k, v = _linear(self.proj_k, samples), _linear(self.proj_v, samples)  # (B, Ns, C)
-        qh = q.reshape(B, H * W, M, hc).transpose(1, 2).reshape(B * M, H * W, hc)
-        kh = k.reshape(B, Ns, M, hc).transpose(1, 2).reshape(B * M, Ns, hc)
-        vh = v.reshape(B, Ns, M, hc).transpose(1, 2).reshape(B * M, Ns, hc)
-        out, attn = self._attend(qh, kh, vh, pos, H, W, dense=dense, return_attention=return_attention)
-        out = out.reshape(B, M, H * W, hc).transpose(1, 2).reshape(B, H, W, C)
+        heads = (t.view(B, -1, M, hc).transpose(1, 2) for t in (q, k, v))  # (B, M, HW or Ns, hc) views
+        out, attn = self._attend(*heads, pos, H, W, dense=dense, return_attention=return_attention)
+        out = out.transpose(1, 2).reshape(B, H, W, C)  # SDPA's output lies so: no copy
         if self.position == "dwconv":
             out = out + self.rpe_table(q.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(_linear(self.proj_out, out)), pos, reference, attn
@@ -317,36 +318,42 @@ class DeformableAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, H: int, W: int, *, dense: bool,
                 return_attention: bool) -> tuple[Tensor, Tensor | None]:
-        """Heads-major q (B*M, HW, hc), k and v (B*M, Ns, hc) -> (B*M, HW, hc), and the attention
-        (B*M, HW, Ns) when asked. On CUDA in one piece, fused (SDPA with the bias as mask) unless the
-        attention is asked for; on the CPU a few batch elements at a time, so that the (HW x Ns)
-        logits, bias and probabilities of only those are alive at once (and stay in cache): the
-        scale folded into the matmul, the bias added by it (baddbmm)."""
-        M, G, Ns = self.heads, self.groups, k.shape[1]
-        B = q.shape[0] // M
+        """Heads of q (B, M, HW, hc), k and v (B, M, Ns, hc) (views of token-major tensors) ->
+        (B, M, HW, hc), and the attention (B*M, HW, Ns) when asked. On CUDA in one piece, fused (SDPA
+        with the bias as mask, on the views as they lie) unless the attention is asked for; on the
+        CPU a few batch elements at a time, so that the (HW x Ns) logits, bias and probabilities of
+        only those are alive at once (and stay in cache): the scale folded into the matmul, the bias
+        added by it (baddbmm)."""
+        B, M, HW, hc = q.shape
+        G, Ns = self.groups, k.shape[2]
         fused = fused_kernel(self.kernel, q.device.type) and not return_attention
-        step = B if q.is_cuda else max(1, self.chunk_bytes // (M * H * W * Ns * q.element_size()))
+        step = B if q.is_cuda else max(1, self.chunk_bytes // (M * HW * Ns * q.element_size()))
         outs, attns = [], []  # split, not sliced: one gradient buffer per input, not one per piece
-        for qc, kc, vc, pc in zip(q.split(step * M), k.split(step * M), v.split(step * M), pos.split(step * G)):
-            n = pc.shape[0] // G
-            bias = self._bias(n, H, W, pc, xy_grid=True, dense=dense)  # (n*M, HW, Ns)
+        for qc, kc, vc, pc in zip(q.split(step), k.split(step), v.split(step), pos.split(step * G)):
+            n = qc.shape[0]
+            bias = self._bias(n, H, W, pc, xy_grid=True, dense=dense, dtype=qc.dtype)  # (n*M, HW, Ns)
             if fused:
                 p = self.attn_drop.p if self.training else 0.0
-                mask = bias.to(qc.dtype) if bias is not None else None  # autocast: q in bf16, the bias not
+                # autocast: q in bf16, a bias made by grid_sample in float32
+                mask = bias.to(qc.dtype).view(n, M, HW, Ns) if bias is not None else None
                 outs.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=p, scale=self.scale))
                 continue
+            qc, kc, vc = (t.reshape(n * M, -1, hc) for t in (qc, kc, vc))  # heads-major copies of the piece
             if bias is None:
                 logits = torch.bmm(qc, kc.transpose(1, 2)) * self.scale
             else:
                 logits = torch.baddbmm(bias, qc, kc.transpose(1, 2), alpha=self.scale)  # (n*M, HW, Ns)
             attn = self.attn_drop(logits.softmax(dim=-1))
-            outs.append(torch.bmm(attn, vc))
+            outs.append(torch.bmm(attn, vc).view(n, M, HW, hc))
             if return_attention:
                 attns.append(attn)
-        return torch.cat(outs), (torch.cat(attns) if return_attention else None)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out, (torch.cat(attns) if return_attention else None)
 
-    def _bias(self, B: int, H: int, W: int, pos: Tensor, *, xy_grid: bool, dense: bool = False) -> Tensor | None:
-        """Position bias added to the logits, (B*M, HW, Ns), or None. pos (B*G, Hk, Wk, 2)."""
+    def _bias(self, B: int, H: int, W: int, pos: Tensor, *, xy_grid: bool, dense: bool = False,
+              dtype: torch.dtype | None = None) -> Tensor | None:
+        """Position bias added to the logits, (B*M, HW, Ns), or None. pos (B*G, Hk, Wk, 2). The
+        Triton kernels (when chosen) give it in `dtype`, the other paths in the table's dtype."""
         G, M = self.groups, self.heads
         Hk, Wk = pos.shape[1:3]
         if self.position in ("none", "dwconv"):
@@ -358,6 +365,8 @@ class DeformableAttention(nn.Module):
             bias = self.rpe_table(log_cpb_coords(q_grid, pos))  # (B*G, HW, Ns, M/G)
             return bias.permute(0, 3, 1, 2).reshape(B * M, H * W, Hk * Wk)
         # relative: the (M, 2H-1, 2W-1) table read at half the query-key displacement
+        if xy_grid and triton_sampling(self.sampler, pos.device.type) and triton_bias.supported(self.rpe_table):
+            return triton_bias.relative_bias(self.rpe_table, q_grid, pos, groups=G, dtype=dtype or pos.dtype)
         table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
         table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
         if dense:
@@ -376,6 +385,12 @@ def dense_sampling(sampler: str, device_type: str) -> bool:
     deterministic algorithms on (grid_sample's CUDA backward has no deterministic kernel)."""
     return sampler == "dense" or (sampler == "auto" and device_type == "cuda"
                                   and torch.are_deterministic_algorithms_enabled())
+
+
+def triton_sampling(sampler: str, device_type: str) -> bool:
+    """Whether deformable blocks read the relative-position table with the Triton kernels of
+    `triton_bias` (deterministic, no atomics): asked for, or "auto" on CUDA."""
+    return sampler == "triton" or (sampler == "auto" and device_type == "cuda")
 
 
 def fused_kernel(kernel: str, device_type: str) -> bool:
@@ -407,7 +422,7 @@ def _relative_bias_dense(table: Tensor, q_grid: Tensor, pos: Tensor) -> Tensor:
     return torch.einsum("niky,nmyx,njkx->nmijk", wy, table, wx)
 
 
-SAMPLERS = ("auto", "grid_sample", "dense")
+SAMPLERS = ("auto", "grid_sample", "dense", "triton")
 KERNELS = ("auto", "matmul", "sdpa")
 
 

@@ -1,0 +1,205 @@
+"""DAT's relative position bias for deformed keys as two Triton kernels (CUDA), forward and backward.
+
+The plain path reads the (heads, 2H-1, 2W-1) table bilinearly with `grid_sample` at half the
+query-key displacement (`DeformableAttention._bias`): it writes the (N, HW, Ns, 2) displacement
+grid and a float32 (N*m, HW, Ns) bias, and its backward scatters every point's gradient into the
+small table with atomics (one table per image and group: heavy contention on a GPU). These kernels
+compute the same bias straight from the query grid and the sampling positions, write it once in
+the attention's dtype, and in the backward reduce without atomics (so deterministically): per
+(image and group, block of keys), the table's gradient as a sum over query rows of
+(keys x table rows)^T @ (keys x table columns) products of bilinear weights, and each key's
+position gradient as a sum over its queries. Per-block partial table gradients are added up after.
+
+Equal to the grid_sample path to float rounding (tests run these kernels in Triton's interpreter on
+the CPU). Tables up to 64 x 64 (maps up to 32 x 32); `supported()` says when they apply.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton comes with CUDA builds of torch
+    triton = None
+
+MAX_TABLE = 64  # padded table side the backward's (rows x columns) accumulator allows
+TILE = 8192  # elements of the backward's (query columns x keys x table columns) weights
+WARPS = (4, 8)  # warps per program of the forward and the backward kernel
+
+
+def supported(table: Tensor) -> bool:
+    """Whether the kernels can read this (heads, Ht, Wt) table (Triton present, table small enough)."""
+    return triton is not None and max(table.shape[-2:]) <= MAX_TABLE
+
+
+if triton is not None:
+
+    @triton.jit
+    def _axis(q, p, size):
+        """Pixel coordinate in a table axis of `size` of half the displacement q - p (as grid_sample
+        with align_corners=True unnormalises it); floor (int) and fraction."""
+        t = ((q * 0.5 + p * -0.5) + 1) * 0.5 * (size - 1)
+        t0 = tl.floor(t)
+        return t0.to(tl.int32), t - t0
+
+    @triton.jit
+    def _corners(base, y0, x0, Ht, Wt, mask):
+        """The table's four values around (y0, x0), zero outside the table: (y0,x0), (y0,x0+1),
+        (y0+1,x0), (y0+1,x0+1)."""
+        in_y0 = (y0 >= 0) & (y0 < Ht)
+        in_y1 = (y0 + 1 >= 0) & (y0 + 1 < Ht)
+        in_x0 = (x0 >= 0) & (x0 < Wt)
+        in_x1 = (x0 + 1 >= 0) & (x0 + 1 < Wt)
+        at = base + y0 * Wt + x0
+        v00 = tl.load(at, mask=mask & in_y0 & in_x0, other=0.0)
+        v01 = tl.load(at + 1, mask=mask & in_y0 & in_x1, other=0.0)
+        v10 = tl.load(at + Wt, mask=mask & in_y1 & in_x0, other=0.0)
+        v11 = tl.load(at + Wt + 1, mask=mask & in_y1 & in_x1, other=0.0)
+        return v00, v01, v10, v11
+
+    @triton.jit
+    def _forward_kernel(table, qy, qx, pos, out, s_head, s_row, G, m, H, W, Ns, Ht, Wt,
+                        BX: tl.constexpr, BK: tl.constexpr):
+        """Program (n, key block): bias[n*m + h, iy*W + ix, k] for all heads h, queries (iy, ix)."""
+        n = tl.program_id(0)
+        k = tl.program_id(1) * BK + tl.arange(0, BK)  # (BK,)
+        k_in = k < Ns
+        p = pos + (n.to(tl.int64) * Ns + k) * 2
+        py = tl.load(p, mask=k_in, other=0.0)
+        px = tl.load(p + 1, mask=k_in, other=0.0)
+        heads = (n % G) * m
+        for ix0 in range(0, W, BX):
+            ix = ix0 + tl.arange(0, BX)  # (BX,)
+            x0, fx = _axis(tl.load(qx + ix, mask=ix < W, other=0.0)[:, None], px[None, :], Wt)  # (BX, BK)
+            mask = (ix < W)[:, None] & k_in[None, :]
+            for iy in range(H):
+                y0, fy = _axis(tl.load(qy + iy), py, Ht)  # (BK,)
+                y0, fy = y0[None, :], fy[None, :]
+                row = (iy * W + ix)[:, None] * s_row + k[None, :]  # (BX, BK) within one head's (HW, Ns)
+                for h in range(m):
+                    v00, v01, v10, v11 = _corners(table + (heads + h) * Ht * Wt, y0, x0, Ht, Wt, mask)
+                    v = (v00 * (1 - fx) + v01 * fx) * (1 - fy) + (v10 * (1 - fx) + v11 * fx) * fy
+                    at = out + (n.to(tl.int64) * m + h) * s_head + row
+                    tl.store(at, v.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _backward_kernel(table, qy, qx, pos, grad, s_head, s_row, table_part, pos_grad, G, m, H, W, Ns, Ht, Wt,
+                         BX: tl.constexpr, BK: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr):
+        """Program (n, key block): the table gradient of its keys, per head, into
+        table_part[n, key block, h] (TY x TX, padded), and the keys' position gradients."""
+        n = tl.program_id(0)
+        kb = tl.program_id(1)
+        k = kb * BK + tl.arange(0, BK)
+        k_in = k < Ns
+        p = pos + (n.to(tl.int64) * Ns + k) * 2
+        py = tl.load(p, mask=k_in, other=0.0)
+        px = tl.load(p + 1, mask=k_in, other=0.0)
+        heads = (n % G) * m
+        cols = tl.arange(0, TX)[None, None, :]  # (1, 1, TX)
+        rows = tl.arange(0, TY)[None, :]  # (1, TY)
+        d_py = tl.zeros((BK,), dtype=tl.float32)
+        d_px = tl.zeros((BK,), dtype=tl.float32)
+        for h in range(m):
+            base = table + (heads + h) * Ht * Wt
+            acc = tl.zeros((TY, TX), dtype=tl.float32)
+            for ix0 in range(0, W, BX):
+                ix = ix0 + tl.arange(0, BX)
+                x0, fx = _axis(tl.load(qx + ix, mask=ix < W, other=0.0)[:, None], px[None, :], Wt)  # (BX, BK)
+                mask = (ix < W)[:, None] & k_in[None, :]
+                # column weights (BX, BK, TX): 1 - fx at x0, fx at x0 + 1 (outside the table: dropped at the store)
+                wx = tl.where(cols == x0[:, :, None], 1 - fx[:, :, None], 0.0) + \
+                    tl.where(cols == x0[:, :, None] + 1, fx[:, :, None], 0.0)
+                for iy in range(H):
+                    y0, fy = _axis(tl.load(qy + iy), py, Ht)  # (BK,)
+                    at = grad + (n.to(tl.int64) * m + h) * s_head + (iy * W + ix)[:, None] * s_row + k[None, :]
+                    g = tl.load(at, mask=mask, other=0.0).to(tl.float32)  # (BX, BK)
+                    per_col = tl.sum(g[:, :, None] * wx, axis=0)  # (BK, TX): summed over query columns
+                    wy = tl.where(rows == y0[:, None], 1 - fy[:, None], 0.0) + \
+                        tl.where(rows == y0[:, None] + 1, fy[:, None], 0.0)  # (BK, TY)
+                    acc += tl.dot(tl.trans(wy), per_col, input_precision="ieee")  # (TY, TX)
+                    v00, v01, v10, v11 = _corners(base, y0[None, :], x0, Ht, Wt, mask)
+                    fyb = fy[None, :]
+                    d_py += tl.sum(g * ((v10 - v00) * (1 - fx) + (v11 - v01) * fx), axis=0)
+                    d_px += tl.sum(g * ((v01 - v00) * (1 - fyb) + (v11 - v10) * fyb), axis=0)
+            part = table_part + ((n.to(tl.int64) * tl.num_programs(1) + kb) * m + h) * Ht * Wt
+            r, c = tl.arange(0, TY)[:, None], tl.arange(0, TX)[None, :]
+            tl.store(part + r * Wt + c, acc, mask=(r < Ht) & (c < Wt))
+        # d t / d p = -0.25 (size - 1) on each axis (t = ((q - p) / 2 + 1) / 2 (size - 1))
+        q = pos_grad + (n.to(tl.int64) * Ns + k) * 2
+        tl.store(q, d_py * (-0.25 * (Ht - 1)), mask=k_in)
+        tl.store(q + 1, d_px * (-0.25 * (Wt - 1)), mask=k_in)
+
+
+def _blocks(W: int, Ns: int, table_cols: int) -> tuple[int, int, int]:
+    """(query columns per step BX, keys per program BK, padded table columns TX) for the backward."""
+    TX = max(16, triton.next_power_of_2(table_cols))
+    BK = 32 if Ns > 16 else 16
+    return max(2, min(triton.next_power_of_2(W), TILE // (BK * TX))), BK, TX
+
+
+def _bias_forward(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    M, Ht, Wt = table.shape
+    N, Ns = pos.shape[0], pos.shape[1] * pos.shape[2]
+    H, W, m = qy.numel(), qx.numel(), M // groups
+    # rows padded to 16 elements: the alignment SDPA's memory-efficient kernel asks of a mask (it
+    # would copy the mask into such a buffer otherwise, and its gradient comes back in one)
+    out = torch.empty(N * m, H * W, -(-Ns // 16) * 16, device=pos.device, dtype=dtype)
+    BK = 32 if Ns > 16 else 16
+    kernel = torch.library.wrap_triton(_forward_kernel)
+    kernel[(N, triton.cdiv(Ns, BK))](table.float().contiguous(), qy, qx, pos.float().contiguous(), out, out.stride(0),
+                                     out.stride(1), groups, m, H, W, Ns, Ht, Wt, BX=min(triton.next_power_of_2(W), 32),
+                                     BK=BK, num_warps=WARPS[0])
+    return out[..., :Ns]
+
+
+def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor,
+                   groups: int) -> tuple[Tensor, Tensor]:
+    M, Ht, Wt = table.shape
+    N, Ns = pos.shape[0], pos.shape[1] * pos.shape[2]
+    H, W, m = qy.numel(), qx.numel(), M // groups
+    BX, BK, TX = _blocks(W, Ns, Wt)
+    blocks = triton.cdiv(Ns, BK)
+    part = torch.empty(N, blocks, m, Ht, Wt, device=pos.device, dtype=torch.float32)
+    pos_grad = torch.empty(pos.shape, device=pos.device, dtype=torch.float32)
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    kernel = torch.library.wrap_triton(_backward_kernel)
+    kernel[(N, blocks)](table.float().contiguous(), qy, qx, pos.float().contiguous(), grad, grad.stride(0),
+                        grad.stride(1), part, pos_grad, groups, m, H, W, Ns, Ht, Wt, BX=BX, BK=BK,
+                        TY=max(16, triton.next_power_of_2(Ht)), TX=TX, num_warps=WARPS[1])
+    table_grad = part.reshape(N // groups, groups, blocks, m, Ht, Wt).sum((0, 2)).reshape(M, Ht, Wt)
+    return table_grad.to(table.dtype), pos_grad.to(pos.dtype)
+
+
+if triton is not None:  # as custom ops, so that torch.compile traces through them
+    _bias_forward = torch.library.triton_op(
+        "dat_lab::relative_bias", _bias_forward, mutates_args=(),
+        schema="(Tensor table, Tensor qy, Tensor qx, Tensor pos, int groups, ScalarType dtype) -> Tensor")
+    _bias_backward = torch.library.triton_op(
+        "dat_lab::relative_bias_backward", _bias_backward, mutates_args=(),
+        schema="(Tensor grad, Tensor table, Tensor qy, Tensor qx, Tensor pos, int groups) -> (Tensor, Tensor)")
+
+    def _save(ctx, inputs: tuple, output: Tensor) -> None:
+        table, qy, qx, pos, ctx.groups, _ = inputs
+        ctx.save_for_backward(table, qy, qx, pos)
+
+    def _backward(ctx, grad: Tensor) -> tuple:
+        table_grad, pos_grad = _bias_backward(grad, *ctx.saved_tensors, ctx.groups)
+        return table_grad, None, None, pos_grad, None, None
+
+    torch.library.register_autograd("dat_lab::relative_bias", _backward, setup_context=_save)
+
+
+def relative_bias(table: Tensor, query_grid: Tensor, positions: Tensor, *, groups: int, dtype: torch.dtype) -> Tensor:
+    """The (heads, Ht, Wt) table read bilinearly at half of query - key for every query of the (H, W, 2)
+    grid and key at positions (N, Hk, Wk, 2) (N = images x groups; (y, x), normalised):
+    (N * heads/groups, H*W, Hk*Wk) in `dtype`, as grid_sample(align_corners=True) gives."""
+    if not positions.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"sampler 'triton': the Triton kernels run on CUDA devices, not {positions.device.type} "
+                           "(or in Triton's interpreter: TRITON_INTERPRET=1); use sampler 'auto' or 'grid_sample'")
+    qy, qx = query_grid[:, 0, 0].float().contiguous(), query_grid[0, :, 1].float().contiguous()
+    return _bias_forward(table, qy, qx, positions, groups, dtype)
