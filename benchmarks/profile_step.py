@@ -40,6 +40,19 @@ def main() -> None:
             torch.cuda.synchronize()
     key = "self_device_time_total" if a.device == "cuda" else "self_cpu_time_total"
     print(f"{a.model}, {a.device}, batch {a.batch}, {a.precision}, {a.steps} steps")
+    if a.device == "cuda":  # how busy the GPU is: kernel time against the step's wall time (unprofiled)
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e3 / a.steps
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(a.steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        wall = start.elapsed_time(end) / a.steps
+        print(f"per step: wall {wall:.1f} ms, GPU kernels {busy:.1f} ms ({busy / wall:.0%} busy), "
+              f"{sum(e.count for e in kernels) / a.steps:.0f} kernel launches")
     print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=70))
 
 

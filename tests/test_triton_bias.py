@@ -35,6 +35,11 @@ def test_kernels_in_the_interpreter():
     assert " passed, 2 skipped" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]
 
 
+def _axes(query_grid):
+    """The (H, W, 2) query grid's y (H,) and x (W,) coordinates, as the kernels take them."""
+    return query_grid[:, 0, 0].contiguous(), query_grid[0, :, 1].contiguous()
+
+
 def _grid_sample_bias(table, query_grid, pos, groups):
     """The plain path: the (M, Ht, Wt) table per image and group, read by grid_sample at half of query - key."""
     M, Ht, Wt = table.shape
@@ -59,7 +64,10 @@ def test_kernels_equal_grid_sample(interpreted, H, W, Hk, Wk, groups):
     pos.requires_grad_()
     upstream = torch.randn(N * M // groups, H * W, Hk * Wk)
     results = []
-    for bias_fn in (_grid_sample_bias, lambda *a: interpreted.relative_bias(*a[:3], groups=a[3], dtype=torch.float32)):
+    def kernels(table, query_grid, pos, groups):
+        return interpreted.relative_bias(table, *_axes(query_grid), pos, groups=groups, dtype=torch.float32)
+
+    for bias_fn in (_grid_sample_bias, kernels):
         table.grad = pos.grad = None
         bias = bias_fn(table, query_grid, pos, groups)
         (bias * upstream).sum().backward()
@@ -73,11 +81,11 @@ def test_kernels_equal_grid_sample(interpreted, H, W, Hk, Wk, groups):
 @in_interpreter
 def test_kernels_write_the_asked_dtype(interpreted):
     table, pos = torch.randn(4, 7, 7), torch.rand(2, 3, 3, 2) * 2 - 1
-    bias = interpreted.relative_bias(table, grid_points(4, 4), pos, groups=2, dtype=torch.bfloat16)
+    bias = interpreted.relative_bias(table, *_axes(grid_points(4, 4)), pos, groups=2, dtype=torch.bfloat16)
     assert bias.dtype == torch.bfloat16 and bias.shape == (4, 16, 9) and bias.stride() == (256, 16, 1)  # rows padded
     torch.testing.assert_close(bias.float(), _grid_sample_bias(table, grid_points(4, 4), pos, 2), atol=2e-2, rtol=1e-2)
     # the backward reads a gradient with padded rows (as SDPA gives it) as it lies
-    qy, qx = grid_points(4, 4)[:, 0, 0].contiguous(), grid_points(4, 4)[0, :, 1].contiguous()
+    qy, qx = _axes(grid_points(4, 4))
     padded = torch.randn(4, 16, 16)[..., :9]
     for by_rows, whole in zip(interpreted._bias_backward(padded, table, qy, qx, pos, 2),
                               interpreted._bias_backward(padded.contiguous(), table, qy, qx, pos, 2)):
@@ -110,5 +118,5 @@ def test_model_with_triton_bias_equals_the_reference(interpreted, knob, monkeypa
 @pytest.mark.skipif(INTERPRETED, reason="outside the interpreter only")
 def test_kernels_refuse_the_cpu_outside_the_interpreter():
     with pytest.raises(RuntimeError, match="sampler 'triton': the Triton kernels run on CUDA devices, not cpu"):
-        triton_bias.relative_bias(torch.randn(2, 7, 7), grid_points(4, 4), torch.zeros(2, 3, 3, 2), groups=2,
+        triton_bias.relative_bias(torch.randn(2, 7, 7), *_axes(grid_points(4, 4)), torch.zeros(2, 3, 3, 2), groups=2,
                                   dtype=torch.float32)

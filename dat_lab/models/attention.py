@@ -227,11 +227,19 @@ class DeformableAttention(nn.Module):
             info["attention"] = attn.reshape(B, self.heads, -1, Hk * Wk)
         return y, info
 
-    def _query_grid(self, h: int, w: int, like: Tensor) -> Tensor:
-        """grid_points(h, w) of the queries, on like's device and dtype, made once per shape (internal:
-        never handed out, so nobody can change the cached copy)."""
+    def _grid(self, h: int, w: int, like: Tensor) -> Tensor:
+        """grid_points(h, w) (of the queries, or the keys' reference points) on like's device and dtype,
+        made once per shape; handed out only as an expanded view (see `forward`)."""
         return _cached(self._grids, (h, w, like.device, like.dtype),
                        lambda: grid_points(h, w, convention=self.convention, device=like.device, dtype=like.dtype))
+
+    def _query_axes(self, h: int, w: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The query grid's y (h,) and x (w,) coordinates in float32, made once per shape."""
+        def build() -> tuple[Tensor, Tensor]:
+            grid = self._grid(h, w, like).float()
+            return grid[:, 0, 0].contiguous(), grid[0, :, 1].contiguous()
+
+        return _cached(self._grids, ("axes", h, w, like.device), build)
 
     def _positions(self, raw: Tensor | None, x: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
         """Sampling positions (B*G, Hk, Wk, 2) from raw offsets (B*G, Hk, Wk, 2) or None; references (Hk, Wk, 2)."""
@@ -240,7 +248,7 @@ class DeformableAttention(nn.Module):
             (Hk, Wk), offsets = raw.shape[1:3], bounded_offsets(raw, self.s)
         else:
             (Hk, Wk), offsets = key_grid_size(H, W, self.r), None
-        reference = grid_points(Hk, Wk, convention=self.convention, device=x.device, dtype=x.dtype)
+        reference = self._grid(Hk, Wk, x)
         return sampling_positions(reference, offsets, self.s).expand(B * self.groups, Hk, Wk, 2), reference
 
     def _forward_reference(self, x: Tensor, return_attention: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -291,13 +299,15 @@ class DeformableAttention(nn.Module):
     def _offsets_channels_last(self, q: Tensor) -> Tensor:
         """conv_offset on q (B, H, W, C) as it lies: the depthwise conv over all C channels with its
         kernel tiled per group, LayerNorm, GELU and the 1x1 conv on the last axis -> (B*G, Hk, Wk, 2).
-        When training, LayerNorm, GELU and the 1x1 conv are recomputed in the backward instead of
-        keeping their (B, Hk, Wk, C) inputs (checkpointing: a little time for memory)."""
+        When training on the CPU, LayerNorm, GELU and the 1x1 conv are recomputed in the backward
+        instead of keeping their (B, Hk, Wk, C) inputs (checkpointing: a little time for memory; on
+        CUDA its bookkeeping costs more time than the GPU has to wait for)."""
         dw = self.conv_offset[0]
         t = F.conv2d(q.permute(0, 3, 1, 2), dw.weight.repeat(self.groups, 1, 1, 1), stride=dw.stride,
                      padding=dw.padding, groups=q.shape[-1])  # (B, C, Hk, Wk), channels-last in memory
         t = t.permute(0, 2, 3, 1).unflatten(-1, (self.groups, self.group_dim))  # (B, Hk, Wk, G, Cg)
-        raw = checkpoint(self._offset_head, t, use_reentrant=False) if t.requires_grad else self._offset_head(t)
+        recompute = t.requires_grad and not t.is_cuda
+        raw = checkpoint(self._offset_head, t, use_reentrant=False) if recompute else self._offset_head(t)
         return raw.permute(0, 3, 1, 2, 4).reshape(-1, *raw.shape[1:3], 2)
 
     def _offset_head(self, t: Tensor) -> Tensor:
@@ -360,13 +370,14 @@ class DeformableAttention(nn.Module):
             return None
         if self.position == "fixed":
             return self._fixed_bias(H, W, Hk, Wk).repeat(B, 1, 1)
-        q_grid = self._query_grid(H, W, pos)
+        q_grid = self._grid(H, W, pos)
         if self.position == "log_cpb":
             bias = self.rpe_table(log_cpb_coords(q_grid, pos))  # (B*G, HW, Ns, M/G)
             return bias.permute(0, 3, 1, 2).reshape(B * M, H * W, Hk * Wk)
         # relative: the (M, 2H-1, 2W-1) table read at half the query-key displacement
         if xy_grid and triton_sampling(self.sampler, pos.device.type) and triton_bias.supported(self.rpe_table):
-            return triton_bias.relative_bias(self.rpe_table, q_grid, pos, groups=G, dtype=dtype or pos.dtype)
+            return triton_bias.relative_bias(self.rpe_table, *self._query_axes(H, W, pos), pos, groups=G,
+                                             dtype=dtype or pos.dtype)
         table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
         table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
         if dense:

@@ -40,9 +40,13 @@ def bounded_offsets(raw: Tensor, offset_range: float) -> Tensor:
         return raw
     if offset_range == 0:
         return torch.zeros_like(raw)
-    hk, wk = raw.shape[-3], raw.shape[-2]
-    scale = raw.new_tensor([offset_range / hk, offset_range / wk])
-    return raw.tanh() * scale
+    return _per_axis(raw.tanh(), offset_range / raw.shape[-3], offset_range / raw.shape[-2])
+
+
+def _per_axis(t: Tensor, y: float, x: float) -> Tensor:
+    """t (..., 2) times y on its first and x on its second coordinate, by Python numbers: a tensor made
+    of them would be copied to the device on every call, and such a copy waits for the GPU's queue."""
+    return t * y if y == x else torch.stack((t[..., 0] * y, t[..., 1] * x), dim=-1)
 
 
 def sampling_positions(reference: Tensor, offsets: Tensor | None, offset_range: float) -> Tensor:
@@ -92,7 +96,7 @@ def log_cpb_coords(query_grid: Tensor, positions: Tensor) -> Tensor:
 def offsets_in_cells(positions: Tensor, reference: Tensor) -> Tensor:
     """Displacement of each sample from its reference point in key-grid cells, (..., hk, wk, 2)."""
     hk, wk = reference.shape[-3], reference.shape[-2]
-    return (positions - reference) * positions.new_tensor([hk / 2, wk / 2])
+    return _per_axis(positions - reference, hk / 2, wk / 2)
 
 
 def window_relative_index(window: int, table_window: int, *, device=None) -> Tensor:

@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - triton comes with CUDA builds of torch
 MAX_TABLE = 64  # padded table side the backward's (rows x columns) accumulator allows
 TILE = 8192  # elements of the backward's (query columns x keys x table columns) weights
 WARPS = (4, 8)  # warps per program of the forward and the backward kernel
+PRECISION = "ieee"  # of the backward's products for the table gradient: "ieee" (float32) or "tf32x3"
+KEYS = 32  # keys per program of the backward
 
 
 def supported(table: Tensor) -> bool:
@@ -89,7 +91,8 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(table, qy, qx, pos, grad, s_head, s_row, table_part, pos_grad, G, m, H, W, Ns, Ht, Wt,
-                         BX: tl.constexpr, BK: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr):
+                         BX: tl.constexpr, BK: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                         PRECISION: tl.constexpr):
         """Program (n, key block): the table gradient of its keys, per head, into
         table_part[n, key block, h] (TY x TX, padded), and the keys' position gradients."""
         n = tl.program_id(0)
@@ -121,7 +124,7 @@ if triton is not None:
                     per_col = tl.sum(g[:, :, None] * wx, axis=0)  # (BK, TX): summed over query columns
                     wy = tl.where(rows == y0[:, None], 1 - fy[:, None], 0.0) + \
                         tl.where(rows == y0[:, None] + 1, fy[:, None], 0.0)  # (BK, TY)
-                    acc += tl.dot(tl.trans(wy), per_col, input_precision="ieee")  # (TY, TX)
+                    acc += tl.dot(tl.trans(wy), per_col, input_precision=PRECISION)  # (TY, TX)
                     v00, v01, v10, v11 = _corners(base, y0[None, :], x0, Ht, Wt, mask)
                     fyb = fy[None, :]
                     d_py += tl.sum(g * ((v10 - v00) * (1 - fx) + (v11 - v01) * fx), axis=0)
@@ -138,7 +141,7 @@ if triton is not None:
 def _blocks(W: int, Ns: int, table_cols: int) -> tuple[int, int, int]:
     """(query columns per step BX, keys per program BK, padded table columns TX) for the backward."""
     TX = max(16, triton.next_power_of_2(table_cols))
-    BK = 32 if Ns > 16 else 16
+    BK = max(16, min(KEYS, triton.next_power_of_2(Ns)))
     return max(2, min(triton.next_power_of_2(W), TILE // (BK * TX))), BK, TX
 
 
@@ -170,7 +173,7 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
     kernel = torch.library.wrap_triton(_backward_kernel)
     kernel[(N, blocks)](table.float().contiguous(), qy, qx, pos.float().contiguous(), grad, grad.stride(0),
                         grad.stride(1), part, pos_grad, groups, m, H, W, Ns, Ht, Wt, BX=BX, BK=BK,
-                        TY=max(16, triton.next_power_of_2(Ht)), TX=TX, num_warps=WARPS[1])
+                        TY=max(16, triton.next_power_of_2(Ht)), TX=TX, PRECISION=PRECISION, num_warps=WARPS[1])
     table_grad = part.reshape(N // groups, groups, blocks, m, Ht, Wt).sum((0, 2)).reshape(M, Ht, Wt)
     return table_grad.to(table.dtype), pos_grad.to(pos.dtype)
 
@@ -194,12 +197,13 @@ if triton is not None:  # as custom ops, so that torch.compile traces through th
     torch.library.register_autograd("dat_lab::relative_bias", _backward, setup_context=_save)
 
 
-def relative_bias(table: Tensor, query_grid: Tensor, positions: Tensor, *, groups: int, dtype: torch.dtype) -> Tensor:
-    """The (heads, Ht, Wt) table read bilinearly at half of query - key for every query of the (H, W, 2)
-    grid and key at positions (N, Hk, Wk, 2) (N = images x groups; (y, x), normalised):
-    (N * heads/groups, H*W, Hk*Wk) in `dtype`, as grid_sample(align_corners=True) gives."""
+def relative_bias(table: Tensor, query_y: Tensor, query_x: Tensor, positions: Tensor, *, groups: int,
+                  dtype: torch.dtype) -> Tensor:
+    """The (heads, Ht, Wt) table read bilinearly at half of query - key for every query of the H x W
+    grid with coordinates query_y (H,) and query_x (W,) (float32) and every key at positions
+    (N, Hk, Wk, 2) (N = images x groups; (y, x), normalised): (N * heads/groups, H*W, Hk*Wk) in
+    `dtype`, as grid_sample(align_corners=True) gives."""
     if not positions.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"sampler 'triton': the Triton kernels run on CUDA devices, not {positions.device.type} "
                            "(or in Triton's interpreter: TRITON_INTERPRET=1); use sampler 'auto' or 'grid_sample'")
-    qy, qx = query_grid[:, 0, 0].float().contiguous(), query_grid[0, :, 1].float().contiguous()
-    return _bias_forward(table, qy, qx, positions, groups, dtype)
+    return _bias_forward(table, query_y, query_x, positions, groups, dtype)
