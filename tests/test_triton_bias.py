@@ -51,10 +51,13 @@ def _grid_sample_bias(table, query_grid, pos, groups):
 
 
 @in_interpreter
-@pytest.mark.parametrize("H, W, Hk, Wk, groups", [(4, 4, 4, 4, 2), (5, 7, 3, 4, 1), (3, 6, 6, 5, 3)])
-def test_kernels_equal_grid_sample(interpreted, H, W, Hk, Wk, groups):
+@pytest.mark.parametrize("H, W, Hk, Wk, groups, layout, tile", [
+    (4, 4, 4, 4, 2, 0, 16384), (4, 4, 4, 4, 2, 1, 16384), (5, 7, 3, 4, 1, 0, 512), (3, 6, 6, 5, 3, 1, 512)])
+def test_kernels_equal_grid_sample(interpreted, H, W, Hk, Wk, groups, layout, tile, monkeypatch):
     """Values and the gradients of table and positions, positions reaching past the table's edges
     (zero padding) and sitting on whole pixels (the slope towards the next one, as grid_sample)."""
+    monkeypatch.setattr(interpreted, "LAYOUT", layout)
+    monkeypatch.setattr(interpreted, "TILE", tile)  # 512: the backward takes query columns 2 at a time
     torch.manual_seed(0)
     M, N = 2 * groups, 2 * groups
     table = torch.randn(M, 2 * H - 1, 2 * W - 1, requires_grad=True)

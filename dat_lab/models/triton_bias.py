@@ -28,10 +28,11 @@ except ImportError:  # pragma: no cover - triton comes with CUDA builds of torch
     triton = None
 
 MAX_TABLE = 64  # padded table side the backward's (rows x columns) accumulator allows
-TILE = 8192  # elements of the backward's (query columns x keys x table columns) weights
+TILE = 16384  # elements of the backward's (query columns x keys x table columns) weights
 WARPS = (4, 8)  # warps per program of the forward and the backward kernel
 PRECISION = "ieee"  # of the backward's products for the table gradient: "ieee" (float32) or "tf32x3"
 KEYS = 32  # keys per program of the backward
+LAYOUT = 0  # of the backward's column weights: (columns, keys, table columns) 0 or (keys, table columns, columns) 1
 
 
 def supported(table: Tensor) -> bool:
@@ -90,50 +91,59 @@ if triton is not None:
                     tl.store(at, v.to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _backward_kernel(table, qy, qx, pos, grad, s_head, s_row, table_part, pos_grad, G, m, H, W, Ns, Ht, Wt,
+    def _backward_kernel(table, qy, qx, pos, grad, s_head, s_row, table_part, pos_part, G, m, H, W, Ns, Ht, Wt,
                          BX: tl.constexpr, BK: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
-                         PRECISION: tl.constexpr):
-        """Program (n, key block): the table gradient of its keys, per head, into
-        table_part[n, key block, h] (TY x TX, padded), and the keys' position gradients."""
+                         PRECISION: tl.constexpr, LAYOUT: tl.constexpr):
+        """Program (n, key block, head h): the table gradient of its keys into table_part[n, key block, h]
+        (TY x TX, padded), and the keys' position gradients through this head into pos_part[n, h]."""
         n = tl.program_id(0)
         kb = tl.program_id(1)
+        h = tl.program_id(2)
         k = kb * BK + tl.arange(0, BK)
         k_in = k < Ns
         p = pos + (n.to(tl.int64) * Ns + k) * 2
         py = tl.load(p, mask=k_in, other=0.0)
         px = tl.load(p + 1, mask=k_in, other=0.0)
-        heads = (n % G) * m
-        cols = tl.arange(0, TX)[None, None, :]  # (1, 1, TX)
+        base = table + ((n % G) * m + h) * Ht * Wt
+        grad += (n.to(tl.int64) * m + h) * s_head
         rows = tl.arange(0, TY)[None, :]  # (1, TY)
         d_py = tl.zeros((BK,), dtype=tl.float32)
         d_px = tl.zeros((BK,), dtype=tl.float32)
-        for h in range(m):
-            base = table + (heads + h) * Ht * Wt
-            acc = tl.zeros((TY, TX), dtype=tl.float32)
-            for ix0 in range(0, W, BX):
-                ix = ix0 + tl.arange(0, BX)
-                x0, fx = _axis(tl.load(qx + ix, mask=ix < W, other=0.0)[:, None], px[None, :], Wt)  # (BX, BK)
-                mask = (ix < W)[:, None] & k_in[None, :]
-                # column weights (BX, BK, TX): 1 - fx at x0, fx at x0 + 1 (outside the table: dropped at the store)
+        acc = tl.zeros((TY, TX), dtype=tl.float32)
+        for ix0 in range(0, W, BX):
+            ix = ix0 + tl.arange(0, BX)
+            x0, fx = _axis(tl.load(qx + ix, mask=ix < W, other=0.0)[:, None], px[None, :], Wt)  # (BX, BK)
+            mask = (ix < W)[:, None] & k_in[None, :]
+            # column weights: 1 - fx at x0, fx at x0 + 1 (outside the table: dropped at the store), as
+            # (BX, BK, TX) summed over axis 0 (LAYOUT 0) or (BK, TX, BX) summed over axis 2 (LAYOUT 1)
+            if LAYOUT == 0:
+                cols = tl.arange(0, TX)[None, None, :]
                 wx = tl.where(cols == x0[:, :, None], 1 - fx[:, :, None], 0.0) + \
                     tl.where(cols == x0[:, :, None] + 1, fx[:, :, None], 0.0)
-                for iy in range(H):
-                    y0, fy = _axis(tl.load(qy + iy), py, Ht)  # (BK,)
-                    at = grad + (n.to(tl.int64) * m + h) * s_head + (iy * W + ix)[:, None] * s_row + k[None, :]
-                    g = tl.load(at, mask=mask, other=0.0).to(tl.float32)  # (BX, BK)
+            else:
+                cols = tl.arange(0, TX)[None, :, None]
+                x0t, fxt = tl.trans(x0)[:, None, :], tl.trans(fx)[:, None, :]
+                wx = tl.where(cols == x0t, 1 - fxt, 0.0) + tl.where(cols == x0t + 1, fxt, 0.0)
+            for iy in range(H):
+                y0, fy = _axis(tl.load(qy + iy), py, Ht)  # (BK,)
+                g = tl.load(grad + (iy * W + ix)[:, None] * s_row + k[None, :], mask=mask, other=0.0)
+                g = g.to(tl.float32)  # (BX, BK)
+                if LAYOUT == 0:
                     per_col = tl.sum(g[:, :, None] * wx, axis=0)  # (BK, TX): summed over query columns
-                    wy = tl.where(rows == y0[:, None], 1 - fy[:, None], 0.0) + \
-                        tl.where(rows == y0[:, None] + 1, fy[:, None], 0.0)  # (BK, TY)
-                    acc += tl.dot(tl.trans(wy), per_col, input_precision=PRECISION)  # (TY, TX)
-                    v00, v01, v10, v11 = _corners(base, y0[None, :], x0, Ht, Wt, mask)
-                    fyb = fy[None, :]
-                    d_py += tl.sum(g * ((v10 - v00) * (1 - fx) + (v11 - v01) * fx), axis=0)
-                    d_px += tl.sum(g * ((v01 - v00) * (1 - fyb) + (v11 - v10) * fyb), axis=0)
-            part = table_part + ((n.to(tl.int64) * tl.num_programs(1) + kb) * m + h) * Ht * Wt
-            r, c = tl.arange(0, TY)[:, None], tl.arange(0, TX)[None, :]
-            tl.store(part + r * Wt + c, acc, mask=(r < Ht) & (c < Wt))
+                else:
+                    per_col = tl.sum(tl.trans(g)[:, None, :] * wx, axis=2)
+                wy = tl.where(rows == y0[:, None], 1 - fy[:, None], 0.0) + \
+                    tl.where(rows == y0[:, None] + 1, fy[:, None], 0.0)  # (BK, TY)
+                acc += tl.dot(tl.trans(wy), per_col, input_precision=PRECISION)  # (TY, TX)
+                v00, v01, v10, v11 = _corners(base, y0[None, :], x0, Ht, Wt, mask)
+                fyb = fy[None, :]
+                d_py += tl.sum(g * ((v10 - v00) * (1 - fx) + (v11 - v01) * fx), axis=0)
+                d_px += tl.sum(g * ((v01 - v00) * (1 - fyb) + (v11 - v10) * fyb), axis=0)
+        part = table_part + ((n.to(tl.int64) * tl.num_programs(1) + kb) * m + h) * Ht * Wt
+        r, c = tl.arange(0, TY)[:, None], tl.arange(0, TX)[None, :]
+        tl.store(part + r * Wt + c, acc, mask=(r < Ht) & (c < Wt))
         # d t / d p = -0.25 (size - 1) on each axis (t = ((q - p) / 2 + 1) / 2 (size - 1))
-        q = pos_grad + (n.to(tl.int64) * Ns + k) * 2
+        q = pos_part + ((n.to(tl.int64) * m + h) * Ns + k) * 2
         tl.store(q, d_py * (-0.25 * (Ht - 1)), mask=k_in)
         tl.store(q + 1, d_px * (-0.25 * (Wt - 1)), mask=k_in)
 
@@ -168,14 +178,15 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
     BX, BK, TX = _blocks(W, Ns, Wt)
     blocks = triton.cdiv(Ns, BK)
     part = torch.empty(N, blocks, m, Ht, Wt, device=pos.device, dtype=torch.float32)
-    pos_grad = torch.empty(pos.shape, device=pos.device, dtype=torch.float32)
+    pos_part = torch.empty(N, m, *pos.shape[1:], device=pos.device, dtype=torch.float32)
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     kernel = torch.library.wrap_triton(_backward_kernel)
-    kernel[(N, blocks)](table.float().contiguous(), qy, qx, pos.float().contiguous(), grad, grad.stride(0),
-                        grad.stride(1), part, pos_grad, groups, m, H, W, Ns, Ht, Wt, BX=BX, BK=BK,
-                        TY=max(16, triton.next_power_of_2(Ht)), TX=TX, PRECISION=PRECISION, num_warps=WARPS[1])
+    kernel[(N, blocks, m)](table.float().contiguous(), qy, qx, pos.float().contiguous(), grad, grad.stride(0),
+                           grad.stride(1), part, pos_part, groups, m, H, W, Ns, Ht, Wt, BX=BX, BK=BK,
+                           TY=max(16, triton.next_power_of_2(Ht)), TX=TX, PRECISION=PRECISION, LAYOUT=LAYOUT,
+                           num_warps=WARPS[1])
     table_grad = part.reshape(N // groups, groups, blocks, m, Ht, Wt).sum((0, 2)).reshape(M, Ht, Wt)
-    return table_grad.to(table.dtype), pos_grad.to(pos.dtype)
+    return table_grad.to(table.dtype), pos_part.sum(1).to(pos.dtype)
 
 
 if triton is not None:  # as custom ops, so that torch.compile traces through them
