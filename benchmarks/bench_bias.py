@@ -69,8 +69,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run, in Triton's interpreter")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--configs", default="16384/4/8/ieee/32/0,16384/4/4/ieee/32/0,16384/4/4/ieee/32/1,8192/4/4/ieee/32/1,"
-                                        "16384/4/4/ieee/64/1,16384/4/8/ieee/64/0,8192/4/4/ieee/16/0")
+    p.add_argument("--configs", default="8192/4/4/ieee/16/0,4096/4/4/ieee/16/0,8192/4/2/ieee/16/0,4096/4/2/ieee/16/0,"
+                                        "16384/4/4/ieee/16/0,4096/4/4/ieee/32/0,8192/4/2/ieee/32/0")
     p.add_argument("--json", default="benchmarks/results/bias.json")
     p.add_argument("--md", help="update this Markdown file's bias section (e.g. docs/benchmarks.md)")
     a = p.parse_args()

@@ -28,10 +28,10 @@ except ImportError:  # pragma: no cover - triton comes with CUDA builds of torch
     triton = None
 
 MAX_TABLE = 64  # padded table side the backward's (rows x columns) accumulator allows
-TILE = 16384  # elements of the backward's (query columns x keys x table columns) weights
-WARPS = (4, 8)  # warps per program of the forward and the backward kernel
+TILE = 8192  # elements of the backward's (query columns x keys x table columns) weights
+WARPS = (4, 4)  # warps per program of the forward and the backward kernel
 PRECISION = "ieee"  # of the backward's products for the table gradient: "ieee" (float32) or "tf32x3"
-KEYS = 32  # keys per program of the backward
+KEYS = 16  # keys per program of the backward
 LAYOUT = 0  # of the backward's column weights: (columns, keys, table columns) 0 or (keys, table columns, columns) 1
 
 
