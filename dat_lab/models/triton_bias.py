@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - triton comes with CUDA builds of torch
     triton = None
 
 MAX_TABLE = 64  # padded table side the backward's (rows x columns) accumulator allows
-TILE = 8192  # elements of the backward's (query columns x keys x table columns) weights
+TILE = 4096  # elements of the backward's (query columns x keys x table columns) weights
 WARPS = (4, 4)  # warps per program of the forward and the backward kernel
 PRECISION = "ieee"  # of the backward's products for the table gradient: "ieee" (float32) or "tf32x3"
 KEYS = 16  # keys per program of the backward
