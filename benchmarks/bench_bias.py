@@ -1,16 +1,19 @@
 """The relative position bias of a deformable block alone (CUDA): grid_sample (the plain path: the
 displacement grid, a float32 bias, then the cast to the attention's dtype) against the Triton kernels
 of `dat_lab.models.triton_bias`, forward and forward + backward, at DAT-T's stage-2 and stage-3
-shapes; the kernels at several settings (table tile / forward warps / backward warps / precision of
-the table gradient's products / keys per backward program / layout of its column weights).
+shapes; the kernels at their default setting and at others, a setting being
+TILE/forward warps/backward warps/PRECISION/KEYS/LAYOUT (see triton_bias). Also each setting's
+largest error against grid_sample in float32 (bias, table and position gradients).
 
-    python benchmarks/bench_bias.py [--batch 128] [--repeats 20] [--configs 8192/4/8/ieee/32/0,16384/4/4/ieee/64/1] [--md docs/benchmarks.md]
-    TRITON_INTERPRET=1 python benchmarks/bench_bias.py --device cpu --batch 1 --repeats 1   # a dry run of the script
+    python benchmarks/bench_bias.py [--batch 128] [--repeats 20] [--settings 4096/4/4/ieee/16/0,...] [--md docs/benchmarks.md]
+    python benchmarks/bench_bias.py --from-json RUN.json --md docs/benchmarks.md   # the table of an earlier run again
+    TRITON_INTERPRET=1 python benchmarks/bench_bias.py --device cpu --batch 1 --repeats 1   # a dry run (minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,20 +26,41 @@ from common import alternate, machine, markdown, write  # noqa: E402
 from dat_lab.models import StageConfig, triton_bias  # noqa: E402
 from dat_lab.models.attention import DeformableAttention, set_deformable_options  # noqa: E402
 
+SETTING = ("TILE", "WARPS", "PRECISION", "KEYS", "LAYOUT")  # the module constants a setting sets, in order
 
-def build(shape: str, sampler: str, batch: int, backward: bool, config: tuple | None, device: str):
-    s = SHAPES[shape]
+
+def parse(setting: str) -> tuple:
+    tile, forward_warps, backward_warps, precision, keys, layout = setting.split("/")
+    return int(tile), (int(forward_warps), int(backward_warps)), precision, int(keys), int(layout)
+
+
+def current() -> str:
+    tile, (fw, bw), precision, keys, layout = (getattr(triton_bias, name) for name in SETTING)
+    return f"{tile}/{fw}/{bw}/{precision}/{keys}/{layout}"
+
+
+def use(setting: str) -> None:
+    for name, value in zip(SETTING, parse(setting)):
+        setattr(triton_bias, name, value)
+
+
+def block_and_positions(shape: str, batch: int, device: str, requires_grad: bool):
+    s, n = SHAPES[shape], SHAPES[shape]["size"]
     torch.manual_seed(0)
     stage = StageConfig(dim=s["dim"], depth=2, heads=s["heads"], blocks="LD", groups=s["groups"],
                         offset_kernel=s["kernel"])
-    block = DeformableAttention(stage=stage, q_size=(s["size"], s["size"]), attn_drop=0.0, proj_drop=0.0).to(device)
+    block = DeformableAttention(stage=stage, q_size=(n, n), attn_drop=0.0, proj_drop=0.0).to(device)
+    pos = (torch.rand(batch * s["groups"], n, n, 2, device=device) * 2 - 1).requires_grad_(requires_grad)
+    return block, pos
+
+
+def build(shape: str, sampler: str, setting: str, batch: int, backward: bool, device: str):
+    block, pos = block_and_positions(shape, batch, device, backward)
     set_deformable_options(block, sampler=sampler)
-    n = s["size"]
-    pos = (torch.rand(batch * s["groups"], n, n, 2, device=device) * 2 - 1).requires_grad_(backward)
+    n = SHAPES[shape]["size"]
 
     def run() -> None:
-        if config is not None:
-            triton_bias.TILE, triton_bias.WARPS, triton_bias.PRECISION, triton_bias.KEYS, triton_bias.LAYOUT = config
+        use(setting)
         bias = block._bias(batch, n, n, pos, xy_grid=True, dtype=torch.bfloat16).to(torch.bfloat16)
         if backward:
             bias.backward(torch.ones_like(bias))
@@ -44,18 +68,15 @@ def build(shape: str, sampler: str, batch: int, backward: bool, config: tuple | 
     return run
 
 
-def errors(shape: str, batch: int, config: tuple, device: str) -> dict[str, float]:
+def errors(shape: str, batch: int, setting: str, device: str) -> dict[str, float]:
     """Largest error of the kernels' bias and gradients (float32) against grid_sample's, relative to
     max(1, the largest magnitude), under this setting."""
-    s, n = SHAPES[shape], SHAPES[shape]["size"]
-    torch.manual_seed(0)
-    stage = StageConfig(dim=s["dim"], depth=2, heads=s["heads"], blocks="LD", groups=s["groups"])
-    block = DeformableAttention(stage=stage, q_size=(n, n), attn_drop=0.0, proj_drop=0.0).to(device)
-    pos = (torch.rand(batch * s["groups"], n, n, 2, device=device) * 2 - 1).requires_grad_()
-    upstream = torch.randn(batch * s["heads"], n * n, n * n, device=device)
+    block, pos = block_and_positions(shape, batch, device, True)
+    n = SHAPES[shape]["size"]
+    upstream = torch.randn(batch * SHAPES[shape]["heads"], n * n, n * n, device=device)
+    use(setting)
     results = []
     for sampler in ("grid_sample", "triton"):
-        triton_bias.TILE, triton_bias.WARPS, triton_bias.PRECISION, triton_bias.KEYS, triton_bias.LAYOUT = config
         block.zero_grad()
         pos.grad = None
         bias = set_deformable_options(block, sampler=sampler)._bias(batch, n, n, pos, xy_grid=True, dtype=torch.float32)
@@ -64,44 +85,54 @@ def errors(shape: str, batch: int, config: tuple, device: str) -> dict[str, floa
     return {k: ((results[1][k] - v).abs().max() / v.abs().max().clamp_min(1)).item() for k, v in results[0].items()}
 
 
+def table(results: dict) -> str:
+    default = f"triton {results['default']}"
+    rows = []
+    for row in results["rows"]:
+        ms = row["ms"]
+        fastest = min((t, n) for n, t in ms.items() if n.startswith("triton"))
+        rows.append([row["shape"], row["pass"], f"{ms['grid_sample']:.2f}", f"{ms[default]:.2f}",
+                     f"{ms['grid_sample'] / ms[default]:.2f}x", f"{fastest[1].removeprefix('triton ')}: {fastest[0]:.2f}"])
+    header = ["shape", "pass", "grid_sample (ms)", f"triton, {results['default']} (ms)", "speed-up",
+              "fastest setting measured (ms)"]
+    title = f"Relative position bias ({results['device']}, batch {results['batch']}, bf16 out, medians of {results['repeats']})"
+    return markdown(title, results["machine"], header, rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run, in Triton's interpreter")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--configs", default="8192/4/4/ieee/16/0,4096/4/4/ieee/16/0,8192/4/2/ieee/16/0,4096/4/2/ieee/16/0,"
-                                        "16384/4/4/ieee/16/0,4096/4/4/ieee/32/0,8192/4/2/ieee/32/0")
+    p.add_argument("--settings", default="8192/4/4/ieee/16/0,4096/4/2/ieee/16/0,16384/4/4/ieee/16/0,4096/4/4/ieee/32/0")
     p.add_argument("--json", default="benchmarks/results/bias.json")
+    p.add_argument("--from-json", help="only write the table of this earlier run's JSON")
     p.add_argument("--md", help="update this Markdown file's bias section (e.g. docs/benchmarks.md)")
     a = p.parse_args()
+    if a.from_json:
+        results = json.loads(Path(a.from_json).read_text())
+        write(results, Path(a.from_json), Path(a.md) if a.md else None, f"bias-{results['device']}", table(results))
+        return
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_bias.py: needs a CUDA device (the Triton kernels run on CUDA; --device cpu: a dry run)")
-    configs = {}
-    for c in a.configs.split(","):
-        tile, forward_warps, backward_warps, precision, keys, layout = c.split("/")
-        configs[f"triton {c}"] = (int(tile), (int(forward_warps), int(backward_warps)), precision, int(keys), int(layout))
-    default = (triton_bias.TILE, triton_bias.WARPS, triton_bias.PRECISION, triton_bias.KEYS, triton_bias.LAYOUT)
-    results = {"machine": machine(a.device), "batch": a.batch, "default": str(default), "rows": []}
-    rows = []
+    default = current()
+    settings = [default] + [s for s in a.settings.split(",") if s != default]
+    for s in settings:
+        parse(s)  # a malformed setting fails here, before any timing
+    results = {"machine": machine(a.device), "device": a.device, "batch": a.batch, "repeats": a.repeats,
+               "default": default, "rows": [], "errors": {}}
     for shape in SHAPES:
         for kind in ("fwd", "fwd+bwd"):
-            runs = {"grid_sample": build(shape, "grid_sample", a.batch, kind == "fwd+bwd", None, a.device)}
-            runs |= {name: build(shape, "triton", a.batch, kind == "fwd+bwd", c, a.device) for name, c in configs.items()}
+            runs = {"grid_sample": build(shape, "grid_sample", default, a.batch, kind == "fwd+bwd", a.device)}
+            runs |= {f"triton {s}": build(shape, "triton", s, a.batch, kind == "fwd+bwd", a.device) for s in settings}
             times = alternate(runs, repeats=a.repeats, device=a.device, warmup=1)
-            triton_bias.TILE, triton_bias.WARPS, triton_bias.PRECISION, triton_bias.KEYS, triton_bias.LAYOUT = default
-            best = min((t, n) for n, t in times.items() if n != "grid_sample")
             results["rows"].append({"shape": shape, "pass": kind, "ms": {n: t * 1e3 for n, t in times.items()}})
-            rows.append([shape, kind, f"{times['grid_sample'] * 1e3:.2f}", best[1].removeprefix("triton "),
-                         f"{best[0] * 1e3:.2f}", f"{times['grid_sample'] / best[0]:.2f}x"])
             print(shape, kind, {n: round(t * 1e3, 3) for n, t in times.items()}, flush=True)
-    for name, config in configs.items():
-        results[f"errors {name}"] = worst = errors("stage2", min(a.batch, 16), config, a.device)
-        print(name, "errors", {k: f"{v:.1e}" for k, v in worst.items()}, flush=True)
-    triton_bias.TILE, triton_bias.WARPS, triton_bias.PRECISION, triton_bias.KEYS, triton_bias.LAYOUT = default
-    header = ["shape", "pass", "grid_sample (ms)", "fastest kernel setting", "triton (ms)", "speed-up"]
-    table = markdown(f"Relative position bias ({a.device}, batch {a.batch}, bf16 out, medians of {a.repeats})",
-                     results["machine"], header, rows)
-    write(results, Path(a.json), Path(a.md) if a.md else None, f"bias-{a.device}", table)
+    for s in settings:
+        results["errors"][s] = worst = errors("stage2", min(a.batch, 16), s, a.device)
+        print(s, "errors", {k: f"{v:.1e}" for k, v in worst.items()}, flush=True)
+    use(default)
+    write(results, Path(a.json), Path(a.md) if a.md else None, f"bias-{a.device}", table(results))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 #   bash benchmarks/cuda.sh OUTDIR   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md (a copy of
 #                                       docs/benchmarks.md with the GPU sections filled in)
 # Each step has its own time limit, so one that hangs or fails does not take the others with it. All limits
-# together are ~16 minutes; seen on an H100: everything but the compiled comparison in ~5 minutes, the
-# compiled one past 150 s (compiling both models' training steps).
+# together are ~17 minutes; seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model
+# comparison ~2 minutes, the compiled one past 150 s (compiling both models' training steps).
 set -u
 out=${1:?usage: bash benchmarks/cuda.sh OUTDIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -14,6 +14,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi -L; python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'
 gpu=(--device cuda --batch 128 --precision bf16 --channels-last --md "$out/benchmarks.md")
 timeout 180 python3 benchmarks/check_cuda.py 2>&1 | tee "$out/check.log"
+timeout 90 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
 timeout 120 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "$out/models.json"
 for m in dat_tiny swin_tiny; do  # where a training step's time goes
     timeout 60 python3 benchmarks/profile_step.py --model $m --device cuda --batch 128 --precision bf16 \
