@@ -27,14 +27,19 @@ SHAPES = {  # DAT-T: stage 2 (C 384, 14x14, 12 heads, G 3, k 5), stage 3 (C 768,
 }
 
 
-def build(shape: str, reference: bool, batch: int, device: str, backward: bool, sampler: str = "auto",
-          kernel: str = "auto"):
+def make_block(shape: str, device: str) -> DeformableAttention:
+    """A deformable block at one of SHAPES, seeded."""
     s = SHAPES[shape]
     torch.manual_seed(0)
     stage = StageConfig(dim=s["dim"], depth=2, heads=s["heads"], blocks="LD", groups=s["groups"],
                         offset_kernel=s["kernel"])
-    block = DeformableAttention(stage=stage, q_size=(s["size"], s["size"]), attn_drop=0.0, proj_drop=0.0).to(device)
-    set_deformable_options(block, reference=reference, sampler=sampler, kernel=kernel)
+    return DeformableAttention(stage=stage, q_size=(s["size"], s["size"]), attn_drop=0.0, proj_drop=0.0).to(device)
+
+
+def build(shape: str, reference: bool, batch: int, device: str, backward: bool, sampler: str = "auto",
+          kernel: str = "auto"):
+    s = SHAPES[shape]
+    block = set_deformable_options(make_block(shape, device), reference=reference, sampler=sampler, kernel=kernel)
     x = torch.randn(batch, s["size"], s["size"], s["dim"], device=device, requires_grad=backward)  # channels-last
 
     def run() -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import SHAPES  # noqa: E402
+from bench_attention import SHAPES, make_block  # noqa: E402
 from common import alternate, machine, markdown, write  # noqa: E402
 
-from dat_lab.models import StageConfig, triton_bias  # noqa: E402
-from dat_lab.models.attention import DeformableAttention, set_deformable_options  # noqa: E402
+from dat_lab.models import triton_bias  # noqa: E402
+from dat_lab.models.attention import set_deformable_options  # noqa: E402
 
 SETTING = ("TILE", "WARPS", "PRECISION", "KEYS", "LAYOUT")  # the module constants a setting sets, in order
 
@@ -45,12 +45,8 @@ def use(setting: str) -> None:
 
 
 def block_and_positions(shape: str, batch: int, device: str, requires_grad: bool):
-    s, n = SHAPES[shape], SHAPES[shape]["size"]
-    torch.manual_seed(0)
-    stage = StageConfig(dim=s["dim"], depth=2, heads=s["heads"], blocks="LD", groups=s["groups"],
-                        offset_kernel=s["kernel"])
-    block = DeformableAttention(stage=stage, q_size=(n, n), attn_drop=0.0, proj_drop=0.0).to(device)
-    pos = (torch.rand(batch * s["groups"], n, n, 2, device=device) * 2 - 1).requires_grad_(requires_grad)
+    block, n = make_block(shape, device), SHAPES[shape]["size"]
+    pos = (torch.rand(batch * SHAPES[shape]["groups"], n, n, 2, device=device) * 2 - 1).requires_grad_(requires_grad)
     return block, pos
 
 
@@ -90,9 +86,10 @@ def table(results: dict) -> str:
     rows = []
     for row in results["rows"]:
         ms = row["ms"]
-        fastest = min((t, n) for n, t in ms.items() if n.startswith("triton"))
+        fastest = min((t, n) for n, t in ms.items() if n.startswith("triton"))  # settings differ in the backward only
         rows.append([row["shape"], row["pass"], f"{ms['grid_sample']:.2f}", f"{ms[default]:.2f}",
-                     f"{ms['grid_sample'] / ms[default]:.2f}x", f"{fastest[1].removeprefix('triton ')}: {fastest[0]:.2f}"])
+                     f"{ms['grid_sample'] / ms[default]:.2f}x",
+                     f"{fastest[1].removeprefix('triton ')}: {fastest[0]:.2f}" if row["pass"] != "fwd" else "-"])
     header = ["shape", "pass", "grid_sample (ms)", f"triton, {results['default']} (ms)", "speed-up",
               "fastest setting measured (ms)"]
     title = f"Relative position bias ({results['device']}, batch {results['batch']}, bf16 out, medians of {results['repeats']})"

@@ -3,7 +3,7 @@
 #   bash benchmarks/cuda.sh OUTDIR   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md (a copy of
 #                                       docs/benchmarks.md with the GPU sections filled in)
 # Each step has its own time limit, so one that hangs or fails does not take the others with it. All limits
-# together are ~17 minutes; seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model
+# together are 18 minutes; seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model
 # comparison ~2 minutes, the compiled one past 150 s (compiling both models' training steps).
 set -u
 out=${1:?usage: bash benchmarks/cuda.sh OUTDIR}

@@ -88,6 +88,21 @@ def test_forward_intermediates():
     assert "attention" not in model.forward_intermediates(x)["deformable"]["stages.2.attns.1"]
 
 
+@pytest.mark.parametrize("knob", [{}, {"offsets": False}])
+def test_sampling_records_are_copies(knob):
+    """Reference points (and positions, without offsets) come from grids cached per shape: what the
+    model hands out must be copies, or a caller's in-place edit would move every later forward's keys."""
+    model = dat_lab.create_model("dat_pico", groups=[1, 1, 1, 1], **knob).eval()
+    x = torch.randn(1, 3, 32, 32)  # batch x groups = 1: the expanded views would be writable
+    info = model.forward_intermediates(x)["deformable"]["stages.2.attns.1"]
+    expected, logits = info["references"].clone(), model(x)
+    info["references"].add_(1.0)
+    info["positions"].add_(1.0)
+    again = model.forward_intermediates(x)
+    torch.testing.assert_close(again["deformable"]["stages.2.attns.1"]["references"], expected)
+    torch.testing.assert_close(again["logits"], logits)
+
+
 def test_timm_registration():
     assert set(VARIANTS) <= set(timm.list_models("dat_*"))
     model = timm.create_model("dat_tiny", num_classes=10)

@@ -15,29 +15,28 @@ import torch.nn.functional as F
 
 import dat_lab
 from dat_lab.models import triton_bias
+from dat_lab.models.attention import set_deformable_options
 from dat_lab.models.geometry import displacement, grid_points
 
 pytest.importorskip("triton")
+if not triton_bias.AVAILABLE:
+    pytest.skip("torch.library.triton_op needs torch >= 2.6", allow_module_level=True)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_in_the_interpreter")
+outside = pytest.mark.skipif(INTERPRETED, reason="outside the interpreter only")
 
 
-@pytest.fixture
-def interpreted():
-    return triton_bias
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the run it starts")
+@outside
 def test_kernels_in_the_interpreter():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed, 2 skipped" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]
+    assert " passed, 3 skipped" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]
 
 
 def _axes(query_grid):
     """The (H, W, 2) query grid's y (H,) and x (W,) coordinates, as the kernels take them."""
-    return query_grid[:, 0, 0].contiguous(), query_grid[0, :, 1].contiguous()
+    return query_grid[:, 0, 0], query_grid[0, :, 1]  # strided views: the kernels' ops make them contiguous
 
 
 def _grid_sample_bias(table, query_grid, pos, groups):
@@ -50,76 +49,100 @@ def _grid_sample_bias(table, query_grid, pos, groups):
     return bias.reshape(N * M // groups, -1, pos.shape[1] * pos.shape[2])
 
 
+def _assert_close(actual, expected, name):
+    assert actual.shape == expected.shape, name
+    assert (actual - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item()), name
+
+
 @in_interpreter
-@pytest.mark.parametrize("H, W, Hk, Wk, groups, layout, tile", [
-    (4, 4, 4, 4, 2, 0, 16384), (4, 4, 4, 4, 2, 1, 16384), (5, 7, 3, 4, 1, 0, 512), (3, 6, 6, 5, 3, 1, 512)])
-def test_kernels_equal_grid_sample(interpreted, H, W, Hk, Wk, groups, layout, tile, monkeypatch):
-    """Values and the gradients of table and positions, positions reaching past the table's edges
-    (zero padding) and sitting on whole pixels (the slope towards the next one, as grid_sample)."""
-    monkeypatch.setattr(interpreted, "LAYOUT", layout)
-    monkeypatch.setattr(interpreted, "TILE", tile)  # 512: the backward takes query columns 2 at a time
+@pytest.mark.parametrize("H, W, Hk, Wk, groups, convention, layout, tile, columns", [
+    (4, 4, 4, 4, 2, "released", 0, 16384, 32), (4, 4, 4, 4, 2, "aligned", 1, 16384, 32),
+    (5, 7, 3, 4, 1, "released", 0, 512, 2), (3, 6, 6, 5, 3, "released", 1, 512, 4), (5, 5, 5, 5, 1, "aligned", 0, 512, 2)])
+def test_kernels_equal_grid_sample(H, W, Hk, Wk, groups, convention, layout, tile, columns, monkeypatch):
+    """Values and the gradients of table and positions. Positions reach past the table's edges (zero
+    padding); with the aligned grid and Hk x Wk = H x W the first image's keys sit on the queries'
+    pixels, so the displacements land on whole table pixels (grid_sample's slope is then towards the
+    next one). tile 512 and columns 2 or 4: the kernels take the query columns a few at a time."""
+    monkeypatch.setattr(triton_bias, "LAYOUT", layout)
+    monkeypatch.setattr(triton_bias, "TILE", tile)
+    monkeypatch.setattr(triton_bias, "FORWARD_COLUMNS", columns)
     torch.manual_seed(0)
     M, N = 2 * groups, 2 * groups
     table = torch.randn(M, 2 * H - 1, 2 * W - 1, requires_grad=True)
-    query_grid = grid_points(H, W)
+    query_grid = grid_points(H, W, convention=convention)
     pos = torch.rand(N, Hk, Wk, 2) * 2.4 - 1.2
-    pos[0] = grid_points(Hk, Wk, convention="aligned")  # whole pixels of the table
+    if (Hk, Wk) == (H, W):
+        pos[0] = query_grid
     pos.requires_grad_()
     upstream = torch.randn(N * M // groups, H * W, Hk * Wk)
-    results = []
-    def kernels(table, query_grid, pos, groups):
-        return interpreted.relative_bias(table, *_axes(query_grid), pos, groups=groups, dtype=torch.float32)
 
+    def kernels(table, query_grid, pos, groups):
+        return triton_bias.relative_bias(table, *_axes(query_grid), pos, groups=groups, dtype=torch.float32)
+
+    results = []
     for bias_fn in (_grid_sample_bias, kernels):
         table.grad = pos.grad = None
         bias = bias_fn(table, query_grid, pos, groups)
         (bias * upstream).sum().backward()
         results.append((bias.detach(), table.grad, pos.grad))
-    for (name, expected), actual in zip(zip(("bias", "table grad", "position grad"), results[0]), results[1]):
-        assert actual.shape == expected.shape, name
-        assert (actual - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item()), name
-    assert results[1][2][0].abs().sum() > 0  # whole pixels still pass a gradient
+    for name, expected, actual in zip(("bias", "table grad", "position grad"), results[0], results[1]):
+        _assert_close(actual, expected, name)
 
 
 @in_interpreter
-def test_kernels_write_the_asked_dtype(interpreted):
+def test_kernels_write_the_asked_dtype_with_padded_rows():
     table, pos = torch.randn(4, 7, 7), torch.rand(2, 3, 3, 2) * 2 - 1
-    bias = interpreted.relative_bias(table, *_axes(grid_points(4, 4)), pos, groups=2, dtype=torch.bfloat16)
-    assert bias.dtype == torch.bfloat16 and bias.shape == (4, 16, 9) and bias.stride() == (256, 16, 1)  # rows padded
+    bias = triton_bias.relative_bias(table, *_axes(grid_points(4, 4)), pos, groups=2, dtype=torch.bfloat16)
+    assert bias.dtype == torch.bfloat16 and bias.shape == (4, 16, 9) and bias.stride() == (256, 16, 1)
     torch.testing.assert_close(bias.float(), _grid_sample_bias(table, grid_points(4, 4), pos, 2), atol=2e-2, rtol=1e-2)
+    padded = bias.as_strided((4, 16, 16), (256, 16, 1))
+    assert not padded[..., 9:].any()  # the row padding is zero, not whatever memory held
     # the backward reads a gradient with padded rows (as SDPA gives it) as it lies
-    qy, qx = _axes(grid_points(4, 4))
-    padded = torch.randn(4, 16, 16)[..., :9]
-    for by_rows, whole in zip(interpreted._bias_backward(padded, table, qy, qx, pos, 2),
-                              interpreted._bias_backward(padded.contiguous(), table, qy, qx, pos, 2)):
+    qy, qx = (a.contiguous() for a in _axes(grid_points(4, 4)))
+    grad = torch.randn(4, 16, 16)[..., :9]
+    for by_rows, whole in zip(triton_bias._bias_backward(grad, table, qy, qx, pos, 2),
+                              triton_bias._bias_backward(grad.contiguous(), table, qy, qx, pos, 2)):
         torch.testing.assert_close(by_rows, whole, atol=0, rtol=0)
 
 
 @in_interpreter
-@pytest.mark.parametrize("knob", [{}, {"offset_range": -1.0}, {"key_downsample": [1, 1, 2, 1]}, {"reference": "aligned"}])
-def test_model_with_triton_bias_equals_the_reference(interpreted, knob, monkeypatch):
-    """dat_pico with sampler "triton" against the released formulation: logits and all gradients."""
-    from dat_lab.models.attention import set_deformable_options
-
+@pytest.mark.parametrize("case", ["default", "unbounded", "r2", "aligned", "sdpa", "no_offsets", "other_size"])
+def test_model_with_triton_bias_equals_the_reference(case, monkeypatch):
+    """dat_pico with sampler "triton" against the released formulation: logits and all gradients.
+    sdpa: the padded bias as SDPA's mask; other_size: 48 x 48 input, tables made for 32 x 32."""
+    knobs = {"unbounded": {"offset_range": -1.0}, "r2": {"key_downsample": [1, 1, 2, 1]},
+             "aligned": {"reference": "aligned"}, "no_offsets": {"offsets": False}}
     calls = []
-    kernels = interpreted.relative_bias
-    monkeypatch.setattr(interpreted, "relative_bias", lambda *a, **k: calls.append(1) or kernels(*a, **k))
+    kernels = triton_bias.relative_bias
+    monkeypatch.setattr(triton_bias, "relative_bias", lambda *a, **k: calls.append(1) or kernels(*a, **k))
     torch.manual_seed(0)
-    model = dat_lab.create_model("dat_pico", **knob).eval()
-    x = torch.randn(2, 3, 32, 32)
+    model = dat_lab.create_model("dat_pico", **knobs.get(case, {})).eval()
+    x = torch.randn(2, 3, *((48, 48) if case == "other_size" else (32, 32)))
     passes = []
-    for options in ({"reference": True}, {"reference": False, "sampler": "triton"}):
+    for options in ({"reference": True}, {"reference": False, "sampler": "triton",
+                                          "kernel": "sdpa" if case == "sdpa" else "auto"}):
         model.zero_grad()
         logits = set_deformable_options(model, **options)(x)
         logits.square().sum().backward()
         passes.append({"logits": logits.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}})
     assert len(calls) == 2  # the two deformable blocks of dat_pico, in the second pass
     for name, expected in passes[0].items():
-        assert (passes[1][name] - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item()), name
+        _assert_close(passes[1][name], expected, name)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="outside the interpreter only")
+@outside
 def test_kernels_refuse_the_cpu_outside_the_interpreter():
     with pytest.raises(RuntimeError, match="sampler 'triton': the Triton kernels run on CUDA devices, not cpu"):
         triton_bias.relative_bias(torch.randn(2, 7, 7), *_axes(grid_points(4, 4)), torch.zeros(2, 3, 3, 2), groups=2,
                                   dtype=torch.float32)
+
+
+@outside
+def test_bad_inputs_are_refused():
+    axes = _axes(grid_points(4, 4))
+    with pytest.raises(ValueError, match=r"table of at most 64 x 64 .* this table is \(71, 71\)"):
+        triton_bias.relative_bias(torch.randn(2, 71, 71), *axes, torch.zeros(2, 3, 3, 2), groups=2, dtype=torch.float32)
+    model = dat_lab.create_model("dat_pico", img_size=160, blocks="LD", key_downsample=[4, 2, 1, 1])
+    set_deformable_options(model, sampler="triton")
+    with pytest.raises(ValueError, match="sampler 'triton': needs Triton"):  # stage 1 at 40 x 40: a 79 x 79 table
+        model(torch.randn(1, 3, 160, 160))

@@ -156,8 +156,9 @@ class DeformableAttention(nn.Module):
     the fast path (set them with `set_deformable_options`): `sampler` "auto" | "grid_sample" |
     "dense" | "triton" ("dense": bilinear sampling by interpolation matrices, whose backward is
     matrix products, so deterministic on CUDA; "triton": keys by grid_sample, the relative bias by
-    the kernels of `triton_bias`, CUDA only, deterministic; "auto" on CUDA: the relative bias by
-    those kernels, keys by grid_sample, or dense when `torch.use_deterministic_algorithms` is on),
+    the kernels of `triton_bias` (CUDA only; deterministic, the keys' grid_sample backward is not);
+    "auto" on CUDA: the relative bias by those kernels where they apply, keys by grid_sample, or
+    dense when `torch.use_deterministic_algorithms` is on),
     `kernel` "auto" | "matmul" | "sdpa" (fused `scaled_dot_product_attention` with the bias as its
     mask; "auto" takes it on CUDA), `chunk_bytes` (CPU: logits, bias and probabilities are made,
     used and freed a few batch elements at a time, about this many bytes each).
@@ -175,7 +176,7 @@ class DeformableAttention(nn.Module):
         self.q_size = q_size
         self.reference = False  # True: the plain released formulation (see use_reference_attention)
         self.sampler, self.kernel = "auto", "auto"
-        self._grids: dict[tuple, Tensor] = {}  # query grids by (h, w, device, dtype)
+        self._grids: dict[tuple, Any] = {}  # query and reference grids, query axes, by shape and device
         self.proj_q, self.proj_k, self.proj_v, self.proj_out = (nn.Conv2d(dim, dim, 1) for _ in range(4))
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -222,21 +223,23 @@ class DeformableAttention(nn.Module):
         forward = self._forward_reference if self.reference else self._forward_fast
         y, pos, reference, attn = forward(x, return_attention)
         B, G, (Hk, Wk) = x.shape[0], self.groups, pos.shape[1:3]
-        info = {"positions": pos.reshape(B, G, Hk, Wk, 2), "references": reference.expand(B, G, Hk, Wk, 2)}
+        if self.conv_offset is None:  # pos is then the cached grid, expanded: hand out a copy
+            pos = pos.clone()
+        info = {"positions": pos.reshape(B, G, Hk, Wk, 2), "references": reference.clone().expand(B, G, Hk, Wk, 2)}
         if return_attention:
             info["attention"] = attn.reshape(B, self.heads, -1, Hk * Wk)
         return y, info
 
     def _grid(self, h: int, w: int, like: Tensor) -> Tensor:
         """grid_points(h, w) (of the queries, or the keys' reference points) on like's device and dtype,
-        made once per shape; handed out only as an expanded view (see `forward`)."""
+        made once per shape (internal: `forward` hands out copies)."""
         return _cached(self._grids, (h, w, like.device, like.dtype),
                        lambda: grid_points(h, w, convention=self.convention, device=like.device, dtype=like.dtype))
 
     def _query_axes(self, h: int, w: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """The query grid's y (h,) and x (w,) coordinates in float32, made once per shape."""
         def build() -> tuple[Tensor, Tensor]:
-            grid = self._grid(h, w, like).float()
+            grid = grid_points(h, w, convention=self.convention, device=like.device, dtype=torch.float32)
             return grid[:, 0, 0].contiguous(), grid[0, :, 1].contiguous()
 
         return _cached(self._grids, ("axes", h, w, like.device), build)
@@ -285,7 +288,6 @@ class DeformableAttention(nn.Module):
         q = _linear(self.proj_q, x)  # (B, H, W, C)
         raw = self._offsets_channels_last(q) if self.conv_offset is not None else None
         pos, reference = self._positions(raw, x, H, W)  # (B*G, Hk, Wk, 2)
-        Ns = pos.shape[1] * pos.shape[2]
         dense = dense_sampling(self.sampler, x.device.type)
         samples = self._sample_keys(x, pos, dense)  # (B, Ns, C)
         k, v = _linear(self.proj_k, samples), _linear(self.proj_v, samples)  # (B, Ns, C)
@@ -375,9 +377,10 @@ class DeformableAttention(nn.Module):
             bias = self.rpe_table(log_cpb_coords(q_grid, pos))  # (B*G, HW, Ns, M/G)
             return bias.permute(0, 3, 1, 2).reshape(B * M, H * W, Hk * Wk)
         # relative: the (M, 2H-1, 2W-1) table read at half the query-key displacement
-        if xy_grid and triton_sampling(self.sampler, pos.device.type) and triton_bias.supported(self.rpe_table):
-            return triton_bias.relative_bias(self.rpe_table, *self._query_axes(H, W, pos), pos, groups=G,
-                                             dtype=dtype or pos.dtype)
+        if xy_grid and triton_sampling(self.sampler, pos.device.type):
+            if triton_bias.supported(self.rpe_table) or self.sampler == "triton":  # else: "auto" falls back
+                return triton_bias.relative_bias(self.rpe_table, *self._query_axes(H, W, pos), pos, groups=G,
+                                                 dtype=dtype or pos.dtype)
         table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
         table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
         if dense:

@@ -6,12 +6,13 @@ grid and a float32 (N*m, HW, Ns) bias, and its backward scatters every point's g
 small table with atomics (one table per image and group: heavy contention on a GPU). These kernels
 compute the same bias straight from the query grid and the sampling positions, write it once in
 the attention's dtype, and in the backward reduce without atomics (so deterministically): per
-(image and group, block of keys), the table's gradient as a sum over query rows of
-(keys x table rows)^T @ (keys x table columns) products of bilinear weights, and each key's
-position gradient as a sum over its queries. Per-block partial table gradients are added up after.
+(image and group, block of keys, head), the table's gradient as a sum over query rows of
+(keys x table rows)^T @ (keys x table columns) products of bilinear weights, and the keys' position
+gradients as sums over their queries; the partial sums are added up after.
 
 Equal to the grid_sample path to float rounding (tests run these kernels in Triton's interpreter on
-the CPU). Tables up to 64 x 64 (maps up to 32 x 32); `supported()` says when they apply.
+the CPU). Tables up to 64 x 64 (maps up to 32 x 32); `supported()` says when they apply. The
+settings below (block sizes, warps) are the fastest `benchmarks/bench_bias.py` measured on an H100.
 """
 
 from __future__ import annotations
@@ -26,21 +27,31 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton comes with CUDA builds of torch
     triton = None
+AVAILABLE = triton is not None and hasattr(torch.library, "triton_op")  # triton_op: torch >= 2.6
 
 MAX_TABLE = 64  # padded table side the backward's (rows x columns) accumulator allows
 TILE = 4096  # elements of the backward's (query columns x keys x table columns) weights
 WARPS = (4, 4)  # warps per program of the forward and the backward kernel
 PRECISION = "ieee"  # of the backward's products for the table gradient: "ieee" (float32) or "tf32x3"
 KEYS = 16  # keys per program of the backward
+FORWARD_COLUMNS = 32  # query columns per step of the forward
 LAYOUT = 0  # of the backward's column weights: (columns, keys, table columns) 0 or (keys, table columns, columns) 1
 
 
 def supported(table: Tensor) -> bool:
     """Whether the kernels can read this (heads, Ht, Wt) table (Triton present, table small enough)."""
-    return triton is not None and max(table.shape[-2:]) <= MAX_TABLE
+    return AVAILABLE and max(table.shape[-2:]) <= MAX_TABLE
 
 
-if triton is not None:
+if AVAILABLE:
+
+    @triton.jit
+    def _keys(pos, n, kb, Ns, BK: tl.constexpr):
+        """Key indices (BK,) of block kb, whether they exist, and their positions y and x (BK,)."""
+        k = kb * BK + tl.arange(0, BK)
+        k_in = k < Ns
+        p = pos + (n.to(tl.int64) * Ns + k) * 2
+        return k, k_in, tl.load(p, mask=k_in, other=0.0), tl.load(p + 1, mask=k_in, other=0.0)
 
     @triton.jit
     def _axis(q, p, size):
@@ -68,27 +79,25 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(table, qy, qx, pos, out, s_head, s_row, G, m, H, W, Ns, Ht, Wt,
                         BX: tl.constexpr, BK: tl.constexpr):
-        """Program (n, key block): bias[n*m + h, iy*W + ix, k] for all heads h, queries (iy, ix)."""
+        """Program (n, key block): bias[n*m + h, iy*W + ix, k] for all heads h, queries (iy, ix); zeros
+        in the row padding (keys Ns to s_row)."""
         n = tl.program_id(0)
-        k = tl.program_id(1) * BK + tl.arange(0, BK)  # (BK,)
-        k_in = k < Ns
-        p = pos + (n.to(tl.int64) * Ns + k) * 2
-        py = tl.load(p, mask=k_in, other=0.0)
-        px = tl.load(p + 1, mask=k_in, other=0.0)
+        k, k_in, py, px = _keys(pos, n, tl.program_id(1), Ns, BK)  # (BK,)
         heads = (n % G) * m
         for ix0 in range(0, W, BX):
             ix = ix0 + tl.arange(0, BX)  # (BX,)
             x0, fx = _axis(tl.load(qx + ix, mask=ix < W, other=0.0)[:, None], px[None, :], Wt)  # (BX, BK)
             mask = (ix < W)[:, None] & k_in[None, :]
+            store = (ix < W)[:, None] & (k < s_row)[None, :]
             for iy in range(H):
                 y0, fy = _axis(tl.load(qy + iy), py, Ht)  # (BK,)
                 y0, fy = y0[None, :], fy[None, :]
-                row = (iy * W + ix)[:, None] * s_row + k[None, :]  # (BX, BK) within one head's (HW, Ns)
+                row = (iy * W + ix).to(tl.int64)[:, None] * s_row + k[None, :]  # (BX, BK) in one head's (HW, s_row)
                 for h in range(m):
                     v00, v01, v10, v11 = _corners(table + (heads + h) * Ht * Wt, y0, x0, Ht, Wt, mask)
                     v = (v00 * (1 - fx) + v01 * fx) * (1 - fy) + (v10 * (1 - fx) + v11 * fx) * fy
                     at = out + (n.to(tl.int64) * m + h) * s_head + row
-                    tl.store(at, v.to(out.dtype.element_ty), mask=mask)
+                    tl.store(at, tl.where(mask, v, 0.0).to(out.dtype.element_ty), mask=store)
 
     @triton.jit
     def _backward_kernel(table, qy, qx, pos, grad, s_head, s_row, table_part, pos_part, G, m, H, W, Ns, Ht, Wt,
@@ -99,11 +108,7 @@ if triton is not None:
         n = tl.program_id(0)
         kb = tl.program_id(1)
         h = tl.program_id(2)
-        k = kb * BK + tl.arange(0, BK)
-        k_in = k < Ns
-        p = pos + (n.to(tl.int64) * Ns + k) * 2
-        py = tl.load(p, mask=k_in, other=0.0)
-        px = tl.load(p + 1, mask=k_in, other=0.0)
+        k, k_in, py, px = _keys(pos, n, kb, Ns, BK)  # (BK,)
         base = table + ((n % G) * m + h) * Ht * Wt
         grad += (n.to(tl.int64) * m + h) * s_head
         rows = tl.arange(0, TY)[None, :]  # (1, TY)
@@ -126,7 +131,7 @@ if triton is not None:
                 wx = tl.where(cols == x0t, 1 - fxt, 0.0) + tl.where(cols == x0t + 1, fxt, 0.0)
             for iy in range(H):
                 y0, fy = _axis(tl.load(qy + iy), py, Ht)  # (BK,)
-                g = tl.load(grad + (iy * W + ix)[:, None] * s_row + k[None, :], mask=mask, other=0.0)
+                g = tl.load(grad + (iy * W + ix).to(tl.int64)[:, None] * s_row + k[None, :], mask=mask, other=0.0)
                 g = g.to(tl.float32)  # (BX, BK)
                 if LAYOUT == 0:
                     per_col = tl.sum(g[:, :, None] * wx, axis=0)  # (BK, TX): summed over query columns
@@ -155,41 +160,47 @@ def _blocks(W: int, Ns: int, table_cols: int) -> tuple[int, int, int]:
     return max(2, min(triton.next_power_of_2(W), TILE // (BK * TX))), BK, TX
 
 
-def _bias_forward(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+def _sizes(table: Tensor, qy: Tensor, pos: Tensor, groups: int) -> tuple[int, ...]:
+    """(M heads, Ht, Wt, N images x groups, Ns keys, H query rows, m heads per group)."""
     M, Ht, Wt = table.shape
-    N, Ns = pos.shape[0], pos.shape[1] * pos.shape[2]
-    H, W, m = qy.numel(), qx.numel(), M // groups
-    # rows padded to 16 elements: the alignment SDPA's memory-efficient kernel asks of a mask (it
-    # would copy the mask into such a buffer otherwise, and its gradient comes back in one)
-    out = torch.empty(N * m, H * W, -(-Ns // 16) * 16, device=pos.device, dtype=dtype)
-    BK = 32 if Ns > 16 else 16
+    return M, Ht, Wt, pos.shape[0], pos.shape[1] * pos.shape[2], qy.numel(), M // groups
+
+
+def _bias_forward(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """The bias (N*m, H*W, Ns) in `dtype`, a view of rows padded to 16 elements: the alignment SDPA's
+    memory-efficient kernel asks of a mask (it would copy the mask into such a buffer otherwise)."""
+    M, Ht, Wt, N, Ns, H, m = _sizes(table, qy, pos, groups)
+    W = qx.numel()
+    out = torch.empty(N * m, H * W, -(-Ns // 16) * 16, device=pos.device, dtype=dtype)  # padding zeroed by the kernel
+    BK = 32 if Ns > 16 else 16  # a multiple of 16: the programs cover the padding
     kernel = torch.library.wrap_triton(_forward_kernel)
-    kernel[(N, triton.cdiv(Ns, BK))](table.float().contiguous(), qy, qx, pos.float().contiguous(), out, out.stride(0),
-                                     out.stride(1), groups, m, H, W, Ns, Ht, Wt, BX=min(triton.next_power_of_2(W), 32),
-                                     BK=BK, num_warps=WARPS[0])
+    kernel[(N, triton.cdiv(Ns, BK))](table.float().contiguous(), qy.float().contiguous(), qx.float().contiguous(),
+                                     pos.float().contiguous(), out, out.stride(0), out.stride(1), groups, m, H, W,
+                                     Ns, Ht, Wt, BX=min(triton.next_power_of_2(W), FORWARD_COLUMNS), BK=BK,
+                                     num_warps=WARPS[0])
     return out[..., :Ns]
 
 
 def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor,
                    groups: int) -> tuple[Tensor, Tensor]:
-    M, Ht, Wt = table.shape
-    N, Ns = pos.shape[0], pos.shape[1] * pos.shape[2]
-    H, W, m = qy.numel(), qx.numel(), M // groups
+    """Gradients of the table (M, Ht, Wt) and the positions (N, Hk, Wk, 2) from the bias's (N*m, HW, Ns)."""
+    M, Ht, Wt, N, Ns, H, m = _sizes(table, qy, pos, groups)
+    W = qx.numel()
     BX, BK, TX = _blocks(W, Ns, Wt)
     blocks = triton.cdiv(Ns, BK)
-    part = torch.empty(N, blocks, m, Ht, Wt, device=pos.device, dtype=torch.float32)
-    pos_part = torch.empty(N, m, *pos.shape[1:], device=pos.device, dtype=torch.float32)
+    part = torch.empty(N, blocks, m, Ht, Wt, device=pos.device, dtype=torch.float32)  # per program
+    pos_part = torch.empty(N, m, *pos.shape[1:], device=pos.device, dtype=torch.float32)  # per head
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     kernel = torch.library.wrap_triton(_backward_kernel)
-    kernel[(N, blocks, m)](table.float().contiguous(), qy, qx, pos.float().contiguous(), grad, grad.stride(0),
-                           grad.stride(1), part, pos_part, groups, m, H, W, Ns, Ht, Wt, BX=BX, BK=BK,
-                           TY=max(16, triton.next_power_of_2(Ht)), TX=TX, PRECISION=PRECISION, LAYOUT=LAYOUT,
-                           num_warps=WARPS[1])
+    kernel[(N, blocks, m)](table.float().contiguous(), qy.float().contiguous(), qx.float().contiguous(),
+                           pos.float().contiguous(), grad, grad.stride(0), grad.stride(1), part, pos_part, groups,
+                           m, H, W, Ns, Ht, Wt, BX=BX, BK=BK, TY=max(16, triton.next_power_of_2(Ht)), TX=TX,
+                           PRECISION=PRECISION, LAYOUT=LAYOUT, num_warps=WARPS[1])
     table_grad = part.reshape(N // groups, groups, blocks, m, Ht, Wt).sum((0, 2)).reshape(M, Ht, Wt)
     return table_grad.to(table.dtype), pos_part.sum(1).to(pos.dtype)
 
 
-if triton is not None:  # as custom ops, so that torch.compile traces through them
+if AVAILABLE:  # as custom ops, so that torch.compile traces through them
     _bias_forward = torch.library.triton_op(
         "dat_lab::relative_bias", _bias_forward, mutates_args=(),
         schema="(Tensor table, Tensor qy, Tensor qx, Tensor pos, int groups, ScalarType dtype) -> Tensor")
@@ -198,10 +209,14 @@ if triton is not None:  # as custom ops, so that torch.compile traces through th
         schema="(Tensor grad, Tensor table, Tensor qy, Tensor qx, Tensor pos, int groups) -> (Tensor, Tensor)")
 
     def _save(ctx, inputs: tuple, output: Tensor) -> None:
+        """Keep table, query axes and positions for the backward."""
         table, qy, qx, pos, ctx.groups, _ = inputs
         ctx.save_for_backward(table, qy, qx, pos)
 
     def _backward(ctx, grad: Tensor) -> tuple:
+        """Gradients of table and positions (the axes, groups and dtype have none)."""
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
+            return None, None, None, None, None, None
         table_grad, pos_grad = _bias_backward(grad, *ctx.saved_tensors, ctx.groups)
         return table_grad, None, None, pos_grad, None, None
 
@@ -214,7 +229,18 @@ def relative_bias(table: Tensor, query_y: Tensor, query_x: Tensor, positions: Te
     grid with coordinates query_y (H,) and query_x (W,) (float32) and every key at positions
     (N, Hk, Wk, 2) (N = images x groups; (y, x), normalised): (N * heads/groups, H*W, Hk*Wk) in
     `dtype`, as grid_sample(align_corners=True) gives."""
+    if not supported(table):
+        raise ValueError(f"sampler 'triton': needs Triton and torch >= 2.6, and a table of at most {MAX_TABLE} x "
+                         f"{MAX_TABLE} (maps up to {(MAX_TABLE + 1) // 2} x {(MAX_TABLE + 1) // 2}); this table is "
+                         f"{tuple(table.shape[-2:])}: use sampler 'auto' or 'grid_sample'")
     if not positions.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"sampler 'triton': the Triton kernels run on CUDA devices, not {positions.device.type} "
                            "(or in Triton's interpreter: TRITON_INTERPRET=1); use sampler 'auto' or 'grid_sample'")
+    if table.dim() != 3 or positions.dim() != 4 or positions.shape[-1] != 2 or query_y.dim() != 1 or query_x.dim() != 1:
+        raise ValueError(f"relative_bias: table (heads, Ht, Wt), query_y (H,), query_x (W,) and positions "
+                         f"(N, Hk, Wk, 2) expected; got {tuple(table.shape)}, {tuple(query_y.shape)}, "
+                         f"{tuple(query_x.shape)}, {tuple(positions.shape)}")
+    if table.shape[0] % groups or positions.shape[0] % groups:
+        raise ValueError(f"relative_bias: groups {groups} must divide the table's heads ({table.shape[0]}) and "
+                         f"the positions' first dimension ({positions.shape[0]})")
     return _bias_forward(table, query_y, query_x, positions, groups, dtype)
