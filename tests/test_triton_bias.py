@@ -31,7 +31,7 @@ def test_kernels_in_the_interpreter():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed, 3 skipped" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]
+    assert " passed, 5 skipped" in run.stdout, run.stdout[-2000:]  # skipped: the tests marked `outside`
 
 
 def _axes(query_grid):
@@ -146,3 +146,23 @@ def test_bad_inputs_are_refused():
     set_deformable_options(model, sampler="triton")
     with pytest.raises(ValueError, match="sampler 'triton': needs Triton"):  # stage 1 at 40 x 40: a 79 x 79 table
         model(torch.randn(1, 3, 160, 160))
+
+
+@outside
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_kernels_compile_for_an_h100(kernel):
+    """The real Triton compiler (not the interpreter) takes both kernels, for sm_90, without a GPU:
+    what the interpreter lets pass but the compiler refuses shows here, not on a user's GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(triton_bias, f"_{kernel}_kernel")
+    pointers = {"table": "*fp32", "qy": "*fp32", "qx": "*fp32", "pos": "*fp32", "out": "*bf16", "grad": "*bf16",
+                "table_part": "*fp32", "pos_part": "*fp32", "s_head": "i64"}
+    constexprs = ({"BX": 16, "BK": 32} if kernel == "forward" else
+                  {"BX": 8, "BK": 16, "TY": 32, "TX": 32, "PRECISION": "ieee", "LAYOUT": 0})
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert ".entry" in compiled.asm["ptx"]
