@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SHAPES, make_block  # noqa: E402
-from common import alternate, machine, markdown, write  # noqa: E402
+from common import alternate, machine, markdown, relative_errors, write  # noqa: E402
 
 from dat_lab.models import triton_bias  # noqa: E402
 from dat_lab.models.attention import set_deformable_options  # noqa: E402
@@ -78,7 +78,7 @@ def errors(shape: str, batch: int, setting: str, device: str) -> dict[str, float
         bias = set_deformable_options(block, sampler=sampler)._bias(batch, n, n, pos, xy_grid=True, dtype=torch.float32)
         (bias * upstream).sum().backward()
         results.append({"bias": bias.detach(), "table grad": block.rpe_table.grad, "position grad": pos.grad})
-    return {k: ((results[1][k] - v).abs().max() / v.abs().max().clamp_min(1)).item() for k, v in results[0].items()}
+    return relative_errors(results[1], results[0])
 
 
 def table(results: dict) -> str:

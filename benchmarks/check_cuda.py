@@ -28,6 +28,9 @@ import torch  # noqa: E402
 import dat_lab  # noqa: E402
 from dat_lab.models.attention import set_deformable_options  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import relative_errors  # noqa: E402
+
 KNOBS = {"default": {}, "position_none": {"position": "none"}, "position_fixed": {"position": "fixed"},
          "position_log_cpb": {"position": "log_cpb"}, "unbounded": {"offset_range": -1.0},
          "r2": {"key_downsample": [1, 1, 2, 1]}}
@@ -53,7 +56,7 @@ def grads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def worst_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    errors = {n: ((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1.0)).item() for n in b}
+    errors = relative_errors(a, b)
     name = max(errors, key=errors.get)
     return errors[name], name
 

@@ -44,6 +44,11 @@ def path_options(a) -> str:
     return "".join(f", {k} {v}" for k, v in (("sampler", a.sampler), ("kernel", a.kernel)) if v != "auto")
 
 
+def relative_errors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor, the largest |actual - expected| relative to max(1, the largest |expected|)."""
+    return {n: ((actual[n] - e).abs().max() / e.abs().max().clamp_min(1.0)).item() for n, e in expected.items()}
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
