@@ -8,6 +8,8 @@ import torch
 import dat_lab
 from dat_lab.models import VARIANTS
 
+from bias_reference import assert_close
+
 SMALL = 64  # every variant at a small input: the windows clamp and pad, position tables resize
 
 
@@ -142,16 +144,9 @@ FAST_PATHS = {  # options of the fast deformable path (see set_deformable_option
     "chunked": {"chunk_bytes": 0},  # one batch element at a time
     "whole": {"chunk_bytes": 2**40},
     "dense": {"sampler": "dense"},  # the deterministic sampling by interpolation matrices
+    "grid_sample": {"sampler": "grid_sample"},  # the bias by grid_sample (on the CPU "auto" takes the C kernels)
     "sdpa": {"kernel": "sdpa"},
 }
-
-
-def _assert_close(actual, expected, name=""):
-    """Equal to 1e-5 of the tensor's scale (max |expected|, at least 1): a gradient summed over many
-    positions carries float32 rounding of that order in its small entries, so no elementwise rtol."""
-    assert actual.shape == expected.shape, name
-    scale = max(1.0, expected.abs().max().item())
-    assert (actual - expected).abs().max().item() <= 1e-5 * scale, name
 
 
 def _pass(model, x, *, return_attention):
@@ -175,15 +170,15 @@ def test_fast_deformable_path_equals_the_reference(knob, path):
     ref, ref_x, ref_g = _pass(set_deformable_options(model, reference=True), x, return_attention=True)
     set_deformable_options(model, reference=False, **FAST_PATHS[path])
     fast, fast_x, fast_g = _pass(model, x, return_attention=False)
-    _assert_close(fast["logits"], ref["logits"], "logits")
-    _assert_close(fast_x, ref_x, "input gradient")
+    assert_close(fast["logits"], ref["logits"], "logits")
+    assert_close(fast_x, ref_x, "input gradient")
     for name in ref_g:
-        _assert_close(fast_g[name], ref_g[name], name)
+        assert_close(fast_g[name], ref_g[name], name)
     with torch.no_grad():
         attention = model.forward_intermediates(x, return_attention=True)["deformable"]
     assert attention.keys() == ref["deformable"].keys() and attention
     for name, info in attention.items():
-        _assert_close(info["attention"], ref["deformable"][name]["attention"], name)
+        assert_close(info["attention"], ref["deformable"][name]["attention"], name)
 
 
 def test_deformable_options_are_checked():
@@ -197,9 +192,11 @@ def test_deformable_options_are_checked():
 
 
 def test_automatic_choices_of_the_fast_path():
-    from dat_lab.models.attention import dense_sampling, fused_kernel, triton_sampling
+    from dat_lab.models.attention import dense_sampling, fused_kernel, native_sampling, triton_sampling
 
     assert triton_sampling("auto", "cuda") and not triton_sampling("auto", "cpu") and triton_sampling("triton", "cpu")
+    assert native_sampling("auto", "cpu") and not native_sampling("auto", "cuda") and native_sampling("native", "cuda")
+    assert not native_sampling("grid_sample", "cpu") and not native_sampling("dense", "cpu")
     assert not triton_sampling("grid_sample", "cuda") and not dense_sampling("triton", "cuda")
     assert fused_kernel("auto", "cuda") and not fused_kernel("auto", "cpu") and fused_kernel("sdpa", "cpu")
     assert not fused_kernel("matmul", "cuda")

@@ -11,12 +11,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dat_lab
 from dat_lab.models import triton_bias
 from dat_lab.models.attention import set_deformable_options
-from dat_lab.models.geometry import displacement, grid_points
+from dat_lab.models.geometry import grid_points
+
+from bias_reference import assert_close, axes, grid_sample_bias, reference_and_fast
 
 pytest.importorskip("triton")
 if not triton_bias.AVAILABLE:
@@ -32,26 +33,6 @@ def test_kernels_in_the_interpreter():
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed, 5 skipped" in run.stdout, run.stdout[-2000:]  # skipped: the tests marked `outside`
-
-
-def _axes(query_grid):
-    """The (H, W, 2) query grid's y (H,) and x (W,) coordinates, as the kernels take them."""
-    return query_grid[:, 0, 0], query_grid[0, :, 1]  # strided views: the kernels' ops make them contiguous
-
-
-def _grid_sample_bias(table, query_grid, pos, groups):
-    """The plain path: the (M, Ht, Wt) table per image and group, read by grid_sample at half of query - key."""
-    M, Ht, Wt = table.shape
-    N = pos.shape[0]
-    per_group = table.reshape(1, groups, M // groups, Ht, Wt).expand(N // groups, -1, -1, -1, -1)
-    grid = displacement(query_grid, pos).flip(-1)  # (N, HW, Ns, 2) as (x, y)
-    bias = F.grid_sample(per_group.reshape(N, M // groups, Ht, Wt), grid, mode="bilinear", align_corners=True)
-    return bias.reshape(N * M // groups, -1, pos.shape[1] * pos.shape[2])
-
-
-def _assert_close(actual, expected, name):
-    assert actual.shape == expected.shape, name
-    assert (actual - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item()), name
 
 
 @in_interpreter
@@ -77,28 +58,28 @@ def test_kernels_equal_grid_sample(H, W, Hk, Wk, groups, convention, layout, til
     upstream = torch.randn(N * M // groups, H * W, Hk * Wk)
 
     def kernels(table, query_grid, pos, groups):
-        return triton_bias.relative_bias(table, *_axes(query_grid), pos, groups=groups, dtype=torch.float32)
+        return triton_bias.relative_bias(table, *axes(query_grid), pos, groups=groups, dtype=torch.float32)
 
     results = []
-    for bias_fn in (_grid_sample_bias, kernels):
+    for bias_fn in (grid_sample_bias, kernels):
         table.grad = pos.grad = None
         bias = bias_fn(table, query_grid, pos, groups)
         (bias * upstream).sum().backward()
         results.append((bias.detach(), table.grad, pos.grad))
     for name, expected, actual in zip(("bias", "table grad", "position grad"), results[0], results[1]):
-        _assert_close(actual, expected, name)
+        assert_close(actual, expected, name)
 
 
 @in_interpreter
 def test_kernels_write_the_asked_dtype_with_padded_rows():
     table, pos = torch.randn(4, 7, 7), torch.rand(2, 3, 3, 2) * 2 - 1
-    bias = triton_bias.relative_bias(table, *_axes(grid_points(4, 4)), pos, groups=2, dtype=torch.bfloat16)
+    bias = triton_bias.relative_bias(table, *axes(grid_points(4, 4)), pos, groups=2, dtype=torch.bfloat16)
     assert bias.dtype == torch.bfloat16 and bias.shape == (4, 16, 9) and bias.stride() == (256, 16, 1)
-    torch.testing.assert_close(bias.float(), _grid_sample_bias(table, grid_points(4, 4), pos, 2), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(bias.float(), grid_sample_bias(table, grid_points(4, 4), pos, 2), atol=2e-2, rtol=1e-2)
     padded = bias.as_strided((4, 16, 16), (256, 16, 1))
     assert not padded[..., 9:].any()  # the row padding is zero, not whatever memory held
     # the backward reads a gradient with padded rows (as SDPA gives it) as it lies
-    qy, qx = (a.contiguous() for a in _axes(grid_points(4, 4)))
+    qy, qx = (a.contiguous() for a in axes(grid_points(4, 4)))
     grad = torch.randn(4, 16, 16)[..., :9]
     for by_rows, whole in zip(triton_bias._bias_backward(grad, table, qy, qx, pos, 2),
                               triton_bias._bias_backward(grad.contiguous(), table, qy, qx, pos, 2)):
@@ -118,30 +99,24 @@ def test_model_with_triton_bias_equals_the_reference(case, monkeypatch):
     torch.manual_seed(0)
     model = dat_lab.create_model("dat_pico", **knobs.get(case, {})).eval()
     x = torch.randn(2, 3, *((48, 48) if case == "other_size" else (32, 32)))
-    passes = []
-    for options in ({"reference": True}, {"reference": False, "sampler": "triton",
-                                          "kernel": "sdpa" if case == "sdpa" else "auto"}):
-        model.zero_grad()
-        logits = set_deformable_options(model, **options)(x)
-        logits.square().sum().backward()
-        passes.append({"logits": logits.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}})
+    passes = reference_and_fast(model, x, sampler="triton", kernel="sdpa" if case == "sdpa" else "auto")
     assert len(calls) == 2  # the two deformable blocks of dat_pico, in the second pass
     for name, expected in passes[0].items():
-        _assert_close(passes[1][name], expected, name)
+        assert_close(passes[1][name], expected, name)
 
 
 @outside
 def test_kernels_refuse_the_cpu_outside_the_interpreter():
     with pytest.raises(RuntimeError, match="sampler 'triton': the Triton kernels run on CUDA devices, not cpu"):
-        triton_bias.relative_bias(torch.randn(2, 7, 7), *_axes(grid_points(4, 4)), torch.zeros(2, 3, 3, 2), groups=2,
+        triton_bias.relative_bias(torch.randn(2, 7, 7), *axes(grid_points(4, 4)), torch.zeros(2, 3, 3, 2), groups=2,
                                   dtype=torch.float32)
 
 
 @outside
 def test_bad_inputs_are_refused():
-    axes = _axes(grid_points(4, 4))
+    query_axes = axes(grid_points(4, 4))
     with pytest.raises(ValueError, match=r"table of at most 64 x 64 .* this table is \(71, 71\)"):
-        triton_bias.relative_bias(torch.randn(2, 71, 71), *axes, torch.zeros(2, 3, 3, 2), groups=2, dtype=torch.float32)
+        triton_bias.relative_bias(torch.randn(2, 71, 71), *query_axes, torch.zeros(2, 3, 3, 2), groups=2, dtype=torch.float32)
     model = dat_lab.create_model("dat_pico", img_size=160, blocks="LD", key_downsample=[4, 2, 1, 1])
     set_deformable_options(model, sampler="triton")
     with pytest.raises(ValueError, match="sampler 'triton': needs Triton"):  # stage 1 at 40 x 40: a 79 x 79 table

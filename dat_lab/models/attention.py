@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import triton_bias
+from . import cpu_bias, triton_bias
 from .config import StageConfig
 from .geometry import (bounded_offsets, displacement, grid_points, interpolation_weights, key_grid_size,
                        log_cpb_coords, sampling_positions, shifted_window_mask, window_relative_index)
@@ -381,6 +381,9 @@ class DeformableAttention(nn.Module):
             if triton_bias.supported(self.rpe_table) or self.sampler == "triton":  # else: "auto" falls back
                 return triton_bias.relative_bias(self.rpe_table, *self._query_axes(H, W, pos), pos, groups=G,
                                                  dtype=dtype or pos.dtype)
+        if xy_grid and native_sampling(self.sampler, pos.device.type):
+            if self.sampler == "native" or cpu_bias.supported(self.rpe_table, pos):  # else: "auto" falls back
+                return cpu_bias.relative_bias(self.rpe_table, *self._query_axes(H, W, pos), pos, groups=G)
         table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
         table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
         if dense:
@@ -405,6 +408,12 @@ def triton_sampling(sampler: str, device_type: str) -> bool:
     """Whether deformable blocks read the relative-position table with the Triton kernels of
     `triton_bias` (deterministic, no atomics): asked for, or "auto" on CUDA."""
     return sampler == "triton" or (sampler == "auto" and device_type == "cuda")
+
+
+def native_sampling(sampler: str, device_type: str) -> bool:
+    """Whether deformable blocks read the relative-position table with the C kernels of `cpu_bias`:
+    asked for, or "auto" on the CPU (where they build)."""
+    return sampler == "native" or (sampler == "auto" and device_type == "cpu")
 
 
 def fused_kernel(kernel: str, device_type: str) -> bool:
@@ -436,7 +445,7 @@ def _relative_bias_dense(table: Tensor, q_grid: Tensor, pos: Tensor) -> Tensor:
     return torch.einsum("niky,nmyx,njkx->nmijk", wy, table, wx)
 
 
-SAMPLERS = ("auto", "grid_sample", "dense", "triton")
+SAMPLERS = ("auto", "grid_sample", "dense", "triton", "native")
 KERNELS = ("auto", "matmul", "sdpa")
 
 

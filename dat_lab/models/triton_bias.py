@@ -160,13 +160,24 @@ def _blocks(W: int, Ns: int, table_cols: int) -> tuple[int, int, int]:
     return max(2, min(triton.next_power_of_2(W), TILE // (BK * TX))), BK, TX
 
 
-def _sizes(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int) -> tuple[int, ...]:
+def sizes(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int) -> tuple[int, ...]:
     """(M heads, Ht, Wt, N images x groups, Ns keys, H, W query grid, m heads per group)."""
     M, Ht, Wt = table.shape
     return M, Ht, Wt, pos.shape[0], pos.shape[1] * pos.shape[2], qy.numel(), qx.numel(), M // groups
 
 
-def _operands(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+def check_operands(table: Tensor, query_y: Tensor, query_x: Tensor, positions: Tensor, groups: int) -> None:
+    """A one-line ValueError unless the shapes are those `relative_bias` takes (here and in cpu_bias)."""
+    if table.dim() != 3 or positions.dim() != 4 or positions.shape[-1] != 2 or query_y.dim() != 1 or query_x.dim() != 1:
+        raise ValueError(f"relative_bias: table (heads, Ht, Wt), query_y (H,), query_x (W,) and positions "
+                         f"(N, Hk, Wk, 2) expected; got {tuple(table.shape)}, {tuple(query_y.shape)}, "
+                         f"{tuple(query_x.shape)}, {tuple(positions.shape)}")
+    if table.shape[0] % groups or positions.shape[0] % groups:
+        raise ValueError(f"relative_bias: groups {groups} must divide the table's heads ({table.shape[0]}) and "
+                         f"the positions' first dimension ({positions.shape[0]})")
+
+
+def operands(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
     """The inputs as the kernels index them: float32, contiguous (no copy when they already are)."""
     return tuple(t.float().contiguous() for t in (table, qy, qx, pos))
 
@@ -174,11 +185,11 @@ def _operands(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor) -> tuple[Tenso
 def _bias_forward(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     """The bias (N*m, H*W, Ns) in `dtype`, a view of rows padded to 16 elements: the alignment SDPA's
     memory-efficient kernel asks of a mask (it would copy the mask into such a buffer otherwise)."""
-    M, Ht, Wt, N, Ns, H, W, m = _sizes(table, qy, qx, pos, groups)
+    M, Ht, Wt, N, Ns, H, W, m = sizes(table, qy, qx, pos, groups)
     out = torch.empty(N * m, H * W, -(-Ns // 16) * 16, device=pos.device, dtype=dtype)  # padding zeroed by the kernel
     BK = 32 if Ns > 16 else 16  # a multiple of 16: the programs cover the padding
     kernel = torch.library.wrap_triton(_forward_kernel)
-    kernel[(N, triton.cdiv(Ns, BK))](*_operands(table, qy, qx, pos), out, out.stride(0), out.stride(1), groups, m,
+    kernel[(N, triton.cdiv(Ns, BK))](*operands(table, qy, qx, pos), out, out.stride(0), out.stride(1), groups, m,
                                      H, W, Ns, Ht, Wt, BX=min(triton.next_power_of_2(W), FORWARD_COLUMNS), BK=BK,
                                      num_warps=WARPS[0])
     return out[..., :Ns]
@@ -187,14 +198,14 @@ def _bias_forward(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: in
 def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor,
                    groups: int) -> tuple[Tensor, Tensor]:
     """Gradients of the table (M, Ht, Wt) and the positions (N, Hk, Wk, 2) from the bias's (N*m, HW, Ns)."""
-    M, Ht, Wt, N, Ns, H, W, m = _sizes(table, qy, qx, pos, groups)
+    M, Ht, Wt, N, Ns, H, W, m = sizes(table, qy, qx, pos, groups)
     BX, BK, TX = _blocks(W, Ns, Wt)
     blocks = triton.cdiv(Ns, BK)
     part = torch.empty(N, blocks, m, Ht, Wt, device=pos.device, dtype=torch.float32)  # per program
     pos_part = torch.empty(N, m, *pos.shape[1:], device=pos.device, dtype=torch.float32)  # per head
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     kernel = torch.library.wrap_triton(_backward_kernel)
-    kernel[(N, blocks, m)](*_operands(table, qy, qx, pos), grad, grad.stride(0), grad.stride(1), part, pos_part,
+    kernel[(N, blocks, m)](*operands(table, qy, qx, pos), grad, grad.stride(0), grad.stride(1), part, pos_part,
                            groups, m, H, W, Ns, Ht, Wt, BX=BX, BK=BK, TY=max(16, triton.next_power_of_2(Ht)), TX=TX,
                            PRECISION=PRECISION, LAYOUT=LAYOUT, num_warps=WARPS[1])
     table_grad = part.reshape(N // groups, groups, blocks, m, Ht, Wt).sum((0, 2)).reshape(M, Ht, Wt)
@@ -237,11 +248,5 @@ def relative_bias(table: Tensor, query_y: Tensor, query_x: Tensor, positions: Te
     if not positions.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"sampler 'triton': the Triton kernels run on CUDA devices, not {positions.device.type} "
                            "(or in Triton's interpreter: TRITON_INTERPRET=1); use sampler 'auto' or 'grid_sample'")
-    if table.dim() != 3 or positions.dim() != 4 or positions.shape[-1] != 2 or query_y.dim() != 1 or query_x.dim() != 1:
-        raise ValueError(f"relative_bias: table (heads, Ht, Wt), query_y (H,), query_x (W,) and positions "
-                         f"(N, Hk, Wk, 2) expected; got {tuple(table.shape)}, {tuple(query_y.shape)}, "
-                         f"{tuple(query_x.shape)}, {tuple(positions.shape)}")
-    if table.shape[0] % groups or positions.shape[0] % groups:
-        raise ValueError(f"relative_bias: groups {groups} must divide the table's heads ({table.shape[0]}) and "
-                         f"the positions' first dimension ({positions.shape[0]})")
+    check_operands(table, query_y, query_x, positions, groups)
     return _bias_forward(table, query_y, query_x, positions, groups, dtype)

@@ -1,0 +1,44 @@
+"""Shared by the tests of the relative-bias kernels (Triton and C): the plain grid_sample path they
+must equal, and the comparison."""
+
+import torch.nn.functional as F
+
+from dat_lab.models.geometry import displacement
+
+
+def axes(query_grid):
+    """The (H, W, 2) query grid's y (H,) and x (W,) coordinates, as the kernels take them (strided
+    views: the kernels' ops make them contiguous)."""
+    return query_grid[:, 0, 0], query_grid[0, :, 1]
+
+
+def grid_sample_bias(table, query_grid, pos, groups):
+    """The plain path: the (M, Ht, Wt) table per image and group, read by grid_sample at half of query - key."""
+    M, Ht, Wt = table.shape
+    N = pos.shape[0]
+    per_group = table.reshape(1, groups, M // groups, Ht, Wt).expand(N // groups, -1, -1, -1, -1)
+    grid = displacement(query_grid, pos).flip(-1)  # (N, HW, Ns, 2) as (x, y)
+    bias = F.grid_sample(per_group.reshape(N, M // groups, Ht, Wt), grid, mode="bilinear", align_corners=True)
+    return bias.reshape(N * M // groups, -1, pos.shape[1] * pos.shape[2])
+
+
+def assert_close(actual, expected, name=""):
+    """Equal to 1e-5 of the tensor's scale (max |expected|, at least 1): a gradient summed over many
+    positions carries float32 rounding of that order in its small entries, so no elementwise rtol."""
+    assert actual.shape == expected.shape, name
+    scale = max(1.0, expected.abs().max().item())
+    assert (actual - expected).abs().max().item() <= 1e-5 * scale, name
+
+
+def reference_and_fast(model, x, **options):
+    """Logits and parameter gradients (of the logits' squares summed) of `model` on x with the plain
+    released formulation, then with the fast path under `options`: two dicts by name."""
+    from dat_lab.models.attention import set_deformable_options
+
+    passes = []
+    for settings in ({"reference": True}, {"reference": False, **options}):
+        model.zero_grad()
+        logits = set_deformable_options(model, **settings)(x)
+        logits.square().sum().backward()
+        passes.append({"logits": logits.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}})
+    return passes
