@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import cpu_bias, triton_bias
+from . import cpu_kernels, triton_bias
 from .config import StageConfig
 from .geometry import (bounded_offsets, displacement, grid_points, interpolation_weights, key_grid_size,
                        log_cpb_coords, sampling_positions, shifted_window_mask, window_relative_index)
@@ -298,6 +298,13 @@ class DeformableAttention(nn.Module):
             out = out + self.rpe_table(q.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(_linear(self.proj_out, out)), pos, reference, attn
 
+    def _native(self, *tensors: Tensor) -> bool:
+        """Whether to use the C kernels of `cpu_kernels` on these operands: sampler "native", or "auto"
+        on the CPU where the kernels built (else "auto" falls back to the plain ops)."""
+        if not native_sampling(self.sampler, tensors[0].device.type):
+            return False
+        return self.sampler == "native" or cpu_kernels.supported(*tensors)
+
     def _offsets_channels_last(self, q: Tensor) -> Tensor:
         """conv_offset on q (B, H, W, C) as it lies: the depthwise conv over all C channels with its
         kernel tiled per group, LayerNorm, GELU and the 1x1 conv on the last axis -> (B*G, Hk, Wk, 2).
@@ -305,8 +312,12 @@ class DeformableAttention(nn.Module):
         instead of keeping their (B, Hk, Wk, C) inputs (checkpointing: a little time for memory; on
         CUDA its bookkeeping costs more time than the GPU has to wait for)."""
         dw = self.conv_offset[0]
-        t = F.conv2d(q.permute(0, 3, 1, 2), dw.weight.repeat(self.groups, 1, 1, 1), stride=dw.stride,
-                     padding=dw.padding, groups=q.shape[-1])  # (B, C, Hk, Wk), channels-last in memory
+        x, weight = q.permute(0, 3, 1, 2), dw.weight.repeat(self.groups, 1, 1, 1)
+        if self._native(q) and q.dtype == weight.dtype == torch.float32:  # the weight's gradient by a C kernel
+            t = cpu_kernels.depthwise_conv(x, weight, stride=dw.stride[0], padding=dw.padding[0])
+        else:
+            t = F.conv2d(x, weight, stride=dw.stride, padding=dw.padding, groups=q.shape[-1])
+        # t: (B, C, Hk, Wk), channels-last in memory
         t = t.permute(0, 2, 3, 1).unflatten(-1, (self.groups, self.group_dim))  # (B, Hk, Wk, G, Cg)
         recompute = t.requires_grad and not t.is_cuda
         raw = checkpoint(self._offset_head, t, use_reentrant=False) if recompute else self._offset_head(t)
@@ -324,6 +335,8 @@ class DeformableAttention(nn.Module):
         G, Cg = self.groups, self.group_dim
         if dense:
             return _sample_dense(x.reshape(B, H * W, G, Cg).transpose(1, 2), pos.reshape(B, G, -1, 2), H, W)
+        if self._native(x, pos):
+            return cpu_kernels.sample_keys(x, pos, groups=G).to(x.dtype)  # channels-last as it lies
         s = F.grid_sample(x.permute(0, 3, 1, 2).reshape(B * G, Cg, H, W), pos.flip(-1), mode="bilinear",
                           padding_mode="zeros", align_corners=True)  # (B*G, Cg, Hk, Wk)
         return s.reshape(B, C, -1).transpose(1, 2).contiguous()
@@ -381,9 +394,8 @@ class DeformableAttention(nn.Module):
             if triton_bias.supported(self.rpe_table) or self.sampler == "triton":  # else: "auto" falls back
                 return triton_bias.relative_bias(self.rpe_table, *self._query_axes(H, W, pos), pos, groups=G,
                                                  dtype=dtype or pos.dtype)
-        if xy_grid and native_sampling(self.sampler, pos.device.type):
-            if self.sampler == "native" or cpu_bias.supported(self.rpe_table, pos):  # else: "auto" falls back
-                return cpu_bias.relative_bias(self.rpe_table, *self._query_axes(H, W, pos), pos, groups=G)
+        if xy_grid and self._native(self.rpe_table, pos):
+            return cpu_kernels.relative_bias(self.rpe_table, *self._query_axes(H, W, pos), pos, groups=G)
         table = self.rpe_table.reshape(1, G, M // G, *self.rpe_table.shape[1:])
         table = table.expand(B, -1, -1, -1, -1).reshape(B * G, M // G, *self.rpe_table.shape[1:])
         if dense:
@@ -411,7 +423,7 @@ def triton_sampling(sampler: str, device_type: str) -> bool:
 
 
 def native_sampling(sampler: str, device_type: str) -> bool:
-    """Whether deformable blocks read the relative-position table with the C kernels of `cpu_bias`:
+    """Whether deformable blocks read the relative-position table with the C kernels of `cpu_kernels`:
     asked for, or "auto" on the CPU (where they build)."""
     return sampler == "native" or (sampler == "auto" and device_type == "cpu")
 

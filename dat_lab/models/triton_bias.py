@@ -167,7 +167,7 @@ def sizes(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int) -> tu
 
 
 def check_operands(table: Tensor, query_y: Tensor, query_x: Tensor, positions: Tensor, groups: int) -> None:
-    """A one-line ValueError unless the shapes are those `relative_bias` takes (here and in cpu_bias)."""
+    """A one-line ValueError unless the shapes are those `relative_bias` takes (here and in cpu_kernels)."""
     if table.dim() != 3 or positions.dim() != 4 or positions.shape[-1] != 2 or query_y.dim() != 1 or query_x.dim() != 1:
         raise ValueError(f"relative_bias: table (heads, Ht, Wt), query_y (H,), query_x (W,) and positions "
                          f"(N, Hk, Wk, 2) expected; got {tuple(table.shape)}, {tuple(query_y.shape)}, "

@@ -1,6 +1,6 @@
-/* DAT's relative position bias for deformed keys, forward and backward, on the CPU (see cpu_bias.py).
-   Both index the table at half the query-key displacement as grid_sample(align_corners=True, zeros
-   padding) does; the heads of a group (up to 4 at a time) share each bilinear read. */
+/* Two parts of DAT's deformable attention on the CPU, forward and backward (see cpu_kernels.py): the
+   relative position bias of deformed keys, and the sampling of keys and values. Both read bilinearly
+   as grid_sample(align_corners=True, padding_mode="zeros") does. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,5 +175,133 @@ int dat_bias_backward(const float *table, const float *qy, const float *qx, cons
     for (long t = 0; t < T; t++)
         failed |= backward_span(table, qy, qx, pos, grad, gtable_parts + t * G * mg * Ht * Wt, gpos, N * t / T,
                                 N * (t + 1) / T, G, mg, H, W, Ns, Ht, Wt);
+    return failed;
+}
+
+/* ---- Keys and values of deformable attention: x sampled bilinearly at the sampling positions ---- */
+
+typedef float v4u __attribute__((vector_size(16), aligned(4))); /* 4 channels, any float alignment */
+
+/* A point's four neighbours in an (H, W) map, (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1): whether
+   inside, element offsets (pixel times C), bilinear weights, and the weights' slopes in y and x (for
+   the position gradient); a neighbour outside the map has offset, weight and slopes 0. */
+typedef struct { long at[4]; int in[4]; float w[4], dy[4], dx[4]; } Corners;
+
+static Corners corners(float py, float px, long H, long W, long C) {
+    const float ty = (py + 1.f) * (0.5f * (H - 1)), tx = (px + 1.f) * (0.5f * (W - 1));
+    const float fly = floorf(ty), flx = floorf(tx), fy = ty - fly, fx = tx - flx;
+    const long y0 = (long)fmaxf(fminf(fly, (float)H), -2.f), x0 = (long)fmaxf(fminf(flx, (float)W), -2.f);
+    Corners c;
+    for (int j = 0; j < 4; j++) {
+        const long y = y0 + j / 2, x = x0 + j % 2;
+        const int in = y >= 0 && y < H && x >= 0 && x < W;
+        const float wy = j / 2 ? fy : 1 - fy, wx = j % 2 ? fx : 1 - fx;
+        c.in[j] = in;
+        c.at[j] = in ? (y * W + x) * C : 0;
+        c.w[j] = in ? wy * wx : 0;
+        c.dy[j] = in ? (j / 2 ? 1 : -1) * wx : 0;
+        c.dx[j] = in ? (j % 2 ? 1 : -1) * wy : 0;
+    }
+    return c;
+}
+
+/* x (B, H, W, C) channels-last, pos (B*G, Ns, 2) as (y, x) in [-1, 1] -> out (B, Ns, C): group g's
+   Cg = C/G channels sampled at group g's positions. */
+int dat_keys_forward(const float *x, const float *pos, float *out, long B, long G, long H, long W, long C, long Ns) {
+    const long Cg = C / G;
+    float *zero = calloc(Cg, sizeof(float)); /* what a neighbour outside the map reads */
+    if (!zero) return 1;
+#pragma omp parallel for schedule(static)
+    for (long n = 0; n < B * G; n++) {
+        const long b = n / G, g = n % G;
+        const float *xb = x + b * H * W * C + g * Cg;
+        for (long k = 0; k < Ns; k++) {
+            const Corners c = corners(pos[(n * Ns + k) * 2], pos[(n * Ns + k) * 2 + 1], H, W, C);
+            const float *v[4];
+            for (int j = 0; j < 4; j++) v[j] = c.in[j] ? xb + c.at[j] : zero;
+            float *o = out + (b * Ns + k) * C + g * Cg;
+            for (long ch = 0; ch < Cg; ch++)
+                o[ch] = c.w[0] * v[0][ch] + c.w[1] * v[1][ch] + c.w[2] * v[2][ch] + c.w[3] * v[3][ch];
+        }
+    }
+    free(zero);
+    return 0;
+}
+
+/* grad (B, Ns, C) -> gx (B, H, W, C) (zeroed by the caller; each (image, group) its own channels, so
+   no two threads write one element) and gpos (B*G, Ns, 2). */
+int dat_keys_backward(const float *x, const float *pos, const float *grad, float *gx, float *gpos, long B, long G,
+                      long H, long W, long C, long Ns) {
+    const long Cg = C / G, vectors = Cg / 4;
+#pragma omp parallel for schedule(static)
+    for (long n = 0; n < B * G; n++) {
+        const long b = n / G, g = n % G;
+        const float *xb = x + b * H * W * C + g * Cg;
+        float *gb = gx + b * H * W * C + g * Cg;
+        for (long k = 0; k < Ns; k++) {
+            const Corners c = corners(pos[(n * Ns + k) * 2], pos[(n * Ns + k) * 2 + 1], H, W, C);
+            const float *go = grad + (b * Ns + k) * C + g * Cg;
+            v4u sy = {0, 0, 0, 0}, sx = {0, 0, 0, 0};
+            for (int j = 0; j < 4; j++) {
+                if (!c.in[j]) continue;
+                const float *v = xb + c.at[j];
+                float *d = gb + c.at[j];
+                long ch = 0;
+                for (; ch < vectors * 4; ch += 4) {
+                    const v4u gg = *(const v4u *)(go + ch), vv = *(const v4u *)(v + ch);
+                    *(v4u *)(d + ch) += c.w[j] * gg;
+                    sy += c.dy[j] * gg * vv;
+                    sx += c.dx[j] * gg * vv;
+                }
+                float ry = 0, rx = 0;
+                for (; ch < Cg; ch++) {
+                    d[ch] += c.w[j] * go[ch];
+                    ry += c.dy[j] * go[ch] * v[ch];
+                    rx += c.dx[j] * go[ch] * v[ch];
+                }
+                sy[0] += ry;
+                sx[0] += rx;
+            }
+            gpos[(n * Ns + k) * 2] = (sy[0] + sy[1] + sy[2] + sy[3]) * (0.5f * (H - 1));
+            gpos[(n * Ns + k) * 2 + 1] = (sx[0] + sx[1] + sx[2] + sx[3]) * (0.5f * (W - 1));
+        }
+    }
+    return 0;
+}
+
+/* ---- The offset network's depthwise convolution: its weight gradient ---- */
+
+/* x (B, H, W, C) and grad (B, Ho, Wo, C), channels-last -> gw (C, k, k): gw[c, i, j] = sum over b, yo, xo
+   of x[b, yo*s + i - pad, xo*s + j - pad, c] grad[b, yo, xo, c] (x zero outside). Threads own slices
+   of channels. */
+int dat_dwconv_weight_grad(const float *x, const float *grad, float *gw, long B, long H, long W, long C, long Ho,
+                           long Wo, long k, long s, long pad) {
+    const long slice = 64; /* channels a thread accumulates at once: k*k*slice floats stay in cache */
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (long c0 = 0; c0 < C; c0 += slice) {
+        const long cs = C - c0 < slice ? C - c0 : slice;
+        float *acc = calloc(k * k * cs, sizeof(float));
+        if (!acc) { failed = 1; continue; }
+        for (long b = 0; b < B; b++)
+            for (long yo = 0; yo < Ho; yo++)
+                for (long xo = 0; xo < Wo; xo++) {
+                    const float *restrict g = grad + ((b * Ho + yo) * Wo + xo) * C + c0;
+                    for (long i = 0; i < k; i++) {
+                        const long y = yo * s + i - pad;
+                        if (y < 0 || y >= H) continue;
+                        for (long j = 0; j < k; j++) {
+                            const long xx = xo * s + j - pad;
+                            if (xx < 0 || xx >= W) continue;
+                            const float *restrict v = x + ((b * H + y) * W + xx) * C + c0;
+                            float *restrict a = acc + (i * k + j) * cs;
+                            for (long c = 0; c < cs; c++) a[c] += v[c] * g[c];
+                        }
+                    }
+                }
+        for (long c = 0; c < cs; c++)
+            for (long t = 0; t < k * k; t++) gw[(c0 + c) * k * k + t] = acc[t * cs + c];
+        free(acc);
+    }
     return failed;
 }

@@ -1,0 +1,190 @@
+"""The C kernels of the CPU's sampler "native" ("auto" there): the relative position bias and the
+sampling of keys against grid_sample, the offset network's depthwise conv against conv2d, in values
+and gradients; thread counts; inside the model; the build, its cache, and the fallback when no
+compiler is found."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dat_lab
+from dat_lab.models import cpu_kernels
+from dat_lab.models.attention import set_deformable_options
+from dat_lab.models.geometry import grid_points
+
+from bias_reference import assert_close, axes, grid_sample_bias, reference_and_fast
+
+if not cpu_kernels.available():
+    pytest.skip(f"no C kernels: {cpu_kernels._state.get('error')}", allow_module_level=True)
+
+
+def _case(H, W, Hk, Wk, heads, groups, images, spread, convention="released"):
+    torch.manual_seed(0)
+    table = torch.randn(heads, 2 * H - 1, 2 * W - 1, requires_grad=True)
+    reference = grid_points(Hk, Wk, convention=convention)
+    pos = (reference + spread * torch.randn(images * groups, Hk, Wk, 2)).requires_grad_()
+    return table, grid_points(H, W, convention=convention), pos
+
+
+@pytest.mark.parametrize("H, W, Hk, Wk, heads, groups, spread, convention", [
+    (14, 14, 14, 14, 12, 3, 0.1, "released"),  # DAT-T stage 2: 4 heads a group, one vector
+    (7, 9, 4, 5, 6, 2, 0.5, "released"),  # 3 heads a group (a spare lane), a smaller key grid (r = 2)
+    (5, 5, 5, 5, 3, 1, 2.0, "released"),  # positions far outside [-1, 1]: corners outside the table
+    (6, 6, 3, 3, 16, 2, 1.0, "aligned"),  # 8 heads a group: two vectors
+    (4, 7, 4, 7, 10, 2, 0.0, "aligned"),  # 5 heads a group; keys on whole table pixels (no offsets)
+])
+def test_kernels_equal_grid_sample(H, W, Hk, Wk, heads, groups, spread, convention):
+    table, query_grid, pos = _case(H, W, Hk, Wk, heads, groups, 2, spread, convention)
+    expected = grid_sample_bias(table, query_grid, pos, groups)
+    actual = cpu_kernels.relative_bias(table, *axes(query_grid), pos, groups=groups)
+    assert_close(actual, expected, "bias")
+    grad = torch.randn_like(expected)
+    for name, a, e in zip(("table", "positions"), torch.autograd.grad(actual, (table, pos), grad),
+                          torch.autograd.grad(expected, (table, pos), grad)):
+        assert_close(a, e, name)
+
+
+def test_any_thread_count_gives_the_same_result():
+    """The bias: images cut into one span per thread, each thread's table gradient its own, summed in
+    order: the same thread count gives the same bits, another count the same values. The keys: each
+    (image, group) writes its own outputs and gradients: the same bits at any count."""
+    table, query_grid, pos = _case(6, 6, 6, 6, 8, 2, 5, 0.3)
+    x = torch.randn(5, 6, 6, 16, requires_grad=True)
+    threads = torch.get_num_threads()
+    bias_runs, key_runs = [], []
+    try:
+        for count in (1, 3, 3):
+            torch.set_num_threads(count)
+            bias = cpu_kernels.relative_bias(table, *axes(query_grid), pos, groups=2)
+            bias_runs.append((bias, *torch.autograd.grad(bias, (table, pos), torch.ones_like(bias))))
+            keys = cpu_kernels.sample_keys(x, pos, groups=2)
+            key_runs.append((keys, *torch.autograd.grad(keys, (x, pos), torch.ones_like(keys))))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three, again in zip(*bias_runs):
+        torch.testing.assert_close(three, one)
+        assert torch.equal(again, three)
+    for one, three, again in zip(*key_runs):
+        assert torch.equal(three, one) and torch.equal(again, three)
+
+
+def test_gradient_of_the_positions_or_the_table_alone():
+    table, query_grid, pos = _case(4, 4, 4, 4, 4, 2, 1, 0.2)
+    for wanted in (table, pos):
+        bias = cpu_kernels.relative_bias(table.detach().requires_grad_(wanted is table), *axes(query_grid),
+                                      pos.detach().requires_grad_(wanted is pos), groups=2)
+        assert bias.requires_grad
+    with torch.no_grad():
+        assert not cpu_kernels.relative_bias(table, *axes(query_grid), pos, groups=2).requires_grad
+
+
+def _grid_sample_keys(x, pos, groups):
+    """The plain path: x (B, H, W, C) channel-first per group, read by grid_sample -> (B, Ns, C)."""
+    B, H, W, C = x.shape
+    samples = F.grid_sample(x.permute(0, 3, 1, 2).reshape(B * groups, C // groups, H, W), pos.flip(-1),
+                            mode="bilinear", padding_mode="zeros", align_corners=True)
+    return samples.reshape(B, C, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("B, H, W, C, groups, Hk, Wk, spread", [
+    (2, 14, 14, 384, 3, 14, 14, 0.1),  # DAT-T stage 2
+    (2, 7, 9, 30, 3, 4, 5, 0.7),  # 10 channels a group: two 4-wide vectors and 2 more
+    (3, 5, 5, 5, 1, 5, 5, 2.0),  # positions far outside [-1, 1]
+    (2, 6, 6, 8, 2, 3, 3, 0.0),  # on the reference points
+])
+def test_key_sampling_equals_grid_sample(B, H, W, C, groups, Hk, Wk, spread):
+    torch.manual_seed(0)
+    x = torch.randn(B, H, W, C, requires_grad=True)
+    pos = (grid_points(Hk, Wk) + spread * torch.randn(B * groups, Hk, Wk, 2)).requires_grad_()
+    expected = _grid_sample_keys(x, pos, groups)
+    actual = cpu_kernels.sample_keys(x, pos, groups=groups)
+    assert_close(actual, expected, "samples")
+    grad = torch.randn_like(expected)
+    for name, a, e in zip(("x", "positions"), torch.autograd.grad(actual, (x, pos), grad),
+                          torch.autograd.grad(expected, (x, pos), grad)):
+        assert_close(a, e, name)
+
+
+@pytest.mark.parametrize("B, H, W, C, size, stride, padding", [
+    (2, 14, 14, 384, 5, 1, 2),  # DAT-T stage 2's offset network
+    (2, 9, 7, 70, 3, 2, 1),  # r = 2; channels past a 64-channel slice
+    (1, 5, 5, 4, 1, 1, 0),
+])
+def test_depthwise_conv_equals_conv2d(B, H, W, C, size, stride, padding):
+    torch.manual_seed(0)
+    x = torch.randn(B, H, W, C).permute(0, 3, 1, 2).requires_grad_()  # channels-last, as the model has it
+    weight = torch.randn(C, 1, size, size, requires_grad=True)
+    expected = F.conv2d(x, weight, stride=stride, padding=padding, groups=C)
+    actual = cpu_kernels.depthwise_conv(x, weight, stride=stride, padding=padding)
+    assert_close(actual, expected, "output")
+    grad = torch.randn_like(expected)
+    for name, a, e in zip(("x", "weight"), torch.autograd.grad(actual, (x, weight), grad),
+                          torch.autograd.grad(expected, (x, weight), grad)):
+        assert_close(a, e, name)
+
+
+@pytest.mark.parametrize("sampler", ["auto", "native"])
+def test_model_uses_the_kernels_and_equals_the_reference(sampler, monkeypatch):
+    calls = []
+    for name in ("relative_bias", "sample_keys", "depthwise_conv"):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=kernel, **k: calls.append(1) or kernel(*a, **k))
+    torch.manual_seed(0)
+    model = dat_lab.create_model("dat_pico", key_downsample=[1, 1, 2, 1]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    passes = reference_and_fast(model, x, sampler=sampler)
+    assert len(calls) == 6  # bias, keys and offset conv of the two deformable blocks of dat_pico, 2nd pass
+    for name, expected in passes[0].items():
+        assert_close(passes[1][name], expected, name)
+
+
+def test_bad_inputs_are_refused():
+    table, query_grid, pos = _case(4, 4, 4, 4, 6, 3, 1, 0.0)
+    with pytest.raises(ValueError, match=r"groups 4 must divide the table's heads \(6\)"):
+        cpu_kernels.relative_bias(table, *axes(query_grid), pos, groups=4)
+    with pytest.raises(ValueError, match=r"positions \(N, Hk, Wk, 2\) expected; got .*\(3, 16, 2\)"):
+        cpu_kernels.relative_bias(table, *axes(query_grid), pos.reshape(3, 16, 2), groups=3)
+    x = torch.randn(1, 4, 4, 12)
+    with pytest.raises(ValueError, match=r"positions \(B\*groups, Hk, Wk, 2\) expected; got \(1, 4, 4, 12\) and \(3, 4, 4, 2\)"):
+        cpu_kernels.sample_keys(x, pos, groups=2)  # 2 groups: positions for 1 image would be (2, ...)
+    with pytest.raises(ValueError, match="C divisible by groups 5"):
+        cpu_kernels.sample_keys(x, pos, groups=5)
+    with pytest.raises(ValueError, match=r"float32 x \(B, C, H, W\) and weight \(C, 1, k, k\) expected; got "
+                                         r"torch.float32 \(1, 12, 4, 4\) and torch.float32 \(12, 1, 3, 2\)"):
+        cpu_kernels.depthwise_conv(x.permute(0, 3, 1, 2), torch.randn(12, 1, 3, 2), stride=1, padding=1)
+
+
+def test_the_build_is_cached_and_whole(tmp_path, monkeypatch):
+    """A build writes one library into $DAT_LAB_CACHE (no leftovers); the next process reuses it."""
+    monkeypatch.setenv("DAT_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.available()
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so"), built
+    stamp = (tmp_path / built[0]).stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "_compile", lambda *a: pytest.fail("compiled again"))
+    assert cpu_kernels.available() and (tmp_path / built[0]).stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAT_LAB_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    torch.manual_seed(0)
+    model = dat_lab.create_model("dat_pico").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = model(x)
+        model(x)
+    messages = [str(w.message) for w in caught if "dat-lab" in str(w.message)]
+    assert messages == ["dat-lab: the CPU kernels could not be built: no C compiler found (set CC, or "
+                        "install gcc or clang); deformable blocks use grid_sample instead"]  # once
+    torch.testing.assert_close(fallback, set_deformable_options(model, sampler="grid_sample")(x), atol=0, rtol=0)
+    set_deformable_options(model, sampler="native")
+    with pytest.raises(RuntimeError, match="^sampler 'native': the CPU kernels could not be built: no C "
+                                           "compiler found .*; use sampler 'auto' or 'grid_sample'$"):
+        model(x)
