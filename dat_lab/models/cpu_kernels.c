@@ -152,10 +152,10 @@ static int backward_span(const float *table, const float *qy, const float *qx, c
     return 0;
 }
 
-/* The entry points: the N image-groups cut into T spans, one per thread. Compiled with -fopenmp but
-   linked without an OpenMP runtime, the library uses the one torch has loaded (its own threads, its
-   thread count); compiled without, it runs the spans one after another. Return 0, or 1 when out of
-   memory. */
+/* The entry points: the N image-groups cut into T spans, one per thread. (Every entry point runs on T
+   threads, torch's thread count: compiled with -fopenmp but linked without an OpenMP runtime, the
+   library uses the one torch has loaded; compiled without, it runs its loops on one thread.) Return
+   0, or 1 when out of memory. */
 int dat_bias_forward(const float *table, const float *qy, const float *qx, const float *pos, float *out, long N,
                      long T, long G, long mg, long H, long W, long Ns, long Ht, long Wt) {
     int failed = 0;
@@ -207,11 +207,12 @@ static Corners corners(float py, float px, long H, long W, long C) {
 
 /* x (B, H, W, C) channels-last, pos (B*G, Ns, 2) as (y, x) in [-1, 1] -> out (B, Ns, C): group g's
    Cg = C/G channels sampled at group g's positions. */
-int dat_keys_forward(const float *x, const float *pos, float *out, long B, long G, long H, long W, long C, long Ns) {
+int dat_keys_forward(const float *x, const float *pos, float *out, long B, long G, long H, long W, long C, long Ns,
+                     long T) {
     const long Cg = C / G;
     float *zero = calloc(Cg, sizeof(float)); /* what a neighbour outside the map reads */
     if (!zero) return 1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(T) schedule(static)
     for (long n = 0; n < B * G; n++) {
         const long b = n / G, g = n % G;
         const float *xb = x + b * H * W * C + g * Cg;
@@ -231,9 +232,9 @@ int dat_keys_forward(const float *x, const float *pos, float *out, long B, long 
 /* grad (B, Ns, C) -> gx (B, H, W, C) (zeroed by the caller; each (image, group) its own channels, so
    no two threads write one element) and gpos (B*G, Ns, 2). */
 int dat_keys_backward(const float *x, const float *pos, const float *grad, float *gx, float *gpos, long B, long G,
-                      long H, long W, long C, long Ns) {
+                      long H, long W, long C, long Ns, long T) {
     const long Cg = C / G, vectors = Cg / 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(T) schedule(static)
     for (long n = 0; n < B * G; n++) {
         const long b = n / G, g = n % G;
         const float *xb = x + b * H * W * C + g * Cg;
@@ -275,10 +276,10 @@ int dat_keys_backward(const float *x, const float *pos, const float *grad, float
    of x[b, yo*s + i - pad, xo*s + j - pad, c] grad[b, yo, xo, c] (x zero outside). Threads own slices
    of channels. */
 int dat_dwconv_weight_grad(const float *x, const float *grad, float *gw, long B, long H, long W, long C, long Ho,
-                           long Wo, long k, long s, long pad) {
+                           long Wo, long k, long s, long pad, long T) {
     const long slice = 64; /* channels a thread accumulates at once: k*k*slice floats stay in cache */
     int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
+#pragma omp parallel for num_threads(T) schedule(static) reduction(| : failed)
     for (long c0 = 0; c0 < C; c0 += slice) {
         const long cs = C - c0 < slice ? C - c0 : slice;
         float *acc = calloc(k * k * cs, sizeof(float));

@@ -94,9 +94,9 @@ def _build() -> ctypes.CDLL:
         P, L = ctypes.c_void_p, ctypes.c_long
         library.dat_bias_forward.argtypes = [P] * 5 + [L] * 9
         library.dat_bias_backward.argtypes = [P] * 7 + [L] * 9
-        library.dat_keys_forward.argtypes = [P] * 3 + [L] * 6
-        library.dat_keys_backward.argtypes = [P] * 5 + [L] * 6
-        library.dat_dwconv_weight_grad.argtypes = [P] * 3 + [L] * 9
+        library.dat_keys_forward.argtypes = [P] * 3 + [L] * 7
+        library.dat_keys_backward.argtypes = [P] * 5 + [L] * 7
+        library.dat_dwconv_weight_grad.argtypes = [P] * 3 + [L] * 10
         for fn in (library.dat_bias_forward, library.dat_bias_backward, library.dat_keys_forward,
                    library.dat_keys_backward, library.dat_dwconv_weight_grad):
             fn.restype = ctypes.c_int
@@ -151,7 +151,7 @@ def supported(*tensors: Tensor) -> bool:
 
 
 def _threads(n: int) -> int:
-    """Threads for n image-groups: torch's thread count, at most n."""
+    """Threads for n pieces of work (image-groups, channels): torch's thread count, at most n."""
     return max(1, min(n, torch.get_num_threads()))
 
 
@@ -240,7 +240,8 @@ def _keys_forward(x: Tensor, pos: Tensor, groups: int) -> Tensor:
     B, H, W, C = x.shape
     x, pos = (t.float().contiguous() for t in (x, pos))
     out = torch.empty(B, pos.shape[1] * pos.shape[2], C)
-    _check(_library().dat_keys_forward(x.data_ptr(), pos.data_ptr(), out.data_ptr(), B, groups, H, W, C, out.shape[1]))
+    _check(_library().dat_keys_forward(x.data_ptr(), pos.data_ptr(), out.data_ptr(), B, groups, H, W, C, out.shape[1],
+                                       _threads(B * groups)))
     return out
 
 
@@ -257,7 +258,8 @@ def _keys_backward(grad: Tensor, x: Tensor, pos: Tensor, groups: int) -> tuple[T
     x, pos, grad = (t.float().contiguous() for t in (x, pos, grad))
     x_grad, pos_grad = torch.zeros(x.shape), torch.empty(pos.shape)
     _check(_library().dat_keys_backward(x.data_ptr(), pos.data_ptr(), grad.data_ptr(), x_grad.data_ptr(),
-                                        pos_grad.data_ptr(), B, groups, H, W, C, grad.shape[1]))
+                                        pos_grad.data_ptr(), B, groups, H, W, C, grad.shape[1],
+                                        _threads(B * groups)))
     return x_grad.to(dtypes[0]), pos_grad.to(dtypes[1])
 
 
@@ -311,7 +313,7 @@ def _dwconv_weight_grad(x: Tensor, grad: Tensor, size: int, stride: int, padding
     x, grad = (t.permute(0, 2, 3, 1).contiguous() for t in (x, grad))  # no copy when channels-last already
     out = torch.empty(C, 1, size, size)
     _check(_library().dat_dwconv_weight_grad(x.data_ptr(), grad.data_ptr(), out.data_ptr(), B, H, W, C, Ho, Wo, size,
-                                             stride, padding))
+                                             stride, padding, _threads(C)))
     return out
 
 
