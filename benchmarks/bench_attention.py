@@ -3,7 +3,7 @@ fast path against the plain reference transcription (the released formulation: 1
 grid_sample for keys and bias, einsum attention), forward and forward + backward, and peak memory.
 
     python benchmarks/bench_attention.py [--device cpu|cuda] [--batch 8] [--repeats 7] [--md docs/benchmarks.md] \
-        [--sampler auto|grid_sample|dense|triton] [--kernel auto|matmul|sdpa]   # options of the dat-lab path
+        [--sampler auto|grid_sample|dense|triton|native] [--kernel auto|matmul|sdpa]   # options of the dat-lab path
 """
 
 from __future__ import annotations

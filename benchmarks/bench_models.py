@@ -3,7 +3,7 @@ inference images/s, and peak memory, at several batch sizes; both models in one 
 
     python benchmarks/bench_models.py [--device cpu|cuda] [--batch 8 32] [--precision bf16] \
         [--channels-last] [--compile] [--flush-denormal] [--mode train infer] [--repeats 5] \
-        [--sampler auto|grid_sample|dense|triton] [--kernel auto|matmul|sdpa] [--md docs/benchmarks.md]
+        [--sampler auto|grid_sample|dense|triton|native] [--kernel auto|matmul|sdpa] [--md docs/benchmarks.md]
 """
 
 from __future__ import annotations

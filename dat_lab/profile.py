@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .models import cpu_kernels  # noqa: F401  (registers the torch.ops.dat_lab ops counted below)
+
 aten = torch.ops.aten
 
 
@@ -84,6 +86,10 @@ _FORMULAS = {
     aten._scaled_dot_product_efficient_attention.default: _sdpa,
     aten._scaled_dot_product_flash_attention.default: _sdpa,
     aten._scaled_dot_product_cudnn_attention.default: _sdpa,
+    # the CPU's C kernels (dat_lab.models.cpu_kernels), counted as the ops they stand for
+    torch.ops.dat_lab.relative_bias_cpu.default: _per_output(4),  # grid_sample of the bias
+    torch.ops.dat_lab.sample_keys_cpu.default: _per_output(4),  # grid_sample of the keys
+    torch.ops.dat_lab.depthwise_conv_cpu.default: _conv,
 }
 
 

@@ -182,7 +182,7 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path, monkey
         model(x)
     messages = [str(w.message) for w in caught if "dat-lab" in str(w.message)]
     assert messages == ["dat-lab: the CPU kernels could not be built: no C compiler found (set CC, or "
-                        "install gcc or clang); deformable blocks use grid_sample instead"]  # once
+                        "install gcc or clang); deformable blocks use PyTorch's own ops instead"]  # once
     torch.testing.assert_close(fallback, set_deformable_options(model, sampler="grid_sample")(x), atol=0, rtol=0)
     set_deformable_options(model, sampler="native")
     with pytest.raises(RuntimeError, match="^sampler 'native': the CPU kernels could not be built: no C "

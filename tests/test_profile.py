@@ -26,6 +26,20 @@ def test_flop_convention_known_answers():
     assert count_flops(Sample(), 4) == 4 * 3 * 5 * 6  # 4 per output element
 
 
+@pytest.mark.parametrize("knob", [{}, {"key_downsample": [1, 1, 2, 1]}])
+def test_flops_do_not_depend_on_the_deformable_path(knob):
+    """The CPU's C kernels count as the ops they stand for (grid_sample, the depthwise conv)."""
+    import dat_lab
+    from dat_lab.models.attention import set_deformable_options
+
+    from dat_lab.models import cpu_kernels
+
+    model = dat_lab.create_model("dat_pico", **knob)
+    samplers = ("grid_sample", "auto") + (("native",) if cpu_kernels.available() else ())
+    counts = {sampler: count_flops(set_deformable_options(model, sampler=sampler), 32) for sampler in samplers}
+    assert len(set(counts.values())) == 1, counts
+
+
 def test_paper_tables_within_tolerance(capsys):
     assert cli.main(["profile", "--paper-tables", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -154,11 +154,13 @@ class DeformableAttention(nn.Module):
     Two formulations of the same function: the default fast path (`_forward_fast`) and the plain
     released one (`_forward_reference`), equal to 1e-5 in outputs and gradients (tests). Options of
     the fast path (set them with `set_deformable_options`): `sampler` "auto" | "grid_sample" |
-    "dense" | "triton" ("dense": bilinear sampling by interpolation matrices, whose backward is
-    matrix products, so deterministic on CUDA; "triton": keys by grid_sample, the relative bias by
-    the kernels of `triton_bias` (CUDA only; deterministic, the keys' grid_sample backward is not);
-    "auto" on CUDA: the relative bias by those kernels where they apply, keys by grid_sample, or
-    dense when `torch.use_deterministic_algorithms` is on),
+    "dense" | "triton" | "native" ("dense": bilinear sampling by interpolation matrices, whose
+    backward is matrix products, so deterministic on CUDA; "triton": keys by grid_sample, the
+    relative bias by the kernels of `triton_bias` (CUDA only; deterministic, the keys' grid_sample
+    backward is not); "native": the relative bias, the keys and the offset conv's weight gradient by
+    the C kernels of `cpu_kernels` (CPU only); "auto" on CUDA: the relative bias by the Triton
+    kernels where they apply, keys by grid_sample, or dense when `torch.use_deterministic_algorithms`
+    is on; "auto" on the CPU: "native" where the C kernels build, else "grid_sample"),
     `kernel` "auto" | "matmul" | "sdpa" (fused `scaled_dot_product_attention` with the bias as its
     mask; "auto" takes it on CUDA), `chunk_bytes` (CPU: logits, bias and probabilities are made,
     used and freed a few batch elements at a time, about this many bytes each).

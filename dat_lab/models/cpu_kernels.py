@@ -21,7 +21,7 @@ The C source is compiled on first use with the machine's C compiler (`$CC`, Pyth
 with OpenMP but linked without a runtime of its own, so that its loops run on the OpenMP threads torch
 has loaded (a second pool would fight torch's for the cores). It is loaded with ctypes. `available()`
 says whether it built; the deformable blocks' sampler "auto" uses the kernels on the CPU when it did,
-grid_sample otherwise (with one warning).
+PyTorch's own ops otherwise (with one warning).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def available() -> bool:
         return True
     if not _state.get("warned"):
         _state["warned"] = True
-        warnings.warn(f"dat-lab: {_state['error']}; deformable blocks use grid_sample instead", stacklevel=2)
+        warnings.warn(f"dat-lab: {_state['error']}; deformable blocks use PyTorch's own ops instead", stacklevel=2)
     return False
 
 
