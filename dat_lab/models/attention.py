@@ -302,10 +302,11 @@ class DeformableAttention(nn.Module):
 
     def _native(self, *tensors: Tensor) -> bool:
         """Whether to use the C kernels of `cpu_kernels` on these operands: sampler "native", or "auto"
-        on the CPU where the kernels built (else "auto" falls back to the plain ops)."""
+        on the CPU for float32 operands where the kernels built (else "auto" takes the plain ops)."""
         if not native_sampling(self.sampler, tensors[0].device.type):
             return False
-        return self.sampler == "native" or cpu_kernels.supported(*tensors)
+        return self.sampler == "native" or (all(t.dtype == torch.float32 for t in tensors)
+                                            and cpu_kernels.supported(*tensors))
 
     def _offsets_channels_last(self, q: Tensor) -> Tensor:
         """conv_offset on q (B, H, W, C) as it lies: the depthwise conv over all C channels with its
@@ -315,7 +316,7 @@ class DeformableAttention(nn.Module):
         CUDA its bookkeeping costs more time than the GPU has to wait for)."""
         dw = self.conv_offset[0]
         x, weight = q.permute(0, 3, 1, 2), dw.weight.repeat(self.groups, 1, 1, 1)
-        if self._native(q) and q.dtype == weight.dtype == torch.float32:  # the weight's gradient by a C kernel
+        if self._native(x, weight):  # the weight's gradient by a C kernel
             t = cpu_kernels.depthwise_conv(x, weight, stride=dw.stride[0], padding=dw.padding[0])
         else:
             t = F.conv2d(x, weight, stride=dw.stride, padding=dw.padding, groups=q.shape[-1])
@@ -425,8 +426,8 @@ def triton_sampling(sampler: str, device_type: str) -> bool:
 
 
 def native_sampling(sampler: str, device_type: str) -> bool:
-    """Whether deformable blocks read the relative-position table with the C kernels of `cpu_kernels`:
-    asked for, or "auto" on the CPU (where they build)."""
+    """Whether deformable blocks take the C kernels of `cpu_kernels` (relative bias, keys, the offset
+    conv's weight gradient): asked for, or "auto" on the CPU (for float32 operands, where they build)."""
     return sampler == "native" or (sampler == "auto" and device_type == "cpu")
 
 

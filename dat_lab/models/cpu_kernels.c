@@ -1,6 +1,7 @@
-/* Two parts of DAT's deformable attention on the CPU, forward and backward (see cpu_kernels.py): the
-   relative position bias of deformed keys, and the sampling of keys and values. Both read bilinearly
-   as grid_sample(align_corners=True, padding_mode="zeros") does. */
+/* Three parts of DAT's deformable attention on the CPU (see cpu_kernels.py): the relative position
+   bias of deformed keys and the sampling of keys and values, forward and backward, both read
+   bilinearly as grid_sample(align_corners=True, padding_mode="zeros") does; and the weight gradient
+   of the offset network's depthwise convolution. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -1,7 +1,7 @@
-"""Two parts of DAT's deformable attention as small C kernels for the CPU (cpu_kernels.c), forward
-and backward: the relative position bias of deformed keys (the CPU's counterpart of `triton_bias`),
-and the bilinear sampling of keys and values. The plain paths are grid_sample's, and stay the
-fallback and the reference.
+"""Three parts of DAT's deformable attention as small C kernels for the CPU (cpu_kernels.c): the
+relative position bias of deformed keys (the CPU's counterpart of `triton_bias`) and the bilinear
+sampling of keys and values, forward and backward, and the weight gradient of the offset network's
+depthwise convolution. The plain ops (grid_sample, conv2d) stay the fallback and the reference.
 
 - The bias: grid_sample reads the (heads, 2H-1, 2W-1) table at half the query-key displacement
   (`DeformableAttention._bias`): it needs the (N, HW, Ns, 2) displacement grid, and its backward
@@ -17,11 +17,14 @@ fallback and the reference.
   own channels of the input gradient, so threads never meet.
 
 The C source is compiled on first use with the machine's C compiler (`$CC`, Python's, `cc`, `gcc` or
-`clang`), into `$DAT_LAB_CACHE` (default `~/.cache/dat-lab`), once per source, compiler and flags,
-with OpenMP but linked without a runtime of its own, so that its loops run on the OpenMP threads torch
-has loaded (a second pool would fight torch's for the cores). It is loaded with ctypes. `available()`
-says whether it built; the deformable blocks' sampler "auto" uses the kernels on the CPU when it did,
-PyTorch's own ops otherwise (with one warning).
+`clang`), into `$DAT_LAB_CACHE` (default `$XDG_CACHE_HOME/dat-lab` or `~/.cache/dat-lab`; if that
+cannot be made, a folder of this user's in the temporary folder), once per source, compiler and
+flags, with OpenMP but linked without a runtime of its own, so that its loops run on the OpenMP
+threads torch has loaded (a second pool would fight torch's for the cores). Where that library
+cannot load (no such runtime loaded), a build without OpenMP runs on one thread (`_state["variant"]`
+says which). It is loaded with ctypes. `available()` says whether it built; the deformable blocks'
+sampler "auto" uses the kernels on the CPU for float32 operands when it did, PyTorch's own ops
+otherwise (with one warning when the build failed).
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ from .triton_bias import check_operands, operands, sizes
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-fPIC", "-std=gnu11")
 
+CPU32 = {"dtype": torch.float32, "device": "cpu"}  # what the kernels read and write (whatever torch's defaults)
+
 _lock = threading.Lock()
-_state: dict = {}  # "library" (CDLL) or "error" (str), "warned"
+_state: dict = {}  # "library" (CDLL) and "variant" ("openmp" or "serial"), or "error" (str); "warned"
 
 
 def _compiler() -> list[str] | None:
@@ -76,11 +81,10 @@ def _build() -> ctypes.CDLL:
         directory = _cache_dir()
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
-        directory = Path(tempfile.gettempdir()) / "dat-lab"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = _private_temp_dir()
     failures = []
-    for variant in (["-fopenmp"], []):
-        flags = [*FLAGS, *variant]
+    for variant, extra in (("openmp", ["-fopenmp"]), ("serial", [])):
+        flags = [*FLAGS, *extra]
         key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cc + flags).encode(), sys.platform.encode(),
                                          platform.machine().encode()])).hexdigest()[:16]
         target = directory / f"cpu_kernels-{key}.so"
@@ -88,8 +92,8 @@ def _build() -> ctypes.CDLL:
             if not target.exists():
                 _compile(cc, flags, target)
             library = ctypes.CDLL(str(target))
-        except (OSError, RuntimeError) as e:
-            failures.append(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            failures.append(_first_error(str(e)) or type(e).__name__)
             continue
         P, L = ctypes.c_void_p, ctypes.c_long
         library.dat_bias_forward.argtypes = [P] * 5 + [L] * 9
@@ -100,8 +104,28 @@ def _build() -> ctypes.CDLL:
         for fn in (library.dat_bias_forward, library.dat_bias_backward, library.dat_keys_forward,
                    library.dat_keys_backward, library.dat_dwconv_weight_grad):
             fn.restype = ctypes.c_int
+        _state["variant"] = variant
         return library
     raise RuntimeError("; ".join(failures))
+
+
+def _private_temp_dir() -> Path:
+    """A cache directory in the temporary folder that only this user can write (else a fresh one)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    directory = Path(tempfile.gettempdir()) / f"dat-lab-{uid}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        if uid is not None and directory.stat().st_uid == uid and not directory.stat().st_mode & 0o022:
+            return directory
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="dat-lab-"))
+
+
+def _first_error(text: str) -> str:
+    """The line of a compiler's output that says what went wrong (its first "error"), else its last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
 
 
 def _compile(cc: list[str], flags: list[str], target: Path) -> None:
@@ -113,7 +137,7 @@ def _compile(cc: list[str], flags: list[str], target: Path) -> None:
              [*cc, "-shared", "-o", f"{stem}.tmp", f"{stem}.o", "-lm"])
     try:
         for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True)
+            done = subprocess.run(step, capture_output=True, text=True, errors="replace", timeout=300)
             if done.returncode:
                 raise RuntimeError(f"{' '.join(step[:2])}...: {(done.stderr or done.stdout).strip()}")
         os.replace(f"{stem}.tmp", target)
@@ -128,7 +152,7 @@ def _library() -> ctypes.CDLL | None:
         if "library" not in _state and "error" not in _state:
             try:
                 _state["library"] = _build()
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _state["error"] = f"the CPU kernels could not be built: {e}"
         return _state.get("library")
 
@@ -165,7 +189,7 @@ def _bias_forward(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: in
     """The float32 bias (N*m, H*W, Ns)."""
     M, Ht, Wt, N, Ns, H, W, m = sizes(table, qy, qx, pos, groups)
     table, qy, qx, pos = operands(table, qy, qx, pos)
-    out = torch.empty(N * m, H * W, Ns, dtype=torch.float32)
+    out = torch.empty(N * m, H * W, Ns, **CPU32)
     _check(_library().dat_bias_forward(table.data_ptr(), qy.data_ptr(), qx.data_ptr(), pos.data_ptr(), out.data_ptr(),
                                        N, _threads(N), groups, m, H, W, Ns, Ht, Wt))
     return out
@@ -186,8 +210,8 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
     table, qy, qx, pos = operands(table, qy, qx, pos)
     grad = grad.float().contiguous()
     threads = _threads(N)
-    table_part = torch.zeros(threads, M, Ht, Wt)  # one per thread, summed after
-    pos_grad = torch.empty(pos.shape)
+    table_part = torch.zeros(threads, M, Ht, Wt, **CPU32)  # one per thread, summed after
+    pos_grad = torch.empty(pos.shape, **CPU32)
     _check(_library().dat_bias_backward(table.data_ptr(), qy.data_ptr(), qx.data_ptr(), pos.data_ptr(), grad.data_ptr(),
                                         table_part.data_ptr(), pos_grad.data_ptr(), N, threads, groups, m, H, W, Ns,
                                         Ht, Wt))
@@ -196,7 +220,7 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
 
 @_bias_backward.register_fake
 def _(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(table), torch.empty_like(pos)
+    return table.new_empty(table.shape), pos.new_empty(pos.shape)
 
 
 def _save(ctx, inputs: tuple, output: Tensor) -> None:
@@ -216,11 +240,12 @@ def _backward(ctx, grad: Tensor) -> tuple:
 _bias_forward.register_autograd(_backward, setup_context=_save)
 
 
-def _ready(positions: Tensor) -> None:
+def _ready(*operands: Tensor) -> None:
     """One-line errors for sampler "native" where the kernels cannot run."""
-    if positions.device.type != "cpu":
-        raise ValueError(f"sampler 'native': the C kernels run on the CPU, not {positions.device.type}; "
-                         "use sampler 'auto'")
+    for t in operands:
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ValueError(f"sampler 'native': the C kernels take float32 tensors on the CPU, not {t.dtype} on "
+                             f"{t.device.type}; use sampler 'auto'")
     if not available():
         raise RuntimeError(f"sampler 'native': {_state['error']}; use sampler 'auto' or 'grid_sample'")
 
@@ -229,7 +254,7 @@ def relative_bias(table: Tensor, query_y: Tensor, query_x: Tensor, positions: Te
     """As `triton_bias.relative_bias`, on the CPU and in float32: the (heads, Ht, Wt) table read
     bilinearly at half of query - key, (N * heads/groups, H*W, Hk*Wk), as grid_sample(align_corners=True)
     gives."""
-    _ready(positions)
+    _ready(table, query_x, query_y, positions)
     check_operands(table, query_y, query_x, positions, groups)
     return _bias_forward(table, query_y, query_x, positions, groups)
 
@@ -239,7 +264,7 @@ def _keys_forward(x: Tensor, pos: Tensor, groups: int) -> Tensor:
     """Samples (B, Ns, C) in float32."""
     B, H, W, C = x.shape
     x, pos = (t.float().contiguous() for t in (x, pos))
-    out = torch.empty(B, pos.shape[1] * pos.shape[2], C)
+    out = torch.empty(B, pos.shape[1] * pos.shape[2], C, **CPU32)
     _check(_library().dat_keys_forward(x.data_ptr(), pos.data_ptr(), out.data_ptr(), B, groups, H, W, C, out.shape[1],
                                        _threads(B * groups)))
     return out
@@ -256,7 +281,7 @@ def _keys_backward(grad: Tensor, x: Tensor, pos: Tensor, groups: int) -> tuple[T
     B, H, W, C = x.shape
     dtypes = x.dtype, pos.dtype
     x, pos, grad = (t.float().contiguous() for t in (x, pos, grad))
-    x_grad, pos_grad = torch.zeros(x.shape), torch.empty(pos.shape)
+    x_grad, pos_grad = torch.zeros(x.shape, **CPU32), torch.empty(pos.shape, **CPU32)
     _check(_library().dat_keys_backward(x.data_ptr(), pos.data_ptr(), grad.data_ptr(), x_grad.data_ptr(),
                                         pos_grad.data_ptr(), B, groups, H, W, C, grad.shape[1],
                                         _threads(B * groups)))
@@ -265,7 +290,7 @@ def _keys_backward(grad: Tensor, x: Tensor, pos: Tensor, groups: int) -> tuple[T
 
 @_keys_backward.register_fake
 def _(grad: Tensor, x: Tensor, pos: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(pos)
+    return x.new_empty(x.shape), pos.new_empty(pos.shape)
 
 
 def _save_keys(ctx, inputs: tuple, output: Tensor) -> None:
@@ -286,7 +311,7 @@ def sample_keys(x: Tensor, positions: Tensor, *, groups: int) -> Tensor:
     """x (B, H, W, C) (channels-last) sampled bilinearly, group g's C/groups channels at positions
     (B*groups, Hk, Wk, 2) ((y, x), normalised) of group g: (B, Hk*Wk, C) in float32, as
     grid_sample(align_corners=True, padding_mode="zeros") gives."""
-    _ready(positions)
+    _ready(x, positions)
     if x.dim() != 4 or positions.dim() != 4 or positions.shape[-1] != 2 or x.shape[-1] % groups \
             or positions.shape[0] != x.shape[0] * groups:
         raise ValueError(f"sample_keys: x (B, H, W, C) with C divisible by groups {groups}, and positions "
@@ -296,8 +321,9 @@ def sample_keys(x: Tensor, positions: Tensor, *, groups: int) -> Tensor:
 
 @torch.library.custom_op("dat_lab::depthwise_conv_cpu", mutates_args=())
 def _dwconv(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
-    """F.conv2d(x, weight, groups=C) (oneDNN's forward); the backward below."""
-    return F.conv2d(x, weight, stride=stride, padding=padding, groups=x.shape[1])
+    """F.conv2d(x, weight, groups=C) (oneDNN's forward), in float32 under autocast too; the backward below."""
+    with torch.autocast("cpu", enabled=False):
+        return F.conv2d(x, weight, stride=stride, padding=padding, groups=x.shape[1])
 
 
 @_dwconv.register_fake
@@ -310,8 +336,8 @@ def _dwconv_weight_grad(x: Tensor, grad: Tensor, size: int, stride: int, padding
     """The (C, 1, k, k) weight gradient from x (B, C, H, W) and grad (B, C, Ho, Wo), read channels-last."""
     B, C, H, W = x.shape
     Ho, Wo = grad.shape[-2:]
-    x, grad = (t.permute(0, 2, 3, 1).contiguous() for t in (x, grad))  # no copy when channels-last already
-    out = torch.empty(C, 1, size, size)
+    x, grad = (t.float().permute(0, 2, 3, 1).contiguous() for t in (x, grad))  # no copy when channels-last already
+    out = torch.empty(C, 1, size, size, **CPU32)
     _check(_library().dat_dwconv_weight_grad(x.data_ptr(), grad.data_ptr(), out.data_ptr(), B, H, W, C, Ho, Wo, size,
                                              stride, padding, _threads(C)))
     return out
@@ -347,9 +373,8 @@ def depthwise_conv(x: Tensor, weight: Tensor, *, stride: int, padding: int) -> T
     """F.conv2d(x, weight, stride, padding, groups=C) for float32 x (B, C, H, W) (best channels-last in
     memory) and weight (C, 1, k, k), square kernel, stride and padding, with the weight's gradient
     by the C kernel."""
-    _ready(x)
-    if x.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1 or weight.shape[-1] != weight.shape[-2] \
-            or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        raise ValueError(f"depthwise_conv: float32 x (B, C, H, W) and weight (C, 1, k, k) expected; got "
-                         f"{x.dtype} {tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)}")
+    _ready(x, weight)
+    if x.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1 or weight.shape[-1] != weight.shape[-2]:
+        raise ValueError(f"depthwise_conv: x (B, C, H, W) and weight (C, 1, k, k) expected; got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
     return _dwconv(x, weight, stride, padding)
