@@ -208,6 +208,27 @@ def test_the_build_is_cached_and_whole(tmp_path, monkeypatch):
     assert cpu_kernels.available() and (tmp_path / built[0]).stat().st_mtime_ns == stamp
 
 
+def test_where_the_openmp_build_cannot_load_the_serial_one_runs(tmp_path, monkeypatch):
+    """(A torch without a GNU-compatible OpenMP runtime loaded leaves GOMP_parallel unresolved.)"""
+    monkeypatch.setenv("DAT_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    load = ctypes.CDLL
+    tries = []
+
+    def without_openmp(path, *args, **kwargs):
+        tries.append(path)
+        if len(tries) == 1:
+            raise OSError(f"{path}: undefined symbol: GOMP_parallel")
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", without_openmp)
+    assert cpu_kernels.available() and cpu_kernels._state["variant"] == "serial" and len(tries) == 2
+    monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", load)
+    table, query_grid, pos = _case(5, 5, 5, 5, 6, 3, 2, 0.3)
+    assert_close(cpu_kernels.relative_bias(table, *axes(query_grid), pos, groups=3),
+                 grid_sample_bias(table, query_grid, pos, 3), "bias")
+
+
 def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("DAT_LAB_CACHE", str(tmp_path))  # nothing built there yet
     monkeypatch.setattr(cpu_kernels, "_state", {})
