@@ -19,11 +19,13 @@ def test_displacement_known_values_in_both_layouts():
     torch.testing.assert_close(d, expected)
     assert torch.equal(displacement(q_grid, pos, coordinate_planes=True), d)
     # DAT-T stage-2 sizes: the same values, one plane per coordinate; gradients up to summation order
-    q_grid, pos = grid_points(14, 14), torch.rand(6, 14, 14, 2, requires_grad=True) * 2 - 1
+    q_grid = grid_points(14, 14).requires_grad_()
+    pos = (torch.rand(6, 14, 14, 2) * 2 - 1).requires_grad_()
     d, planes = displacement(q_grid, pos), displacement(q_grid, pos, coordinate_planes=True)
     assert torch.equal(planes, d) and planes.stride(-1) != 1
     g = torch.randn_like(d)
-    torch.testing.assert_close(torch.autograd.grad(planes, pos, g)[0], torch.autograd.grad(d, pos, g)[0])
+    for a, b in zip(torch.autograd.grad(planes, (q_grid, pos), g), torch.autograd.grad(d, (q_grid, pos), g)):
+        torch.testing.assert_close(a, b)
 
 
 def test_grid_points_known_values():
