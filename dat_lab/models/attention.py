@@ -339,7 +339,7 @@ class DeformableAttention(nn.Module):
         if dense:
             return _sample_dense(x.reshape(B, H * W, G, Cg).transpose(1, 2), pos.reshape(B, G, -1, 2), H, W)
         if self._native(x, pos):
-            return cpu_kernels.sample_keys(x, pos, groups=G).to(x.dtype)  # channels-last as it lies
+            return cpu_kernels.sample_keys(x, pos, groups=G)  # float32 only; channels-last as it lies
         s = F.grid_sample(x.permute(0, 3, 1, 2).reshape(B * G, Cg, H, W), pos.flip(-1), mode="bilinear",
                           padding_mode="zeros", align_corners=True)  # (B*G, Cg, Hk, Wk)
         return s.reshape(B, C, -1).transpose(1, 2).contiguous()

@@ -208,7 +208,7 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
     M, Ht, Wt, N, Ns, H, W, m = sizes(table, qy, qx, pos, groups)
     dtypes = table.dtype, pos.dtype
     table, qy, qx, pos = operands(table, qy, qx, pos)
-    grad = grad.float().contiguous()
+    (grad,) = operands(grad)
     threads = _threads(N)
     table_part = torch.zeros(threads, M, Ht, Wt, **CPU32)  # one per thread, summed after
     pos_grad = torch.empty(pos.shape, **CPU32)
@@ -263,7 +263,7 @@ def relative_bias(table: Tensor, query_y: Tensor, query_x: Tensor, positions: Te
 def _keys_forward(x: Tensor, pos: Tensor, groups: int) -> Tensor:
     """Samples (B, Ns, C) in float32."""
     B, H, W, C = x.shape
-    x, pos = (t.float().contiguous() for t in (x, pos))
+    x, pos = operands(x, pos)
     out = torch.empty(B, pos.shape[1] * pos.shape[2], C, **CPU32)
     _check(_library().dat_keys_forward(x.data_ptr(), pos.data_ptr(), out.data_ptr(), B, groups, H, W, C, out.shape[1],
                                        _threads(B * groups)))
@@ -280,7 +280,7 @@ def _keys_backward(grad: Tensor, x: Tensor, pos: Tensor, groups: int) -> tuple[T
     """Gradients of x (B, H, W, C) and the positions (B*G, Hk, Wk, 2) from the samples' (B, Ns, C)."""
     B, H, W, C = x.shape
     dtypes = x.dtype, pos.dtype
-    x, pos, grad = (t.float().contiguous() for t in (x, pos, grad))
+    x, pos, grad = operands(x, pos, grad)
     x_grad, pos_grad = torch.zeros(x.shape, **CPU32), torch.empty(pos.shape, **CPU32)
     _check(_library().dat_keys_backward(x.data_ptr(), pos.data_ptr(), grad.data_ptr(), x_grad.data_ptr(),
                                         pos_grad.data_ptr(), B, groups, H, W, C, grad.shape[1],

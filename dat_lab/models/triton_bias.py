@@ -177,9 +177,9 @@ def check_operands(table: Tensor, query_y: Tensor, query_x: Tensor, positions: T
                          f"the positions' first dimension ({positions.shape[0]})")
 
 
-def operands(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+def operands(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The inputs as the kernels index them: float32, contiguous (no copy when they already are)."""
-    return tuple(t.float().contiguous() for t in (table, qy, qx, pos))
+    return tuple(t.float().contiguous() for t in tensors)
 
 
 def _bias_forward(table: Tensor, qy: Tensor, qx: Tensor, pos: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
