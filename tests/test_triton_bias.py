@@ -32,21 +32,32 @@ def test_kernels_in_the_interpreter():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed, 5 skipped" in run.stdout, run.stdout[-2000:]  # skipped: the tests marked `outside`
+    assert " passed, 6 skipped" in run.stdout, run.stdout[-2000:]  # skipped: the tests marked `outside`
+
+
+def use_backward(monkeypatch, backward: str) -> None:
+    """Run the "loop" or the "dots" backward kernel on float32 gradients too (PRECISION "tf32" selects
+    the dots kernel; the interpreter computes its products in float32)."""
+    monkeypatch.setattr(triton_bias, "BACKWARD", backward)
+    monkeypatch.setattr(triton_bias, "PRECISION", "tf32" if backward == "dots" else "ieee")
 
 
 @in_interpreter
-@pytest.mark.parametrize("H, W, Hk, Wk, groups, convention, layout, tile, columns", [
-    (4, 4, 4, 4, 2, "released", 0, 16384, 32), (4, 4, 4, 4, 2, "aligned", 1, 16384, 32),
-    (5, 7, 3, 4, 1, "released", 0, 512, 2), (3, 6, 6, 5, 3, "released", 1, 512, 4), (5, 5, 5, 5, 1, "aligned", 0, 512, 2)])
-def test_kernels_equal_grid_sample(H, W, Hk, Wk, groups, convention, layout, tile, columns, monkeypatch):
+@pytest.mark.parametrize("backward", ["loop", "dots"])
+@pytest.mark.parametrize("H, W, Hk, Wk, groups, convention, layout, tile, columns, keys", [
+    (4, 4, 4, 4, 2, "released", 0, 16384, 32, 8), (4, 4, 4, 4, 2, "aligned", 1, 16384, 32, 4),
+    (5, 7, 3, 4, 1, "released", 0, 512, 2, 4), (3, 6, 6, 5, 3, "released", 1, 512, 4, 8), (5, 5, 5, 5, 1, "aligned", 0, 512, 2, 2)])
+def test_kernels_equal_grid_sample(H, W, Hk, Wk, groups, convention, layout, tile, columns, keys, backward, monkeypatch):
     """Values and the gradients of table and positions. Positions reach past the table's edges (zero
     padding); with the aligned grid and Hk x Wk = H x W the first image's keys sit on the queries'
     pixels, so the displacements land on whole table pixels (grid_sample's slope is then towards the
-    next one). tile 512 and columns 2 or 4: the kernels take the query columns a few at a time."""
+    next one). tile 512 and columns 2 or 4: the kernels take the query columns a few at a time; keys:
+    the dots backward's keys per product (2 and 4: several chunks of them, and keys past the last)."""
+    use_backward(monkeypatch, backward)
     monkeypatch.setattr(triton_bias, "LAYOUT", layout)
     monkeypatch.setattr(triton_bias, "TILE", tile)
     monkeypatch.setattr(triton_bias, "FORWARD_COLUMNS", columns)
+    monkeypatch.setattr(triton_bias, "DOTS_KEYS", keys)
     torch.manual_seed(0)
     M, N = 2 * groups, 2 * groups
     table = torch.randn(M, 2 * H - 1, 2 * W - 1, requires_grad=True)
@@ -87,12 +98,14 @@ def test_kernels_write_the_asked_dtype_with_padded_rows():
 
 
 @in_interpreter
-@pytest.mark.parametrize("case", ["default", "unbounded", "r2", "aligned", "sdpa", "no_offsets", "other_size"])
+@pytest.mark.parametrize("case", ["default", "unbounded", "r2", "aligned", "sdpa", "no_offsets", "other_size", "dots"])
 def test_model_with_triton_bias_equals_the_reference(case, monkeypatch):
     """dat_pico with sampler "triton" against the released formulation: logits and all gradients.
-    sdpa: the padded bias as SDPA's mask; other_size: 48 x 48 input, tables made for 32 x 32."""
+    sdpa: the padded bias as SDPA's mask; other_size: 48 x 48 input, tables made for 32 x 32; dots:
+    the dots backward (which bf16 training takes; float32 gradients take the loop one)."""
     knobs = {"unbounded": {"offset_range": -1.0}, "r2": {"key_downsample": [1, 1, 2, 1]},
              "aligned": {"reference": "aligned"}, "no_offsets": {"offsets": False}}
+    use_backward(monkeypatch, "dots" if case == "dots" else "loop")
     calls = []
     kernels = triton_bias.relative_bias
     monkeypatch.setattr(triton_bias, "relative_bias", lambda *a, **k: calls.append(1) or kernels(*a, **k))
@@ -103,6 +116,27 @@ def test_model_with_triton_bias_equals_the_reference(case, monkeypatch):
     assert len(calls) == 2  # the two deformable blocks of dat_pico, in the second pass
     for name, expected in passes[0].items():
         assert_close(passes[1][name], expected, name)
+
+
+@in_interpreter
+def test_the_backward_kernel_follows_the_gradient_and_the_map(monkeypatch):
+    """PRECISION "auto": a bf16 gradient takes the dots kernel (tf32 products) on maps up to 16 x 16,
+    a float32 one the loop kernel (float32 products), as do larger maps and BACKWARD "loop"."""
+    launched = []
+    wrap = torch.library.wrap_triton
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda fn: launched.append(fn.fn.__name__) or wrap(fn))
+
+    def backward(size: int, dtype: torch.dtype) -> str:
+        launched.clear()
+        table, pos = torch.randn(4, 2 * size - 1, 2 * size - 1), torch.rand(2, 2, 2, 2) * 2 - 1
+        qy, qx = (a.contiguous() for a in axes(grid_points(size, size)))
+        triton_bias._bias_backward(torch.randn(4, size * size, 4).to(dtype), table, qy, qx, pos, 2)
+        return launched[-1]
+
+    assert backward(16, torch.bfloat16) == backward(4, torch.float16) == "_backward_dots_kernel"
+    assert backward(4, torch.float32) == backward(17, torch.bfloat16) == "_backward_kernel"
+    monkeypatch.setattr(triton_bias, "BACKWARD", "loop")
+    assert backward(4, torch.bfloat16) == "_backward_kernel"
 
 
 @outside
@@ -124,10 +158,11 @@ def test_bad_inputs_are_refused():
 
 
 @outside
-@pytest.mark.parametrize("kernel", ["forward", "backward"])
+@pytest.mark.parametrize("kernel", ["forward", "backward", "backward_dots"])
 def test_kernels_compile_for_an_h100(kernel):
-    """The real Triton compiler (not the interpreter) takes both kernels, for sm_90, without a GPU:
-    what the interpreter lets pass but the compiler refuses shows here, not on a user's GPU."""
+    """The real Triton compiler (not the interpreter) takes the kernels, for sm_90, without a GPU:
+    what the interpreter lets pass but the compiler refuses shows here, not on a user's GPU. The dots
+    backward's products run on tensor cores (mma instructions)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -135,9 +170,12 @@ def test_kernels_compile_for_an_h100(kernel):
     fn = getattr(triton_bias, f"_{kernel}_kernel")
     pointers = {"table": "*fp32", "qy": "*fp32", "qx": "*fp32", "pos": "*fp32", "out": "*bf16", "grad": "*bf16",
                 "table_part": "*fp32", "pos_part": "*fp32", "s_head": "i64"}
-    constexprs = ({"BX": 16, "BK": 32} if kernel == "forward" else
-                  {"BX": 8, "BK": 16, "TY": 32, "TX": 32, "PRECISION": "ieee", "LAYOUT": 0})
+    constexprs = {"forward": {"BX": 16, "BK": 32},
+                  "backward": {"BX": 8, "BK": 16, "TY": 32, "TX": 32, "PRECISION": "ieee", "LAYOUT": 0},
+                  "backward_dots": {"BK": triton_bias.DOTS_KEYS, "BLOCKS": triton_bias.DOTS_BLOCKS, "PY": 16, "PX": 16,
+                                    "TY": 32, "TX": 32, "PRECISION": "tf32"}}[kernel]
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert ".entry" in compiled.asm["ptx"]
+    assert (kernel == "backward_dots") == ("mma." in compiled.asm["ptx"])

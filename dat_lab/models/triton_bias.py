@@ -1,18 +1,25 @@
-"""DAT's relative position bias for deformed keys as two Triton kernels (CUDA), forward and backward.
+"""DAT's relative position bias for deformed keys as Triton kernels (CUDA): a forward and two backwards.
 
 The plain path reads the (heads, 2H-1, 2W-1) table bilinearly with `grid_sample` at half the
 query-key displacement (`DeformableAttention._bias`): it writes the (N, HW, Ns, 2) displacement
 grid and a float32 (N*m, HW, Ns) bias, and its backward scatters every point's gradient into the
 small table with atomics (one table per image and group: heavy contention on a GPU). These kernels
 compute the same bias straight from the query grid and the sampling positions, write it once in
-the attention's dtype, and in the backward reduce without atomics (so deterministically): per
-(image and group, block of keys, head), the table's gradient as a sum over query rows of
-(keys x table rows)^T @ (keys x table columns) products of bilinear weights, and the keys' position
-gradients as sums over their queries; the partial sums are added up after.
+the attention's dtype, and in the backward reduce without atomics (so deterministically), per
+(image and group, keys, head), the partial sums added up after. The bilinear weights of a query
+and a key split into a row part (query row -> table rows) and a column part (query column -> table
+columns), so a key's table gradient is (rows)^T (its gradient map) (columns):
+- the "loop" backward (any map the table fits) walks the query rows, a few columns at a time, and
+  adds (keys x table rows)^T @ (keys x table columns) products, float32 (or tf32) FMA work;
+- the "dots" backward (maps up to 16 x 16: DAT-T's deformable stages) takes a whole map at once,
+  every sum over the queries a matrix product on tensor cores (tf32), the position gradients too;
+  it runs when the incoming gradient is bf16 or fp16 (PRECISION "auto"), where tf32's rounding is
+  finer than the gradient's own; float32 gradients take the loop one, with float32 products.
 
 Equal to the grid_sample path to float rounding (tests run these kernels in Triton's interpreter on
 the CPU). Tables up to 64 x 64 (maps up to 32 x 32); `supported()` says when they apply. The
-settings below (block sizes, warps) are the fastest `benchmarks/bench_bias.py` measured on an H100.
+settings below (block sizes, warps, which backward) are the fastest `benchmarks/bench_bias.py`
+measured on an H100 (session 4) and an H200 (session 6).
 """
 
 from __future__ import annotations
@@ -32,10 +39,16 @@ AVAILABLE = triton is not None and hasattr(torch.library, "triton_op")  # triton
 MAX_TABLE = 64  # padded table side the backward's (rows x columns) accumulator allows
 TILE = 4096  # elements of the backward's (query columns x keys x table columns) weights
 WARPS = (4, 4)  # warps per program of the forward and the backward kernel
-PRECISION = "ieee"  # of the backward's products for the table gradient: "ieee" (float32) or "tf32x3"
-KEYS = 16  # keys per program of the backward
+PRECISION = "auto"  # of the backward's matrix products: "auto" (tf32 for a bf16/fp16 incoming gradient, whose own
+# rounding, 2^-9, is coarser than tf32's 2^-11; "ieee", float32, for a float32 one), "ieee", "tf32" or "tf32x3"
+KEYS = 16  # keys per program of the loop backward
 FORWARD_COLUMNS = 32  # query columns per step of the forward
-LAYOUT = 0  # of the backward's column weights: (columns, keys, table columns) 0 or (keys, table columns, columns) 1
+LAYOUT = 0  # of the loop backward's column weights: (columns, keys, table columns) 0 or (keys, table columns, columns) 1
+BACKWARD = "dots"  # maps up to DOTS_MAP x DOTS_MAP: "dots" (every sum over queries a matrix product) or "loop"
+DOTS_MAP = 16  # the largest map side the dots backward takes (its tiles hold a whole map)
+DOTS_KEYS = 4  # keys per matrix-product batch of the dots backward
+DOTS_BLOCKS = 8  # key batches per program of the dots backward (the table gradient summed over them in registers)
+DOTS_WARPS = 4  # warps per program of the dots backward
 
 
 def supported(table: Tensor) -> bool:
@@ -152,6 +165,55 @@ if AVAILABLE:
         tl.store(q, d_py * (-0.25 * (Ht - 1)), mask=k_in)
         tl.store(q + 1, d_px * (-0.25 * (Wt - 1)), mask=k_in)
 
+    @triton.jit
+    def _backward_dots_kernel(table, qy, qx, pos, grad, s_head, s_row, table_part, pos_part, G, m, H, W, Ns, Ht, Wt,
+                              BK: tl.constexpr, BLOCKS: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
+                              TY: tl.constexpr, TX: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (n, chunk of BLOCKS batches of BK keys, head h), for maps up to PY x PX: what
+        _backward_kernel computes, with every sum over the queries as a matrix product (tensor cores).
+        Per key, the bilinear weights split into rows wy (query row -> table row) and columns wx
+        (query column -> table column), so its table gradient is wy^T (grad) wx: first per key over
+        the query columns, (BK, PY, PX) @ (BK, PX, TX), then over keys and query rows at once,
+        (TY, BK*PY) @ (BK*PY, TX). The position gradients take the table's slopes the same way: the
+        table's row differences (dwy @ table) and interpolated rows (wy @ table), against the
+        gradient summed over query columns with wx and with its slope dwx."""
+        n = tl.program_id(0)
+        chunk = tl.program_id(1)
+        h = tl.program_id(2)
+        grad += (n.to(tl.int64) * m + h) * s_head
+        r, c = tl.arange(0, TY)[:, None], tl.arange(0, TX)[None, :]
+        t = tl.load(table + ((n % G) * m + h) * Ht * Wt + r * Wt + c, mask=(r < Ht) & (c < Wt), other=0.0)  # (TY, TX)
+        iy, ix = tl.arange(0, PY), tl.arange(0, PX)
+        qyv = tl.load(qy + iy, mask=iy < H, other=0.0)[None, :]  # (1, PY)
+        qxv = tl.load(qx + ix, mask=ix < W, other=0.0)[None, :]  # (1, PX)
+        at = (iy[None, :, None] * W + ix[None, None, :]).to(tl.int64) * s_row  # (1, PY, PX): query rows of grad
+        in_map = (iy < H)[None, :, None] & (ix < W)[None, None, :]
+        rows, cols = tl.arange(0, TY)[None, None, :], tl.arange(0, TX)[None, None, :]
+        acc = tl.zeros((TY, TX), dtype=tl.float32)
+        for b in range(BLOCKS):
+            k, k_in, py, px = _keys(pos, n, chunk * BLOCKS + b, Ns, BK)  # (BK,)
+            g = tl.load(grad + at + k[:, None, None], mask=in_map & k_in[:, None, None], other=0.0)
+            g = g.to(tl.float32)  # (BK, PY, PX)
+            x0, fx = _axis(qxv, px[:, None], Wt)  # (BK, PX)
+            x0, fx = x0[:, :, None], fx[:, :, None]
+            wx = tl.where(cols == x0, 1 - fx, 0.0) + tl.where(cols == x0 + 1, fx, 0.0)  # (BK, PX, TX)
+            dwx = (cols == x0 + 1).to(tl.float32) - (cols == x0).to(tl.float32)
+            by_col = tl.reshape(tl.dot(g, wx, input_precision=PRECISION), (BK * PY, TX))
+            slope_x = tl.reshape(tl.dot(g, dwx, input_precision=PRECISION), (BK * PY, TX))
+            y0, fy = _axis(qyv, py[:, None], Ht)  # (BK, PY)
+            y0, fy = y0[:, :, None], fy[:, :, None]
+            wy = tl.reshape(tl.where(rows == y0, 1 - fy, 0.0) + tl.where(rows == y0 + 1, fy, 0.0), (BK * PY, TY))
+            dwy = tl.reshape((rows == y0 + 1).to(tl.float32) - (rows == y0).to(tl.float32), (BK * PY, TY))
+            acc += tl.dot(tl.trans(wy), by_col, input_precision=PRECISION)  # (TY, TX)
+            # d bias / d ty = sum over columns of wx (t[y0 + 1] - t[y0]); d bias / d tx likewise with rows wy
+            d_py = tl.sum(by_col * tl.dot(dwy, t, input_precision=PRECISION), axis=1)  # (BK*PY,)
+            d_px = tl.sum(slope_x * tl.dot(wy, t, input_precision=PRECISION), axis=1)
+            q = pos_part + ((n.to(tl.int64) * m + h) * Ns + k) * 2
+            tl.store(q, tl.sum(tl.reshape(d_py, (BK, PY)), axis=1) * (-0.25 * (Ht - 1)), mask=k_in)
+            tl.store(q + 1, tl.sum(tl.reshape(d_px, (BK, PY)), axis=1) * (-0.25 * (Wt - 1)), mask=k_in)
+        part = table_part + ((n.to(tl.int64) * tl.num_programs(1) + chunk) * m + h) * Ht * Wt
+        tl.store(part + r * Wt + c, acc, mask=(r < Ht) & (c < Wt))
+
 
 def _blocks(W: int, Ns: int, table_cols: int) -> tuple[int, int, int]:
     """(query columns per step BX, keys per program BK, padded table columns TX) for the backward."""
@@ -199,16 +261,25 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
                    groups: int) -> tuple[Tensor, Tensor]:
     """Gradients of the table (M, Ht, Wt) and the positions (N, Hk, Wk, 2) from the bias's (N*m, HW, Ns)."""
     M, Ht, Wt, N, Ns, H, W, m = sizes(table, qy, qx, pos, groups)
-    BX, BK, TX = _blocks(W, Ns, Wt)
-    blocks = triton.cdiv(Ns, BK)
-    part = torch.empty(N, blocks, m, Ht, Wt, device=pos.device, dtype=torch.float32)  # per program
+    precision = PRECISION if PRECISION != "auto" else "ieee" if grad.dtype == torch.float32 else "tf32"
+    TY, TX = max(16, triton.next_power_of_2(Ht)), max(16, triton.next_power_of_2(Wt))
+    # the dots backward only with tensor cores: float32 ("ieee") products there spill registers by kilobytes
+    dots = BACKWARD == "dots" and precision != "ieee" and max(H, W) <= DOTS_MAP and max(TY, TX) <= 2 * DOTS_MAP
+    if dots:  # programs (n, chunk of DOTS_BLOCKS batches of DOTS_KEYS keys, head)
+        chunks = triton.cdiv(Ns, DOTS_KEYS * DOTS_BLOCKS)
+        kernel, constants = _backward_dots_kernel, dict(BK=DOTS_KEYS, BLOCKS=DOTS_BLOCKS, PY=DOTS_MAP, PX=DOTS_MAP,
+                                                         num_warps=DOTS_WARPS)
+    else:  # programs (n, block of keys, head)
+        BX, BK, TX = _blocks(W, Ns, Wt)
+        chunks = triton.cdiv(Ns, BK)
+        kernel, constants = _backward_kernel, dict(BX=BX, BK=BK, LAYOUT=LAYOUT, num_warps=WARPS[1])
+    part = torch.empty(N, chunks, m, Ht, Wt, device=pos.device, dtype=torch.float32)  # per program
     pos_part = torch.empty(N, m, *pos.shape[1:], device=pos.device, dtype=torch.float32)  # per head
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    kernel = torch.library.wrap_triton(_backward_kernel)
-    kernel[(N, blocks, m)](*operands(table, qy, qx, pos), grad, grad.stride(0), grad.stride(1), part, pos_part,
-                           groups, m, H, W, Ns, Ht, Wt, BX=BX, BK=BK, TY=max(16, triton.next_power_of_2(Ht)), TX=TX,
-                           PRECISION=PRECISION, LAYOUT=LAYOUT, num_warps=WARPS[1])
-    table_grad = part.reshape(N // groups, groups, blocks, m, Ht, Wt).sum((0, 2)).reshape(M, Ht, Wt)
+    torch.library.wrap_triton(kernel)[(N, chunks, m)](
+        *operands(table, qy, qx, pos), grad, grad.stride(0), grad.stride(1), part, pos_part, groups, m, H, W, Ns, Ht,
+        Wt, TY=TY, TX=TX, PRECISION=precision, **constants)
+    table_grad = part.reshape(N // groups, groups, chunks, m, Ht, Wt).sum((0, 2)).reshape(M, Ht, Wt)
     return table_grad.to(table.dtype), pos_part.sum(1).to(pos.dtype)
 
 
