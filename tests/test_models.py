@@ -241,6 +241,46 @@ def test_dense_sampling_runs_no_grid_sample_or_adaptive_pooling():
         ops.seen.clear()
 
 
+def test_sampled_keys_are_cast_once_and_one_piece_is_not_split():
+    """Under autocast the keys' samples (grid_sample's float32, a transposed view) are made token-major
+    in bf16 by one copy, not a float32 copy and a cast for each of the k and v projections; attention
+    in one piece splits nothing (a split's backward concatenates its gradients: copies)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dat_lab.models.attention import DeformableAttention, set_deformable_options
+
+    views = {"view", "_unsafe_view", "transpose", "permute", "expand", "alias", "detach", "t"}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.samples, self.on_samples, self.names = set(), [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            self.names.append(name)
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if first is not None and first.untyped_storage().data_ptr() in self.samples and name not in views:
+                self.on_samples.append(f"{name} -> {out.dtype}")  # the first op to read them, not a view
+                self.samples.discard(first.untyped_storage().data_ptr())
+            if name == "grid_sampler_2d" and first is not None and first.dim() == 4 and first.shape[1] > 2:
+                self.samples.add(out.untyped_storage().data_ptr())  # the keys' samples, not a bias
+            return out
+
+    model = set_deformable_options(dat_lab.create_model("dat_pico", blocks="LD", position="none"),
+                                   sampler="grid_sample", chunk_bytes=2**40)
+    with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32)).float().sum().backward()
+    blocks = sum(isinstance(m, DeformableAttention) for m in model.modules())
+    assert ops.on_samples == ["_to_copy -> torch.bfloat16"] * blocks  # one per deformable block
+    assert "split" not in ops.names and "cat" not in ops.names
+    set_deformable_options(model, chunk_bytes=0)  # one image at a time: split, and concatenated back
+    with Ops() as ops:
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert "split" in ops.names and "cat" in ops.names
+
+
 def test_deformable_attention_compiles_without_graph_breaks():
     """torch.compile traces the whole model, deformable blocks included, as one graph."""
     import torch._dynamo

@@ -292,6 +292,8 @@ class DeformableAttention(nn.Module):
         pos, reference = self._positions(raw, x, H, W)  # (B*G, Hk, Wk, 2)
         dense = dense_sampling(self.sampler, x.device.type)
         samples = self._sample_keys(x, pos, dense)  # (B, Ns, C)
+        # token-major, once in the dtype of the products (autocast would cast it for each of the two)
+        samples = samples.to(_product_dtype(samples), memory_format=torch.contiguous_format)
         k, v = _linear(self.proj_k, samples), _linear(self.proj_v, samples)  # (B, Ns, C)
         heads = (t.view(B, -1, M, hc).transpose(1, 2) for t in (q, k, v))  # (B, M, HW or Ns, hc) views
         out, attn = self._attend(*heads, pos, H, W, dense=dense, return_attention=return_attention)
@@ -333,7 +335,8 @@ class DeformableAttention(nn.Module):
         return F.linear(t, pw.weight.flatten(1))
 
     def _sample_keys(self, x: Tensor, pos: Tensor, dense: bool) -> Tensor:
-        """x (B, H, W, C) sampled per group at pos (B*G, Hk, Wk, 2): (B, Hk*Wk, C)."""
+        """x (B, H, W, C) sampled per group at pos (B*G, Hk, Wk, 2): (B, Hk*Wk, C) (grid_sample's: a
+        transposed view, made token-major by the caller's cast)."""
         B, H, W, C = x.shape
         G, Cg = self.groups, self.group_dim
         if dense:
@@ -342,7 +345,7 @@ class DeformableAttention(nn.Module):
             return cpu_kernels.sample_keys(x, pos, groups=G)  # float32 only; channels-last as it lies
         s = F.grid_sample(x.permute(0, 3, 1, 2).reshape(B * G, Cg, H, W), pos.flip(-1), mode="bilinear",
                           padding_mode="zeros", align_corners=True)  # (B*G, Cg, Hk, Wk)
-        return s.reshape(B, C, -1).transpose(1, 2).contiguous()
+        return s.reshape(B, C, -1).transpose(1, 2)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, H: int, W: int, *, dense: bool,
                 return_attention: bool) -> tuple[Tensor, Tensor | None]:
@@ -356,8 +359,11 @@ class DeformableAttention(nn.Module):
         G, Ns = self.groups, k.shape[2]
         fused = fused_kernel(self.kernel, q.device.type) and not return_attention
         step = B if q.is_cuda else max(1, self.chunk_bytes // (M * HW * Ns * q.element_size()))
-        outs, attns = [], []  # split, not sliced: one gradient buffer per input, not one per piece
-        for qc, kc, vc, pc in zip(q.split(step), k.split(step), v.split(step), pos.split(step * G)):
+        # split, not sliced: one gradient buffer per input, not one per piece; in one piece not split at
+        # all (the backward of a split concatenates the gradients: a copy of each, out of the views' layout)
+        pieces = [(q, k, v, pos)] if step >= B else zip(q.split(step), k.split(step), v.split(step), pos.split(step * G))
+        outs, attns = [], []
+        for qc, kc, vc, pc in pieces:
             n = qc.shape[0]
             bias = self._bias(n, H, W, pc, xy_grid=True, dense=dense, dtype=qc.dtype)  # (n*M, HW, Ns)
             if fused:
@@ -435,6 +441,15 @@ def fused_kernel(kernel: str, device_type: str) -> bool:
     """Whether deformable blocks attend with scaled_dot_product_attention: asked for, or "auto" on CUDA
     (on the CPU its backward with a bias that needs a gradient is PyTorch's slower math path)."""
     return kernel == "sdpa" or (kernel == "auto" and device_type == "cuda")
+
+
+def _product_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast gives matrix products on x where it is on for x's device (it casts float32
+    and half tensors, not float64 ones), else x's."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def _linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
