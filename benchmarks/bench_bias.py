@@ -1,11 +1,12 @@
 """The relative position bias of a deformable block alone (CUDA): grid_sample (the plain path: the
 displacement grid, a float32 bias, then the cast to the attention's dtype) against the Triton kernels
 of `dat_lab.models.triton_bias`, forward and forward + backward, at DAT-T's stage-2 and stage-3
-shapes; the kernels at their default setting and at others, a setting being
-TILE/forward warps/backward warps/PRECISION/KEYS/LAYOUT (see triton_bias). Also each setting's
-largest error against grid_sample in float32 (bias, table and position gradients).
+shapes; the kernels at their default setting and at others, a setting being changes to the module
+constants of triton_bias, NAME=VALUE joined by "/" (e.g. BACKWARD=loop/PRECISION=ieee; WARPS=4:2). Also
+each setting's largest error against grid_sample (bias, table and position gradients), in float32 and
+with a bf16 incoming gradient (the products then in tf32 under PRECISION "auto").
 
-    python benchmarks/bench_bias.py [--batch 128] [--repeats 20] [--settings 4096/4/4/ieee/16/0,...] [--md docs/benchmarks.md]
+    python benchmarks/bench_bias.py [--batch 128] [--repeats 20] [--settings BACKWARD=loop ...] [--md docs/benchmarks.md]
     python benchmarks/bench_bias.py --from-json RUN.json --md docs/benchmarks.md   # the table of an earlier run again
     TRITON_INTERPRET=1 python benchmarks/bench_bias.py --device cpu --batch 1 --repeats 1   # a dry run (minutes)
 """
@@ -26,21 +27,26 @@ from common import alternate, machine, markdown, relative_errors, write  # noqa:
 from dat_lab.models import triton_bias  # noqa: E402
 from dat_lab.models.attention import set_deformable_options  # noqa: E402
 
-SETTING = ("TILE", "WARPS", "PRECISION", "KEYS", "LAYOUT")  # the module constants a setting sets, in order
+TUNABLES = ("TILE", "WARPS", "PRECISION", "KEYS", "LAYOUT", "BACKWARD", "DOTS_KEYS", "DOTS_BLOCKS", "DOTS_WARPS")
+DEFAULTS = {name: getattr(triton_bias, name) for name in TUNABLES}  # "default": the module as it ships
 
 
-def parse(setting: str) -> tuple:
-    tile, forward_warps, backward_warps, precision, keys, layout = setting.split("/")
-    return int(tile), (int(forward_warps), int(backward_warps)), precision, int(keys), int(layout)
-
-
-def current() -> str:
-    tile, (fw, bw), precision, keys, layout = (getattr(triton_bias, name) for name in SETTING)
-    return f"{tile}/{fw}/{bw}/{precision}/{keys}/{layout}"
+def parse(setting: str) -> dict:
+    """"default" -> {}; "BACKWARD=loop/WARPS=4:2" -> {"BACKWARD": "loop", "WARPS": (4, 2)}."""
+    if setting == "default":
+        return {}
+    changes = {}
+    for item in setting.split("/"):
+        name, _, value = item.partition("=")
+        if name not in TUNABLES or not value:
+            raise SystemExit(f"bench_bias.py: setting {setting!r}: {item!r} is not NAME=VALUE with NAME one of "
+                             f"{', '.join(TUNABLES)}")
+        changes[name] = tuple(map(int, value.split(":"))) if ":" in value else int(value) if value.isdigit() else value
+    return changes
 
 
 def use(setting: str) -> None:
-    for name, value in zip(SETTING, parse(setting)):
+    for name, value in (DEFAULTS | parse(setting)).items():
         setattr(triton_bias, name, value)
 
 
@@ -64,21 +70,34 @@ def build(shape: str, sampler: str, setting: str, batch: int, backward: bool, de
     return run
 
 
-def errors(shape: str, batch: int, setting: str, device: str) -> dict[str, float]:
-    """Largest error of the kernels' bias and gradients (float32) against grid_sample's, relative to
-    max(1, the largest magnitude), under this setting."""
+def errors(shape: str, batch: int, setting: str, device: str, dtype: torch.dtype) -> dict[str, float]:
+    """Largest error of the kernels' bias and gradients against grid_sample's (float32), relative to
+    max(1, the largest magnitude), under this setting; the kernels' bias in `dtype`, and so the
+    incoming gradient (rounded to it for grid_sample too)."""
     block, pos = block_and_positions(shape, batch, device, True)
     n = SHAPES[shape]["size"]
-    upstream = torch.randn(batch * SHAPES[shape]["heads"], n * n, n * n, device=device)
+    upstream = torch.randn(batch * SHAPES[shape]["heads"], n * n, n * n, device=device).to(dtype)
     use(setting)
     results = []
     for sampler in ("grid_sample", "triton"):
         block.zero_grad()
         pos.grad = None
-        bias = set_deformable_options(block, sampler=sampler)._bias(batch, n, n, pos, xy_grid=True, dtype=torch.float32)
-        (bias * upstream).sum().backward()
-        results.append({"bias": bias.detach(), "table grad": block.rpe_table.grad, "position grad": pos.grad})
+        bias = set_deformable_options(block, sampler=sampler)._bias(batch, n, n, pos, xy_grid=True, dtype=dtype)
+        bias.backward(upstream.to(bias.dtype))
+        results.append({"bias": bias.detach().float(), "table grad": block.rpe_table.grad, "position grad": pos.grad})
     return relative_errors(results[1], results[0])
+
+
+def works(setting: str, batch: int, device: str) -> bool:
+    """Whether the kernels run under this setting (forward and backward, both shapes); a one-line
+    report and False if not, so that one setting that fails to compile drops out alone."""
+    try:
+        for shape in SHAPES:
+            build(shape, "triton", setting, batch, True, device)()
+        return True
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"setting {setting} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+        return False
 
 
 def table(results: dict) -> str:
@@ -90,7 +109,7 @@ def table(results: dict) -> str:
         rows.append([row["shape"], row["pass"], f"{ms['grid_sample']:.2f}", f"{ms[default]:.2f}",
                      f"{ms['grid_sample'] / ms[default]:.2f}x",
                      f"{fastest[1].removeprefix('triton ')}: {fastest[0]:.2f}" if row["pass"] != "fwd" else "-"])
-    header = ["shape", "pass", "grid_sample (ms)", f"triton, {results['default']} (ms)", "speed-up",
+    header = ["shape", "pass", "grid_sample (ms)", "triton, default setting (ms)", "speed-up",
               "fastest setting measured (ms)"]
     title = f"Relative position bias ({results['device']}, batch {results['batch']}, bf16 out, medians of {results['repeats']})"
     return markdown(title, results["machine"], header, rows)
@@ -101,7 +120,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run, in Triton's interpreter")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--settings", default="8192/4/4/ieee/16/0,4096/4/2/ieee/16/0,16384/4/4/ieee/16/0,4096/4/4/ieee/32/0")
+    p.add_argument("--settings", nargs="*", default=["BACKWARD=loop/PRECISION=ieee", "BACKWARD=loop", "DOTS_KEYS=2",
+                                                        "DOTS_WARPS=8", "DOTS_KEYS=8/DOTS_BLOCKS=4/DOTS_WARPS=8"])
     p.add_argument("--json", default="benchmarks/results/bias.json")
     p.add_argument("--from-json", help="only write the table of this earlier run's JSON")
     p.add_argument("--md", help="update this Markdown file's bias section (e.g. docs/benchmarks.md)")
@@ -112,12 +132,15 @@ def main() -> None:
         return
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_bias.py: needs a CUDA device (the Triton kernels run on CUDA; --device cpu: a dry run)")
-    default = current()
-    settings = [default] + [s for s in a.settings.split(",") if s != default]
+    settings = ["default"] + [s for s in a.settings if s != "default"]
     for s in settings:
         parse(s)  # a malformed setting fails here, before any timing
+    settings = [s for s in settings if works(s, min(a.batch, 2), a.device)]
+    if not settings:
+        sys.exit("bench_bias.py: no setting ran")
+    default = settings[0]  # "default" unless it failed
     results = {"machine": machine(a.device), "device": a.device, "batch": a.batch, "repeats": a.repeats,
-               "default": default, "rows": [], "errors": {}}
+               "default": default, "constants": {n: str(v) for n, v in DEFAULTS.items()}, "rows": [], "errors": {}}
     for shape in SHAPES:
         for kind in ("fwd", "fwd+bwd"):
             runs = {"grid_sample": build(shape, "grid_sample", default, a.batch, kind == "fwd+bwd", a.device)}
@@ -126,8 +149,9 @@ def main() -> None:
             results["rows"].append({"shape": shape, "pass": kind, "ms": {n: t * 1e3 for n, t in times.items()}})
             print(shape, kind, {n: round(t * 1e3, 3) for n, t in times.items()}, flush=True)
     for s in settings:
-        results["errors"][s] = worst = errors("stage2", min(a.batch, 16), s, a.device)
-        print(s, "errors", {k: f"{v:.1e}" for k, v in worst.items()}, flush=True)
+        for dtype in (torch.float32, torch.bfloat16):
+            results["errors"][f"{s} {str(dtype)[6:]}"] = worst = errors("stage2", min(a.batch, 16), s, a.device, dtype)
+            print(s, str(dtype)[6:], "errors", {k: f"{v:.1e}" for k, v in worst.items()}, flush=True)
     use(default)
     write(results, Path(a.json), Path(a.md) if a.md else None, f"bias-{a.device}", table(results))
 

@@ -3,7 +3,8 @@ inference images/s, and peak memory, at several batch sizes; both models in one 
 
     python benchmarks/bench_models.py [--device cpu|cuda] [--batch 8 32] [--precision bf16] \
         [--channels-last] [--compile] [--flush-denormal] [--mode train infer] [--repeats 5] \
-        [--sampler auto|grid_sample|dense|triton|native] [--kernel auto|matmul|sdpa] [--md docs/benchmarks.md]
+        [--sampler auto|grid_sample|dense|triton|native] [--kernel auto|matmul|sdpa] [--md docs/benchmarks.md] \
+        [--dat-settings BACKWARD=loop/PRECISION=ieee ...]   # more dat_tiny contenders: other Triton settings (bench_bias.py)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bias import parse, use  # noqa: E402
 from common import (add_path_options, alternate, cuda_peak_mb, in_subprocess, machine, markdown,  # noqa: E402
                     path_options, peak_rss_delta_mb, write)
 
@@ -26,7 +28,9 @@ from dat_lab.models.attention import set_deformable_options  # noqa: E402
 MODELS = {"dat_tiny": "dat_tiny", "swin_tiny": "swin_tiny_patch4_window7_224"}
 
 
-def build(name: str, batch: int, a: argparse.Namespace, train: bool):
+def build(name: str, batch: int, a: argparse.Namespace, train: bool, setting: str = "default"):
+    """A training step or an inference pass of model `name`; `setting`: of the Triton bias kernels
+    (bench_bias.py's notation), set before each call, so contenders with other settings alternate."""
     torch.manual_seed(0)
     model = timm.create_model(MODELS[name], num_classes=1000).to(a.device)
     set_deformable_options(model, sampler=a.sampler, kernel=a.kernel)
@@ -40,6 +44,7 @@ def build(name: str, batch: int, a: argparse.Namespace, train: bool):
     model.train(train)
 
     def run() -> None:
+        use(setting)
         if train:
             optimizer.zero_grad(set_to_none=True)
             with autocast():
@@ -66,6 +71,9 @@ def main() -> None:
     add_path_options(p, "dat_tiny's deformable blocks")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--setting", default="default", help="dat_tiny's Triton bias setting (bench_bias.py's notation)")
+    p.add_argument("--dat-settings", nargs="*", default=[],
+                   help="more dat_tiny contenders, each with these Triton bias settings (bench_bias.py's notation)")
     p.add_argument("--json", default="benchmarks/results/models.json")
     p.add_argument("--md", help="update this Markdown file's models section (e.g. docs/benchmarks.md)")
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
@@ -75,21 +83,25 @@ def main() -> None:
         torch.set_flush_denormal(True)
     if a.measure_memory:
         name, batch, mode = a.args
-        fn = lambda: build(name, int(batch), a, mode == "train")  # noqa: E731
+        fn = lambda: build(name, int(batch), a, mode == "train", a.setting)  # noqa: E731
         print(cuda_peak_mb(fn()) if a.device == "cuda" else peak_rss_delta_mb(fn))
         return
     options = f"{a.precision}" + (", channels_last" if a.channels_last else "") + (", compiled" if a.compile else "") \
         + (", denormals flushed" if a.flush_denormal else "") \
-        + path_options(a)
+        + path_options(a) + ("" if a.setting == "default" else f", Triton setting {a.setting}")
     results = {"machine": machine(a.device), "device": a.device, "options": options, "rows": []}
     flags = ["--device", a.device, "--precision", a.precision] + (["--channels-last"] if a.channels_last else []) \
         + (["--compile"] if a.compile else []) + (["--flush-denormal"] if a.flush_denormal else []) \
-        + ["--sampler", a.sampler, "--kernel", a.kernel]
+        + ["--sampler", a.sampler, "--kernel", a.kernel, "--setting", a.setting]
+    for setting in [a.setting, *a.dat_settings]:
+        parse(setting)  # a malformed setting fails here, before any timing
     for batch in a.batch:
         for mode in a.mode:
-            times = alternate({n: build(n, batch, a, mode == "train") for n in MODELS}, repeats=a.repeats,
-                              device=a.device)
+            runs = {n: build(n, batch, a, mode == "train", a.setting) for n in MODELS}
+            runs |= {f"dat_tiny[{s}]": build("dat_tiny", batch, a, mode == "train", s) for s in a.dat_settings}
+            times = alternate(runs, repeats=a.repeats, device=a.device)
             row = {"batch": batch, "mode": mode, **{f"{n}_images_per_s": batch / t for n, t in times.items()}}
+            print(batch, mode, {n: round(batch / t, 1) for n, t in times.items()}, flush=True)
             row["ratio"] = row["dat_tiny_images_per_s"] / row["swin_tiny_images_per_s"]
             if not a.no_memory:
                 for n in MODELS:

@@ -1,12 +1,15 @@
 """Checks of the deformable block on a CUDA device (CI has none; run by hand where a GPU is lent):
 
-1. the fast path (auto: the relative bias by the Triton kernels, keys by grid_sample, SDPA; grid_sample
+1. the Triton bias as bf16 training runs it (bf16 bias and incoming gradient: the dots backward, tf32
+   products) against grid_sample given the same rounded gradient, at DAT-T's stage-2 shape: within 1e-2
+   of max(1, the tensor's largest magnitude) (CUDA only);
+2. the fast path (auto: the relative bias by the Triton kernels, keys by grid_sample, SDPA; grid_sample
    for the bias too; dense sampler; matmul kernel) against the reference
    formulation, float32 with TF32 off: logits and every gradient, the largest error relative to
    max(1, the tensor's largest magnitude);
-2. deterministic training: with torch.use_deterministic_algorithms(True) (Lightning's
+3. deterministic training: with torch.use_deterministic_algorithms(True) (Lightning's
    deterministic=True) two forward+backward passes give bit-identical gradients;
-3. torch.compile: graph breaks and graph count of dat_tiny (torch._dynamo.explain), and a compiled
+4. torch.compile: graph breaks and graph count of dat_tiny (torch._dynamo.explain), and a compiled
    forward+backward of dat_pico against eager.
 
     python benchmarks/check_cuda.py [--model dat_tiny] [--device cpu]   # cpu: a dry run of the script
@@ -113,6 +116,15 @@ def compiled(name: str) -> None:
     check("torch.compile dat_pico: compiled = eager", error <= 1e-4, f"max error {error:.1e} ({where})")
 
 
+def bf16_bias() -> None:
+    from bench_bias import errors
+
+    worst = errors("stage2", 16, "default", DEVICE, torch.bfloat16)
+    name = max(worst, key=worst.get)
+    check("Triton bias, bf16 gradient (dots backward, tf32) = grid_sample", worst[name] <= 1e-2,
+          f"max error {worst[name]:.1e} ({name}); " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="dat_tiny")
@@ -122,7 +134,8 @@ def main() -> None:
     DEVICE = a.device
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}", flush=True)
-    for step in (equivalence, determinism, lambda: compiled(a.model)):
+    steps = ((bf16_bias,) if DEVICE == "cuda" else ()) + (equivalence, determinism, lambda: compiled(a.model))
+    for step in steps:
         try:
             step()
         except Exception:  # report and go on: one run should say as much as it can

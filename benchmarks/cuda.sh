@@ -2,27 +2,40 @@
 # The GPU checks and benchmarks in one go (CI has no GPU; run where one is lent):
 #   bash benchmarks/cuda.sh OUTDIR [quick]   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md (a
 #                                               copy of docs/benchmarks.md with the GPU sections filled in)
-# quick: the checks, bench_bias, the eager model comparison and the profiles only (limits 9 minutes in all:
-# fits a 15-minute lease with time to start the machine).
-# Each step has its own time limit, so one that hangs or fails does not take the others with it. All limits
-# together are 18 minutes; seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model
-# comparison ~2 minutes, the compiled one past 150 s (compiling both models' training steps).
+# quick: bench_bias, the eager model comparison, the checks and dat_tiny's profile only (limits 10 minutes
+# in all: fits a 15-minute lease with time to start the machine).
+# bench_bias times the Triton settings first; the model comparison then takes the fastest that ran as
+# dat_tiny's and times the next ones as more dat_tiny contenders (a setting that fails to build there
+# drops out alone). Each step has its own time limit, so one that hangs or fails does not take the others
+# with it. Seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model comparison ~2
+# minutes, the compiled one past 150 s (compiling both models' training steps).
 set -u
 out=${1:?usage: bash benchmarks/cuda.sh OUTDIR [quick]}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 cp docs/benchmarks.md "$out/benchmarks.md"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi -L; python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'
+nvidia-smi -L; python3 -c 'import torch, timm, triton; print("torch", torch.__version__, "timm", timm.__version__, "triton", triton.__version__)'
 gpu=(--device cuda --batch 128 --precision bf16 --channels-last --md "$out/benchmarks.md")
+timeout 120 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
+# the settings that ran, fastest first at stage 2 forward+backward ("default" alone without the file)
+mapfile -t settings < <(python3 -c '
+import json, sys
+try:
+    ms = next(r["ms"] for r in json.load(open(sys.argv[1]))["rows"] if r["shape"] == "stage2" and r["pass"] == "fwd+bwd")
+except (OSError, ValueError, StopIteration):
+    ms = {"triton default": 0}
+print(*sorted((n[7:] for n in ms if n.startswith("triton ")), key=lambda n: ms["triton " + n]), sep="\n")
+' "$out/bias.json")
+echo "dat_tiny's setting: ${settings[0]}; also timed: ${settings[*]:1:3}"
+timeout 180 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "$out/models.json" \
+    --setting "${settings[0]}" --dat-settings "${settings[@]:1:3}"
 timeout 180 python3 benchmarks/check_cuda.py 2>&1 | tee "$out/check.log"
-timeout 90 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
-timeout 120 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "$out/models.json"
-for m in dat_tiny swin_tiny; do  # where a training step's time goes
-    timeout 60 python3 benchmarks/profile_step.py --model $m --device cuda --batch 128 --precision bf16 \
-        --channels-last --rows 30 > "$out/profile_$m.txt" 2>&1
-done
+timeout 60 python3 benchmarks/profile_step.py --model dat_tiny --device cuda --batch 128 --precision bf16 \
+    --channels-last --rows 30 --setting "${settings[0]}" > "$out/profile_dat_tiny.txt" 2>&1
 if [ "${2:-}" = quick ]; then echo "done (quick): $out"; exit 0; fi
+timeout 60 python3 benchmarks/profile_step.py --model swin_tiny --device cuda --batch 128 --precision bf16 \
+    --channels-last --rows 30 > "$out/profile_swin_tiny.txt" 2>&1
 timeout 120 python3 benchmarks/bench_attention.py --device cuda --batch 128 --repeats 10 --md "$out/benchmarks.md" \
     --json "$out/attention.json"
 timeout 50 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --sampler dense --no-memory --repeats 10 \

@@ -2,7 +2,7 @@
 default), the ops with the most self device time (CUDA kernels on a GPU, CPU ops on the CPU).
 
     python benchmarks/profile_step.py [--model dat_tiny] [--device cuda] [--batch 128] [--precision bf16] \
-        [--channels-last] [--steps 3] [--rows 25]
+        [--channels-last] [--steps 3] [--rows 25] [--setting BACKWARD=loop]
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--setting", default="default", help="of the Triton bias kernels (bench_bias.py's notation)")
     a = p.parse_args()
     step = build(a.model, a.batch, argparse.Namespace(**vars(a), compile=False, sampler="auto", kernel="auto"),
-                 train=True)  # the training step bench_models times
+                 train=True, setting=a.setting)  # the training step bench_models times
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
