@@ -11,10 +11,12 @@ and a key split into a row part (query row -> table rows) and a column part (que
 columns), so a key's table gradient is (rows)^T (its gradient map) (columns):
 - the "loop" backward (any map the table fits) walks the query rows, a few columns at a time, and
   adds (keys x table rows)^T @ (keys x table columns) products, float32 (or tf32) FMA work;
-- the "dots" backward (maps up to 16 x 16: DAT-T's deformable stages) takes a whole map at once,
-  every sum over the queries a matrix product on tensor cores (tf32), the position gradients too;
+- the "dots" backward (maps up to 16 x 16 and tables up to 31 x 31: DAT-T's deformable stages)
+  takes a whole map at once, every sum over the queries a matrix product on tensor cores (tf32), the
+  position gradients too (from tables of the slopes, so that tf32's rounding is relative to them);
   it runs when the incoming gradient is bf16 or fp16 (PRECISION "auto"), where tf32's rounding is
-  finer than the gradient's own; float32 gradients take the loop one, with float32 products.
+  finer than the gradient's own; float32 (and float64) gradients take the loop one, with float32
+  products.
 
 Equal to the grid_sample path to float rounding (tests run these kernels in Triton's interpreter on
 the CPU). Tables up to 64 x 64 (maps up to 32 x 32); `supported()` says when they apply. The
@@ -40,7 +42,7 @@ MAX_TABLE = 64  # padded table side the backward's (rows x columns) accumulator 
 TILE = 4096  # elements of the backward's (query columns x keys x table columns) weights
 WARPS = (4, 4)  # warps per program of the forward and the backward kernel
 PRECISION = "auto"  # of the backward's matrix products: "auto" (tf32 for a bf16/fp16 incoming gradient, whose own
-# rounding, 2^-9, is coarser than tf32's 2^-11; "ieee", float32, for a float32 one), "ieee", "tf32" or "tf32x3"
+# rounding, 2^-9, is coarser than tf32's 2^-11; "ieee", float32, for others), "ieee", "tf32" or "tf32x3"
 KEYS = 16  # keys per program of the loop backward
 FORWARD_COLUMNS = 32  # query columns per step of the forward
 LAYOUT = 0  # of the loop backward's column weights: (columns, keys, table columns) 0 or (keys, table columns, columns) 1
@@ -169,20 +171,25 @@ if AVAILABLE:
     def _backward_dots_kernel(table, qy, qx, pos, grad, s_head, s_row, table_part, pos_part, G, m, H, W, Ns, Ht, Wt,
                               BK: tl.constexpr, BLOCKS: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
                               TY: tl.constexpr, TX: tl.constexpr, PRECISION: tl.constexpr):
-        """Program (n, chunk of BLOCKS batches of BK keys, head h), for maps up to PY x PX: what
-        _backward_kernel computes, with every sum over the queries as a matrix product (tensor cores).
-        Per key, the bilinear weights split into rows wy (query row -> table row) and columns wx
-        (query column -> table column), so its table gradient is wy^T (grad) wx: first per key over
-        the query columns, (BK, PY, PX) @ (BK, PX, TX), then over keys and query rows at once,
-        (TY, BK*PY) @ (BK*PY, TX). The position gradients take the table's slopes the same way: the
-        table's row differences (dwy @ table) and interpolated rows (wy @ table), against the
-        gradient summed over query columns with wx and with its slope dwx."""
+        """Program (n, chunk of BLOCKS batches of BK keys, head h), for maps up to PY x PX and tables
+        smaller than TY x TX: what _backward_kernel computes, with every sum over the queries as a
+        matrix product (tensor cores). Per key, the bilinear weights split into rows wy (query row ->
+        table row) and columns wx (query column -> table column), so its table gradient is
+        wy^T (grad) wx: first per key over the query columns, (BK, PY, PX) @ (BK, PX, TX), then over
+        keys and query rows at once, (TY, BK*PY) @ (BK*PY, TX). The position gradients read the
+        table's slopes the same way, from tables of differences made in float32 (so that the
+        products' tf32 rounding is relative to the slopes, not to the table's values): d bias / d ty
+        is the row difference at y0 summed over columns with wx, d bias / d tx the column difference
+        at x0 summed over rows with wy."""
         n = tl.program_id(0)
         chunk = tl.program_id(1)
         h = tl.program_id(2)
         grad += (n.to(tl.int64) * m + h) * s_head
         r, c = tl.arange(0, TY)[:, None], tl.arange(0, TX)[None, :]
-        t = tl.load(table + ((n % G) * m + h) * Ht * Wt + r * Wt + c, mask=(r < Ht) & (c < Wt), other=0.0)  # (TY, TX)
+        base = table + ((n % G) * m + h) * Ht * Wt + r * Wt + c  # (TY, TX) pointers; zero outside the table
+        here = tl.load(base, mask=(r < Ht) & (c < Wt), other=0.0)
+        dy = here - tl.load(base - Wt, mask=(r >= 1) & (r <= Ht) & (c < Wt), other=0.0)  # row r: t[r] - t[r - 1]
+        dx = here - tl.load(base - 1, mask=(r < Ht) & (c >= 1) & (c <= Wt), other=0.0)  # column c: t[:, c] - t[:, c - 1]
         iy, ix = tl.arange(0, PY), tl.arange(0, PX)
         qyv = tl.load(qy + iy, mask=iy < H, other=0.0)[None, :]  # (1, PY)
         qxv = tl.load(qx + ix, mask=ix < W, other=0.0)[None, :]  # (1, PX)
@@ -197,17 +204,15 @@ if AVAILABLE:
             x0, fx = _axis(qxv, px[:, None], Wt)  # (BK, PX)
             x0, fx = x0[:, :, None], fx[:, :, None]
             wx = tl.where(cols == x0, 1 - fx, 0.0) + tl.where(cols == x0 + 1, fx, 0.0)  # (BK, PX, TX)
-            dwx = (cols == x0 + 1).to(tl.float32) - (cols == x0).to(tl.float32)
             by_col = tl.reshape(tl.dot(g, wx, input_precision=PRECISION), (BK * PY, TX))
-            slope_x = tl.reshape(tl.dot(g, dwx, input_precision=PRECISION), (BK * PY, TX))
+            at_dx = tl.reshape(tl.dot(g, (cols == x0 + 1).to(tl.float32), input_precision=PRECISION), (BK * PY, TX))
             y0, fy = _axis(qyv, py[:, None], Ht)  # (BK, PY)
             y0, fy = y0[:, :, None], fy[:, :, None]
             wy = tl.reshape(tl.where(rows == y0, 1 - fy, 0.0) + tl.where(rows == y0 + 1, fy, 0.0), (BK * PY, TY))
-            dwy = tl.reshape((rows == y0 + 1).to(tl.float32) - (rows == y0).to(tl.float32), (BK * PY, TY))
+            at_dy = tl.reshape((rows == y0 + 1).to(tl.float32), (BK * PY, TY))
             acc += tl.dot(tl.trans(wy), by_col, input_precision=PRECISION)  # (TY, TX)
-            # d bias / d ty = sum over columns of wx (t[y0 + 1] - t[y0]); d bias / d tx likewise with rows wy
-            d_py = tl.sum(by_col * tl.dot(dwy, t, input_precision=PRECISION), axis=1)  # (BK*PY,)
-            d_px = tl.sum(slope_x * tl.dot(wy, t, input_precision=PRECISION), axis=1)
+            d_py = tl.sum(by_col * tl.dot(at_dy, dy, input_precision=PRECISION), axis=1)  # (BK*PY,)
+            d_px = tl.sum(at_dx * tl.dot(wy, dx, input_precision=PRECISION), axis=1)
             q = pos_part + ((n.to(tl.int64) * m + h) * Ns + k) * 2
             tl.store(q, tl.sum(tl.reshape(d_py, (BK, PY)), axis=1) * (-0.25 * (Ht - 1)), mask=k_in)
             tl.store(q + 1, tl.sum(tl.reshape(d_px, (BK, PY)), axis=1) * (-0.25 * (Wt - 1)), mask=k_in)
@@ -261,9 +266,11 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
                    groups: int) -> tuple[Tensor, Tensor]:
     """Gradients of the table (M, Ht, Wt) and the positions (N, Hk, Wk, 2) from the bias's (N*m, HW, Ns)."""
     M, Ht, Wt, N, Ns, H, W, m = sizes(table, qy, qx, pos, groups)
-    precision = PRECISION if PRECISION != "auto" else "ieee" if grad.dtype == torch.float32 else "tf32"
-    TY, TX = max(16, triton.next_power_of_2(Ht)), max(16, triton.next_power_of_2(Wt))
-    # the dots backward only with tensor cores: float32 ("ieee") products there spill registers by kilobytes
+    half = grad.dtype in (torch.bfloat16, torch.float16)
+    precision = PRECISION if PRECISION != "auto" else "tf32" if half else "ieee"
+    # the dots backward only with tensor cores: float32 ("ieee") products there spill registers by
+    # kilobytes; its tables of differences need a row and a column beyond the table
+    TY, TX = (max(16, triton.next_power_of_2(size + 1)) for size in (Ht, Wt))
     dots = BACKWARD == "dots" and precision != "ieee" and max(H, W) <= DOTS_MAP and max(TY, TX) <= 2 * DOTS_MAP
     if dots:  # programs (n, chunk of DOTS_BLOCKS batches of DOTS_KEYS keys, head)
         chunks = triton.cdiv(Ns, DOTS_KEYS * DOTS_BLOCKS)
@@ -271,7 +278,7 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
                                                          num_warps=DOTS_WARPS)
     else:  # programs (n, block of keys, head)
         BX, BK, TX = _blocks(W, Ns, Wt)
-        chunks = triton.cdiv(Ns, BK)
+        TY, chunks = max(16, triton.next_power_of_2(Ht)), triton.cdiv(Ns, BK)
         kernel, constants = _backward_kernel, dict(BX=BX, BK=BK, LAYOUT=LAYOUT, num_warps=WARPS[1])
     part = torch.empty(N, chunks, m, Ht, Wt, device=pos.device, dtype=torch.float32)  # per program
     pos_part = torch.empty(N, m, *pos.shape[1:], device=pos.device, dtype=torch.float32)  # per head
