@@ -254,18 +254,18 @@ def test_sampled_keys_are_cast_once_and_one_piece_is_not_split():
     class Ops(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.samples, self.on_samples, self.names = set(), [], []
+            self.samples, self.on_samples, self.names = [], [], []  # samples kept: their memory is not reused
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
             self.names.append(name)
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if first is not None and first.untyped_storage().data_ptr() in self.samples and name not in views:
-                self.on_samples.append(f"{name} -> {out.dtype}")  # the first op to read them, not a view
-                self.samples.discard(first.untyped_storage().data_ptr())
+            if first is not None and name not in views and any(
+                    first.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in self.samples):
+                self.on_samples.append(f"{name} -> {getattr(out, 'dtype', None)}")  # every op reading them but views
             if name == "grid_sampler_2d" and first is not None and first.dim() == 4 and first.shape[1] > 2:
-                self.samples.add(out.untyped_storage().data_ptr())  # the keys' samples, not a bias
+                self.samples.append(out)  # the keys' samples, not a bias
             return out
 
     model = set_deformable_options(dat_lab.create_model("dat_pico", blocks="LD", position="none"),
