@@ -113,7 +113,11 @@ def main() -> None:
                      [[str(r["batch"]), r["mode"], f"{r['dat_tiny_images_per_s']:.2f}",
                        f"{r['swin_tiny_images_per_s']:.2f}", f"{r['ratio']:.2f}x",
                        *(f"{r[k]:.0f}" if k in r else "-" for k in ("dat_tiny_peak_mb", "swin_tiny_peak_mb"))]
-                      for r in results["rows"]])
+                      for r in results["rows"]]
+                     + [[str(r["batch"]), f"{r['mode']}, dat_tiny with {s}", f"{r[f'dat_tiny[{s}]_images_per_s']:.2f}",
+                         f"{r['swin_tiny_images_per_s']:.2f}",
+                         f"{r[f'dat_tiny[{s}]_images_per_s'] / r['swin_tiny_images_per_s']:.2f}x", "-", "-"]
+                        for r in results["rows"] for s in a.dat_settings])
     section = f"models-{a.device}" + ("" if a.precision == "fp32" else f"-{a.precision}") \
         + ("-channels-last" if a.channels_last else "") + ("-compiled" if a.compile else "") \
         + ("-flush-denormal" if a.flush_denormal else "") + "".join(f"-{v}" for v in (a.sampler, a.kernel) if v != "auto") \

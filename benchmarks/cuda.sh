@@ -2,8 +2,8 @@
 # The GPU checks and benchmarks in one go (CI has no GPU; run where one is lent):
 #   bash benchmarks/cuda.sh OUTDIR [quick]   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md (a
 #                                               copy of docs/benchmarks.md with the GPU sections filled in)
-# quick: bench_bias, the eager model comparison, the checks and dat_tiny's profile only (limits 10 minutes
-# in all: fits a 15-minute lease with time to start the machine).
+# quick: bench_bias, the eager model comparison, the checks and dat_tiny's profile only (limits 9 minutes
+# in all, ~4 minutes on an H200: fits a 15-minute lease with time to start the machine).
 # bench_bias times the Triton settings first; the model comparison then takes the fastest that ran as
 # dat_tiny's and times the next ones as more dat_tiny contenders (a setting that fails to build there
 # drops out alone). Each step has its own time limit, so one that hangs or fails does not take the others
@@ -17,6 +17,7 @@ cp docs/benchmarks.md "$out/benchmarks.md"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi -L; python3 -c 'import torch, timm, triton; print("torch", torch.__version__, "timm", timm.__version__, "triton", triton.__version__)'
 gpu=(--device cuda --batch 128 --precision bf16 --channels-last --md "$out/benchmarks.md")
+rm -f "$out/bias.json"  # not an earlier run's
 timeout 120 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
 # the settings that ran, fastest first at stage 2 forward+backward ("default" alone without the file)
 mapfile -t settings < <(python3 -c '
@@ -27,10 +28,11 @@ except (OSError, ValueError, StopIteration):
     ms = {"triton default": 0}
 print(*sorted((n[7:] for n in ms if n.startswith("triton ")), key=lambda n: ms["triton " + n]), sep="\n")
 ' "$out/bias.json")
+[ ${#settings[@]} -gt 0 ] || settings=(default)
 echo "dat_tiny's setting: ${settings[0]}; also timed: ${settings[*]:1:3}"
 timeout 180 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "$out/models.json" \
     --setting "${settings[0]}" --dat-settings "${settings[@]:1:3}"
-timeout 180 python3 benchmarks/check_cuda.py 2>&1 | tee "$out/check.log"
+timeout 180 python3 benchmarks/check_cuda.py --setting "${settings[0]}" 2>&1 | tee "$out/check.log"
 timeout 60 python3 benchmarks/profile_step.py --model dat_tiny --device cuda --batch 128 --precision bf16 \
     --channels-last --rows 30 --setting "${settings[0]}" > "$out/profile_dat_tiny.txt" 2>&1
 if [ "${2:-}" = quick ]; then echo "done (quick): $out"; exit 0; fi
