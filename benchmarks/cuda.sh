@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one go (CI has no GPU; run where one is lent):
-#   bash benchmarks/cuda.sh OUTDIR [quick]   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md (a
-#                                               copy of docs/benchmarks.md with the GPU sections filled in)
+#   bash benchmarks/cuda.sh OUTDIR [quick|compiled]   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md
+#                                                        (a copy of docs/benchmarks.md with the GPU sections filled in)
+# compiled: only the comparison of both models compiled (training; up to 9 minutes, most of it compiling).
 # quick: bench_bias, the eager model comparison, the checks and dat_tiny's profile only (limits 9 minutes
 # in all, ~4 minutes on an H200: fits a 15-minute lease with time to start the machine).
 # bench_bias times the Triton settings first; the model comparison then takes the fastest that ran as
@@ -10,13 +11,18 @@
 # with it. Seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model comparison ~2
 # minutes, the compiled one past 150 s (compiling both models' training steps).
 set -u
-out=${1:?usage: bash benchmarks/cuda.sh OUTDIR [quick]}
+out=${1:?usage: bash benchmarks/cuda.sh OUTDIR [quick|compiled]}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 cp docs/benchmarks.md "$out/benchmarks.md"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi -L; python3 -c 'import torch, timm, triton; print("torch", torch.__version__, "timm", timm.__version__, "triton", triton.__version__)'
 gpu=(--device cuda --batch 128 --precision bf16 --channels-last --md "$out/benchmarks.md")
+if [ "${2:-}" = compiled ]; then
+    timeout 540 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --compile --no-memory --repeats 10 \
+        --json "$out/models-compiled.json"
+    echo "done (compiled): $out"; exit 0
+fi
 rm -f "$out/bias.json"  # not an earlier run's
 timeout 120 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
 # the settings that ran, fastest first at stage 2 forward+backward ("default" alone without the file)
