@@ -1,6 +1,7 @@
 """Shared by the tests of the relative-bias kernels (Triton and C): the plain grid_sample path they
 must equal, and the comparison."""
 
+import torch
 import torch.nn.functional as F
 
 from dat_lab.models.geometry import displacement
@@ -20,6 +21,12 @@ def grid_sample_bias(table, query_grid, pos, groups):
     grid = displacement(query_grid, pos).flip(-1)  # (N, HW, Ns, 2) as (x, y)
     bias = F.grid_sample(per_group.reshape(N, M // groups, Ht, Wt), grid, mode="bilinear", align_corners=True)
     return bias.reshape(N * M // groups, -1, pos.shape[1] * pos.shape[2])
+
+
+def bias_and_gradients(bias_fn, table, query_grid, pos, groups, upstream):
+    """bias_fn(table, query_grid, pos, groups) and the gradients of table and positions of sum(bias * upstream)."""
+    bias = bias_fn(table, query_grid, pos, groups)
+    return (bias.detach(), *torch.autograd.grad(bias, (table, pos), upstream))
 
 
 def assert_close(actual, expected, name=""):

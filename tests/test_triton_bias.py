@@ -17,7 +17,7 @@ from dat_lab.models import triton_bias
 from dat_lab.models.attention import set_deformable_options
 from dat_lab.models.geometry import grid_points
 
-from bias_reference import assert_close, axes, grid_sample_bias, reference_and_fast
+from bias_reference import assert_close, axes, bias_and_gradients, grid_sample_bias, reference_and_fast
 
 pytest.importorskip("triton")
 if not triton_bias.AVAILABLE:
@@ -33,6 +33,11 @@ def test_kernels_in_the_interpreter():
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed, 6 skipped" in run.stdout, run.stdout[-2000:]  # skipped: the tests marked `outside`
+
+
+def kernels(table, query_grid, pos, groups):
+    """The Triton kernels' float32 bias, called as grid_sample_bias is."""
+    return triton_bias.relative_bias(table, *axes(query_grid), pos, groups=groups, dtype=torch.float32)
 
 
 def use_backward(monkeypatch, backward: str) -> None:
@@ -67,17 +72,8 @@ def test_kernels_equal_grid_sample(H, W, Hk, Wk, groups, convention, layout, til
         pos[0] = query_grid
     pos.requires_grad_()
     upstream = torch.randn(N * M // groups, H * W, Hk * Wk)
-
-    def kernels(table, query_grid, pos, groups):
-        return triton_bias.relative_bias(table, *axes(query_grid), pos, groups=groups, dtype=torch.float32)
-
-    results = []
-    for bias_fn in (grid_sample_bias, kernels):
-        table.grad = pos.grad = None
-        bias = bias_fn(table, query_grid, pos, groups)
-        (bias * upstream).sum().backward()
-        results.append((bias.detach(), table.grad, pos.grad))
-    for name, expected, actual in zip(("bias", "table grad", "position grad"), results[0], results[1]):
+    results = (bias_and_gradients(fn, table, query_grid, pos, groups, upstream) for fn in (grid_sample_bias, kernels))
+    for name, expected, actual in zip(("bias", "table grad", "position grad"), *results):
         assert_close(actual, expected, name)
 
 
@@ -154,13 +150,7 @@ def test_dots_backward_keeps_the_slopes_precise_in_tf32(offset, monkeypatch):
     query_grid = grid_points(7, 7)
     pos = (torch.rand(2, 7, 7, 2) * 2 - 1).requires_grad_()
     upstream = torch.randn(4, 49, 49)
-    results = []
-    for kernels in (False, True):
-        table.grad = pos.grad = None
-        bias = (triton_bias.relative_bias(table, *axes(query_grid), pos, groups=1, dtype=torch.float32) if kernels
-                else grid_sample_bias(table, query_grid, pos, 1))
-        (bias * upstream).sum().backward()
-        results.append((table.grad.clone(), pos.grad.clone()))
+    results = ([*bias_and_gradients(fn, table, query_grid, pos, 1, upstream)][1:] for fn in (grid_sample_bias, kernels))
     for name, expected, actual in zip(("table grad", "position grad"), *results):
         error = ((actual - expected).abs().max() / expected.abs().max()).item()
         assert 1e-5 < error < 1.5e-3, f"{name}: {error:.1e}"  # rounded (the emulation works), and not by much
