@@ -270,9 +270,9 @@ def _bias_backward(grad: Tensor, table: Tensor, qy: Tensor, qx: Tensor, pos: Ten
     precision = PRECISION if PRECISION != "auto" else "tf32" if half else "ieee"
     # the dots backward only with tensor cores: float32 ("ieee") products there spill registers by
     # kilobytes; its tables of differences need a row and a column beyond the table
-    TY, TX = (max(16, triton.next_power_of_2(size + 1)) for size in (Ht, Wt))
-    dots = BACKWARD == "dots" and precision != "ieee" and max(H, W) <= DOTS_MAP and max(TY, TX) <= 2 * DOTS_MAP
-    if dots:  # programs (n, chunk of DOTS_BLOCKS batches of DOTS_KEYS keys, head)
+    if BACKWARD == "dots" and precision != "ieee" and max(H, W) <= DOTS_MAP and max(Ht, Wt) < 2 * DOTS_MAP:
+        # programs (n, chunk of DOTS_BLOCKS batches of DOTS_KEYS keys, head)
+        TY, TX = (max(16, triton.next_power_of_2(size + 1)) for size in (Ht, Wt))
         chunks = triton.cdiv(Ns, DOTS_KEYS * DOTS_BLOCKS)
         kernel, constants = _backward_dots_kernel, dict(BK=DOTS_KEYS, BLOCKS=DOTS_BLOCKS, PY=DOTS_MAP, PX=DOTS_MAP,
                                                          num_warps=DOTS_WARPS)
