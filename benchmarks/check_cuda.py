@@ -32,6 +32,7 @@ import dat_lab  # noqa: E402
 from dat_lab.models.attention import set_deformable_options  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_bias import errors, parse, use  # noqa: E402
 from common import relative_errors  # noqa: E402
 
 KNOBS = {"default": {}, "position_none": {"position": "none"}, "position_fixed": {"position": "fixed"},
@@ -117,8 +118,6 @@ def compiled(name: str) -> None:
 
 
 def bf16_bias(setting: str) -> None:
-    from bench_bias import errors, use
-
     try:
         for offset in (0.0, 3.0):  # a table far from zero too, as a trained one may be
             worst = errors("stage2", 16, setting, DEVICE, torch.bfloat16, offset=offset)
@@ -136,6 +135,7 @@ def main() -> None:
     p.add_argument("--setting", default="default", help="of the Triton bias kernels for the bf16 check "
                    "(bench_bias.py's notation)")
     a = p.parse_args()
+    parse(a.setting)  # a malformed setting fails here, in one line, before any check
     global DEVICE
     DEVICE = a.device
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"

@@ -15,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bias import parse  # noqa: E402
 from bench_models import MODELS, build  # noqa: E402
 
 
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--setting", default="default", help="of the Triton bias kernels (bench_bias.py's notation)")
     a = p.parse_args()
+    parse(a.setting)  # a malformed setting fails here, in one line, before the model is built
     step = build(a.model, a.batch, argparse.Namespace(**vars(a), compile=False, sampler="auto", kernel="auto"),
                  train=True, setting=a.setting)  # the training step bench_models times
     for _ in range(2):
