@@ -91,6 +91,21 @@ def test_resume_last_needs_a_run(tmp_path):
         _run(tmp_path, "--config", DIGITS, "--ckpt_path", "last")
 
 
+def test_a_checkpoint_of_another_model_is_refused_in_one_line():
+    """What `--ckpt_path last` finds when the newest run of a name trained other model options: one
+    line naming the fields that differ, before any weight is loaded; the same model loads."""
+    trained = ImageClassifier(variant="dat_pico", num_classes=10, img_size=32, overrides={"groups": [1, 1, 4, 8]})
+    checkpoint = {"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}
+    ImageClassifier(variant="dat_pico", num_classes=10, img_size=32,
+                    overrides={"groups": [1, 1, 4, 8]}).on_load_checkpoint(checkpoint)
+    other = ImageClassifier(variant="dat_pico", num_classes=10, img_size=32)
+    with pytest.raises(ValueError) as error:
+        other.on_load_checkpoint(checkpoint)
+    message = str(error.value)
+    assert message.startswith("--ckpt_path: the checkpoint holds another model (stages[2].groups 4 there, 2 here; "
+                              "stages[3].groups 8 there, 4 here); resume it") and "\n" not in message
+
+
 def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 

@@ -2,7 +2,8 @@
 
 One run directory per run, `runs/<name>/version_<n>/` (name: `--name`, else the config file's stem),
 holding config.yaml, TensorBoard events and checkpoints/{last.ckpt, best-*.ckpt}. `--ckpt_path last`
-resumes the newest version of that name in place. The DataModule tells the model its number of
+resumes the newest version of that name in place (a checkpoint of other model options is refused in
+one line: `ImageClassifier.on_load_checkpoint`). The DataModule tells the model its number of
 classes, input size and channels.
 """
 

@@ -138,7 +138,23 @@ class ImageClassifier(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                                     "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
+    def _refuse_other_models(self, checkpoint: dict[str, Any]) -> None:
+        """A one-line ValueError, before any weight is loaded, when the checkpoint's weights do not fit
+        this module (a run of another model config, e.g. the newest of a name that `--ckpt_path last`
+        found), naming the config fields that differ."""
+        saved, here = checkpoint.get("state_dict", {}), self.state_dict()
+        if saved.keys() == here.keys() and all(saved[k].shape == here[k].shape for k in here):
+            return
+        theirs = _fields(checkpoint.get("hyper_parameters", {}).get("model_config", {}))
+        ours = _fields(self.hparams["model_config"])
+        changed = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(theirs.keys() | ours.keys())
+                   if theirs.get(k) != ours.get(k)]
+        listed = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ValueError(f"--ckpt_path: the checkpoint holds another model ({listed or 'other weights'}); resume it "
+                         "with the options it was trained with (its run's config.yaml), or start a new run")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._refuse_other_models(checkpoint)
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])
@@ -146,3 +162,14 @@ class ImageClassifier(L.LightningModule):
             random.setstate((version, tuple(internal), gauss))
             kind, keys, pos, has_gauss, cached = states["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config's fields by name, the stages' as stages[i].field."""
+    fields = {}
+    for key, value in config.items():
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+            fields |= {f"{key}[{i}].{name}": x for i, stage in enumerate(value) for name, x in stage.items()}
+        else:
+            fields[key] = value
+    return fields
