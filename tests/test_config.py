@@ -4,6 +4,7 @@ import dataclasses
 import time
 
 import pytest
+import torch
 
 import dat_lab
 from dat_lab.models import DATConfig, StageConfig
@@ -27,6 +28,9 @@ BAD = [
     ({"img_size": 8}, r"img_size: 8 leaves no pixels for stage 2"),
     ({"num_classes": -1}, r"num_classes: -1 must be >= 0"),
     ({"window_size": 7}, r"unknown config field\(s\) \['window_size'\]; allowed: .*window"),
+    ({"blocks": ["P", "LS", "LD", "LD"], "sr_ratio": [64, 1, 1, 1]},
+     r"stages\[0\]\.sr_ratio: 64 is larger than the 56x56 map of stage 0 \(allowed: 1\.\.56\)"),
+    ({"stages": [{"dim": 8}]}, r"stages\[0\]: .*missing 2 required positional arguments: 'depth' and 'heads'"),
 ]
 
 
@@ -45,8 +49,12 @@ def test_configs_are_frozen_and_replace_validates():
         config.img_size = 32
     with pytest.raises(ValueError, match="groups"):
         dataclasses.replace(config.stages[2], groups=5)
-    with pytest.raises(TypeError):
-        dataclasses.replace(config, img_sise=32)
+
+
+def test_offset_groups_are_checked_where_d_blocks_use_them():
+    assert dat_lab.get_config("dat_pico", groups=[4, 1, 2, 4]).stages[0].groups == 4  # stage 0 has no D block
+    with pytest.raises(ValueError, match=r"stages\[2\]\.groups: 3 offset groups do not divide 4 heads"):
+        dat_lab.get_config("dat_pico", groups=[1, 1, 3, 4])
 
 
 def test_config_round_trips_through_a_dict():
@@ -54,6 +62,31 @@ def test_config_round_trips_through_a_dict():
     assert DATConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown DATConfig field"):
         DATConfig.from_dict({**config.to_dict(), "depths": [2, 2, 6, 2]})
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"window_size": 7}, r"stages\[1\]: unknown StageConfig field\(s\) \['window_size'\]; allowed: dim, depth"),
+    ({"heads": None}, r"stages\[1\]: .*missing 1 required positional argument: 'heads'"),
+    ({"heads": 5}, r"stages\[1\]\.heads: 5 heads do not divide dim 192"),
+])
+def test_a_bad_stage_in_a_dict_fails_in_one_line(change, message):
+    """What a checkpoint of another version may hold: a ValueError (which the CLI reports in one line)."""
+    data = dat_lab.get_config("dat_tiny").to_dict()
+    stage = {k: v for k, v in {**data["stages"][1], **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message) as err:
+        DATConfig.from_dict({**data, "stages": [data["stages"][0], stage, *data["stages"][2:]]})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="DATConfig: no stages given"):
+        DATConfig.from_dict({"img_size": 32})
+
+
+@pytest.mark.parametrize("patch_size", [2, 4])
+def test_the_conv_stem_strides_by_the_patch_size(patch_size):
+    """The released conv stem is Conv2d(3, C, 7, patch_size, 3); stage_sizes follows it."""
+    model = dat_lab.create_model("dat_pico", conv_patches=True, patch_size=patch_size, num_classes=0)
+    assert model.patch_proj[0].stride == (patch_size, patch_size)
+    features = model.forward_features(torch.randn(1, 3, 32, 32))
+    assert features.shape[-2:] == model.config.stage_sizes()[-1] == (32 // patch_size // 8,) * 2
 
 
 def test_stage_pattern_repeats():

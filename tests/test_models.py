@@ -3,6 +3,7 @@
 import pytest
 import timm
 import timm.optim
+from timm.layers import DropPath
 import torch
 
 import dat_lab
@@ -56,8 +57,7 @@ KNOBS = {
 @pytest.mark.parametrize("knob", list(KNOBS))
 def test_every_knob_on_dat_pico(knob):
     model = dat_lab.create_model("dat_pico", **KNOBS[knob])
-    size = 64 if model.config.conv_patches else 32  # the k7-s4 stem: stage 3 would be 1x1, one key
-    _check_forward_backward(model, size, in_chans=model.config.in_chans)
+    _check_forward_backward(model, 32, in_chans=model.config.in_chans)
 
 
 @pytest.mark.parametrize("size", [40, (32, 48), 36])
@@ -74,6 +74,15 @@ def test_drop_path_is_stochastic_in_training_only():
     assert not torch.allclose(model(x), model(x))
     model.eval()
     torch.testing.assert_close(model(x), model(x))
+
+
+def test_drop_path_rates_rise_linearly_over_the_blocks():
+    """DAT_SPEC: rates = linspace(0, drop_path_rate, sum(depths)), one per block in order, the block's
+    two residual branches sharing it."""
+    model = dat_lab.create_model("dat_tiny")
+    rates = [m.drop_prob if isinstance(m, DropPath) else 0.0 for stage in model.stages for m in stage.drop_path]
+    assert rates == pytest.approx(torch.linspace(0, 0.2, 12).tolist())
+    assert [len(stage.drop_path) for stage in model.stages] == [2, 2, 6, 2]
 
 
 def test_forward_intermediates():

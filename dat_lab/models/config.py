@@ -86,7 +86,7 @@ class StageConfig:
                              f"(its length must divide the depth)")
         if self.dim % self.heads:
             raise ValueError(f"{prefix}heads: {self.heads} heads do not divide dim {self.dim}")
-        if self.heads % self.groups:
+        if "D" in self.blocks and self.heads % self.groups:  # groups serve D blocks only
             raise ValueError(f"{prefix}groups: {self.groups} offset groups do not divide {self.heads} heads")
         if self.offset_kernel < 1 or self.offset_kernel % 2 == 0:
             raise ValueError(f"{prefix}offset_kernel: {self.offset_kernel} must be an odd number >= 1")
@@ -115,14 +115,14 @@ class DATConfig:
     num_classes: int = 1000
     patch_size: int = 4
     stem_dim: int = 0  # 0: the first stage's dim
-    conv_patches: bool = False  # overlapping conv stem (k7 s4) and downsampling (k3 s2)
+    conv_patches: bool = False  # overlapping conv stem (k7, stride patch_size) and downsampling (k3 s2)
     mlp_ratio: int = 4
     drop_path_rate: float = 0.0
     drop_rate: float = 0.0  # projection and MLP dropout
     attn_drop_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        stages = tuple(StageConfig(**s) if isinstance(s, Mapping) else s for s in self.stages)
+        stages = tuple(_stage(i, s) for i, s in enumerate(self.stages))
         object.__setattr__(self, "stages", stages)
         if not stages or not all(isinstance(s, StageConfig) for s in stages):
             raise ValueError("stages: must be a non-empty list of StageConfig or mappings")
@@ -142,6 +142,9 @@ class DATConfig:
             if "D" in stage.blocks and stage.key_downsample > min(h, w):
                 raise ValueError(f"stages[{i}].key_downsample: {stage.key_downsample} leaves no keys "
                                  f"on the {h}x{w} map of stage {i} (allowed: 1..{min(h, w)})")
+            if "P" in stage.blocks and stage.sr_ratio > min(h, w):
+                raise ValueError(f"stages[{i}].sr_ratio: {stage.sr_ratio} is larger than the {h}x{w} map "
+                                 f"of stage {i} (allowed: 1..{min(h, w)})")
 
     @property
     def depth(self) -> int:
@@ -150,7 +153,7 @@ class DATConfig:
     def stage_sizes(self, img_size: int | None = None) -> list[tuple[int, int]]:
         """Feature-map size (H, W) of every stage for a square input of `img_size`."""
         n = img_size or self.img_size
-        n = math.ceil(n / 4) if self.conv_patches else n // self.patch_size
+        n = math.ceil(n / self.patch_size) if self.conv_patches else n // self.patch_size
         sizes = [n]
         for _ in self.stages[1:]:
             n = math.ceil(n / 2) if self.conv_patches else n // 2
@@ -165,11 +168,28 @@ class DATConfig:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown DATConfig field(s) {unknown}; allowed: {_names(cls)}")
+        if "stages" not in data:
+            raise ValueError(f"DATConfig: no stages given; fields: {_names(cls)}")
         return cls(**data)
 
 
 def _names(cls: type) -> str:
     return ", ".join(f.name for f in fields(cls))
+
+
+def _stage(i: int, stage: Any) -> Any:
+    """stages[i] as a StageConfig when given as a mapping; unknown or missing fields in one line."""
+    if not isinstance(stage, Mapping):
+        return stage
+    unknown = sorted(set(stage) - {f.name for f in fields(StageConfig)})
+    if unknown:
+        raise ValueError(f"stages[{i}]: unknown StageConfig field(s) {unknown}; allowed: {_names(StageConfig)}")
+    try:
+        return StageConfig(**stage)
+    except TypeError as err:  # a required field missing
+        raise ValueError(f"stages[{i}]: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"stages[{i}].{err}") from None
 
 
 MODEL_FIELDS = frozenset(f.name for f in fields(DATConfig)) - {"stages"}
@@ -197,12 +217,12 @@ def replace_config(config: DATConfig, **overrides: Any) -> DATConfig:
                 delta[name] = value
     stages = list(overrides.get("stages", config.stages))
     for i, delta in enumerate(per_stage):
-        base = StageConfig(**stages[i]) if isinstance(stages[i], Mapping) else stages[i]
+        base = _stage(i, stages[i])
         try:
             stages[i] = dataclasses.replace(base, **delta)
         except ValueError as err:
             raise ValueError(f"stages[{i}].{err}") from None
-        except TypeError as err:  # missing required fields of a new stage
+        except TypeError as err:  # neither a StageConfig nor a mapping
             raise ValueError(f"stages[{i}]: {err}") from None
     model = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
     return dataclasses.replace(config, stages=tuple(stages), **model)

@@ -91,7 +91,7 @@ class Stage(nn.Module):
 
 def _stem(config: DATConfig, out_dim: int) -> nn.Sequential:
     if config.conv_patches:
-        conv = nn.Conv2d(config.in_chans, out_dim, 7, stride=4, padding=3)
+        conv = nn.Conv2d(config.in_chans, out_dim, 7, stride=config.patch_size, padding=3)  # as released
     else:
         conv = nn.Conv2d(config.in_chans, out_dim, config.patch_size, stride=config.patch_size)
     return nn.Sequential(conv, LayerNorm2d(dim=out_dim))
