@@ -103,14 +103,16 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _train(argv: list[str]) -> int:
     """LightningCLI takes over: `dat-lab train [fit|validate|test] --config X.yaml [--model.* ...]`."""
-    from dat_lab.training.cli import main as train_main
+    from jsonargparse import ArgumentError
+
+    from dat_lab.training.cli import config_error, main as train_main
     from dat_lab.training.module import NonFiniteLossError
 
     sys.argv = ["dat-lab train"]  # LightningCLI reads its arguments from `argv` alone (and names itself so)
     try:
         train_main(argv)
-    except (ValueError, NonFiniteLossError) as err:  # bad config or data (DataError), diverged training
-        return _fail(err)
+    except (ValueError, ArgumentError, NonFiniteLossError) as err:  # bad config or data (DataError), diverged training
+        return _fail(ValueError(config_error(err)))
     return 0
 
 

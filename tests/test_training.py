@@ -91,6 +91,35 @@ def test_resume_last_needs_a_run(tmp_path):
         _run(tmp_path, "--config", DIGITS, "--ckpt_path", "last")
 
 
+def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
+    """jsonargparse's nested errors come out as the key and its innermost cause; a checkpoint path
+    that is no file is refused before the model is built."""
+    for args, message in ((["--data.batch_size", "abc"], "--data.batch_size: Expected a <class 'int'>. Got value: abc"),
+                          (["--ckpt_path", str(tmp_path / "nope.ckpt")], f"--ckpt_path: {tmp_path / 'nope.ckpt'} is not a file"),
+                          (["--data", "dat_lab.data.ImageFolderDataModule", "--data.root", str(tmp_path / "none")],
+                           f"{tmp_path / 'none' / 'train'}: no such folder")):
+        assert cli.main(["train", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err
+
+
+def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path):
+    """`validate --ckpt_path last` evaluates the newest run's last.ckpt and logs to a new version; a
+    resumed fit saves its config beside the run's own, which stays as the run was started."""
+    short = ["--config", DIGITS, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
+    _run(tmp_path, *short, "--trainer.max_epochs", "1")
+    run = tmp_path / "digits_quick" / "version_0"
+    original = (run / "config.yaml").read_text()
+    train(["validate", *short, "--trainer.default_root_dir", str(tmp_path), "--data.batch_size", "100",
+           "--ckpt_path", "last"])
+    assert (run / "config.yaml").read_text() == original
+    assert yaml.safe_load((run.parent / "version_1" / "config.yaml").read_text())["ckpt_path"] == \
+        str(run / "checkpoints" / "last.ckpt")
+    _run(tmp_path, *short, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert (run / "config.yaml").read_text() == original
+    assert yaml.safe_load((run / "config_resume_1.yaml").read_text())["trainer"]["max_epochs"] == 2
+
+
 def test_a_checkpoint_of_another_model_is_refused_in_one_line():
     """What `--ckpt_path last` finds when the newest run of a name trained other model options: one
     line naming the fields that differ, before any weight is loaded; the same model loads."""

@@ -1,10 +1,12 @@
 """`dat-lab train`: LightningCLI wired for dat-lab.
 
 One run directory per run, `runs/<name>/version_<n>/` (name: `--name`, else the config file's stem),
-holding config.yaml, TensorBoard events and checkpoints/{last.ckpt, best-*.ckpt}. `--ckpt_path last`
-resumes the newest version of that name in place (a checkpoint of other model options is refused in
-one line: `ImageClassifier.on_load_checkpoint`). The DataModule tells the model its number of
-classes, input size and channels.
+holding config.yaml, TensorBoard events and checkpoints/{last.ckpt, best-*.ckpt}. `fit --ckpt_path last`
+resumes the newest version of that name in place (its config.yaml kept, the resumed run's config saved
+beside it as config_resume_<k>.yaml; a checkpoint of other model options is refused in one line:
+`ImageClassifier.on_load_checkpoint`); `validate`/`test --ckpt_path last` evaluate that version's
+last.ckpt and log to a new version. The DataModule tells the model its number of classes, input size
+and channels.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .callbacks import DeformableMonitor, HparamsMetric, Throughput
 from .module import ImageClassifier
 
 SUBCOMMANDS = ("fit", "validate", "test")
+CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch deprecation inside Lightning
 
 
@@ -63,11 +66,41 @@ class DatLabCLI(LightningCLI):
         name = config.get("name") or (Path(str(files[-1])).stem if files else "dat")
         trainer = config.trainer
         root = trainer.default_root_dir or "runs"
+        ckpt = config.get("ckpt_path")
+        if ckpt and ckpt not in CKPT_ALIASES and "://" not in ckpt and not Path(ckpt).is_file():
+            raise DataError(f"--ckpt_path: {ckpt} is not a file (give a checkpoint, or last for the newest run "
+                            f"of the name)")
         if trainer.logger in (None, True):
-            version = run_directory(root, name, resume=config.get("ckpt_path") == "last")
+            version = run_directory(root, name, resume=ckpt == "last")
+            if version is not None and self.subcommand != "fit":  # evaluate its checkpoint; log apart
+                config.ckpt_path, version = str(Path(root, name, version, "checkpoints", "last.ckpt")), None
+            elif version is not None:  # resumed in place: the run's config.yaml stays as it was
+                self.save_config_kwargs = {**self.save_config_kwargs,
+                                           "config_filename": _resume_config_name(Path(root, name, version))}
             trainer.logger = tensorboard_logger(root, name, version)
         if config.get("weights_only") is None and "weights_only" in config:
             config.weights_only = True
+
+
+def _resume_config_name(run: Path) -> str:
+    """config_resume_<k>.yaml, k one more than the run's resumes so far."""
+    return f"config_resume_{len(list(run.glob('config_resume_*.yaml'))) + 1}.yaml"
+
+
+def config_error(err: BaseException) -> str:
+    """One line from jsonargparse's nested errors: the innermost cause after the keys that led to it
+    (`--data.batch_size: Expected a <class 'int'>. Got value: abc`), or the error's first line."""
+    keys, inner = [], err
+    while err is not None:
+        lines = str(err).strip().splitlines()
+        key = re.fullmatch(r'Parser key "(.+)":', lines[0]) if lines else None
+        if key and key.group(1) not in keys[-1:]:
+            keys.append(key.group(1))
+        inner = err if lines else inner
+        err = err.__cause__ or err.__context__
+    lines = [line.strip() for line in str(inner).strip().splitlines() if not line.strip().startswith("Parser key")]
+    text = lines[0] if lines else type(inner).__name__
+    return f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
 
 
 def tensorboard_logger(save_dir: str, name: str, version: str | int) -> Namespace:
@@ -89,6 +122,7 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
         return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
                          trainer_defaults={"default_root_dir": "runs",
                                            "callbacks": default_callbacks() + list(extra_callbacks or [])},
-                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                         parser_kwargs={name: {"exit_on_error": False} for name in SUBCOMMANDS} | {"exit_on_error": False})
     finally:
         sys.argv = argv
