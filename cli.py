@@ -31,7 +31,10 @@ def _parse_sets(items: Sequence[str], what: str = "--set") -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{what}: {item!r} is not key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{what}: {item!r}: the value is not YAML ({str(err).splitlines()[0]})") from None
     return overrides
 
 
@@ -41,7 +44,7 @@ def _profile(args: argparse.Namespace) -> None:
     from dat_lab.profile import profile_model
 
     if args.paper_tables:
-        if args.variant or args.set or args.img_size:
+        if args.variant or args.set or args.img_size is not None:
             raise ValueError("--paper-tables takes no VARIANT, --set or --img-size (its rows are fixed deltas of dat_tiny)")
         rows = []
         for row in paper_rows():
@@ -53,7 +56,7 @@ def _profile(args: argparse.Namespace) -> None:
         if not args.variant:
             raise ValueError("profile: give a VARIANT (one of " + ", ".join(dat_lab.VARIANTS) + ") or --paper-tables")
         config = dat_lab.get_config(args.variant, **_parse_sets(args.set))
-        if args.img_size:
+        if args.img_size is not None:
             config = dat_lab.replace_config(config, img_size=args.img_size)
         p = profile_model(dat_lab.create_model(config))
         rows = [{"model": args.variant, "img_size": config.img_size, "params_m": round(p.params_m, 4),
@@ -79,8 +82,11 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def _read_official_config(path: str) -> dict[str, Any]:
     """The model keywords of a released config YAML (MODEL: DAT: {...}) or of a flat YAML dict."""
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if "MODEL" in data:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--official-config: {path} is not YAML ({str(err).splitlines()[0]})") from None
+    if isinstance(data, dict) and "MODEL" in data:
         data = data["MODEL"].get("DAT", {})
     if not isinstance(data, dict) or not data:
         raise ValueError(f"--official-config: {path} holds no MODEL.DAT keywords")
@@ -231,12 +237,9 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _existing_storage(storage: str | None, study: str) -> str:
-    from dat_lab.metrics import default_storage
+    from dat_lab.analysis.study import existing_storage
 
-    storage = storage or default_storage(study)
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
-        raise ValueError(f"--storage: {storage} does not exist (run the sweep first, or name its storage)")
-    return storage
+    return existing_storage(storage, study)
 
 
 def _visualize(args: argparse.Namespace) -> None:

@@ -7,9 +7,9 @@ mean and sd over seeds, the baseline (s = 2) starred.
 import argparse
 from pathlib import Path
 
-from dat_lab.analysis.plots import factor_plot, save
-from dat_lab.analysis.study import load, trials_frame
-from dat_lab.metrics import default_storage
+from dat_lab.analysis.plots import factor_plot
+from dat_lab.figures import save_figure
+from dat_lab.analysis.study import existing_storage, load, trials_frame
 
 
 def main() -> None:
@@ -19,10 +19,13 @@ def main() -> None:
     parser.add_argument("--factor", default="s", help="the offset-range factor of the spec (default: s)")
     parser.add_argument("--out", help="default: runs/<study>/analysis")
     args = parser.parse_args()
-    study, info = load(args.study, args.storage or default_storage(args.study))
+    try:
+        study, info = load(args.study, existing_storage(args.storage, args.study))
+    except ValueError as err:
+        parser.error(str(err))
     if args.factor not in info.factors:
         parser.error(f"study {args.study!r} has no factor {args.factor!r} (it has: {', '.join(info.factors)})")
-    paths = save(factor_plot(trials_frame(study, info), info, args.factor), Path(args.out or f"runs/{args.study}/analysis"),
+    paths = save_figure(factor_plot(trials_frame(study, info), info, args.factor), Path(args.out or f"runs/{args.study}/analysis"),
                  "offset_range")
     print("wrote " + ", ".join(map(str, paths)))
 

@@ -7,9 +7,8 @@ The study must come from sweeps/table6_geometry.yaml or sweeps/table7_stages.yam
 
 import argparse
 
-from dat_lab.analysis.study import load, trials_frame
+from dat_lab.analysis.study import existing_storage, load, trials_frame
 from dat_lab.analysis.tables import paper_layout, summarize
-from dat_lab.metrics import default_storage
 
 
 def main() -> None:
@@ -17,7 +16,10 @@ def main() -> None:
     parser.add_argument("study")
     parser.add_argument("--storage", help="default: sqlite:///runs/<study>.db")
     args = parser.parse_args()
-    study, info = load(args.study, args.storage or default_storage(args.study))
+    try:
+        study, info = load(args.study, existing_storage(args.storage, args.study))
+    except ValueError as err:
+        parser.error(str(err))
     layout = paper_layout(summarize(trials_frame(study, info), info), info)
     if layout is None:
         parser.error(f"study {args.study!r} is not one of the paper's tables (a factor with paper_table: 6 or 7)")

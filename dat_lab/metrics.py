@@ -68,3 +68,13 @@ STUDY_SEEDS = "seeds"
 def default_storage(study: str) -> str:
     """Where a sweep keeps a study when no storage is named (the embedded default)."""
     return f"sqlite:///runs/{study}.db"
+
+
+STORAGE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")
+
+
+def check_storage_url(url: str) -> None:
+    """Raise ValueError unless `url` names an SQLite file or a PostgreSQL (or MySQL) database."""
+    if not url.startswith(STORAGE_SCHEMES):
+        raise ValueError(f"storage: {url!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
+                         "postgresql://user:pass@host/db)")

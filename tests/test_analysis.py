@@ -1,6 +1,10 @@
 """Analysis of studies built with known values (Optuna create_trial): tables, plots, report."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -17,6 +21,8 @@ from dat_lab.analysis import AnalysisError, analyze
 from dat_lab.analysis.study import load, trials_frame
 from dat_lab.analysis.tables import summarize
 from dat_lab.analysis.visualize import _from_files, visualize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VALUES = {("none", "0"): [0.90, 0.92], ("none", "2"): [0.94, 0.96],
           ("relative", "0"): [0.91, 0.93], ("relative", "2"): [0.97, 0.99]}
@@ -94,6 +100,31 @@ def test_partial_and_empty_studies(tmp_path, capsys):
     assert "no study 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("storage,message", [
+    ("foo://bar", "--storage: 'foo://bar' is not an SQLite or PostgreSQL URL"),
+    ("sqlite:///{tmp}/none.db", "--storage: sqlite:///{tmp}/none.db does not exist"),
+    ("postgresql://u:p@127.0.0.1:1/db", "--storage: cannot open postgresql://u:p@127.0.0.1:1/db: "),
+])
+def test_a_bad_storage_is_one_line_and_creates_nothing(storage, message, tmp_path, capsys):
+    storage, message = storage.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    for command in ("analyze", "sweep-status"):
+        assert cli.main([command, "s", "--storage", storage]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "analysis").glob("*.py")), ids=lambda p: p.name)
+def test_analysis_scripts_run(script, tmp_path):
+    """Each script starts (its imports hold) and refuses a study that is not there, creating nothing."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, str(script), "--help"], env=env, cwd=tmp_path, capture_output=True).returncode == 0
+    done = subprocess.run([sys.executable, str(script), "nosuch"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        ("sqlite:///runs/nosuch.db does not exist (run the sweep first, or name its storage)", "nosuch: no such checkpoint"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_paper_layout_of_table7(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 't7.db'}"
     rows = paper_rows(7)
@@ -151,5 +182,7 @@ def test_visualize_a_checkpoint(tmp_path):
         visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "bad.png")])
     swin = dat_lab.create_model("dat_pico", blocks="LS")
     dat_lab.save_checkpoint(swin, tmp_path / "swin.ckpt")
+    with pytest.raises(AnalysisError, match="--count: 0 must be >= 1"):
+        visualize(str(tmp_path / "m.ckpt"), tmp_path / "vis", count=0)
     with pytest.raises(AnalysisError, match="no deformable"):
         visualize(str(tmp_path / "swin.ckpt"), tmp_path / "vis", data="synthetic")

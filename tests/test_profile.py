@@ -62,11 +62,14 @@ def test_profile_variant_cli(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["profile", "dat_tiny", "--set", "groups=5"], "stages[0].groups: 5 offset groups do not divide 3 heads"),
+    (["profile", "dat_tiny", "--set", "groups=5"], "stages[2].groups: 5 offset groups do not divide 12 heads"),
     (["profile", "dat_tiny", "--set", "offset_range"], "--set: 'offset_range' is not key=value"),
     (["profile", "dat_huge"], "unknown model 'dat_huge'; allowed: dat_tiny"),
     (["profile"], "profile: give a VARIANT"),
     (["profile", "dat_tiny", "--paper-tables"], "--paper-tables takes no VARIANT"),
+    (["profile", "dat_tiny", "--img-size", "0"], "img_size: 0 must be >= 1"),
+    (["profile", "dat_tiny", "--set", "groups=[1,2"], "--set: 'groups=[1,2': the value is not YAML"),
+    (["profile", "dat_tiny", "--set", "stages=3"], "stages: 3 is not a list of stages"),
 ])
 def test_profile_cli_errors(argv, message, capsys):
     assert cli.main(argv) == 2

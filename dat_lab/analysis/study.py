@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from .. import metrics as M
@@ -29,12 +31,27 @@ class StudyInfo:
     seeds: list[int]
 
 
+def existing_storage(storage: str | None, study: str) -> str:
+    """The storage URL to read `study` from (default: the sweep's default), checked without creating
+    anything: a missing SQLite file or a malformed URL is an AnalysisError."""
+    storage = storage or M.default_storage(study)
+    try:
+        M.check_storage_url(storage)
+    except ValueError as err:
+        raise AnalysisError(f"--{err}") from None
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        raise AnalysisError(f"--storage: {storage} does not exist (run the sweep first, or name its storage)")
+    return storage
+
+
 def load(study_name: str, storage: str) -> tuple[optuna.Study, StudyInfo]:
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
         raise AnalysisError(f"no study {study_name!r} in {storage}; it holds: {', '.join(names) or 'none'}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
+        raise AnalysisError(f"--storage: cannot open {storage}: {str(err).splitlines()[0]}") from None
     a = study.user_attrs
     info = StudyInfo(name=study_name, metric=a.get(M.STUDY_METRIC, M.VAL_ACC1),
                      direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()),

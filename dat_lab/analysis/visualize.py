@@ -40,6 +40,8 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
     """Write sampling_points.png/.pdf under `out`; return their paths."""
     if not Path(checkpoint).is_file():
         raise AnalysisError(f"{checkpoint}: no such checkpoint")
+    if count < 1:
+        raise AnalysisError(f"--count: {count} must be >= 1")
     model = load_checkpoint(checkpoint).eval()
     cfg = model.config
     if images:

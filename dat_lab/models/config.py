@@ -202,6 +202,8 @@ def replace_config(config: DATConfig, **overrides: Any) -> DATConfig:
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; allowed: {', '.join(sorted(MODEL_FIELDS))}, "
                          f"stages, and per-stage {', '.join(sorted(STAGE_FIELDS))}")
+    if not isinstance(overrides.get("stages", config.stages), (list, tuple)):
+        raise ValueError(f"stages: {overrides['stages']!r} is not a list of stages (StageConfig fields, one mapping each)")
     n = len(overrides.get("stages", config.stages))
     per_stage: list[dict[str, Any]] = [{} for _ in range(n)]
     for name in sorted(set(overrides) & STAGE_FIELDS):
