@@ -125,7 +125,7 @@ def _train(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
     from dat_lab.metrics import default_storage
-    from dat_lab.sweep.runner import check_storage_url, make_storage, spawn_workers
+    from dat_lab.sweep.runner import check_storage_url, make_storage, preflight, spawn_workers
 
     overrides = _parse_sets(args.overrides, "sweep override")
     if args.n_trials is not None:
@@ -138,11 +138,11 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.workers > 1 and storage.startswith("sqlite"):
         raise ValueError("--workers: SQLite is unsafe for parallel workers; give --storage postgresql://... "
                          "(one server shared by every worker, on this machine or many)")
-    # a bad URL (or, for a real run, an unreachable database) fails here, before planning; a dry run writes nothing
-    if args.dry_run:
-        check_storage_url(storage)
-    else:
-        make_storage(storage, spec.heartbeat)
+    # a bad URL (or, for a real run, an unreachable database) fails here, before planning; a dry run creates no
+    # SQLite file (it reads an existing study: another spec's, or run folders of no trial of it, are refused)
+    check_storage_url(storage)
+    missing = args.dry_run and storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists()
+    preflight(spec, None if missing else make_storage(storage, spec.heartbeat), storage, study, args.runs_root)
     planned = plan(spec, spec.planned_cells())
     if args.dry_run:
         _print_plan(spec, planned)
@@ -152,15 +152,23 @@ def _sweep(args: argparse.Namespace) -> None:
         if args.n_trials is not None:
             argv += ["--n-trials", str(args.n_trials)]
         code = spawn_workers(argv, args.workers)
-        if code:
+        if code > 1:
             raise ValueError(f"a worker exited with status {code}")
+        failed = "a worker exited with status 1 (a trial FAILED, or the worker crashed)" if code else ""
     else:
-        _work_with_progress(spec, storage, study, planned, args)
+        n = _work_with_progress(spec, storage, study, planned, args)
+        failed = f"{n} trial(s) of this run FAILED" if n else ""
     print(f"study {study!r} in {storage}: `dat-lab sweep-status {study} --storage {storage}`; "
           f"TensorBoard: `tensorboard --logdir {args.runs_root}/{study}`")
+    if failed:
+        print(f"dat-lab: {failed}; `dat-lab sweep-status {study} --storage {storage}` says why, and running the "
+              "same command again retries failed cells", file=sys.stderr)
+        raise SystemExit(1)
 
 
-def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.Namespace) -> None:
+def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.Namespace) -> int:
+    """Run this worker with a progress bar; how many of the trials it ran FAILED."""
+    from optuna.trial import TrialState
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dat_lab.sweep.runner import work
@@ -170,14 +178,17 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
     with Progress(TextColumn(f"{study}{worker}"), BarColumn(), MofNCompleteColumn(), TextColumn(label),
                   TimeElapsedColumn()) as bar:
         task = bar.add_task(study, total=len(planned) if spec.is_grid else spec.n_trials)
+        failed = []
         try:
             work(spec, storage=storage, study_name=study, runs_root=args.runs_root, planned=planned,
-                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                 on_trial=lambda trial: failed.append(trial.number) if trial.state == TrialState.FAIL else None)
         except KeyboardInterrupt:
             bar.stop()
             print("interrupted: finished cells are stored and the interrupted trial is marked FAILED; "
                   "run the same command again to resume", file=sys.stderr)
             raise SystemExit(130) from None
+    return len(failed)
 
 
 def _print_plan(spec, planned) -> None:

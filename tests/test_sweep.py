@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 import cli
 from dat_lab.ablations import paper_rows
 from dat_lab.sweep import SpecError, parse_spec, plan
-from dat_lab.sweep.runner import CELL
+from dat_lab.sweep import runner
+from dat_lab.sweep.runner import CELL, FINGERPRINT, open_study, work
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "sweeps" / "demo.yaml")
@@ -28,6 +29,7 @@ def _write(tmp_path, text: str) -> Path:
 
 
 BASE = f"study: t\nbase: {ROOT / 'experiments' / 'digits_quick.yaml'}\n"
+TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}}\n"
 
 
 @pytest.mark.parametrize("body,message", [
@@ -41,6 +43,19 @@ BASE = f"study: t\nbase: {ROOT / 'experiments' / 'digits_quick.yaml'}\n"
     ("sampler: random\n", "sampler: 'random' is not one of grid, tpe"),
     ("sampler: tpe\nn_trials: 3\n", "search_space: is required for sampler tpe"),
     ("budget: {epochs: 3}\n", "budget.epochs: unknown key"),
+    ("objective: {metrc: val/acc5}\n", "objective.metrc: unknown key; allowed: direction, metric, value"),
+    ("heartbeat: {interval: 1, grac: 1}\n", "heartbeat.grac: unknown key; allowed: grace, interval"),
+    ("sampler: {name: grid, seed: 1}\n", "sampler.seed: unknown key; allowed: name"),
+    (TPE.replace("sampler: tpe", "sampler: {name: tpe, n_startup: 3}"), "sampler.n_startup: unknown key; allowed:"),
+    ("pruner: {name: median, n_startup: 3}\n", "pruner.n_startup: unknown key; allowed: interval_steps,"),
+    ("pruner: {name: median, n_startup_trials: -1}\n", "pruner: median: Number of startup trials cannot be negative"),
+    (TPE + "factors: {s: {path: model.overrides.offset_range, values: [1, 2]}}\n", "factors: only for sampler grid"),
+    (TPE + "seeds: [0, 1]\n", "seeds: sampler tpe takes one seed, got [0, 1]"),
+    (TPE.replace("1.0e-4", "1e-4"), "search_space.model.lr.low: must be a number, got '1e-4'; YAML reads 1e-4 as a "
+     "string: write 1.0e-4"),
+    (TPE.replace("1.0e-2", "a"), "search_space.model.lr.high: must be a number, got 'a'$"),
+    ("sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: categorical, choices: 3}}\n",
+     "search_space.model.lr.choices: must be a non-empty list, got 3"),
     ("factors:\n  a: {path: model.lr, values: [0.1]}\n  b: {path: model.lr, values: [0.2]}\n",
      "factors.b: sets model.lr, which factor a sets too"),
 ])
@@ -51,7 +66,7 @@ def test_bad_specs_name_the_key(tmp_path, body, message):
 
 def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     spec = parse_spec(_write(tmp_path, BASE + "factors: {g: {path: model.overrides.groups, values: [3]}}\n"))
-    with pytest.raises(SpecError, match=r"cell 'g=3': .*groups: 3 offset groups do not divide 1 heads"):
+    with pytest.raises(SpecError, match=r"cell 'g=3': .*groups: 3 offset groups do not divide \d+ heads"):
         plan(spec)
     spec = parse_spec(_write(tmp_path, BASE + "factors: {x: {path: model.learning_rate, values: [1]}}\n"))
     with pytest.raises(SpecError, match=r"cell 'x=1': training config: .*model.learning_rate"):
@@ -71,7 +86,8 @@ def test_grid_cells_are_the_product_times_seeds():
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_dry_run_of_every_spec(path, capsys, tmp_path):
     storage = tmp_path / "dry.db"
-    assert cli.main(["sweep", str(path), "--dry-run", "--storage", f"sqlite:///{storage}"]) == 0
+    assert cli.main(["sweep", str(path), "--dry-run", "--storage", f"sqlite:///{storage}",
+                     "--runs-root", str(tmp_path / "runs")]) == 0  # not ./runs: its folders are another storage's
     assert not storage.exists()  # a dry run writes nothing
     out = capsys.readouterr().out
     assert "nothing trained (--dry-run)" in out
@@ -109,20 +125,19 @@ def _assert_every_cell_once(storage, study="s", cells=8):
     return trials
 
 
-def test_demo_sweep_end_to_end_and_status(tmp_path, capsys):
+def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'demo.db'}"
-    assert cli.main(["sweep", DEMO, *SMALL, "--storage", storage, "--study", "s",
-                     "--runs-root", str(tmp_path / "runs")]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative --runs-root: trials record absolute run folders (analysis may run elsewhere)
+    assert cli.main(["sweep", DEMO, *SMALL, "--storage", storage, "--study", "s", "--runs-root", "runs"]) == 0
     trials = _assert_every_cell_once(storage)
     t = next(t for t in trials if t.state == TrialState.COMPLETE)
     for attr in ("levels", "seed", "best", "final", "params_m", "gflops", "images_per_s", "wall_s", "run_dir"):
         assert t.user_attrs.get(attr) is not None, attr
-    assert (Path(t.user_attrs["run_dir"]) / "config.yaml").exists()
+    assert (Path(t.user_attrs["run_dir"]) / "config.yaml").exists() and Path(t.user_attrs["run_dir"]).is_absolute()
     assert list(Path(t.user_attrs["run_dir"]).glob("events.out.tfevents.*"))
     capsys.readouterr()
     # rerunning the same command trains nothing again
-    assert cli.main(["sweep", DEMO, *SMALL, "--storage", storage, "--study", "s",
-                     "--runs-root", str(tmp_path / "runs")]) == 0
+    assert cli.main(["sweep", DEMO, *SMALL, "--storage", storage, "--study", "s", "--runs-root", "runs"]) == 0
     assert len(optuna.load_study(study_name="s", storage=storage).get_trials()) == len(trials)
     assert cli.main(["sweep-status", "s", "--storage", storage]) == 0
     out = capsys.readouterr().out
@@ -135,7 +150,11 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'f.db'}"
     spec = _write(tmp_path, BASE + "budget: {max_epochs: 1, limit_train_batches: 6, limit_val_batches: 1}\n"
                   "factors: {lr: {path: model.lr, values: [1.0e+30, 1.0e-3]}}\n")
-    assert cli.main(["sweep", str(spec), "--storage", storage, "--runs-root", str(tmp_path / "runs")]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", str(spec), "--storage", storage, "--runs-root", str(tmp_path / "runs")])
+    assert exit_.value.code == 1  # after the summary line, and a line saying how many trials FAILED
+    captured = capsys.readouterr()
+    assert f"study 't' in {storage}" in captured.out and "1 trial(s) of this run FAILED" in captured.err
     assert cli.main(["sweep-status", "t", "--storage", storage]) == 0
     out = capsys.readouterr().out
     assert "1 done, 0 running, 1 failed" in out and "NonFiniteLossError: non-finite training loss" in out
@@ -199,3 +218,96 @@ def test_ctrl_c_leaves_the_storage_consistent(tmp_path):
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert [t.user_attrs.get("failure") for t in trials if t.state == TrialState.FAIL] in (["interrupted"], [])
+
+
+def _dry_run(spec, storage, tmp_path, *extra):
+    return cli.main(["sweep", str(spec), *extra, "--dry-run", "--storage", storage, "--runs-root", str(tmp_path / "runs")])
+
+
+def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    spec = _write(tmp_path, BASE + "budget: {max_epochs: 1}\nseeds: [0, 1]\n")
+    open_study(parse_spec(spec), storage, "t")  # the study as a first run made it (nothing trained)
+    assert _dry_run(spec, storage, tmp_path, "heartbeat.grace=60") == 0  # run-time options may change
+    capsys.readouterr()
+    for override, field in [("seeds=[0,1,2]", "seeds: [0, 1] -> [0, 1, 2]"),
+                            ("budget.max_epochs=2", "config.trainer.max_epochs: 1 -> 2"),
+                            ("objective.direction=minimize", "objective.direction: 'maximize' -> 'minimize'")]:
+        assert _dry_run(spec, storage, tmp_path, override) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"study 't' in {storage} was made by another spec" in err, err
+        assert field in err and "use --study NEW_NAME" in err, err
+    argv = ["sweep", str(spec), "seeds=[0,1,2]", "--storage", storage, "--runs-root", str(tmp_path / "runs")]
+    assert cli.main(argv) == 2  # a real run too, before any trial
+    assert optuna.load_study(study_name="t", storage=storage).get_trials() == []
+    optuna.create_study(study_name="old", storage=storage)  # a study from before fingerprints: accepted
+    assert _dry_run(spec, storage, tmp_path, "seeds=[0,1,2]", "--study", "old") == 0
+    with pytest.raises(SpecError, match="was made by another spec"):  # the worker API checks too
+        open_study(parse_spec(spec, {"seeds": [5]}), storage, "t")
+    assert FINGERPRINT not in optuna.load_study(study_name="old", storage=storage).user_attrs  # a dry run wrote nothing
+
+
+def _trial_dir(tmp_path, study, number):
+    run_dir = tmp_path / "runs" / study / f"trial_{number:04d}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("from another storage\n")
+    return run_dir
+
+
+def test_run_folders_of_another_storage_are_refused(tmp_path, capsys):
+    spec = _write(tmp_path, BASE)
+    _trial_dir(tmp_path, "t", 0)
+    assert _dry_run(spec, f"sqlite:///{tmp_path / 'new.db'}", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'runs' / 't' / 'trial_0000'} holds a run that is no trial of study 't'" in err
+    assert "use another --study name or move" in err
+    # a resume finds its own trials' folders: not refused
+    storage = f"sqlite:///{tmp_path / 'own.db'}"
+    study = open_study(parse_spec(spec), storage, "t")
+    study.enqueue_trial({})
+    study.ask()
+    assert _dry_run(spec, storage, tmp_path) == 0
+
+
+def test_each_trial_refuses_a_run_folder_that_is_not_its_own(tmp_path):
+    """What preflight cannot see (a worker started before the folder appeared, the `work` API): the trial
+    FAILS before training, naming the folder; a TPE search whose trials all fail ends at n_trials."""
+    for text, cells in [("", 1), (TPE, 2)]:  # a tiny budget: should a trial train after all, briefly
+        spec = parse_spec(_write(tmp_path, BASE + text), {"budget": {"max_epochs": 1, "limit_train_batches": 1,
+                                                                     "limit_val_batches": 1}})
+        name = "grid" if spec.is_grid else "tpe"
+        dirs = [_trial_dir(tmp_path, name, n) for n in range(cells)]
+        calls = []
+
+        def progress(done, total):
+            calls.append(done)
+            assert len(calls) < 10, "the sweep does not end"
+
+        study = work(spec, storage=f"sqlite:///{tmp_path / name}.db", study_name=name, runs_root=str(tmp_path / "runs"),
+                     progress=progress)
+        trials = study.get_trials()
+        assert [t.state for t in trials] == [TrialState.FAIL] * cells
+        assert [t.user_attrs["failure"].startswith(f"run directory {d} already holds another run")
+                for t, d in zip(trials, dirs)] == [True] * cells
+        assert [(d / "config.yaml").read_text() for d in dirs] == ["from another storage\n"] * cells
+
+
+def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, monkeypatch):
+    finished = runner._finished
+    calls = []
+
+    def bounded(*args):
+        calls.append(1)
+        assert len(calls) < 10, "the search does not end"
+        return finished(*args)
+
+    monkeypatch.setattr(runner, "_finished", bounded)
+    spec = _write(tmp_path, BASE + "sampler: tpe\nn_trials: 2\n"
+                  "search_space: {model.overrides.groups: {type: categorical, choices: [3]}}\n")
+    storage = f"sqlite:///{tmp_path / 'tpe.db'}"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", str(spec), "--storage", storage, "--runs-root", str(tmp_path / "runs")])
+    assert exit_.value.code == 1 and "2 trial(s) of this run FAILED" in capsys.readouterr().err
+    trials = optuna.load_study(study_name="t", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert "offset groups do not divide" in trials[0].user_attrs["failure"]

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
 from ..profile import profile_model
-from ..training.cli import DatLabCLI
+from ..training.cli import DatLabCLI, config_error
 from ..training.module import ImageClassifier
 from .spec import Cell, SpecError, SweepSpec
 
@@ -39,7 +39,7 @@ def parse_training_config(config: Mapping[str, Any]) -> Any:
     except _Parsed as parsed:
         return parsed.config
     except Exception as err:  # jsonargparse's ArgumentError and friends
-        raise SpecError(f"training config: {str(err).splitlines()[0]}") from None
+        raise SpecError(f"training config: {config_error(err)}") from None
     finally:
         sys.argv = argv
     raise SpecError("training config: the parser did not stop before instantiation")

@@ -9,14 +9,19 @@ stale after the grace period, Optuna marks it FAILED and queues it again (RetryH
 Should two workers ever hold trials of the same cell, the later trial yields (is pruned as a
 duplicate) before training, so no cell ends with two COMPLETE trials.
 
-TPE searches sample the spec's search space until the study holds `n_trials` finished trials, with
-Optuna's Lightning pruning callback when the spec has a pruner.
+TPE searches sample the spec's search space until the study holds `n_trials` finished (complete,
+pruned or failed) trials, with Optuna's Lightning pruning callback when the spec has a pruner.
+
+A study stores the fingerprint of the spec that made it (SweepSpec.fingerprint): a rerun with a spec
+that would change its results is refused before training (preflight, and open_study for workers).
+Trial numbers are never reused within a study, so a trial refuses a non-empty run folder of its number.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,22 +35,16 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import metrics as M
+from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
 from ..training.cli import main as train
 from ..training.cli import tensorboard_logger
 from .plan import PlannedCell, plan
-from .spec import SpecError, SweepSpec, deep_merge, nest
+from .spec import SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
 CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inherit it
 POLL_SECONDS = 2.0
-
-
-def check_storage_url(url: str) -> None:
-    """Raise SpecError unless `url` names an SQLite file or a PostgreSQL (or MySQL) database."""
-    if not url.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
-        raise SpecError(f"storage: {url!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
-                        "postgresql://user:pass@host/db)")
 
 
 def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
@@ -61,27 +60,53 @@ def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
                       engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
 
 
-def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    options = {k: v for k, v in spec.sampler.items() if k != "name"}
-    if spec.sampler["name"] == "tpe":  # optuna 5 changed TPE defaults: every argument explicit
-        return optuna.samplers.TPESampler(
-            seed=options.get("seed", 0), n_startup_trials=options.get("n_startup_trials", 10),
-            n_ei_candidates=options.get("n_ei_candidates", 24), multivariate=options.get("multivariate", True),
-            group=options.get("group", False), constant_liar=options.get("constant_liar", True),
-            consider_prior=True, prior_weight=1.0, consider_magic_clip=True, consider_endpoints=False)
-    return optuna.samplers.RandomSampler(seed=0)  # grid cells are enqueued, never sampled
-
-
-def _pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
-    options = {k: v for k, v in spec.pruner.items() if k != "name"}
-    if spec.pruner["name"] == "median":
-        return optuna.pruners.MedianPruner(**options)
-    if spec.pruner["name"] == "hyperband":
-        return optuna.pruners.HyperbandPruner(**options)
-    return optuna.pruners.NopPruner()
-
-
 ENQUEUED = "enqueued"  # study user attribute: the creating worker has queued every cell
+FINGERPRINT = "fingerprint"  # study user attribute: SweepSpec.fingerprint() of the spec that created it
+RUN_DIR = re.compile(r"trial_(\d+)")
+
+
+def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str, storage: str) -> None:
+    """Raise SpecError, naming the first fields that differ, unless `spec` defines the same results as the
+    spec that created study `name` (its stored fingerprint; a study from before fingerprints passes)."""
+    if stored is None:
+        return
+    current = spec.fingerprint()
+    differ = [k for k in [*current, *(k for k in stored if k not in current)] if current.get(k) != stored.get(k)]
+    if differ:
+        fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])
+        more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise SpecError(f"study {name!r} in {storage} was made by another spec, its results would mix: {fields}{more}; "
+                        f"use --study NEW_NAME for a new study, or the original spec and options to resume it")
+
+
+def run_dirs(runs_root: str, name: str) -> dict[int, Path]:
+    """The non-empty runs/<study>/trial_<n> folders, by trial number."""
+    root = Path(runs_root) / name
+    found = ((RUN_DIR.fullmatch(d.name), d) for d in (sorted(root.iterdir()) if root.is_dir() else []))
+    return {int(m.group(1)): d for m, d in found if m and d.is_dir() and any(d.iterdir())}
+
+
+def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, runs_root: str) -> None:
+    """Before any training (a dry run too: this only reads): refuse a study of this name made by another
+    spec, and run folders of no trial of this study, which its trials would write into (the study name
+    was used in another storage, or its storage was deleted). Trial numbers are never reused within a
+    study (a re-queued cell is a new trial), so a resume finds only its own trials' folders. `storage`
+    None: the storage does not exist yet."""
+    dirs = run_dirs(runs_root, name)  # listed before the trials are read: a running worker's trial is known
+    numbers: set[int] = set()
+    try:
+        study_id = storage.get_study_id_from_name(name) if storage is not None else None
+    except KeyError:  # a new study
+        study_id = None
+    if study_id is not None:
+        check_fingerprint(spec, storage.get_study_user_attrs(study_id).get(FINGERPRINT), name, url)
+        numbers = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
+    stray = [d for n, d in dirs.items() if n not in numbers]
+    if stray:
+        more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+        raise SpecError(f"--runs-root: {stray[0]}{more} holds a run that is no trial of study {name!r} in {url} "
+                        f"(the same study name in another storage?); use another --study name or move "
+                        f"{stray[0].parent} away")
 
 
 def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCell] | None = None,
@@ -89,7 +114,7 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
     """Create the study (and queue its cells) or load it. Creation is one storage transaction, so of
     workers starting together exactly one creates; the others wait until it has queued the grid."""
     kwargs = dict(storage=make_storage(storage, spec.heartbeat), study_name=name, direction=spec.direction,
-                  sampler=_sampler(spec), pruner=_pruner(spec))
+                  sampler=build_sampler(spec.sampler), pruner=build_pruner(spec.pruner))
     try:
         study = optuna.create_study(**kwargs)
     except optuna.exceptions.DuplicatedStudyError:
@@ -97,7 +122,11 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         deadline = time.time() + wait_s
         while spec.is_grid and ENQUEUED not in study.user_attrs and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
+        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)
+        if FINGERPRINT not in study.user_attrs:  # a study from before fingerprints: guarded from now on
+            study.set_user_attr(FINGERPRINT, spec.fingerprint())
     else:
+        study.set_user_attr(FINGERPRINT, spec.fingerprint())  # first: what a loading worker checks
         study.set_user_attr("spec", str(spec.path))
         study.set_user_attr(M.STUDY_METRIC, spec.metric)
         study.set_user_attr(M.STUDY_DIRECTION, spec.direction)
@@ -156,7 +185,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
         config, seed = p.config, p.cell.seed
         for path, dist in spec.search_space.items():
             config = deep_merge(config, nest(path, _suggest(trial, path, dist)))
-    run_dir = Path(runs_root) / study.study_name / f"trial_{trial.number:04d}"
+    run_dir = (Path(runs_root) / study.study_name / f"trial_{trial.number:04d}").absolute()  # any working dir
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # trial numbers are never reused within a study
+        reason = (f"run directory {run_dir} already holds another run (the same study name in another storage?); "
+                  f"use another --study name or move {run_dir.parent} away")
+        trial.set_user_attr(M.TRIAL_FAILURE, reason)
+        raise RuntimeError(reason)
     config = deep_merge(config, {"trainer": {
         "logger": tensorboard_logger(runs_root, study.study_name, run_dir.name).as_dict(),
         "enable_progress_bar": False, "enable_model_summary": False}})
@@ -218,13 +252,15 @@ def _finished(study: optuna.Study, spec: SweepSpec, planned: dict[str, PlannedCe
         active = any(s & {TrialState.WAITING, TrialState.RUNNING} and TrialState.COMPLETE not in s
                      for s in states.values())
         return done, len(planned), active
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    return len(trials), spec.n_trials, len(trials) < spec.n_trials
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    return len(trials), spec.n_trials, len(trials) < spec.n_trials  # a failed trial is finished too
 
 
 def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "runs",
-         planned: list[PlannedCell] | None = None, progress: Callable[[int, int], None] | None = None) -> optuna.Study:
-    """One worker: claim and train trials until the sweep has nothing left to run."""
+         planned: list[PlannedCell] | None = None, progress: Callable[[int, int], None] | None = None,
+         on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
+    """One worker: claim and train trials until the sweep has nothing left to run; `on_trial` gets each
+    trial this worker ran, as it ended (COMPLETE, PRUNED or FAIL)."""
     planned_list = planned if planned is not None else plan(spec, spec.planned_cells())
     by_key = {p.cell.key: p for p in planned_list}
     study = open_study(spec, storage, study_name, planned_list)
@@ -242,7 +278,8 @@ def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "ru
         if spec.is_grid and not waiting:
             time.sleep(POLL_SECONDS)  # cells run elsewhere; wait in case their worker dies
             continue
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                       callbacks=[lambda _, trial: on_trial(trial)] if on_trial else None)
 
 
 def spawn_workers(argv: list[str], workers: int) -> int:

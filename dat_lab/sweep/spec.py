@@ -27,11 +27,14 @@ A bad spec raises SpecError naming the key, before anything runs.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import optuna
 import yaml
 
 from .. import metrics as M
@@ -46,8 +49,14 @@ TOP_KEYS = {"study", "base", "delta", "budget", "factors", "seeds", "objective",
             "n_trials", "pruner", "storage", "heartbeat"}
 BUDGET_KEYS = {"max_epochs", "max_steps", "max_time", "limit_train_batches", "limit_val_batches"}
 OBJECTIVE_METRICS = {M.VAL_ACC1, M.VAL_ACC5, M.VAL_LOSS, M.VAL_EMA_ACC1, M.VAL_EMA_ACC5, M.TRAIN_LOSS}
+OBJECTIVE_KEYS = {"metric", "direction", "value"}
+HEARTBEAT_KEYS = {"interval", "grace"}
 SAMPLERS = {"grid", "tpe"}
-PRUNERS = {"none", "median", "hyperband"}
+TPE_DEFAULTS = {"seed": 0, "n_startup_trials": 10, "n_ei_candidates": 24, "multivariate": True, "group": False,
+                "constant_liar": True}  # optuna 5 changed TPE defaults: every option explicit
+PRUNER_CLASSES = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+                  "hyperband": optuna.pruners.HyperbandPruner}
+PRUNERS = set(PRUNER_CLASSES)
 SPACE_TYPES = {"float", "int", "categorical"}
 
 
@@ -67,6 +76,15 @@ def nest(path: str, value: Any) -> dict[str, Any]:
     out: Any = value
     for part in reversed(path.split(".")):
         out = {part: out}
+    return out
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; an empty mapping, a list or a scalar is a leaf."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.update(_flatten(value, path + ".") if isinstance(value, Mapping) and value else {path: value})
     return out
 
 
@@ -152,6 +170,37 @@ class SweepSpec:
         """The full training config of a trial: base, spec delta, cell delta, seed."""
         return deep_merge(deep_merge(self.base_config(), delta), {"seed_everything": seed})
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What defines a study's results, as {dotted field: value} (JSON values): objective, sampler, seeds,
+        factors, search space and the resolved training config (base, delta, budget). Not the run-time
+        options (storage, heartbeat, workers, n_trials, pruner), nor where the files are."""
+        tree = {"objective": {"metric": self.metric, "direction": self.direction, "value": self.value},
+                "sampler": self.sampler, "seeds": list(self.seeds),
+                "factors": {f.name: {"levels": f.levels, "baseline": f.baseline} for f in self.factors},
+                "search_space": self.search_space, "config": self.base_config()}
+        return json.loads(json.dumps(_flatten(tree), default=str))
+
+
+def build_sampler(sampler: Mapping[str, Any]) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of a spec's `sampler` (a grid's cells are enqueued, never sampled)."""
+    if sampler["name"] == "tpe":
+        options = {**TPE_DEFAULTS, **{k: v for k, v in sampler.items() if k != "name"}}
+        return optuna.samplers.TPESampler(**options, consider_prior=True, prior_weight=1.0,
+                                          consider_magic_clip=True, consider_endpoints=False)
+    return optuna.samplers.RandomSampler(seed=0)
+
+
+def build_pruner(pruner: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of a spec's `pruner`."""
+    return PRUNER_CLASSES[pruner["name"]](**{k: v for k, v in pruner.items() if k != "name"})
+
+
+def _check_keys(path: Path, key: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
+    """Raise SpecError naming the first key of `raw` not in `allowed`."""
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _error(path, f"{key}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(allowed)) or 'none'}")
+
 
 def _error(path: Path, key: str, message: str) -> SpecError:
     return SpecError(f"{path}: {key}: {message}")
@@ -173,9 +222,7 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
         raise _error(path, key, "give exactly one of levels (named deltas), path + values, or paper_table (6 or 7)")
     allowed = {"levels", "baseline"} if forms[0] == "levels" else {"path", "values", "baseline"} \
         if forms[0] == "values" else {"paper_table", "baseline"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise _error(path, f"{key}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    _check_keys(path, key, raw, allowed)
     if forms[0] == "levels":
         levels = _mapping(path, f"{key}.levels", raw["levels"])
         levels = {str(k): _mapping(path, f"{key}.levels.{k}", v) for k, v in levels.items()}
@@ -200,14 +247,38 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
     return Factor(name=str(name), levels=levels, baseline=baseline, paper_table=raw.get("paper_table"))
 
 
-def _named(path: Path, key: str, raw: Any, allowed: set[str], default: str) -> dict[str, Any]:
-    """A component given as a name or as {name: ..., options...}."""
+def _named(path: Path, key: str, raw: Any, options: Mapping[str, set[str]], default: str,
+           build: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """A component given as a name or as {name: ..., options...}; `options` maps each name to its option
+    keys, and `build` makes the Optuna object now, so that a bad option fails here."""
     if raw is None:
         raw = default
     spec = {"name": raw} if isinstance(raw, str) else _mapping(path, key, raw)
-    if spec.get("name") not in allowed:
-        raise _error(path, key, f"{spec.get('name')!r} is not one of {', '.join(sorted(allowed))}")
+    if spec.get("name") not in options:
+        raise _error(path, key, f"{spec.get('name')!r} is not one of {', '.join(sorted(options))}")
+    _check_keys(path, key, spec, options[spec["name"]] | {"name"})
+    try:
+        build(spec)
+    except (TypeError, ValueError) as err:
+        raise _error(path, key, f"{spec['name']}: {str(err).splitlines()[0]}") from None
     return spec
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(path: Path, key: str, value: Any, kind: str) -> int | float:
+    """`value` if it is a number of the search space's type; YAML reads 1e-4 as a string."""
+    ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        hint = "; YAML reads 1e-4 as a string: write 1.0e-4" if isinstance(value, str) and _is_float(value) else ""
+        raise _error(path, key, f"must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}{hint}")
+    return value
 
 
 def _search_space(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
@@ -221,7 +292,11 @@ def _search_space(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
         for k in needed:
             if k not in dist:
                 raise _error(path, f"{key}.{k}", "is missing")
-        if dist["type"] != "categorical" and not dist["low"] < dist["high"]:
+        if dist["type"] == "categorical":
+            if not isinstance(dist["choices"], list) or not dist["choices"]:
+                raise _error(path, f"{key}.choices", f"must be a non-empty list, got {dist['choices']!r}")
+        elif not _number(path, f"{key}.low", dist["low"], dist["type"]) < \
+                _number(path, f"{key}.high", dist["high"], dist["type"]):
             raise _error(path, key, f"low {dist['low']} must be below high {dist['high']}")
         space[name] = dist
     return space
@@ -260,6 +335,7 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
             or len(set(seeds)) != len(seeds):
         raise _error(path, "seeds", f"must be a non-empty list of distinct integers, got {seeds!r}")
     objective = _mapping(path, "objective", raw.get("objective"))
+    _check_keys(path, "objective", objective, OBJECTIVE_KEYS)
     metric = objective.get("metric", M.VAL_ACC1)
     if metric not in OBJECTIVE_METRICS:
         raise _error(path, "objective.metric", f"{metric!r} is not one of {', '.join(sorted(OBJECTIVE_METRICS))}")
@@ -269,8 +345,11 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     value = objective.get("value", "best")
     if value not in ("best", "last"):
         raise _error(path, "objective.value", f"{value!r} is not one of best, last")
-    sampler = _named(path, "sampler", raw.get("sampler"), SAMPLERS, "grid")
-    pruner = _named(path, "pruner", raw.get("pruner"), PRUNERS, "none")
+    sampler = _named(path, "sampler", raw.get("sampler"), {"grid": set(), "tpe": set(TPE_DEFAULTS)}, "grid",
+                     build_sampler)
+    pruner = _named(path, "pruner", raw.get("pruner"),
+                    {name: set(inspect.signature(cls).parameters) for name, cls in PRUNER_CLASSES.items()}, "none",
+                    build_pruner)
     space = _search_space(path, raw.get("search_space"))
     n_trials = raw.get("n_trials")
     if sampler["name"] == "grid":
@@ -281,7 +360,12 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
             raise _error(path, "search_space", "is required for sampler tpe")
         if not isinstance(n_trials, int) or n_trials < 1:
             raise _error(path, "n_trials", f"must be a positive integer for sampler tpe, got {n_trials!r}")
+        if factors:  # a search trains the base config (with its search space), not cells
+            raise _error(path, "factors", "only for sampler grid (a tpe search samples search_space instead)")
+        if len(seeds) > 1:
+            raise _error(path, "seeds", f"sampler tpe takes one seed, got {seeds!r} (run a study per seed)")
     heartbeat = _mapping(path, "heartbeat", raw.get("heartbeat"))
+    _check_keys(path, "heartbeat", heartbeat, HEARTBEAT_KEYS)
     interval, grace = heartbeat.get("interval", 10), heartbeat.get("grace", 30)
     if not (isinstance(interval, int) and isinstance(grace, int) and 0 < interval < grace):
         raise _error(path, "heartbeat", f"interval {interval!r} and grace {grace!r} must be integers, 0 < interval < grace")
