@@ -145,7 +145,7 @@ def _sweep(args: argparse.Namespace) -> None:
     preflight(spec, None if missing else make_storage(storage, spec.heartbeat), storage, study, args.runs_root)
     planned = plan(spec, spec.planned_cells())
     if args.dry_run:
-        _print_plan(spec, planned)
+        _print_plan(spec, planned, study)
         return
     if args.workers > 1:
         argv = [args.spec, *args.overrides, "--storage", storage, "--study", study, "--runs-root", args.runs_root]
@@ -191,7 +191,7 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
     return len(failed)
 
 
-def _print_plan(spec, planned) -> None:
+def _print_plan(spec, planned, study: str) -> None:
     rows = []
     for p in planned:
         if rows and rows[-1]["cell"] == p.cell.name:
@@ -200,7 +200,7 @@ def _print_plan(spec, planned) -> None:
         rows.append({"cell": p.cell.name or "(base)", "seeds": str(p.cell.seed), "params_m": round(p.params_m, 4),
                      "gflops": round(p.gflops, 4)})
     kind = "grid" if spec.is_grid else f"tpe, {spec.n_trials} trials over {', '.join(spec.search_space)}"
-    print(f"{spec.path}: study {spec.study!r}, {kind}, objective {spec.direction} {spec.metric} ({spec.value}); "
+    print(f"{spec.path}: study {study!r}, {kind}, objective {spec.direction} {spec.metric} ({spec.value}); "
           f"{len(planned)} trial(s) planned, nothing trained (--dry-run)")
     _print_table(rows)
 

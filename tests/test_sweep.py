@@ -86,11 +86,11 @@ def test_grid_cells_are_the_product_times_seeds():
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_dry_run_of_every_spec(path, capsys, tmp_path):
     storage = tmp_path / "dry.db"
-    assert cli.main(["sweep", str(path), "--dry-run", "--storage", f"sqlite:///{storage}",
+    assert cli.main(["sweep", str(path), "--dry-run", "--storage", f"sqlite:///{storage}", "--study", "named",
                      "--runs-root", str(tmp_path / "runs")]) == 0  # not ./runs: its folders are another storage's
     assert not storage.exists()  # a dry run writes nothing
     out = capsys.readouterr().out
-    assert "nothing trained (--dry-run)" in out
+    assert "nothing trained (--dry-run)" in out and f"{path}: study 'named', " in out
 
 
 def test_table6_dry_run_matches_profile_paper_tables():
