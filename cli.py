@@ -124,6 +124,7 @@ def _train(argv: list[str]) -> int:
 
 def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
+    from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
     from dat_lab.metrics import default_storage
     from dat_lab.sweep.runner import check_storage_url, make_storage, preflight, spawn_workers
 
@@ -132,6 +133,8 @@ def _sweep(args: argparse.Namespace) -> None:
         overrides["n_trials"] = args.n_trials
     spec = parse_spec(args.spec, overrides)
     study = args.study or spec.study
+    if not valid_study_name(study):
+        raise ValueError(f"--study: {study!r}: {STUDY_NAME_RULE}")
     storage = args.storage or spec.storage or default_storage(study)
     if args.workers < 1:
         raise ValueError(f"--workers: {args.workers} must be >= 1")

@@ -58,10 +58,17 @@ TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.
      "search_space.model.lr.choices: must be a non-empty list, got 3"),
     ("factors:\n  a: {path: model.lr, values: [0.1]}\n  b: {path: model.lr, values: [0.2]}\n",
      "factors.b: sets model.lr, which factor a sets too"),
+    ("study: ../up\n", "study: '../up': use letters, digits, _, - and ."),
+    ("heartbeat: {interval: true, grace: 30}\n", "heartbeat: interval True and grace 30 must be integers"),
 ])
 def test_bad_specs_name_the_key(tmp_path, body, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("(", r"\(")):
         parse_spec(_write(tmp_path, BASE + body))
+
+
+def test_a_study_name_that_is_no_folder_name_is_refused(tmp_path, capsys):
+    assert cli.main(["sweep", DEMO, "--study", "a/b", "--dry-run", "--runs-root", str(tmp_path)]) == 2
+    assert "--study: 'a/b': use letters" in capsys.readouterr().err
 
 
 def test_bad_cell_configs_fail_before_anything_runs(tmp_path):

@@ -119,10 +119,11 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         study = optuna.create_study(**kwargs)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
+        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # at once, if stored yet
         deadline = time.time() + wait_s
         while spec.is_grid and ENQUEUED not in study.user_attrs and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
-        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)
+        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # and once the grid is queued
         if FINGERPRINT not in study.user_attrs:  # a study from before fingerprints: guarded from now on
             study.set_user_attr(FINGERPRINT, spec.fingerprint())
     else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -195,6 +196,14 @@ def build_pruner(pruner: Mapping[str, Any]) -> optuna.pruners.BasePruner:
     return PRUNER_CLASSES[pruner["name"]](**{k: v for k, v in pruner.items() if k != "name"})
 
 
+STUDY_NAME_RULE = "use letters, digits, _, - and . (not first): it names runs/<study>/ and runs/<study>.db"
+
+
+def valid_study_name(name: str) -> bool:
+    """Whether `name` can name a study's folder and default storage (no path separators, no '..')."""
+    return re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name) is not None
+
+
 def _check_keys(path: Path, key: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
     """Raise SpecError naming the first key of `raw` not in `allowed`."""
     unknown = sorted(set(raw) - allowed)
@@ -321,6 +330,8 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     for key in ("study", "base"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise _error(path, key, "is required (a string)")
+    if not valid_study_name(raw["study"]):
+        raise _error(path, "study", f"{raw['study']!r}: {STUDY_NAME_RULE}")
     base = (path.parent / raw["base"]).resolve()
     if not base.is_file():
         raise _error(path, "base", f"{raw['base']} does not exist (relative to {path.parent})")
@@ -367,7 +378,7 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     heartbeat = _mapping(path, "heartbeat", raw.get("heartbeat"))
     _check_keys(path, "heartbeat", heartbeat, HEARTBEAT_KEYS)
     interval, grace = heartbeat.get("interval", 10), heartbeat.get("grace", 30)
-    if not (isinstance(interval, int) and isinstance(grace, int) and 0 < interval < grace):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (interval, grace)) or not 0 < interval < grace:
         raise _error(path, "heartbeat", f"interval {interval!r} and grace {grace!r} must be integers, 0 < interval < grace")
     study = raw["study"]
     spec = SweepSpec(path=path, study=study, base=base, delta=delta, factors=factors, seeds=tuple(seeds),
