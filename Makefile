@@ -20,7 +20,8 @@ test-all: setup
 	$(PY) -m pytest -q -m ''
 
 # The demo: a real ablation (sweeps/demo.yaml) on the bundled digits, SQLite storage, TensorBoard logs,
-# then the table and plots. Run it again and it resumes: finished cells are not trained twice.
+# then the table and plots. Run it again and it resumes: finished cells are not trained twice (a failed
+# cell stops it before the table: `dat-lab sweep` exits 1; running it again retries that cell).
 demo: setup
 	$(VENV)/bin/dat-lab sweep sweeps/demo.yaml
 	$(VENV)/bin/dat-lab analyze demo --out runs/demo/analysis

@@ -87,7 +87,7 @@ def _read_official_config(path: str) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ValueError(f"--official-config: {path} is not YAML ({str(err).splitlines()[0]})") from None
     if isinstance(data, dict) and "MODEL" in data:
-        data = data["MODEL"].get("DAT", {})
+        data = data["MODEL"].get("DAT", {}) if isinstance(data["MODEL"], dict) else {}
     if not isinstance(data, dict) or not data:
         raise ValueError(f"--official-config: {path} holds no MODEL.DAT keywords")
     return {k.lower(): v for k, v in data.items()}
@@ -126,7 +126,8 @@ def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
     from dat_lab.metrics import default_storage
-    from dat_lab.sweep.runner import check_storage_url, make_storage, preflight, spawn_workers
+    from dat_lab.metrics import check_storage_url
+    from dat_lab.sweep.runner import make_storage, preflight, spawn_workers
 
     overrides = _parse_sets(args.overrides, "sweep override")
     if args.n_trials is not None:
@@ -141,11 +142,12 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.workers > 1 and storage.startswith("sqlite"):
         raise ValueError("--workers: SQLite is unsafe for parallel workers; give --storage postgresql://... "
                          "(one server shared by every worker, on this machine or many)")
-    # a bad URL (or, for a real run, an unreachable database) fails here, before planning; a dry run creates no
-    # SQLite file (it reads an existing study: another spec's, or run folders of no trial of it, are refused)
+    # a bad URL (or, for a real run, an unreachable database) fails here, before planning. A dry run writes
+    # nothing: it reads an existing SQLite file's study (another spec's, or run folders of no trial of it, are
+    # refused), and checks only the URL of a database server (opening one would create Optuna's tables)
     check_storage_url(storage)
-    missing = args.dry_run and storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists()
-    preflight(spec, None if missing else make_storage(storage, spec.heartbeat), storage, study, args.runs_root)
+    readable = not args.dry_run or storage.startswith("sqlite:///") and Path(storage.removeprefix("sqlite:///")).exists()
+    preflight(spec, make_storage(storage, spec.heartbeat) if readable else None, storage, study, args.runs_root)
     planned = plan(spec, spec.planned_cells())
     if args.dry_run:
         _print_plan(spec, planned, study)
@@ -155,7 +157,7 @@ def _sweep(args: argparse.Namespace) -> None:
         if args.n_trials is not None:
             argv += ["--n-trials", str(args.n_trials)]
         code = spawn_workers(argv, args.workers)
-        if code > 1:
+        if code not in (0, 1):
             raise ValueError(f"a worker exited with status {code}")
         failed = "a worker exited with status 1 (a trial FAILED, or the worker crashed)" if code else ""
     else:
@@ -164,8 +166,10 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"study {study!r} in {storage}: `dat-lab sweep-status {study} --storage {storage}`; "
           f"TensorBoard: `tensorboard --logdir {args.runs_root}/{study}`")
     if failed:
-        print(f"dat-lab: {failed}; `dat-lab sweep-status {study} --storage {storage}` says why, and running the "
-              "same command again retries failed cells", file=sys.stderr)
+        again = "running the same command again retries failed cells" if spec.is_grid else \
+            "a failed trial counts towards n_trials: raise --n-trials to sample more"
+        print(f"dat-lab: {failed}; `dat-lab sweep-status {study} --storage {storage}` says why; {again}",
+              file=sys.stderr)
         raise SystemExit(1)
 
 

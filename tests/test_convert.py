@@ -76,4 +76,7 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("MODEL: [")
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", "x"]) == 2
     assert f"--official-config: {tmp_path / 'bad.yaml'} is not YAML" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("MODEL: 3")
+    assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", "x"]) == 2
+    assert "holds no MODEL.DAT keywords" in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists()

@@ -314,7 +314,29 @@ def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, m
     storage = f"sqlite:///{tmp_path / 'tpe.db'}"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", str(spec), "--storage", storage, "--runs-root", str(tmp_path / "runs")])
-    assert exit_.value.code == 1 and "2 trial(s) of this run FAILED" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "2 trial(s) of this run FAILED" in err and "raise --n-trials to sample more" in err
     trials = optuna.load_study(study_name="t", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     assert "offset groups do not divide" in trials[0].user_attrs["failure"]
+
+
+def test_a_tpe_search_counts_failed_trials_but_not_interrupted_or_stale_ones(tmp_path):
+    """A trial that failed in training is finished (a search whose trials all fail ends); one interrupted
+    (Ctrl-C) or failed as stale (its worker died, no reason recorded) is sampled again by a rerun."""
+    spec = parse_spec(_write(tmp_path, BASE + TPE.replace("n_trials: 2", "n_trials: 1")))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="t")
+    for attrs in ({"failure": "interrupted"}, {}):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs))
+        assert runner._finished(study, spec, {}) == (0, 1, True)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"failure": "ValueError: bad"}))
+    assert runner._finished(study, spec, {}) == (1, 1, False)
+
+
+def test_a_database_that_cannot_be_opened_is_one_line_and_a_dry_run_writes_nothing(tmp_path, capsys):
+    server = "postgresql://u:p@127.0.0.1:1/db"  # nothing listens there
+    assert cli.main(["sweep", DEMO, "--storage", server, "--runs-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dat-lab: error: --storage: cannot open postgresql+psycopg://u:p@127.0.0.1:1/db: ") \
+        and err.count("\n") == 1, err
+    assert cli.main(["sweep", DEMO, "--storage", server, "--dry-run", "--runs-root", str(tmp_path)]) == 0  # URL only

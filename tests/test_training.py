@@ -97,7 +97,9 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
     for args, message in ((["--data.batch_size", "abc"], "--data.batch_size: Expected a <class 'int'>. Got value: abc"),
                           (["--ckpt_path", str(tmp_path / "nope.ckpt")], f"--ckpt_path: {tmp_path / 'nope.ckpt'} is not a file"),
                           (["--data", "dat_lab.data.ImageFolderDataModule", "--data.root", str(tmp_path / "none")],
-                           f"{tmp_path / 'none' / 'train'}: no such folder")):
+                           f"{tmp_path / 'none' / 'train'}: no such folder"),
+                          (["--model.overrides", "{groups: [1, 1, 3, 4]}"],  # raised `from None`: not its cause
+                           "stages[2].groups: 3 offset groups do not divide 4 heads")):
         assert cli.main(["train", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err

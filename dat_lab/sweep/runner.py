@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
@@ -55,9 +56,12 @@ def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # the driver dat-lab installs
     interval, grace = heartbeat
-    return RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                      engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    try:
+        return RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
+        raise SpecError(f"--storage: cannot open {url}: {str(err).splitlines()[0]}") from None
 
 
 ENQUEUED = "enqueued"  # study user attribute: the creating worker has queued every cell
@@ -254,7 +258,11 @@ def _finished(study: optuna.Study, spec: SweepSpec, planned: dict[str, PlannedCe
                      for s in states.values())
         return done, len(planned), active
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    return len(trials), spec.n_trials, len(trials) < spec.n_trials  # a failed trial is finished too
+    # a trial that failed in training is finished too (else a search whose trials all fail never ends); one
+    # interrupted or left stale by a dead worker (no reason recorded) is not: a rerun samples it again
+    trials = [t for t in trials if t.state != TrialState.FAIL
+              or t.user_attrs.get(M.TRIAL_FAILURE, "interrupted") != "interrupted"]
+    return len(trials), spec.n_trials, len(trials) < spec.n_trials
 
 
 def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "runs",
@@ -288,7 +296,7 @@ def spawn_workers(argv: list[str], workers: int) -> int:
     procs = [subprocess.Popen([sys.executable, "-m", "cli", "sweep", *argv, "--workers", "1", "--worker-id", str(i)])
              for i in range(workers)]
     try:
-        return max(p.wait() for p in procs)
+        return max((p.wait() for p in procs), key=abs)  # a worker killed by a signal has a negative status
     except KeyboardInterrupt:
         for p in procs:
             p.wait()

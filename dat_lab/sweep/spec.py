@@ -89,14 +89,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _leaves(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
-    out = set()
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out |= _leaves(value, path + ".") if isinstance(value, Mapping) and value else {path}
-    return out
-
-
 @dataclass(frozen=True)
 class Factor:
     name: str
@@ -176,7 +168,8 @@ class SweepSpec:
         factors, search space and the resolved training config (base, delta, budget). Not the run-time
         options (storage, heartbeat, workers, n_trials, pruner), nor where the files are."""
         tree = {"objective": {"metric": self.metric, "direction": self.direction, "value": self.value},
-                "sampler": self.sampler, "seeds": list(self.seeds),
+                "sampler": {**TPE_DEFAULTS, **self.sampler} if self.sampler["name"] == "tpe" else self.sampler,
+                "seeds": list(self.seeds),
                 "factors": {f.name: {"levels": f.levels, "baseline": f.baseline} for f in self.factors},
                 "search_space": self.search_space, "config": self.base_config()}
         return json.loads(json.dumps(_flatten(tree), default=str))
@@ -196,12 +189,12 @@ def build_pruner(pruner: Mapping[str, Any]) -> optuna.pruners.BasePruner:
     return PRUNER_CLASSES[pruner["name"]](**{k: v for k, v in pruner.items() if k != "name"})
 
 
-STUDY_NAME_RULE = "use letters, digits, _, - and . (not first): it names runs/<study>/ and runs/<study>.db"
+STUDY_NAME_RULE = "use letters, digits, _, - and . (- and . not first): it names runs/<study>/ and runs/<study>.db"
 
 
 def valid_study_name(name: str) -> bool:
     """Whether `name` can name a study's folder and default storage (no path separators, no '..')."""
-    return re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name) is not None
+    return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None
 
 
 def _check_keys(path: Path, key: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
@@ -393,7 +386,7 @@ def _check_conflicts(spec: SweepSpec) -> None:
     """Two factors (or a factor and the search space) must not set the same config path."""
     owners: dict[str, str] = {}
     for factor in spec.factors:
-        paths = set().union(*(_leaves(d) for d in factor.levels.values()))
+        paths = set().union(*(_flatten(d) for d in factor.levels.values()))
         for p in paths:
             if p in owners and owners[p] != factor.name:
                 raise _error(spec.path, f"factors.{factor.name}", f"sets {p}, which factor {owners[p]} sets too")

@@ -27,7 +27,7 @@ from .callbacks import DeformableMonitor, HparamsMetric, Throughput
 from .module import ImageClassifier
 
 SUBCOMMANDS = ("fit", "validate", "test")
-CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file
+CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file (and registry:...)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch deprecation inside Lightning
 
 
@@ -67,7 +67,8 @@ class DatLabCLI(LightningCLI):
         trainer = config.trainer
         root = trainer.default_root_dir or "runs"
         ckpt = config.get("ckpt_path")
-        if ckpt and ckpt not in CKPT_ALIASES and "://" not in ckpt and not Path(ckpt).is_file():
+        if ckpt and ckpt not in CKPT_ALIASES and not ckpt.startswith("registry:") and "://" not in ckpt \
+                and not Path(ckpt).is_file():
             raise DataError(f"--ckpt_path: {ckpt} is not a file (give a checkpoint, or last for the newest run "
                             f"of the name)")
         if trainer.logger in (None, True):
@@ -89,7 +90,8 @@ def _resume_config_name(run: Path) -> str:
 
 def config_error(err: BaseException) -> str:
     """One line from jsonargparse's nested errors: the innermost cause after the keys that led to it
-    (`--data.batch_size: Expected a <class 'int'>. Got value: abc`), or the error's first line."""
+    (`--data.batch_size: Expected a <class 'int'>. Got value: abc`), or the error's first line; an
+    error raised `from None` is the innermost (its message is the one meant for the user)."""
     keys, inner = [], err
     while err is not None:
         lines = str(err).strip().splitlines()
@@ -97,7 +99,7 @@ def config_error(err: BaseException) -> str:
         if key and key.group(1) not in keys[-1:]:
             keys.append(key.group(1))
         inner = err if lines else inner
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)  # `from None` hides it
     lines = [line.strip() for line in str(inner).strip().splitlines() if not line.strip().startswith("Parser key")]
     text = lines[0] if lines else type(inner).__name__
     return f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
