@@ -78,6 +78,14 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     spec = parse_spec(_write(tmp_path, BASE + "factors: {x: {path: model.learning_rate, values: [1]}}\n"))
     with pytest.raises(SpecError, match=r"cell 'x=1': training config: .*model.learning_rate"):
         plan(spec)
+    # a search: each search-space path at its bounds and choices, before any trial samples it
+    spec = parse_spec(_write(tmp_path, BASE + TPE.replace("model.lr:", "model.lrr:")))
+    with pytest.raises(SpecError, match=r"search_space.model.lrr = 0.0001: training config: .*model.lrr"):
+        plan(spec)
+    spec = parse_spec(_write(tmp_path, BASE + "sampler: tpe\nn_trials: 2\n"
+                             "search_space: {model.overrides.groups: {type: categorical, choices: [2, 3]}}\n"))
+    with pytest.raises(SpecError, match=r"search_space.model.overrides.groups = 3: .*groups: 3 offset groups"):
+        plan(spec)
     with pytest.raises(SpecError, match="no such sweep spec"):
         parse_spec(tmp_path / "missing.yaml")
 
@@ -309,8 +317,8 @@ def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, m
         return finished(*args)
 
     monkeypatch.setattr(runner, "_finished", bounded)
-    spec = _write(tmp_path, BASE + "sampler: tpe\nn_trials: 2\n"
-                  "search_space: {model.overrides.groups: {type: categorical, choices: [3]}}\n")
+    spec = _write(tmp_path, BASE + "sampler: tpe\nn_trials: 2\nbudget: {max_epochs: 1, limit_train_batches: 6, "
+                  "limit_val_batches: 1}\nsearch_space: {model.lr: {type: categorical, choices: [1.0e+30]}}\n")
     storage = f"sqlite:///{tmp_path / 'tpe.db'}"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", str(spec), "--storage", storage, "--runs-root", str(tmp_path / "runs")])
@@ -318,7 +326,7 @@ def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, m
     assert exit_.value.code == 1 and "2 trial(s) of this run FAILED" in err and "raise --n-trials to sample more" in err
     trials = optuna.load_study(study_name="t", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
-    assert "offset groups do not divide" in trials[0].user_attrs["failure"]
+    assert "non-finite training loss" in trials[0].user_attrs["failure"]
 
 
 def test_a_tpe_search_counts_failed_trials_but_not_interrupted_or_stale_ones(tmp_path):

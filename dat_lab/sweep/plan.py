@@ -15,7 +15,7 @@ from ..models import DAT, DATConfig, get_config
 from ..profile import profile_model
 from ..training.cli import DatLabCLI, config_error
 from ..training.module import ImageClassifier
-from .spec import Cell, SpecError, SweepSpec
+from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
 
 class _Parsed(Exception):
@@ -54,6 +54,14 @@ def model_config(parsed: Any) -> DATConfig:
     return get_config(model.variant, **{**(model.overrides or {}), **info})
 
 
+def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any]) -> DATConfig:
+    """The model config a trial config builds; SpecError naming `what` when it does not parse or build."""
+    try:
+        return model_config(parse_training_config(config))
+    except (SpecError, ValueError) as err:
+        raise SpecError(f"{spec.path}: {what}: {err}") from None
+
+
 @dataclass(frozen=True)
 class PlannedCell:
     cell: Cell
@@ -65,15 +73,16 @@ class PlannedCell:
 
 def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     """Every cell with its checked config and its model's params and FLOPs; raises SpecError naming
-    the cell whose config does not parse or whose model config is invalid."""
+    the cell whose config does not parse or whose model config is invalid (for a search, also each
+    search-space path at its bounds, or at each of its choices)."""
     out, models, profiles = [], {}, {}
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
         if cell.name not in models:  # a cell's seeds differ in seed_everything only: parsed once per cell
-            try:
-                models[cell.name] = model_config(parse_training_config(config))
-            except (SpecError, ValueError) as err:
-                raise SpecError(f"{spec.path}: cell {cell.name!r}: {err}") from None
+            models[cell.name] = _checked_model(spec, f"cell {cell.name!r}", config)
+            for path, dist in spec.search_space.items():
+                for value in dist["choices"] if dist["type"] == "categorical" else (dist["low"], dist["high"]):
+                    _checked_model(spec, f"search_space.{path} = {value!r}", deep_merge(config, nest(path, value)))
         model = models[cell.name]
         if model not in profiles:
             profiles[model] = profile_model(DAT(config=model))
