@@ -59,6 +59,10 @@ TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.
     ("factors:\n  a: {path: model.lr, values: [0.1]}\n  b: {path: model.lr, values: [0.2]}\n",
      "factors.b: sets model.lr, which factor a sets too"),
     ("study: ../up\n", "study: '../up': use letters, digits, _, - and ."),
+    ("factors: {s: {path: model.overrides.offset_range, values: [2, '2']}}\n",
+     "factors.s.values: [2, '2'] names a level twice; give each value once"),
+    ("factors: {s: {path: model.overrides.offset_range, values: [2, 2.0]}}\n",
+     "factors.s.values: [2, 2.0] names a level twice; give each value once"),
     ("heartbeat: {interval: true, grace: 30}\n", "heartbeat: interval True and grace 30 must be integers"),
 ])
 def test_bad_specs_name_the_key(tmp_path, body, message):

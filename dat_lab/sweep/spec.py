@@ -235,6 +235,9 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
         if not isinstance(values, list) or not values:
             raise _error(path, f"{key}.values", f"must be a non-empty list, got {values!r}")
         levels = {str(v): nest(raw["path"], v) for v in values}
+        if len(levels) < len(values) or any(v == w for i, v in enumerate(values) for w in values[i + 1:]):
+            # levels are named by str(value): 2 and "2" would be one level, 2 and 2.0 one config twice
+            raise _error(path, f"{key}.values", f"{values!r} names a level twice; give each value once")
     else:
         try:
             rows = paper_rows(raw["paper_table"])
