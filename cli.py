@@ -18,7 +18,6 @@ import argparse
 import json
 import pickle
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -125,8 +124,7 @@ def _train(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
-    from dat_lab.metrics import default_storage
-    from dat_lab.metrics import check_storage_url
+    from dat_lab.metrics import check_storage_url, default_storage, sqlite_path
     from dat_lab.sweep.runner import make_storage, preflight, spawn_workers
 
     overrides = _parse_sets(args.overrides, "sweep override")
@@ -146,7 +144,7 @@ def _sweep(args: argparse.Namespace) -> None:
     # nothing: it reads an existing SQLite file's study (another spec's, or run folders of no trial of it, are
     # refused), and checks only the URL of a database server (opening one would create Optuna's tables)
     check_storage_url(storage)
-    readable = not args.dry_run or storage.startswith("sqlite:///") and Path(storage.removeprefix("sqlite:///")).exists()
+    readable = not args.dry_run or (file := sqlite_path(storage)) is not None and file.exists()
     preflight(spec, make_storage(storage, spec.heartbeat) if readable else None, storage, study, args.runs_root)
     planned = plan(spec, spec.planned_cells())
     if args.dry_run:

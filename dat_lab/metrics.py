@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 TRAIN_LOSS = "train/loss"
@@ -71,6 +72,11 @@ def default_storage(study: str) -> str:
 
 
 STORAGE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an sqlite:/// storage URL, None for a database server."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
 def check_storage_url(url: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -39,7 +38,7 @@ def existing_storage(storage: str | None, study: str) -> str:
         M.check_storage_url(storage)
     except ValueError as err:
         raise AnalysisError(f"--{err}") from None
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+    if (file := M.sqlite_path(storage)) is not None and not file.exists():
         raise AnalysisError(f"--storage: {storage} does not exist (run the sweep first, or name its storage)")
     return storage
 

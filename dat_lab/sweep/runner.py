@@ -51,8 +51,8 @@ POLL_SECONDS = 2.0
 def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
     """An RDB storage (SQLite file or PostgreSQL) with heartbeats and retry of stale trials."""
     check_storage_url(url)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if (file := M.sqlite_path(url)) is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # the driver dat-lab installs
     interval, grace = heartbeat
