@@ -50,6 +50,11 @@ class ImageDataModule(L.LightningDataModule):
         return {"num_classes": init_args.get("num_classes") or cls.num_classes, "img_size": init_args["img_size"],
                 "in_chans": init_args.get("channels") or cls.in_chans}
 
+    @classmethod
+    def check(cls, **init_args) -> None:
+        """Raise DataError where the data these init args name are not there (folders and file names
+        only, nothing decoded): what a sweep checks before it trains. Default: nothing to check."""
+
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         trainer = self.trainer
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
@@ -125,7 +130,7 @@ class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10 through torchvision, downloaded in prepare_data when the machine is online."""
 
     num_classes = 10
-    archive = "cifar-10-python.tar.gz"
+    archive, folder = "cifar-10-python.tar.gz", "cifar-10-batches-py"
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def __init__(self, *, root: str = "data", download: bool = True, batch_size: int = 128, num_workers: int = 2,
@@ -138,6 +143,13 @@ class CIFAR10DataModule(ImageDataModule):
 
         cls = datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
         return cls(self.root, train=train, transform=transform, download=download)
+
+    @classmethod
+    def check(cls, **init_args) -> None:
+        root = init_args.get("root", "data")
+        if not init_args.get("download", True) and not Path(root, cls.folder).is_dir():
+            raise DataError(f"{cls.__name__}: no {cls.folder} under {os.path.abspath(root)} and download is off: "
+                            f"put the extracted {cls.archive} there, or set download: true")
 
     def prepare_data(self) -> None:
         try:
@@ -162,7 +174,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100 through torchvision."""
 
     num_classes = 100
-    archive = "cifar-100-python.tar.gz"
+    archive, folder = "cifar-100-python.tar.gz", "cifar-100-python"
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
@@ -177,12 +189,7 @@ class ImageFolderDataModule(ImageDataModule):
                  verify_images: bool = True) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
         self.root = Path(root)
-        self.classes = _class_folders(self.root / "train")
-        val_classes = _class_folders(self.root / "val")
-        if val_classes != self.classes:
-            raise DataError(f"{self.root / 'val'}: class folders differ from {self.root / 'train'}'s")
-        if num_classes is not None and num_classes != len(self.classes):
-            raise DataError(f"{self.root / 'train'}: {len(self.classes)} class folders, but num_classes is {num_classes}")
+        self.classes = _layout(self.root, num_classes)
         self.num_classes = len(self.classes)
         self.transform_args = dict(auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob,
                                    crop_pct=crop_pct, interpolation=interpolation)
@@ -193,6 +200,10 @@ class ImageFolderDataModule(ImageDataModule):
         if not init_args.get("num_classes"):  # count the class folders
             init_args["num_classes"] = len(_class_folders(Path(init_args["root"]) / "train"))
         return super().describe(**init_args)
+
+    @classmethod
+    def check(cls, **init_args) -> None:
+        _layout(Path(init_args["root"]), init_args.get("num_classes"))
 
     def setup(self, stage: str | None = None) -> None:
         from timm.data import create_transform
@@ -208,6 +219,17 @@ class ImageFolderDataModule(ImageDataModule):
         self.val_set = ImageFolder(str(self.root / "val"), transform=val_tf, loader=_load_image)
         if self.verify_images:
             _verify([p for p, _ in self.train_set.samples + self.val_set.samples], self.num_workers)
+
+
+def _layout(root: Path, num_classes: int | None) -> list[str]:
+    """The class names of an ImageNet-layout root: train and val with the same class folders, each with
+    images, as many as num_classes (when given); else DataError naming the path."""
+    classes = _class_folders(root / "train")
+    if _class_folders(root / "val") != classes:
+        raise DataError(f"{root / 'val'}: class folders differ from {root / 'train'}'s")
+    if num_classes is not None and num_classes != len(classes):
+        raise DataError(f"{root / 'train'}: {len(classes)} class folders, but num_classes is {num_classes}")
+    return classes
 
 
 def _class_folders(path: Path) -> list[str]:

@@ -78,3 +78,17 @@ def test_cifar_without_files_or_network_is_one_clear_error(tmp_path):
         dm.prepare_data()
     message = str(err.value)
     assert str(tmp_path) in message and "cifar-100-python.tar.gz" in message and "\n" not in message
+    with pytest.raises(DataError, match=f"no cifar-100-python under {tmp_path} and download is off"):
+        CIFAR100DataModule.check(root=str(tmp_path), download=False)  # what a sweep checks before training
+    CIFAR100DataModule.check(root=str(tmp_path), download=True)  # may download: not known before prepare_data
+    (tmp_path / "cifar-100-python").mkdir()
+    CIFAR100DataModule.check(root=str(tmp_path), download=False)
+
+
+def test_imagefolder_check_is_the_layout_check_of_its_constructor(tmp_path):
+    _image_folder(tmp_path / "ok")
+    ImageFolderDataModule.check(root=str(tmp_path / "ok"), num_classes=2)
+    with pytest.raises(DataError, match="2 class folders, but num_classes is 3"):
+        ImageFolderDataModule.check(root=str(tmp_path / "ok"), num_classes=3)
+    with pytest.raises(DataError, match=f"{tmp_path / 'none' / 'train'}: no such folder"):
+        ImageFolderDataModule.check(root=str(tmp_path / "none"))

@@ -102,18 +102,78 @@ def test_grid_cells_are_the_product_times_seeds():
     assert spec.trial_config(cells[-1].delta, 1)["model"]["overrides"] == {"position": "none", "offset_range": 2}
 
 
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory) -> str:
+    """An ImageNet layout of 1000 classes, one (empty) image file each: what a sweep's data check reads."""
+    root = tmp_path_factory.mktemp("imagenet")
+    for split in ("train", "val"):
+        for c in range(1000):
+            (root / split / f"n{c:08d}").mkdir(parents=True)
+            (root / split / f"n{c:08d}" / "0.JPEG").touch()
+    return str(root)
+
+
+def _data_root(path: Path, imagenet_root: str) -> list[str]:
+    """The override that points an ImageNet spec at the fake layout (the others need none)."""
+    return [f"delta.data.init_args.root={imagenet_root}"] if "imagenet" in path.read_text() else []
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
-def test_dry_run_of_every_spec(path, capsys, tmp_path):
+def test_dry_run_of_every_spec(path, capsys, tmp_path, imagenet_root):
     storage = tmp_path / "dry.db"
-    assert cli.main(["sweep", str(path), "--dry-run", "--storage", f"sqlite:///{storage}", "--study", "named",
+    assert cli.main(["sweep", str(path), *_data_root(path, imagenet_root), "--dry-run", "--storage",
+                     f"sqlite:///{storage}", "--study", "named",
                      "--runs-root", str(tmp_path / "runs")]) == 0  # not ./runs: its folders are another storage's
     assert not storage.exists()  # a dry run writes nothing
     out = capsys.readouterr().out
     assert "nothing trained (--dry-run)" in out and f"{path}: study 'named', " in out
 
 
-def test_table6_dry_run_matches_profile_paper_tables():
-    planned = plan(parse_spec(ROOT / "sweeps" / "table6_geometry.yaml"))
+def test_a_sweep_over_data_that_is_not_there_stops_before_planning_dry_run_too(tmp_path, capsys, imagenet_root):
+    spec = str(ROOT / "sweeps" / "offset_groups.yaml")
+    missing = tmp_path / "nowhere"
+    for extra in ([], ["--dry-run"]):
+        assert cli.main(["sweep", spec, f"delta.data.init_args.root={missing}", *extra, "--storage",
+                         f"sqlite:///{tmp_path / 's.db'}", "--runs-root", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"offset_groups.yaml: cell 'G=1, 1': {missing / 'train'}: no such folder "
+                            "(expected class folders of images)") and "\n" not in err
+    assert not (tmp_path / "runs").exists()
+    assert optuna.get_all_study_names(storage=f"sqlite:///{tmp_path / 's.db'}") == []  # no study made
+    classes = sorted(os.listdir(Path(imagenet_root) / "train"))  # 999 classes where 1000 are asked for
+    fewer = tmp_path / "fewer"
+    for split in ("train", "val"):
+        for c in classes[:-1]:
+            (fewer / split / c).mkdir(parents=True)
+            (fewer / split / c / "0.jpg").touch()
+    assert cli.main(["sweep", spec, f"delta.data.init_args.root={fewer}", "--dry-run"]) == 2
+    assert f"{fewer / 'train'}: 999 class folders, but num_classes is 1000" in capsys.readouterr().err
+
+
+def test_a_trial_whose_data_went_away_after_planning_fails_with_the_data_error(tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / c / "0.jpg")
+    spec = parse_spec(_write(tmp_path, f"study: t\nbase: {ROOT / 'experiments' / 'dat_tiny_imagenet.yaml'}\n"
+                             f"delta: {{data: {{init_args: {{root: {root}, num_classes: 2}}}}, trainer: "
+                             "{accelerator: cpu, devices: 1, strategy: auto, precision: 32-true}}\n"))
+    planned = plan(spec)  # the data are there
+    shutil.rmtree(root / "train")  # and are gone when the trial starts (an unmounted disk)
+    study = work(spec, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="t", runs_root=str(tmp_path / "runs"),
+                 planned=planned)
+    [trial] = study.get_trials()
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["failure"] == f"ValueError: {root / 'train'}: no such folder (expected class folders of images)"
+
+
+def test_table6_dry_run_matches_profile_paper_tables(imagenet_root):
+    planned = plan(parse_spec(ROOT / "sweeps" / "table6_geometry.yaml", {"delta.data.init_args.root": imagenet_root}))
     rows = paper_rows(6)
     from dat_lab.profile import profile_model
     import dat_lab

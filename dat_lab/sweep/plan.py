@@ -45,19 +45,27 @@ def parse_training_config(config: Mapping[str, Any]) -> Any:
     raise SpecError("training config: the parser did not stop before instantiation")
 
 
+def _data_class(parsed: Any) -> type[ImageDataModule]:
+    module_name, _, class_name = parsed.data.class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def model_config(parsed: Any) -> DATConfig:
     """The DATConfig a parsed training config builds, with classes, size and channels of its data."""
-    model, data = parsed.model, parsed.data
-    module_name, _, class_name = data.class_path.rpartition(".")
-    data_cls = getattr(importlib.import_module(module_name), class_name)
-    info = data_cls.describe(**vars(data.init_args))
-    return get_config(model.variant, **{**(model.overrides or {}), **info})
+    info = _data_class(parsed).describe(**vars(parsed.data.init_args))
+    return get_config(parsed.model.variant, **{**(parsed.model.overrides or {}), **info})
 
 
-def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any]) -> DATConfig:
-    """The model config a trial config builds; SpecError naming `what` when it does not parse or build."""
+def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_checked: set[str]) -> DATConfig:
+    """The model config a trial config builds; SpecError naming `what` when it does not parse or build,
+    or when its data are not there (each data config checked once: `data_checked` holds those done)."""
     try:
-        return model_config(parse_training_config(config))
+        parsed = parse_training_config(config)
+        data = repr(parsed.data)
+        if data not in data_checked:
+            _data_class(parsed).check(**vars(parsed.data.init_args))
+            data_checked.add(data)
+        return model_config(parsed)
     except (SpecError, ValueError) as err:
         raise SpecError(f"{spec.path}: {what}: {err}") from None
 
@@ -73,16 +81,17 @@ class PlannedCell:
 
 def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     """Every cell with its checked config and its model's params and FLOPs; raises SpecError naming
-    the cell whose config does not parse or whose model config is invalid (for a search, also each
-    search-space path at its bounds, or at each of its choices)."""
-    out, models, profiles = [], {}, {}
+    the cell whose config does not parse, whose model config is invalid or whose data are not there
+    (for a search, also each search-space path at its bounds, or at each of its choices)."""
+    out, models, profiles, data_checked = [], {}, {}, set()
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
         if cell.name not in models:  # a cell's seeds differ in seed_everything only: parsed once per cell
-            models[cell.name] = _checked_model(spec, f"cell {cell.name!r}", config)
+            models[cell.name] = _checked_model(spec, f"cell {cell.name!r}", config, data_checked)
             for path, dist in spec.search_space.items():
                 for value in dist["choices"] if dist["type"] == "categorical" else (dist["low"], dist["high"]):
-                    _checked_model(spec, f"search_space.{path} = {value!r}", deep_merge(config, nest(path, value)))
+                    _checked_model(spec, f"search_space.{path} = {value!r}", deep_merge(config, nest(path, value)),
+                                   data_checked)
         model = models[cell.name]
         if model not in profiles:
             profiles[model] = profile_model(DAT(config=model))

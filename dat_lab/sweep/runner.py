@@ -38,8 +38,8 @@ from optuna.trial import FrozenTrial, TrialState
 from .. import metrics as M
 from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
+from ..training.cli import config_error, tensorboard_logger
 from ..training.cli import main as train
-from ..training.cli import tensorboard_logger
 from .plan import PlannedCell, plan
 from .spec import SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
@@ -220,8 +220,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit
         trial.set_user_attr(M.TRIAL_FAILURE, "interrupted")
         raise KeyboardInterrupt from err
-    except Exception as err:
-        trial.set_user_attr(M.TRIAL_FAILURE, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    except Exception as err:  # a config or data error as `dat-lab train` words it (jsonargparse wraps it)
+        text = config_error(err) if isinstance(err, ValueError) else (str(err).splitlines() or [""])[0]
+        trial.set_user_attr(M.TRIAL_FAILURE, f"{type(err).__name__}: {text}")
         raise
     finally:
         trial.set_user_attr(M.TRIAL_WALL_S, round(time.time() - start, 2))
