@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="table (Markdown, CSV, LaTeX), plots (PNG, PDF) and report.md of a study")
     a.add_argument("study")
     a.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
-    a.add_argument("--baseline", help="the row to compare against: a level, or factor=level,... (default: the spec's)")
+    a.add_argument("--baseline", help="the row to compare against: a level, or factor=level, factor=level (default: the spec's)")
     a.add_argument("--out", help="output folder (default: runs/<study>/analysis)")
     a.set_defaults(run=_analyze)
 

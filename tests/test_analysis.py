@@ -18,8 +18,8 @@ import dat_lab
 from dat_lab import metrics as M
 from dat_lab.ablations import paper_rows
 from dat_lab.analysis import AnalysisError, analyze
-from dat_lab.analysis.study import load, trials_frame
-from dat_lab.analysis.tables import summarize
+from dat_lab.analysis.study import StudyInfo, load, trials_frame
+from dat_lab.analysis.tables import baseline_levels, summarize
 from dat_lab.analysis.visualize import _from_files, visualize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,24 @@ def test_known_means_stds_and_differences(tmp_path):
     assert other.loc[("relative", "2"), "diff"] == pytest.approx(98.0 - 91.0)
     with pytest.raises(AnalysisError, match="--baseline: 'sparse' names no level"):
         summarize(trials_frame(study, info), info, baseline="sparse")
+
+
+def test_baseline_names_levels_with_commas_and_of_any_factor():
+    info = StudyInfo(name="g", metric=M.VAL_ACC1, direction="maximize", seeds=[0],
+                     factors={"G": {"levels": ["1, 1", "3, 6"], "baseline": "3, 6", "paper_table": None},
+                              "s": {"levels": ["0", "2"], "baseline": "2", "paper_table": None}})
+    assert baseline_levels(info, None) == {"G": "3, 6", "s": "2"}
+    assert baseline_levels(info, "1, 1") == {"G": "1, 1", "s": "2"}
+    assert baseline_levels(info, "0") == {"G": "3, 6", "s": "0"}  # a level of the second factor
+    assert baseline_levels(info, "G=1, 1, s=0") == baseline_levels(info, "s = 0,G=1, 1") == {"G": "1, 1", "s": "0"}
+    with pytest.raises(AnalysisError, match=r"--baseline: 'G=2, 2' names no level \(G: 1, 1, 3, 6; s: 0, 2\)"):
+        baseline_levels(info, "G=2, 2")
+    both = StudyInfo(name="b", metric=M.VAL_ACC1, direction="maximize", seeds=[0],
+                     factors={"a": {"levels": ["1", "2"], "baseline": "1", "paper_table": None},
+                              "b": {"levels": ["1", "3"], "baseline": "3", "paper_table": None}})
+    with pytest.raises(AnalysisError, match="--baseline: '1' is a level of a and b: say which, e.g. a=1"):
+        baseline_levels(both, "1")
+    assert baseline_levels(both, "b=1") == {"a": "1", "b": "1"}
 
 
 def test_analyze_writes_every_output(tmp_path):

@@ -4,6 +4,7 @@ images/s and the difference to the baseline (the paper's "Diff" column); Markdow
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 import pandas as pd
 
@@ -19,18 +20,34 @@ def metric_label(metric: str) -> tuple[str, float]:
 
 
 def baseline_levels(info: StudyInfo, baseline: str | None) -> dict[str, str]:
-    """The baseline cell's levels: the spec's baselines, or `baseline` ("level" with one factor, or
-    "factor=level, ...")."""
+    """The baseline cell's levels: the spec's baselines, or those `baseline` names: "level" (of the one
+    factor that has it), or "factor=level, factor=level" (a level may hold commas: "G=1, 1, s=0")."""
     levels = {f: d["baseline"] for f, d in info.factors.items()}
-    if baseline:
-        parts = [p.strip() for p in baseline.split(",")] if "=" in baseline else [baseline]
-        for part in parts:
-            factor, _, level = part.rpartition("=") if "=" in part else (next(iter(levels), ""), "", part)
-            if factor not in info.factors or level not in info.factors[factor]["levels"]:
-                allowed = "; ".join(f"{f}: {', '.join(d['levels'])}" for f, d in info.factors.items())
-                raise AnalysisError(f"--baseline: {baseline!r} names no level ({allowed})")
-            levels[factor] = level
+    if not baseline:
+        return levels
+    allowed = "; ".join(f"{f}: {', '.join(d['levels'])}" for f, d in info.factors.items())
+    for factor, level in _baseline_parts(baseline, list(info.factors)):
+        owners = [factor] if factor else [f for f, d in info.factors.items() if level in d["levels"]]
+        if len(owners) > 1:
+            raise AnalysisError(f"--baseline: {level!r} is a level of {' and '.join(owners)}: "
+                                f"say which, e.g. {owners[0]}={level}")
+        if not owners or level not in info.factors[owners[0]]["levels"]:
+            raise AnalysisError(f"--baseline: {baseline!r} names no level ({allowed})")
+        levels[owners[0]] = level
     return levels
+
+
+def _baseline_parts(baseline: str, factors: list[str]) -> list[tuple[str | None, str]]:
+    """"a=1, 1, b=x" -> [("a", "1, 1"), ("b", "x")]: split where a comma is followed by a factor's
+    name and "="; a part without "factor=" -> (None, part)."""
+    if not factors:
+        return [(None, baseline.strip())]
+    names = "|".join(re.escape(f) for f in sorted(factors, key=len, reverse=True))
+    parts = []
+    for part in re.split(rf"\s*,\s*(?=(?:{names})\s*=)", baseline.strip()):
+        named = re.fullmatch(rf"({names})\s*=\s*(.*)", part, flags=re.DOTALL)
+        parts.append((named[1], named[2].strip()) if named else (None, part.strip()))
+    return parts
 
 
 def summarize(frame: pd.DataFrame, info: StudyInfo, baseline: str | None = None) -> pd.DataFrame:
