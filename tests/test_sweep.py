@@ -1,5 +1,6 @@
 """Sweeps on Optuna: specs, dry runs, a real grid, crashes and concurrent workers."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -369,6 +370,21 @@ def test_each_trial_refuses_a_run_folder_that_is_not_its_own(tmp_path):
         assert [t.user_attrs["failure"].startswith(f"run directory {d} already holds another run")
                 for t, d in zip(trials, dirs)] == [True] * cells
         assert [(d / "config.yaml").read_text() for d in dirs] == ["from another storage\n"] * cells
+
+
+def test_the_tpe_sampler_takes_the_spec_options_without_deprecation_warnings():
+    import warnings
+
+    from dat_lab.sweep.spec import build_sampler
+
+    spec = parse_spec(ROOT / "sweeps" / "lr_search.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # optuna 5 warns for each deprecated option passed
+        sampler = build_sampler(spec.sampler)
+    assert (sampler._n_startup_trials, sampler._n_ei_candidates, sampler._multivariate, sampler._group,
+            sampler._constant_liar) == (5, 24, True, False, True)
+    prior = sampler._parzen_estimator_parameters
+    assert (prior.prior_weight, prior.consider_magic_clip, prior.consider_endpoints) == (1.0, True, False)
 
 
 def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, monkeypatch):

@@ -179,8 +179,9 @@ def build_sampler(sampler: Mapping[str, Any]) -> optuna.samplers.BaseSampler:
     """The Optuna sampler of a spec's `sampler` (a grid's cells are enqueued, never sampled)."""
     if sampler["name"] == "tpe":
         options = {**TPE_DEFAULTS, **{k: v for k, v in sampler.items() if k != "name"}}
-        return optuna.samplers.TPESampler(**options, consider_prior=True, prior_weight=1.0,
-                                          consider_magic_clip=True, consider_endpoints=False)
+        # the prior options (consider_prior, prior_weight, consider_magic_clip, consider_endpoints) are
+        # deprecated in optuna 5 and fixed at True, 1.0, True, False: passing them only warns
+        return optuna.samplers.TPESampler(**options)
     return optuna.samplers.RandomSampler(seed=0)
 
 
