@@ -84,3 +84,8 @@ def check_storage_url(url: str) -> None:
     if not url.startswith(STORAGE_SCHEMES):
         raise ValueError(f"storage: {url!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
                          "postgresql://user:pass@host/db)")
+
+
+def storage_error(url: str, err: BaseException) -> str:
+    """One line for a storage that cannot be opened (an unreachable database, a missing driver)."""
+    return f"--storage: cannot open {url}: {(str(err).splitlines() or [type(err).__name__])[0]}"

@@ -327,6 +327,28 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
     assert FINGERPRINT not in optuna.load_study(study_name="old", storage=storage).user_attrs  # a dry run wrote nothing
 
 
+def test_a_worker_that_loads_a_study_being_created_waits_for_its_fingerprint(tmp_path, monkeypatch):
+    import threading
+
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    search = parse_spec(_write(tmp_path, BASE + TPE))
+    other = parse_spec(_write(tmp_path, BASE + TPE.replace("n_trials: 2", "n_trials: 2\nseeds: [7]")))
+    optuna.create_study(study_name="new", storage=storage)  # created, its fingerprint not stored yet
+    creator = threading.Timer(1.0, lambda: optuna.load_study(study_name="new", storage=storage).set_user_attr(
+        FINGERPRINT, other.fingerprint()))
+    creator.start()
+    with pytest.raises(SpecError, match="study 'new' .* was made by another spec.*seeds: \\[7\\] -> \\[0\\]"):
+        open_study(search, storage, "new", wait_s=60)  # a TPE worker, which has no grid to wait for
+    creator.join()
+    # a study from before fingerprints (attributes, none of them a fingerprint) takes the spec's at once
+    optuna.create_study(study_name="old", storage=storage).set_user_attr("spec", "sweeps/x.yaml")
+    monkeypatch.setattr(runner.time, "sleep", lambda s: pytest.fail("waited for a fingerprint of an old study"))
+    study = open_study(search, storage, "old", wait_s=60)
+    assert study.user_attrs[FINGERPRINT] == search.fingerprint()
+    with pytest.raises(SpecError, match="study 'old' .* was made by another spec"):
+        open_study(other, storage, "old")  # and is guarded from then on
+
+
 def _trial_dir(tmp_path, study, number):
     run_dir = tmp_path / "runs" / study / f"trial_{number:04d}"
     run_dir.mkdir(parents=True)
@@ -407,6 +429,32 @@ def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, m
     trials = optuna.load_study(study_name="t", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     assert "non-finite training loss" in trials[0].user_attrs["failure"]
+
+
+def test_the_worst_worker_status_is_the_sweeps(tmp_path, postgres_url, monkeypatch, capsys):
+    argv = ["sweep", DEMO, "--workers", "2", "--storage", postgres_url, "--study", "statuses",
+            "--runs-root", str(tmp_path / "runs")]
+    for status, code, message in [(1, 1, "dat-lab: a worker exited with status 1 (a trial FAILED, or the worker "
+                                         "crashed); `dat-lab sweep-status statuses"),
+                                  (-9, 2, "dat-lab: error: a worker exited with status -9")]:
+        monkeypatch.setattr(runner, "spawn_workers", lambda argv, workers: status)
+        with pytest.raises(SystemExit) if code == 1 else contextlib.nullcontext() as exit_:
+            assert cli.main(argv) == code
+        assert code == 2 or exit_.value.code == 1
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_failed_trial_in_any_of_several_workers_makes_the_sweep_exit_1(tmp_path, postgres_url):
+    spec = _write(tmp_path, BASE + "sampler: tpe\nn_trials: 2\nbudget: {max_epochs: 1, limit_train_batches: 6, "
+                  "limit_val_batches: 1}\nsearch_space: {model.lr: {type: categorical, choices: [1.0e+30]}}\n")
+    argv = [sys.executable, "-m", "cli", "sweep", str(spec), "--workers", "2", "--storage", postgres_url,
+            "--study", "fails", "--runs-root", str(tmp_path / "runs")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "dat-lab: a worker exited with status 1 (a trial FAILED, or the worker crashed)" in done.stderr
+    trials = optuna.load_study(study_name="fails", storage=postgres_url).get_trials()
+    assert len(trials) >= 2 and {t.state for t in trials} == {TrialState.FAIL}
 
 
 def test_a_tpe_search_counts_failed_trials_but_not_interrupted_or_stale_ones(tmp_path):

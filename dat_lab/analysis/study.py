@@ -50,7 +50,7 @@ def load(study_name: str, storage: str) -> tuple[optuna.Study, StudyInfo]:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
         raise AnalysisError(f"no study {study_name!r} in {storage}; it holds: {', '.join(names) or 'none'}") from None
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
-        raise AnalysisError(f"--storage: cannot open {storage}: {str(err).splitlines()[0]}") from None
+        raise AnalysisError(M.storage_error(storage, err)) from None
     a = study.user_attrs
     info = StudyInfo(name=study_name, metric=a.get(M.STUDY_METRIC, M.VAL_ACC1),
                      direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()),

@@ -61,7 +61,7 @@ def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
                           engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
-        raise SpecError(f"--storage: cannot open {url}: {str(err).splitlines()[0]}") from None
+        raise SpecError(M.storage_error(url, err)) from None
 
 
 ENQUEUED = "enqueued"  # study user attribute: the creating worker has queued every cell
@@ -125,9 +125,11 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
         check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # at once, if stored yet
         deadline = time.time() + wait_s
-        while spec.is_grid and ENQUEUED not in study.user_attrs and time.time() < deadline:
+        # a study being created has no user attribute until its creator stores the fingerprint (its first);
+        # a grid's workers also wait until the creator has queued the cells
+        while (not (attrs := study.user_attrs) or spec.is_grid and ENQUEUED not in attrs) and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
-        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # and once the grid is queued
+        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # and once stored (and queued)
         if FINGERPRINT not in study.user_attrs:  # a study from before fingerprints: guarded from now on
             study.set_user_attr(FINGERPRINT, spec.fingerprint())
     else:
