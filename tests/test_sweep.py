@@ -349,6 +349,18 @@ def test_a_worker_that_loads_a_study_being_created_waits_for_its_fingerprint(tmp
         open_study(other, storage, "old")  # and is guarded from then on
 
 
+def test_where_the_data_lie_and_how_many_loader_workers_are_no_part_of_a_fingerprint(tmp_path):
+    from dat_lab.sweep.runner import check_fingerprint
+
+    path = _write(tmp_path, BASE)
+    spec, elsewhere = parse_spec(path), parse_spec(path, {"delta.data.init_args.num_workers": 3})
+    assert "config.data.init_args.num_workers" not in spec.fingerprint()
+    check_fingerprint(elsewhere, spec.fingerprint(), "t", "s")  # another machine, another worker count
+    check_fingerprint(spec, {**spec.fingerprint(), "config.data.init_args.root": "/mnt/a"}, "t", "s")  # stored before
+    with pytest.raises(SpecError, match="config.data.init_args.img_size: 32 -> 16"):
+        check_fingerprint(parse_spec(path, {"delta.data.init_args.img_size": 16}), spec.fingerprint(), "t", "s")
+
+
 def _trial_dir(tmp_path, study, number):
     run_dir = tmp_path / "runs" / study / f"trial_{number:04d}"
     run_dir.mkdir(parents=True)

@@ -41,7 +41,7 @@ from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, tensorboard_logger
 from ..training.cli import main as train
 from .plan import PlannedCell, plan
-from .spec import SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
+from .spec import MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
 CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inherit it
@@ -74,6 +74,7 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
     spec that created study `name` (its stored fingerprint; a study from before fingerprints passes)."""
     if stored is None:
         return
+    stored = {k: v for k, v in stored.items() if k not in MACHINE_LOCAL}  # fingerprints stored before MACHINE_LOCAL hold them
     current = spec.fingerprint()
     differ = [k for k in [*current, *(k for k in stored if k not in current)] if current.get(k) != stored.get(k)]
     if differ:

@@ -58,6 +58,7 @@ TPE_DEFAULTS = {"seed": 0, "n_startup_trials": 10, "n_ei_candidates": 24, "multi
 PRUNER_CLASSES = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
                   "hyperband": optuna.pruners.HyperbandPruner}
 PRUNERS = set(PRUNER_CLASSES)
+MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_workers"}  # not in a fingerprint
 SPACE_TYPES = {"float", "int", "categorical"}
 
 
@@ -166,13 +167,15 @@ class SweepSpec:
     def fingerprint(self) -> dict[str, Any]:
         """What defines a study's results, as {dotted field: value} (JSON values): objective, sampler, seeds,
         factors, search space and the resolved training config (base, delta, budget). Not the run-time
-        options (storage, heartbeat, workers, n_trials, pruner), nor where the files are."""
+        options (storage, heartbeat, workers, n_trials, pruner), nor where the files are (MACHINE_LOCAL:
+        workers on several machines may find the data elsewhere, and load them with other worker counts)."""
         tree = {"objective": {"metric": self.metric, "direction": self.direction, "value": self.value},
                 "sampler": {**TPE_DEFAULTS, **self.sampler} if self.sampler["name"] == "tpe" else self.sampler,
                 "seeds": list(self.seeds),
                 "factors": {f.name: {"levels": f.levels, "baseline": f.baseline} for f in self.factors},
                 "search_space": self.search_space, "config": self.base_config()}
-        return json.loads(json.dumps(_flatten(tree), default=str))
+        flat = json.loads(json.dumps(_flatten(tree), default=str))
+        return {k: v for k, v in flat.items() if k not in MACHINE_LOCAL}
 
 
 def build_sampler(sampler: Mapping[str, Any]) -> optuna.samplers.BaseSampler:
