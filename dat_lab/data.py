@@ -203,7 +203,8 @@ class ImageFolderDataModule(ImageDataModule):
 
     @classmethod
     def check(cls, **init_args) -> None:
-        _layout(Path(init_args["root"]), init_args.get("num_classes"))
+        if init_args.get("root") is not None:  # (a subclass may name its folder otherwise)
+            _layout(Path(init_args["root"]), init_args.get("num_classes"))
 
     def setup(self, stage: str | None = None) -> None:
         from timm.data import create_transform
@@ -223,7 +224,8 @@ class ImageFolderDataModule(ImageDataModule):
 
 def _layout(root: Path, num_classes: int | None) -> list[str]:
     """The class names of an ImageNet-layout root: train and val with the same class folders, each with
-    images, as many as num_classes (when given); else DataError naming the path."""
+    images, as many as num_classes (when given); else DataError naming the path (absolute)."""
+    root = Path(os.path.abspath(root))
     classes = _class_folders(root / "train")
     if _class_folders(root / "val") != classes:
         raise DataError(f"{root / 'val'}: class folders differ from {root / 'train'}'s")

@@ -73,7 +73,9 @@ def test_baseline_names_levels_with_commas_and_of_any_factor():
     assert baseline_levels(info, None) == {"G": "3, 6", "s": "2"}
     assert baseline_levels(info, "1, 1") == {"G": "1, 1", "s": "2"}
     assert baseline_levels(info, "0") == {"G": "3, 6", "s": "0"}  # a level of the second factor
-    assert baseline_levels(info, "G=1, 1, s=0") == baseline_levels(info, "s = 0,G=1, 1") == {"G": "1, 1", "s": "0"}
+    assert baseline_levels(info, "G=1, 1, s=0") == baseline_levels(info, "s = 0,G=1,1") == {"G": "1, 1", "s": "0"}
+    with pytest.raises(AnalysisError, match="--baseline: 's=0, s=2' names factor s twice"):
+        baseline_levels(info, "s=0, s=2")
     with pytest.raises(AnalysisError, match=r"--baseline: 'G=2, 2' names no level \(G: 1, 1, 3, 6; s: 0, 2\)"):
         baseline_levels(info, "G=2, 2")
     both = StudyInfo(name="b", metric=M.VAL_ACC1, direction="maximize", seeds=[0],
@@ -82,6 +84,9 @@ def test_baseline_names_levels_with_commas_and_of_any_factor():
     with pytest.raises(AnalysisError, match="--baseline: '1' is a level of a and b: say which, e.g. a=1"):
         baseline_levels(both, "1")
     assert baseline_levels(both, "b=1") == {"a": "1", "b": "1"}
+    search = StudyInfo(name="lr", metric=M.VAL_ACC1, direction="maximize", seeds=[0], factors={})
+    with pytest.raises(AnalysisError, match="--baseline: study 'lr' has no factors"):
+        baseline_levels(search, "x")
 
 
 def test_analyze_writes_every_output(tmp_path):

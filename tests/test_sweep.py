@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 import cli
 from dat_lab.ablations import paper_rows
+from dat_lab.data import DataError
 from dat_lab.sweep import SpecError, parse_spec, plan
 from dat_lab.sweep import runner
 from dat_lab.sweep.runner import CELL, FINGERPRINT, open_study, work
@@ -173,6 +174,20 @@ def test_a_trial_whose_data_went_away_after_planning_fails_with_the_data_error(t
     assert trial.user_attrs["failure"] == f"ValueError: {root / 'train'}: no such folder (expected class folders of images)"
 
 
+def test_a_failure_reason_is_the_errors_own_first_line_unless_a_data_error_lies_under_it():
+    try:
+        try:
+            {}["lr"]
+        except KeyError:
+            raise ValueError("Expected a float\nsecond line")
+    except ValueError as err:
+        assert runner._failure(err) == "ValueError: Expected a float"
+    try:
+        raise ValueError("Does not validate against any of the Union subtypes") from DataError("/x/train: no such folder")
+    except ValueError as err:
+        assert runner._failure(err) == "ValueError: /x/train: no such folder"
+
+
 def test_table6_dry_run_matches_profile_paper_tables(imagenet_root):
     planned = plan(parse_spec(ROOT / "sweeps" / "table6_geometry.yaml", {"delta.data.init_args.root": imagenet_root}))
     rows = paper_rows(6)
@@ -327,26 +342,40 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
     assert FINGERPRINT not in optuna.load_study(study_name="old", storage=storage).user_attrs  # a dry run wrote nothing
 
 
-def test_a_worker_that_loads_a_study_being_created_waits_for_its_fingerprint(tmp_path, monkeypatch):
-    import threading
-
+def test_a_worker_that_loads_a_study_being_created_waits_for_its_fingerprint(tmp_path, monkeypatch, capsys):
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     search = parse_spec(_write(tmp_path, BASE + TPE))
     other = parse_spec(_write(tmp_path, BASE + TPE.replace("n_trials: 2", "n_trials: 2\nseeds: [7]")))
     optuna.create_study(study_name="new", storage=storage)  # created, its fingerprint not stored yet
-    creator = threading.Timer(1.0, lambda: optuna.load_study(study_name="new", storage=storage).set_user_attr(
-        FINGERPRINT, other.fingerprint()))
-    creator.start()
+    stored_while = []  # the creator stores its fingerprint while this worker waits (not before it looked)
+
+    def creator_writes(seconds):
+        stored_while.append(seconds)
+        optuna.load_study(study_name="new", storage=storage).set_user_attr(FINGERPRINT, other.fingerprint())
+
+    monkeypatch.setattr(runner.time, "sleep", creator_writes)
     with pytest.raises(SpecError, match="study 'new' .* was made by another spec.*seeds: \\[7\\] -> \\[0\\]"):
         open_study(search, storage, "new", wait_s=60)  # a TPE worker, which has no grid to wait for
-    creator.join()
+    assert stored_while and "study 'new' has no fingerprint yet: waiting up to 60 s" in capsys.readouterr().err
     # a study from before fingerprints (attributes, none of them a fingerprint) takes the spec's at once
     optuna.create_study(study_name="old", storage=storage).set_user_attr("spec", "sweeps/x.yaml")
-    monkeypatch.setattr(runner.time, "sleep", lambda s: pytest.fail("waited for a fingerprint of an old study"))
+    old = optuna.load_study(study_name="old", storage=storage)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: FINGERPRINT in old.user_attrs or pytest.fail(
+        "waited for a fingerprint of an old study"))  # only after storing its own (two adopting at once)
     study = open_study(search, storage, "old", wait_s=60)
     assert study.user_attrs[FINGERPRINT] == search.fingerprint()
     with pytest.raises(SpecError, match="study 'old' .* was made by another spec"):
         open_study(other, storage, "old")  # and is guarded from then on
+    optuna.create_study(study_name="dead", storage=storage)  # its creator died before storing anything
+    dead = optuna.load_study(study_name="dead", storage=storage)
+
+    def rival_adopts(seconds):  # once this worker has adopted its fingerprint, a rival's lands last
+        if FINGERPRINT in dead.user_attrs:
+            dead.set_user_attr(FINGERPRINT, other.fingerprint())
+
+    monkeypatch.setattr(runner.time, "sleep", rival_adopts)
+    with pytest.raises(SpecError, match="study 'dead' .* was made by another spec"):
+        open_study(search, storage, "dead", wait_s=0)
 
 
 def test_where_the_data_lie_and_how_many_loader_workers_are_no_part_of_a_fingerprint(tmp_path):
@@ -359,6 +388,10 @@ def test_where_the_data_lie_and_how_many_loader_workers_are_no_part_of_a_fingerp
     check_fingerprint(spec, {**spec.fingerprint(), "config.data.init_args.root": "/mnt/a"}, "t", "s")  # stored before
     with pytest.raises(SpecError, match="config.data.init_args.img_size: 32 -> 16"):
         check_fingerprint(parse_spec(path, {"delta.data.init_args.img_size": 16}), spec.fingerprint(), "t", "s")
+    imagenet = _write(tmp_path, f"study: t\nbase: {ROOT / 'experiments' / 'dat_tiny_imagenet.yaml'}\n")
+    here, there = parse_spec(imagenet), parse_spec(imagenet, {"delta.data.init_args.root": "/mnt/imagenet"})
+    assert there.base_config()["data"]["init_args"]["root"] == "/mnt/imagenet"
+    check_fingerprint(there, here.fingerprint(), "t", "s")
 
 
 def _trial_dir(tmp_path, study, number):

@@ -25,16 +25,28 @@ def baseline_levels(info: StudyInfo, baseline: str | None) -> dict[str, str]:
     levels = {f: d["baseline"] for f, d in info.factors.items()}
     if not baseline:
         return levels
+    if not info.factors:
+        raise AnalysisError(f"--baseline: study {info.name!r} has no factors (a search), so no baseline row")
     allowed = "; ".join(f"{f}: {', '.join(d['levels'])}" for f, d in info.factors.items())
+    named: set[str] = set()
     for factor, level in _baseline_parts(baseline, list(info.factors)):
-        owners = [factor] if factor else [f for f, d in info.factors.items() if level in d["levels"]]
-        if len(owners) > 1:
-            raise AnalysisError(f"--baseline: {level!r} is a level of {' and '.join(owners)}: "
-                                f"say which, e.g. {owners[0]}={level}")
-        if not owners or level not in info.factors[owners[0]]["levels"]:
+        # a level as the spec spells it, whatever the spaces after its commas ("1,1" for "1, 1")
+        found = {f: lv for f, d in info.factors.items() for lv in d["levels"]
+                 if (factor in (None, f)) and _spaced(lv) == _spaced(level)}
+        if len(found) > 1:
+            raise AnalysisError(f"--baseline: {level!r} is a level of {' and '.join(found)}: "
+                                f"say which, e.g. {next(iter(found))}={level}")
+        if not found:
             raise AnalysisError(f"--baseline: {baseline!r} names no level ({allowed})")
-        levels[owners[0]] = level
+        [(owner, levels[owner])] = found.items()
+        if owner in named:
+            raise AnalysisError(f"--baseline: {baseline!r} names factor {owner} twice")
+        named.add(owner)
     return levels
+
+
+def _spaced(level: str) -> str:
+    return re.sub(r"\s*,\s*", ", ", level.strip())
 
 
 def _baseline_parts(baseline: str, factors: list[str]) -> list[tuple[str | None, str]]:

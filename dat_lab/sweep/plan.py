@@ -18,6 +18,9 @@ from ..training.module import ImageClassifier
 from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
 
+LOADER_ARGS = {"batch_size", "num_workers", "seed", "img_size"}  # DataModule options that do not move the data
+
+
 class _Parsed(Exception):
     def __init__(self, config: Any) -> None:
         super().__init__("parsed")
@@ -61,12 +64,13 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_chec
     or when its data are not there (each data config checked once: `data_checked` holds those done)."""
     try:
         parsed = parse_training_config(config)
-        data = repr(parsed.data)
+        args = vars(parsed.data.init_args)
+        data = repr((parsed.data.class_path, {k: v for k, v in args.items() if k not in LOADER_ARGS}))
         if data not in data_checked:
-            _data_class(parsed).check(**vars(parsed.data.init_args))
+            _data_class(parsed).check(**args)
             data_checked.add(data)
         return model_config(parsed)
-    except (SpecError, ValueError) as err:
+    except (SpecError, ValueError, OSError) as err:  # OSError: a data folder that cannot be listed
         raise SpecError(f"{spec.path}: {what}: {err}") from None
 
 

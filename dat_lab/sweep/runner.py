@@ -36,6 +36,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import metrics as M
+from ..data import DataError
 from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, tensorboard_logger
@@ -126,13 +127,18 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
         check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # at once, if stored yet
         deadline = time.time() + wait_s
+        if not study.user_attrs:
+            print(f"study {name!r} has no fingerprint yet: waiting up to {wait_s:.0f} s for the worker creating it",
+                  file=sys.stderr)
         # a study being created has no user attribute until its creator stores the fingerprint (its first);
         # a grid's workers also wait until the creator has queued the cells
         while (not (attrs := study.user_attrs) or spec.is_grid and ENQUEUED not in attrs) and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
         check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # and once stored (and queued)
-        if FINGERPRINT not in study.user_attrs:  # a study from before fingerprints: guarded from now on
+        if FINGERPRINT not in study.user_attrs:  # from before fingerprints, or its creator died: guarded from now on
             study.set_user_attr(FINGERPRINT, spec.fingerprint())
+            time.sleep(POLL_SECONDS / 4)  # two workers adopting at once: the fingerprint stored last holds,
+            check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # the other stops here
     else:
         study.set_user_attr(FINGERPRINT, spec.fingerprint())  # first: what a loading worker checks
         study.set_user_attr("spec", str(spec.path))
@@ -166,6 +172,16 @@ def enqueue_missing(study: optuna.Study, planned: list[PlannedCell]) -> int:
             study.enqueue_trial({}, user_attrs={CELL: p.cell.key})
             queued += 1
     return queued
+
+
+def _failure(err: BaseException) -> str:
+    """A trial's failure reason, one line: a data error as `dat-lab train` words it (jsonargparse wraps
+    the DataError raised while it builds the DataModule in a Union error), else the error's first line."""
+    cause = err
+    while cause is not None and not isinstance(cause, DataError):
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    text = config_error(cause) if cause is not None else (str(err).splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text}"
 
 
 def _reproduce(run_dir: Path) -> str:
@@ -223,9 +239,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit
         trial.set_user_attr(M.TRIAL_FAILURE, "interrupted")
         raise KeyboardInterrupt from err
-    except Exception as err:  # a config or data error as `dat-lab train` words it (jsonargparse wraps it)
-        text = config_error(err) if isinstance(err, ValueError) else (str(err).splitlines() or [""])[0]
-        trial.set_user_attr(M.TRIAL_FAILURE, f"{type(err).__name__}: {text}")
+    except Exception as err:
+        trial.set_user_attr(M.TRIAL_FAILURE, _failure(err))
         raise
     finally:
         trial.set_user_attr(M.TRIAL_WALL_S, round(time.time() - start, 2))
