@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import re
 import sys
 from typing import Any, Sequence
 
@@ -329,7 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         return _train(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):  # KEY=VALUE overrides after options too (`--study x seeds=[0]`)
+        args.overrides += [a for a in extra if re.match(r"[A-Za-z_][\w.]*=", a)]
+        extra = [a for a in extra if not re.match(r"[A-Za-z_][\w.]*=", a)]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except (ValueError, OSError, pickle.UnpicklingError) as err:

@@ -131,6 +131,14 @@ def test_dry_run_of_every_spec(path, capsys, tmp_path, imagenet_root):
     assert "nothing trained (--dry-run)" in out and f"{path}: study 'named', " in out
 
 
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    assert cli.main(["sweep", DEMO, "--dry-run", "--runs-root", str(tmp_path), "seeds=[0]", "budget.max_epochs=1"]) == 0
+    assert "4 trial(s) planned" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", DEMO, "--dry-run", "--stduy", "x"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --stduy x" in capsys.readouterr().err
+
+
 def test_a_sweep_over_data_that_is_not_there_stops_before_planning_dry_run_too(tmp_path, capsys, imagenet_root):
     spec = str(ROOT / "sweeps" / "offset_groups.yaml")
     missing = tmp_path / "nowhere"
@@ -258,7 +266,7 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
 def test_kill_9_during_a_trial_then_resume(tmp_path):
     storage = f"sqlite:///{tmp_path / 'k.db'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(_sweep(tmp_path, storage), cwd=ROOT, env=env, start_new_session=True,
+    proc = subprocess.Popen(_sweep(tmp_path, storage, "seeds=[0]"), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -273,8 +281,8 @@ def test_kill_9_during_a_trial_then_resume(tmp_path):
     proc.wait()
     states = [t.state for t in optuna.load_study(study_name="s", storage=storage).get_trials()]
     assert TrialState.RUNNING in states, "no trial was running when killed"
-    _run(_sweep(tmp_path, storage), env)
-    trials = _assert_every_cell_once(storage)
+    _run(_sweep(tmp_path, storage, "seeds=[0]"), env)  # one seed: 4 cells (the same spec as the first run)
+    trials = _assert_every_cell_once(storage, cells=4)
     assert any(t.state == TrialState.FAIL for t in trials)  # the killed trial, marked stale and run again
 
 
@@ -285,8 +293,8 @@ def test_workers_need_a_shared_server(tmp_path, capsys):
 
 def test_two_workers_on_postgres_run_each_cell_once(tmp_path, postgres_url):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    _run(_sweep(tmp_path, postgres_url, "--workers", "2", study="pg"), env)
-    trials = _assert_every_cell_once(postgres_url, study="pg")
+    _run(_sweep(tmp_path, postgres_url, "seeds=[0]", "--workers", "2", study="pg"), env)
+    trials = _assert_every_cell_once(postgres_url, study="pg", cells=4)
     workers = {t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}
     assert len(workers) == 2, workers
 
