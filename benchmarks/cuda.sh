@@ -3,8 +3,8 @@
 #   bash benchmarks/cuda.sh OUTDIR [quick|compiled]   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md
 #                                                        (a copy of docs/benchmarks.md with the GPU sections filled in)
 # compiled: only the comparison of both models compiled (training; up to 9 minutes, most of it compiling).
-# quick: bench_bias, the eager model comparison, the checks and dat_tiny's profile only (limits 9 minutes
-# in all, ~4 minutes on an H200: fits a 15-minute lease with time to start the machine).
+# quick: bench_bias, the eager model comparison, the checks, dat_tiny's profile and bench_sdpa only (limits
+# 10 minutes in all, ~4.5 minutes on an H200: fits a 15-minute lease with time to start the machine).
 # bench_bias times the Triton settings first; the model comparison then takes the fastest that ran as
 # dat_tiny's and times the next ones as more dat_tiny contenders (a setting that fails to build there
 # drops out alone). Each step has its own time limit, so one that hangs or fails does not take the others
@@ -41,6 +41,7 @@ timeout 180 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "
 timeout 180 python3 benchmarks/check_cuda.py --setting "${settings[0]}" 2>&1 | tee "$out/check.log"
 timeout 60 python3 benchmarks/profile_step.py --model dat_tiny --device cuda --batch 128 --precision bf16 \
     --channels-last --rows 30 --setting "${settings[0]}" > "$out/profile_dat_tiny.txt" 2>&1
+timeout 45 python3 benchmarks/bench_sdpa.py --md "$out/benchmarks.md" --json "$out/sdpa.json"
 if [ "${2:-}" = quick ]; then echo "done (quick): $out"; exit 0; fi
 timeout 60 python3 benchmarks/profile_step.py --model swin_tiny --device cuda --batch 128 --precision bf16 \
     --channels-last --rows 30 > "$out/profile_swin_tiny.txt" 2>&1
