@@ -138,18 +138,27 @@ class CIFAR10DataModule(ImageDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
         self.root, self.download = root, download
 
-    def _dataset(self, train: bool, transform=None, download: bool = False):
+    @classmethod
+    def _torchvision(cls) -> type:
         from torchvision import datasets
 
-        cls = datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
-        return cls(self.root, train=train, transform=transform, download=download)
+        return datasets.CIFAR10 if cls.num_classes == 10 else datasets.CIFAR100
+
+    def _dataset(self, train: bool, transform=None, download: bool = False):
+        return self._torchvision()(self.root, train=train, transform=transform, download=download)
 
     @classmethod
     def check(cls, **init_args) -> None:
-        root = init_args.get("root", "data")
-        if not init_args.get("download", True) and not Path(root, cls.folder).is_dir():
-            raise DataError(f"{cls.__name__}: no {cls.folder} under {os.path.abspath(root)} and download is off: "
+        root, dataset = init_args.get("root", "data"), cls._torchvision()
+        if init_args.get("download", True):  # may download: known only in prepare_data
+            return
+        folder = Path(os.path.abspath(root), cls.folder)
+        if not folder.is_dir():
+            raise DataError(f"{cls.__name__}: no {cls.folder} under {folder.parent} and download is off: "
                             f"put the extracted {cls.archive} there, or set download: true")
+        missing = [name for name, _ in dataset.train_list + dataset.test_list if not (folder / name).is_file()]
+        if missing:
+            raise DataError(f"{folder}: no {missing[0]} in it (a partial extraction of {cls.archive}?)")
 
     def prepare_data(self) -> None:
         try:

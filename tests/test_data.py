@@ -82,6 +82,10 @@ def test_cifar_without_files_or_network_is_one_clear_error(tmp_path):
         CIFAR100DataModule.check(root=str(tmp_path), download=False)  # what a sweep checks before training
     CIFAR100DataModule.check(root=str(tmp_path), download=True)  # may download: not known before prepare_data
     (tmp_path / "cifar-100-python").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'cifar-100-python'}: no train in it"):
+        CIFAR100DataModule.check(root=str(tmp_path), download=False)
+    for name in ("train", "test"):
+        (tmp_path / "cifar-100-python" / name).touch()
     CIFAR100DataModule.check(root=str(tmp_path), download=False)
 
 
