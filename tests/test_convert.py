@@ -80,3 +80,14 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", "x"]) == 2
     assert "holds no MODEL.DAT keywords" in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists()
+
+
+@pytest.mark.parametrize("content", [b"trainer: {max_epochs: 3}\n", bytes(range(256))], ids=["yaml", "bytes"])
+def test_a_file_that_is_no_checkpoint_is_named_in_one_line(tmp_path, capsys, content):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{path}: not a checkpoint that torch.load\\(weights_only=True\\) reads$"):
+        dat_lab.load_checkpoint(path)
+    assert cli.main(["visualize", str(path), "--data", "synthetic", "--count", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dat-lab: error: {path}: not a checkpoint that torch.load(weights_only=True) reads\n"

@@ -38,6 +38,8 @@ TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.
     ("stduy: x\n", "stduy: unknown key; allowed:"),
     ("factors: {s: {path: model.overrides.offset_range, values: []}}\n", "factors.s.values: must be a non-empty list"),
     ("factors: {s: {values: [1, 2]}}\n", "factors.s.path: a dotted config path is needed"),
+    ("factors: {s: {path: model.lr, valuse: [1, 2]}}\n", "factors.s.valuse: unknown key; allowed: baseline, levels, "
+     "paper_table, path, values"),
     ("factors: {s: {levels: {a: {}}, baseline: b}}\n", "factors.s.baseline: 'b' is not one of a"),
     ("factors: {t: {paper_table: 8}}\n", "factors.t.paper_table: table: 8 is not one of 6, 7"),
     ("seeds: [0, 0]\n", "seeds: must be a non-empty list of distinct integers"),
@@ -132,7 +134,8 @@ def test_dry_run_of_every_spec(path, capsys, tmp_path, imagenet_root):
 
 
 def test_overrides_may_follow_the_options(tmp_path, capsys):
-    assert cli.main(["sweep", DEMO, "--dry-run", "--runs-root", str(tmp_path), "seeds=[0]", "budget.max_epochs=1"]) == 0
+    assert cli.main(["sweep", DEMO, "--dry-run", "--storage", f"sqlite:///{tmp_path / 'd.db'}", "--runs-root",
+                     str(tmp_path), "seeds=[0]", "budget.max_epochs=1"]) == 0  # not ./runs/demo.db: make demo's
     assert "4 trial(s) planned" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", DEMO, "--dry-run", "--stduy", "x"])

@@ -81,9 +81,16 @@ def _position(kwargs: Mapping[str, Any], i: int) -> str:
 
 
 def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(checkpoint, (str, os.PathLike)):
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return checkpoint
+    try:
         return torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return checkpoint
+    except OSError:  # no such file: the caller words it
+        raise
+    except Exception as err:  # not a checkpoint (the unpickler fails in many ways), or one with foreign objects
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+        raise ValueError(f"{checkpoint}: not a checkpoint that torch.load(weights_only=True) reads"
+                         + (f" ({detail})" if detail else "")) from None
 
 
 def official_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:

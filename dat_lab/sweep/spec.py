@@ -224,6 +224,8 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
     key = f"factors.{name}"
     raw = _mapping(path, key, raw)
     forms = [k for k in ("levels", "values", "paper_table") if k in raw]
+    if not forms:  # a misspelt key (valuse: [0, 2]) is named, not just the missing form
+        _check_keys(path, key, raw, {"levels", "path", "values", "paper_table", "baseline"})
     if len(forms) != 1:
         raise _error(path, key, "give exactly one of levels (named deltas), path + values, or paper_table (6 or 7)")
     allowed = {"levels", "baseline"} if forms[0] == "levels" else {"path", "values", "baseline"} \
