@@ -332,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if hasattr(args, "overrides"):  # KEY=VALUE overrides after options too (`--study x seeds=[0]`)
-        args.overrides += [a for a in extra if re.match(r"[A-Za-z_][\w.]*=", a)]
-        extra = [a for a in extra if not re.match(r"[A-Za-z_][\w.]*=", a)]
+        late = [a for a in extra if re.match(r"[A-Za-z_][\w.]*=", a)]
+        args.overrides, extra = args.overrides + late, [a for a in extra if a not in late]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -39,7 +39,7 @@ from .. import metrics as M
 from ..data import DataError
 from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
-from ..training.cli import config_error, tensorboard_logger
+from ..training.cli import config_error, error_chain, tensorboard_logger
 from ..training.cli import main as train
 from .plan import PlannedCell, plan
 from .spec import MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
@@ -177,9 +177,7 @@ def enqueue_missing(study: optuna.Study, planned: list[PlannedCell]) -> int:
 def _failure(err: BaseException) -> str:
     """A trial's failure reason, one line: a data error as `dat-lab train` words it (jsonargparse wraps
     the DataError raised while it builds the DataModule in a Union error), else the error's first line."""
-    cause = err
-    while cause is not None and not isinstance(cause, DataError):
-        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    cause = next((e for e in error_chain(err) if isinstance(e, DataError)), None)
     text = config_error(cause) if cause is not None else (str(err).splitlines() or [""])[0]
     return f"{type(err).__name__}: {text}"
 

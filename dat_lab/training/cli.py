@@ -15,7 +15,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -88,18 +88,24 @@ def _resume_config_name(run: Path) -> str:
     return f"config_resume_{len(list(run.glob('config_resume_*.yaml'))) + 1}.yaml"
 
 
+def error_chain(err: BaseException | None) -> Iterator[BaseException]:
+    """err, then what caused it, outermost first (`raise ... from None` ends the chain there)."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+
+
 def config_error(err: BaseException) -> str:
     """One line from jsonargparse's nested errors: the innermost cause after the keys that led to it
     (`--data.batch_size: Expected a <class 'int'>. Got value: abc`), or the error's first line; an
     error raised `from None` is the innermost (its message is the one meant for the user)."""
     keys, inner = [], err
-    while err is not None:
-        lines = str(err).strip().splitlines()
+    for cause in error_chain(err):
+        lines = str(cause).strip().splitlines()
         key = re.fullmatch(r'Parser key "(.+)":', lines[0]) if lines else None
         if key and key.group(1) not in keys[-1:]:
             keys.append(key.group(1))
-        inner = err if lines else inner
-        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)  # `from None` hides it
+        inner = cause if lines else inner
     lines = [line.strip() for line in str(inner).strip().splitlines() if not line.strip().startswith("Parser key")]
     text = lines[0] if lines else type(inner).__name__
     return f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
