@@ -146,8 +146,9 @@ def _sweep(args: argparse.Namespace) -> None:
     # refused), and checks only the URL of a database server (opening one would create Optuna's tables)
     check_storage_url(storage)
     readable = not args.dry_run or (file := sqlite_path(storage)) is not None and file.exists()
-    preflight(spec, make_storage(storage, spec.heartbeat) if readable else None, storage, study, args.runs_root)
-    planned = plan(spec, spec.planned_cells())
+    storage_read = make_storage(storage, spec.heartbeat) if readable else None
+    planned = plan(spec, spec.planned_cells())  # the data's identity, in the fingerprint preflight checks
+    preflight(spec, storage_read, storage, study, args.runs_root, planned)
     if args.dry_run:
         _print_plan(spec, planned, study)
         return

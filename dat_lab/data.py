@@ -9,6 +9,7 @@ raise `DataError` (one line naming the path) before training starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,9 +52,12 @@ class ImageDataModule(L.LightningDataModule):
                 "in_chans": init_args.get("channels") or cls.in_chans}
 
     @classmethod
-    def check(cls, **init_args) -> None:
+    def check(cls, **init_args) -> str | None:
         """Raise DataError where the data these init args name are not there (folders and file names
-        only, nothing decoded): what a sweep checks before it trains. Default: nothing to check."""
+        only, nothing decoded): what a sweep checks before it trains. Else what tells these data from
+        others that the init args leave open (a sweep's fingerprint holds it, and leaves the root out),
+        or None where the init args say it all. Default: nothing to check, nothing to tell."""
+        return None
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         trainer = self.trainer
@@ -148,10 +152,10 @@ class CIFAR10DataModule(ImageDataModule):
         return self._torchvision()(self.root, train=train, transform=transform, download=download)
 
     @classmethod
-    def check(cls, **init_args) -> None:
+    def check(cls, **init_args) -> str | None:
         root, dataset = init_args.get("root", "data"), cls._torchvision()
         if init_args.get("download", True):  # may download: known only in prepare_data
-            return
+            return None
         folder = Path(os.path.abspath(root), cls.folder)
         if not folder.is_dir():
             raise DataError(f"{cls.__name__}: no {cls.folder} under {folder.parent} and download is off: "
@@ -159,6 +163,7 @@ class CIFAR10DataModule(ImageDataModule):
         missing = [name for name, _ in dataset.train_list + dataset.test_list if not (folder / name).is_file()]
         if missing:
             raise DataError(f"{folder}: no {missing[0]} in it (a partial extraction of {cls.archive}?)")
+        return None  # the class says which dataset
 
     def prepare_data(self) -> None:
         try:
@@ -211,9 +216,13 @@ class ImageFolderDataModule(ImageDataModule):
         return super().describe(**init_args)
 
     @classmethod
-    def check(cls, **init_args) -> None:
-        if init_args.get("root") is not None:  # (a subclass may name its folder otherwise)
-            _layout(Path(init_args["root"]), init_args.get("num_classes"))
+    def check(cls, **init_args) -> str | None:
+        """The layout checked; the class folders' count, first and last names and a hash of all names."""
+        if init_args.get("root") is None:  # (a subclass may name its folder otherwise)
+            return None
+        classes = _layout(Path(init_args["root"]), init_args.get("num_classes"))
+        digest = hashlib.sha256("\n".join(classes).encode()).hexdigest()[:16]
+        return f"{len(classes)} class folders {classes[0]}..{classes[-1]}, names sha256 {digest}"
 
     def setup(self, stage: str | None = None) -> None:
         from timm.data import create_transform

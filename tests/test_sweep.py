@@ -405,6 +405,37 @@ def test_where_the_data_lie_and_how_many_loader_workers_are_no_part_of_a_fingerp
     check_fingerprint(there, here.fingerprint(), "t", "s")
 
 
+def _layout(root: Path, classes: list[str]) -> str:
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            (root / split / c / "0.jpg").touch()
+    return str(root)
+
+
+def test_a_study_resumed_on_other_images_with_as_many_classes_is_refused(tmp_path, capsys):
+    from dat_lab.sweep.runner import check_fingerprint
+
+    spec = _write(tmp_path, f"study: t\nbase: {ROOT / 'experiments' / 'dat_tiny_imagenet.yaml'}\n"
+                            "delta: {data: {init_args: {num_classes: 3, img_size: 64}}}\n")
+    here = _layout(tmp_path / "here", ["cat", "dog", "eel"])
+    there = _layout(tmp_path / "there", ["cat", "dog", "eel"])  # the same dataset, mounted elsewhere
+    other = _layout(tmp_path / "other", ["cat", "dog", "emu"])  # another one, of as many classes
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    made = parse_spec(spec, {"delta.data.init_args.root": here})
+    open_study(made, storage, "t", plan(made, made.planned_cells()))  # as a first run made it
+    assert _dry_run(spec, storage, tmp_path, f"delta.data.init_args.root={there}") == 0
+    capsys.readouterr()
+    assert _dry_run(spec, storage, tmp_path, f"delta.data.init_args.root={other}") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "study 't' in" in err and "was made by another spec, its results would mix: " \
+        "data: ['3 class folders cat..eel, names sha256 " in err and "-> ['3 class folders cat..emu, names sha256 " in err
+    stored = optuna.load_study(study_name="t", storage=storage).user_attrs[FINGERPRINT]
+    elsewhere = parse_spec(spec, {"delta.data.init_args.root": other})
+    check_fingerprint(elsewhere, {k: v for k, v in stored.items() if k != "data"}, "t", "s",
+                      plan(elsewhere, elsewhere.planned_cells()))  # stored before fingerprints held the data
+
+
 def _trial_dir(tmp_path, study, number):
     run_dir = tmp_path / "runs" / study / f"trial_{number:04d}"
     run_dir.mkdir(parents=True)

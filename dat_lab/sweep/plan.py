@@ -59,17 +59,18 @@ def model_config(parsed: Any) -> DATConfig:
     return get_config(parsed.model.variant, **{**(parsed.model.overrides or {}), **info})
 
 
-def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_checked: set[str]) -> DATConfig:
-    """The model config a trial config builds; SpecError naming `what` when it does not parse or build,
-    or when its data are not there (each data config checked once: `data_checked` holds those done)."""
+def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any],
+                   data_checked: dict[str, str | None]) -> tuple[DATConfig, str | None]:
+    """The model config a trial config builds, and its data's identity (ImageDataModule.check);
+    SpecError naming `what` when it does not parse or build, or when its data are not there (each data
+    config checked once: `data_checked` holds the identities of those done)."""
     try:
         parsed = parse_training_config(config)
         args = vars(parsed.data.init_args)
         data = repr((parsed.data.class_path, {k: v for k, v in args.items() if k not in LOADER_ARGS}))
         if data not in data_checked:
-            _data_class(parsed).check(**args)
-            data_checked.add(data)
-        return model_config(parsed)
+            data_checked[data] = _data_class(parsed).check(**args)
+        return model_config(parsed), data_checked[data]
     except (SpecError, ValueError, OSError) as err:  # OSError: a data folder that cannot be listed
         raise SpecError(f"{spec.path}: {what}: {err}") from None
 
@@ -81,13 +82,14 @@ class PlannedCell:
     model: DATConfig
     params_m: float
     gflops: float
+    data: str | None = None  # what tells its data from others beyond the config (ImageDataModule.check)
 
 
 def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     """Every cell with its checked config and its model's params and FLOPs; raises SpecError naming
     the cell whose config does not parse, whose model config is invalid or whose data are not there
     (for a search, also each search-space path at its bounds, or at each of its choices)."""
-    out, models, profiles, data_checked = [], {}, {}, set()
+    out, models, profiles, data_checked = [], {}, {}, {}
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
         if cell.name not in models:  # a cell's seeds differ in seed_everything only: parsed once per cell
@@ -96,9 +98,9 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
                 for value in dist["choices"] if dist["type"] == "categorical" else (dist["low"], dist["high"]):
                     _checked_model(spec, f"search_space.{path} = {value!r}", deep_merge(config, nest(path, value)),
                                    data_checked)
-        model = models[cell.name]
+        model, data = models[cell.name]
         if model not in profiles:
             profiles[model] = profile_model(DAT(config=model))
         p = profiles[model]
-        out.append(PlannedCell(cell=cell, config=config, model=model, params_m=p.params_m, gflops=p.gflops))
+        out.append(PlannedCell(cell=cell, config=config, model=model, params_m=p.params_m, gflops=p.gflops, data=data))
     return out

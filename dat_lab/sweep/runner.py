@@ -12,8 +12,9 @@ duplicate) before training, so no cell ends with two COMPLETE trials.
 TPE searches sample the spec's search space until the study holds `n_trials` finished (complete,
 pruned or failed) trials, with Optuna's Lightning pruning callback when the spec has a pruner.
 
-A study stores the fingerprint of the spec that made it (SweepSpec.fingerprint): a rerun with a spec
-that would change its results is refused before training (preflight, and open_study for workers).
+A study stores the fingerprint of the spec that made it (SweepSpec.fingerprint, with what planning
+found of its data: an image folder's class names): a rerun with a spec, or data, that would change its
+results is refused before training (preflight, and open_study for workers).
 Trial numbers are never reused within a study, so a trial refuses a non-empty run folder of its number.
 """
 
@@ -28,7 +29,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import optuna
 import sqlalchemy.exc
@@ -65,18 +66,28 @@ def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
         raise SpecError(M.storage_error(url, err)) from None
 
 
+def _fingerprint(spec: SweepSpec, planned: Iterable[PlannedCell] = ()) -> dict[str, Any]:
+    """The spec's fingerprint with the identity of the data its planned cells found (SweepSpec.fingerprint)."""
+    return spec.fingerprint(data=(p.data for p in planned))
+
+
+DATA = "data"  # the fingerprint's field of the data's identity
 ENQUEUED = "enqueued"  # study user attribute: the creating worker has queued every cell
 FINGERPRINT = "fingerprint"  # study user attribute: SweepSpec.fingerprint() of the spec that created it
 RUN_DIR = re.compile(r"trial_(\d+)")
 
 
-def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str, storage: str) -> None:
-    """Raise SpecError, naming the first fields that differ, unless `spec` defines the same results as the
-    spec that created study `name` (its stored fingerprint; a study from before fingerprints passes)."""
+def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str, storage: str,
+                      planned: Iterable[PlannedCell] = ()) -> None:
+    """Raise SpecError, naming the first fields that differ, unless `spec` (whose `planned` cells found
+    their data) defines the same results as the spec that created study `name` (its stored fingerprint;
+    a study from before fingerprints passes)."""
     if stored is None:
         return
     stored = {k: v for k, v in stored.items() if k not in MACHINE_LOCAL}  # fingerprints stored before MACHINE_LOCAL hold them
-    current = spec.fingerprint()
+    current = _fingerprint(spec, planned)
+    if DATA not in stored:  # stored before fingerprints held the data's identity
+        current.pop(DATA, None)
     differ = [k for k in [*current, *(k for k in stored if k not in current)] if current.get(k) != stored.get(k)]
     if differ:
         fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])
@@ -92,7 +103,8 @@ def run_dirs(runs_root: str, name: str) -> dict[int, Path]:
     return {int(m.group(1)): d for m, d in found if m and d.is_dir() and any(d.iterdir())}
 
 
-def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, runs_root: str) -> None:
+def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, runs_root: str,
+              planned: Iterable[PlannedCell] = ()) -> None:
     """Before any training (a dry run too: this only reads): refuse a study of this name made by another
     spec, and run folders of no trial of this study, which its trials would write into (the study name
     was used in another storage, or its storage was deleted). Trial numbers are never reused within a
@@ -105,7 +117,7 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
     except KeyError:  # a new study
         study_id = None
     if study_id is not None:
-        check_fingerprint(spec, storage.get_study_user_attrs(study_id).get(FINGERPRINT), name, url)
+        check_fingerprint(spec, storage.get_study_user_attrs(study_id).get(FINGERPRINT), name, url, planned)
         numbers = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
     stray = [d for n, d in dirs.items() if n not in numbers]
     if stray:
@@ -121,11 +133,12 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
     workers starting together exactly one creates; the others wait until it has queued the grid."""
     kwargs = dict(storage=make_storage(storage, spec.heartbeat), study_name=name, direction=spec.direction,
                   sampler=build_sampler(spec.sampler), pruner=build_pruner(spec.pruner))
+    cells = planned or []  # their data's identity is part of the fingerprint
     try:
         study = optuna.create_study(**kwargs)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
-        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # at once, if stored yet
+        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, cells)  # at once, if stored yet
         deadline = time.time() + wait_s
         if not study.user_attrs:
             print(f"study {name!r} has no fingerprint yet: waiting up to {wait_s:.0f} s for the worker creating it",
@@ -134,13 +147,13 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         # a grid's workers also wait until the creator has queued the cells
         while (not (attrs := study.user_attrs) or spec.is_grid and ENQUEUED not in attrs) and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
-        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # and once stored (and queued)
+        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, cells)  # and once stored (and queued)
         if FINGERPRINT not in study.user_attrs:  # from before fingerprints, or its creator died: guarded from now on
-            study.set_user_attr(FINGERPRINT, spec.fingerprint())
+            study.set_user_attr(FINGERPRINT, _fingerprint(spec, cells))
             time.sleep(POLL_SECONDS / 4)  # two workers adopting at once: the fingerprint stored last holds,
-            check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage)  # the other stops here
+            check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, cells)  # the other stops here
     else:
-        study.set_user_attr(FINGERPRINT, spec.fingerprint())  # first: what a loading worker checks
+        study.set_user_attr(FINGERPRINT, _fingerprint(spec, cells))  # first: what a loading worker checks
         study.set_user_attr("spec", str(spec.path))
         study.set_user_attr(M.STUDY_METRIC, spec.metric)
         study.set_user_attr(M.STUDY_DIRECTION, spec.direction)

@@ -33,7 +33,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import optuna
 import yaml
@@ -164,16 +164,20 @@ class SweepSpec:
         """The full training config of a trial: base, spec delta, cell delta, seed."""
         return deep_merge(deep_merge(self.base_config(), delta), {"seed_everything": seed})
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, data: Iterable[str | None] = ()) -> dict[str, Any]:
         """What defines a study's results, as {dotted field: value} (JSON values): objective, sampler, seeds,
         factors, search space and the resolved training config (base, delta, budget). Not the run-time
         options (storage, heartbeat, workers, n_trials, pruner), nor where the files are (MACHINE_LOCAL:
-        workers on several machines may find the data elsewhere, and load them with other worker counts)."""
+        workers on several machines may find the data elsewhere, and load them with other worker counts).
+        `data`: what planning found to tell the cells' data apart from others (PlannedCell.data), the
+        same wherever they lie (an ImageFolder's class names); a "data" field where there is any."""
         tree = {"objective": {"metric": self.metric, "direction": self.direction, "value": self.value},
                 "sampler": {**TPE_DEFAULTS, **self.sampler} if self.sampler["name"] == "tpe" else self.sampler,
                 "seeds": list(self.seeds),
                 "factors": {f.name: {"levels": f.levels, "baseline": f.baseline} for f in self.factors},
                 "search_space": self.search_space, "config": self.base_config()}
+        if identities := sorted({d for d in data if d}):
+            tree["data"] = identities
         flat = json.loads(json.dumps(_flatten(tree), default=str))
         return {k: v for k, v in flat.items() if k not in MACHINE_LOCAL}
 
