@@ -10,7 +10,7 @@ import pandas as pd
 from ..figures import save_figure
 from . import plots
 from .study import AnalysisError, load, trials_frame
-from .tables import summarize, write_tables
+from .tables import markdown, summarize, write_tables
 
 
 @dataclass
@@ -58,9 +58,10 @@ def _write_report(report: Report, info) -> Report:
              f"Objective: `{info.metric}` ({info.direction}). Trials: "
              + ", ".join(f"{v} {k}" for k, v in report.counts.items()) + ".", ""]
     if report.paper is not None:
-        lines += ["## As in the paper", "", report.paper.to_markdown(index=False), ""]
+        lines += ["## As in the paper", "", markdown(report.paper, info), ""]
+    table = markdown(report.table, info) if info.factors else report.table.to_markdown(index=False)
     lines += ["## Table (mean ± std over seeds; diff: to the baseline)" if info.factors else "## Trials", "",
-              report.table.to_markdown(index=False), "",
+              table, "",
               "Also as [CSV](table.csv)" + (" and [LaTeX](table.tex)." if info.factors else "."), "", "## Plots", ""]
     for png in [p for p in report.plots if p.suffix == ".png"]:
         lines += [f"![{png.stem}]({png.name})", "", f"([PDF]({png.stem}.pdf))", ""]

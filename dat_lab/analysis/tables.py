@@ -107,7 +107,8 @@ def display(table: pd.DataFrame, info: StudyInfo, *, latex: bool = False) -> pd.
     out = table[list(info.factors)].astype(str)
     if latex:
         out = out.map(lambda s: s.replace("_", r"\_"))
-    out[label] = [f"{_fmt(m)} {pm} {_fmt(s)}" if not math.isnan(m) else "-" for m, s in zip(table["mean"], table["std"])]
+    out[label] = [_fmt(m) if n < 2 else f"{_fmt(m)} {pm} {_fmt(s)}"  # one seed: no spread to show
+                  for m, s, n in zip(table["mean"], table["std"], table["n"])]
     out["seeds"] = table["n"].astype(str)
     out["params (M)"] = table["params_m"].map(lambda v: _fmt(v, 2))
     out["FLOPs (G)"] = table["gflops"].map(lambda v: _fmt(v, 3))
@@ -116,6 +117,14 @@ def display(table: pd.DataFrame, info: StudyInfo, *, latex: bool = False) -> pd.
     if (table["status"] != "done").any():
         out["status"] = table["status"]
     return out
+
+
+def markdown(shown: pd.DataFrame, info: StudyInfo) -> str:
+    """A displayed table in Markdown, its metric column as written (tabulate would reformat a column of
+    one seed's means as numbers: 94.50 as 94.5)."""
+    label, _ = metric_label(info.metric)
+    columns = list(shown.columns)
+    return shown.to_markdown(index=False, disable_numparse=[columns.index(label)] if label in columns else False)
 
 
 def paper_layout(table: pd.DataFrame, info: StudyInfo) -> pd.DataFrame | None:
@@ -145,12 +154,12 @@ def write_tables(table: pd.DataFrame, info: StudyInfo, out: Path) -> tuple[pd.Da
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "table.md", "csv": out / "table.csv", "tex": out / "table.tex"}
     shown = display(table, info)
-    paths["md"].write_text(shown.to_markdown(index=False) + "\n")
+    paths["md"].write_text(markdown(shown, info) + "\n")
     table.drop(columns=["baseline"]).to_csv(paths["csv"], index=False)
     tex = display(table, info, latex=True)
     tex.columns = [c.replace("%", r"\%").replace("_", r"\_") for c in tex.columns]
     paths["tex"].write_text(tex.to_latex(index=False, escape=False))
     paper = paper_layout(table, info)
     if paper is not None:
-        (out / "paper_table.md").write_text(paper.to_markdown(index=False) + "\n")
+        (out / "paper_table.md").write_text(markdown(paper, info) + "\n")
     return shown, paper
