@@ -218,6 +218,7 @@ def _sweep_status(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from dat_lab.analysis.study import load, trials_frame
+    from dat_lab.analysis.tables import metric_label, metric_text
 
     study, info = load(args.study, _existing_storage(args.storage, args.study))
     if args.trial is not None:
@@ -232,8 +233,9 @@ def _sweep_status(args: argparse.Namespace) -> None:
           + "".join(f", {n} {k}" for k, n in statuses.items() if k not in ("done", "running", "failed", "pending")))
     if rows.empty:
         return
+    label, _ = metric_label(info.metric)  # in analyze's units
     _print_table([{"cell": r.cell, "status": r.status, "trial": "-" if pd.isna(r.trial) else int(r.trial),
-                   "value": "-" if pd.isna(r.value) else r.value} for r in rows.itertuples()])
+                   label: metric_text(info.metric, r.value)} for r in rows.itertuples()])
     for r in rows[rows["status"] == "failed"].itertuples():
         print(f"failed: trial {int(r.trial)} ({r.cell}): {r.failure if isinstance(r.failure, str) else 'no reason recorded'}")
     print("reproduce a trial: dat-lab sweep-status", args.study, "--trial N")

@@ -107,6 +107,15 @@ def test_analyze_writes_every_output(tmp_path):
     assert "-7.00" in (tmp_path / "out" / "table.md").read_text()
 
 
+def test_sweep_status_shows_values_as_analyze_does(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _study(storage, values={k: v for k, v in VALUES.items() if k != ("none", "0")})  # a cell never queued
+    assert cli.main(["sweep-status", "known", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert "val/acc1 (%)" in out and "99.00" in out and "0.99" not in out  # percent, as in the table
+    assert [line.split("│")[-2].strip() for line in out.splitlines() if "none" in line and "s=0" in line] == ["-", "-"]  # per seed
+
+
 def test_partial_and_empty_studies(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     values = {k: v for k, v in VALUES.items() if k != ("none", "0")}  # a cell never queued

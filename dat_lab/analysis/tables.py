@@ -19,6 +19,12 @@ def metric_label(metric: str) -> tuple[str, float]:
     return metric, 1.0
 
 
+def metric_text(metric: str, value: float) -> str:
+    """A value of `metric` as the tables show it (accuracies in percent, 2 decimals; others 4)."""
+    label, scale = metric_label(metric)
+    return _fmt(value * scale, 2 if scale != 1.0 else 4)
+
+
 def baseline_levels(info: StudyInfo, baseline: str | None) -> dict[str, str]:
     """The baseline cell's levels: the spec's baselines, or those `baseline` names: "level" (of the one
     factor that has it), or "factor=level, factor=level" (a level may hold commas: "G=1, 1, s=0")."""
