@@ -69,6 +69,7 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert cli.main(["convert", str(released), "--variant", "dat_tiny", "-o", str(tmp_path / "x.ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dat-lab: error: checkpoint does not fit the model: missing [") and err.count("\n") == 1
+    assert " more; unexpected [" in err and len(err) < 1000  # another variant: the first names and a count
     assert cli.main(["convert", str(released), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert "exactly one of --variant" in capsys.readouterr().err
     assert cli.main(["convert", str(tmp_path / "nope.pth"), "--variant", "dat_tiny", "-o", "x"]) == 2
@@ -79,6 +80,21 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("MODEL: 3")
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", "x"]) == 2
     assert "holds no MODEL.DAT keywords" in capsys.readouterr().err
+    assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_convert_names_a_dat_lab_checkpoint_in_one_line(tmp_path, capsys):
+    model = dat_lab.create_model("dat_pico", num_classes=3, img_size=32)
+    own, lightning = tmp_path / "own.ckpt", tmp_path / "last.ckpt"
+    dat_lab.save_checkpoint(model, own)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_config": model.config.to_dict()}}, lightning)  # as Lightning saves
+    for path in (own, lightning):
+        assert cli.main(["convert", str(path), "--variant", "dat_pico", "-o", str(tmp_path / "x.ckpt")]) == 2
+        assert capsys.readouterr().err == (f"dat-lab: error: {path}: a dat-lab checkpoint already (it carries its "
+                                           "model config): load_checkpoint and `dat-lab visualize` read it as it is; "
+                                           "convert takes the released code's checkpoints\n")
+        dat_lab.load_checkpoint(path)
     assert not (tmp_path / "x.ckpt").exists()
 
 

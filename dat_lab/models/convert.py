@@ -96,6 +96,10 @@ def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any
 def official_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
     """The weights of a released checkpoint (a dict with a `model` key, or a bare state dict)."""
     data = _read(checkpoint)
+    if "model_config" in data or "hyper_parameters" in data:
+        where = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
+        raise ValueError(f"{where}: a dat-lab checkpoint already (it carries its model config): load_checkpoint "
+                         "and `dat-lab visualize` read it as it is; convert takes the released code's checkpoints")
     state = data["model"] if "model" in data and isinstance(data["model"], Mapping) else data
     return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
 
@@ -109,10 +113,15 @@ def load_official(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str,
     misshaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
     if missing or unexpected or misshaped:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing}; unexpected {unexpected}; "
-                         f"mis-shaped {misshaped}")
+        raise ValueError(f"checkpoint does not fit the model: missing {_some(missing)}; unexpected "
+                         f"{_some(unexpected)}; mis-shaped {_some(misshaped)}")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, and how many more (another model's checkpoint differs in hundreds)."""
+    return f"{names}" if len(names) <= shown else f"{names[:shown]} and {len(names) - shown} more"
 
 
 # --- dat-lab's own checkpoint -----------------------------------------------------------------------
