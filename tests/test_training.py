@@ -105,7 +105,7 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
         assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err
 
 
-def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path):
+def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path, monkeypatch, capsys):
     """`validate --ckpt_path last` evaluates the newest run's last.ckpt and logs to a new version; a
     resumed fit saves its config beside the run's own, which stays as the run was started."""
     short = ["--config", DIGITS, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
@@ -120,6 +120,16 @@ def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path):
     _run(tmp_path, *short, "--trainer.max_epochs", "2", "--ckpt_path", "last")
     assert (run / "config.yaml").read_text() == original
     assert yaml.safe_load((run / "config_resume_1.yaml").read_text())["trainer"]["max_epochs"] == 2
+    # the newest run of the name trained another model: refused before the data are touched
+    monkeypatch.setattr(dat_lab.data.DigitsDataModule, "prepare_data", lambda self: pytest.fail("data prepared"))
+    capsys.readouterr()
+    for command in ("fit", "validate"):
+        assert cli.main(["train", command, *short, "--trainer.default_root_dir", str(tmp_path),
+                         "--model.overrides", "{groups: [1, 1, 4, 8]}", "--ckpt_path", "last"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("dat-lab: error: --ckpt_path: the checkpoint holds another model (stages[2]."
+                                       "groups 2 there, 4 here") and captured.err.count("\n") == 1 and not captured.out
+    assert not (run / "config_resume_2.yaml").exists()
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line():

@@ -3,8 +3,8 @@
 One run directory per run, `runs/<name>/version_<n>/` (name: `--name`, else the config file's stem),
 holding config.yaml, TensorBoard events and checkpoints/{last.ckpt, best-*.ckpt}. `fit --ckpt_path last`
 resumes the newest version of that name in place (its config.yaml kept, the resumed run's config saved
-beside it as config_resume_<k>.yaml; a checkpoint of other model options is refused in one line:
-`ImageClassifier.on_load_checkpoint`); `validate`/`test --ckpt_path last` evaluate that version's
+beside it as config_resume_<k>.yaml; a checkpoint of other model options is refused in one line,
+before the data are prepared: `ImageClassifier.refuse_other_models`); `validate`/`test --ckpt_path last` evaluate that version's
 last.ckpt and log to a new version. The DataModule tells the model its number of classes, input size
 and channels.
 """
@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -71,16 +72,41 @@ class DatLabCLI(LightningCLI):
                 and not Path(ckpt).is_file():
             raise DataError(f"--ckpt_path: {ckpt} is not a file (give a checkpoint, or last for the newest run "
                             f"of the name)")
+        self.checkpoint_file = Path(ckpt) if ckpt and ckpt not in CKPT_ALIASES and Path(ckpt).is_file() else None
         if trainer.logger in (None, True):
             version = run_directory(root, name, resume=ckpt == "last")
+            if version is not None:
+                self.checkpoint_file = Path(root, name, version, "checkpoints", "last.ckpt")
             if version is not None and self.subcommand != "fit":  # evaluate its checkpoint; log apart
-                config.ckpt_path, version = str(Path(root, name, version, "checkpoints", "last.ckpt")), None
+                config.ckpt_path, version = str(self.checkpoint_file), None
             elif version is not None:  # resumed in place: the run's config.yaml stays as it was
                 self.save_config_kwargs = {**self.save_config_kwargs,
                                            "config_filename": _resume_config_name(Path(root, name, version))}
             trainer.logger = tensorboard_logger(root, name, version)
         if config.get("weights_only") is None and "weights_only" in config:
             config.weights_only = True
+
+
+    def _check_checkpoint(self) -> None:
+        """Refuse a checkpoint of another model now, in one line: Lightning loads it only after the
+        DataModule's prepare_data and setup (a download, every image verified). Read memory-mapped:
+        only the weights' names and shapes are looked at."""
+        if self.checkpoint_file is None:
+            return
+        try:
+            checkpoint = torch.load(self.checkpoint_file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception:  # an old format, or not a checkpoint: Lightning's own load says what is wrong
+            return
+        self.model.refuse_other_models(checkpoint)
+
+    def before_fit(self) -> None:
+        self._check_checkpoint()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_checkpoint()
 
 
 def _resume_config_name(run: Path) -> str:

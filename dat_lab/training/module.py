@@ -138,7 +138,7 @@ class ImageClassifier(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                                     "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
-    def _refuse_other_models(self, checkpoint: dict[str, Any]) -> None:
+    def refuse_other_models(self, checkpoint: dict[str, Any]) -> None:
         """A one-line ValueError, before any weight is loaded, when the checkpoint's weights do not fit
         this module (a run of another model config, e.g. the newest of a name that `--ckpt_path last`
         found), naming the config fields that differ."""
@@ -154,7 +154,7 @@ class ImageClassifier(L.LightningModule):
                          "with the options it was trained with (its run's config.yaml), or start a new run")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._refuse_other_models(checkpoint)
+        self.refuse_other_models(checkpoint)
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])
