@@ -415,6 +415,7 @@ def _layout(root: Path, classes: list[str]) -> str:
 
 def test_a_study_resumed_on_other_images_with_as_many_classes_is_refused(tmp_path, capsys):
     from dat_lab.sweep.runner import check_fingerprint
+    from dat_lab.sweep.spec import DATA_IDENTITY
 
     spec = _write(tmp_path, f"study: t\nbase: {ROOT / 'experiments' / 'dat_tiny_imagenet.yaml'}\n"
                             "delta: {data: {init_args: {num_classes: 3, img_size: 64}}}\n")
@@ -432,7 +433,7 @@ def test_a_study_resumed_on_other_images_with_as_many_classes_is_refused(tmp_pat
         "data: ['3 class folders cat..eel, names sha256 " in err and "-> ['3 class folders cat..emu, names sha256 " in err
     stored = optuna.load_study(study_name="t", storage=storage).user_attrs[FINGERPRINT]
     elsewhere = parse_spec(spec, {"delta.data.init_args.root": other})
-    check_fingerprint(elsewhere, {k: v for k, v in stored.items() if k != "data"}, "t", "s",
+    check_fingerprint(elsewhere, {k: v for k, v in stored.items() if k != DATA_IDENTITY}, "t", "s",
                       plan(elsewhere, elsewhere.planned_cells()))  # stored before fingerprints held the data
 
 

@@ -21,7 +21,7 @@ def metric_label(metric: str) -> tuple[str, float]:
 
 def metric_text(metric: str, value: float) -> str:
     """A value of `metric` as the tables show it (accuracies in percent, 2 decimals; others 4)."""
-    label, scale = metric_label(metric)
+    _, scale = metric_label(metric)
     return _fmt(value * scale, 2 if scale != 1.0 else 4)
 
 

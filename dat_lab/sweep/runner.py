@@ -43,7 +43,7 @@ from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, tensorboard_logger
 from ..training.cli import main as train
 from .plan import PlannedCell, plan
-from .spec import MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
+from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
 CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inherit it
@@ -71,7 +71,6 @@ def _fingerprint(spec: SweepSpec, planned: Iterable[PlannedCell] = ()) -> dict[s
     return spec.fingerprint(data=(p.data for p in planned))
 
 
-DATA = "data"  # the fingerprint's field of the data's identity
 ENQUEUED = "enqueued"  # study user attribute: the creating worker has queued every cell
 FINGERPRINT = "fingerprint"  # study user attribute: SweepSpec.fingerprint() of the spec that created it
 RUN_DIR = re.compile(r"trial_(\d+)")
@@ -86,8 +85,8 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
         return
     stored = {k: v for k, v in stored.items() if k not in MACHINE_LOCAL}  # fingerprints stored before MACHINE_LOCAL hold them
     current = _fingerprint(spec, planned)
-    if DATA not in stored:  # stored before fingerprints held the data's identity
-        current.pop(DATA, None)
+    if DATA_IDENTITY not in stored:  # stored before fingerprints held the data's identity
+        current.pop(DATA_IDENTITY, None)
     differ = [k for k in [*current, *(k for k in stored if k not in current)] if current.get(k) != stored.get(k)]
     if differ:
         fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])

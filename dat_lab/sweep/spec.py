@@ -59,6 +59,7 @@ PRUNER_CLASSES = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.Med
                   "hyperband": optuna.pruners.HyperbandPruner}
 PRUNERS = set(PRUNER_CLASSES)
 MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_workers"}  # not in a fingerprint
+DATA_IDENTITY = "data"  # the fingerprint's field of what planning found to tell the data apart
 SPACE_TYPES = {"float", "int", "categorical"}
 
 
@@ -170,14 +171,14 @@ class SweepSpec:
         options (storage, heartbeat, workers, n_trials, pruner), nor where the files are (MACHINE_LOCAL:
         workers on several machines may find the data elsewhere, and load them with other worker counts).
         `data`: what planning found to tell the cells' data apart from others (PlannedCell.data), the
-        same wherever they lie (an ImageFolder's class names); a "data" field where there is any."""
+        same wherever they lie (an ImageFolder's class names): a DATA_IDENTITY field where there is any."""
         tree = {"objective": {"metric": self.metric, "direction": self.direction, "value": self.value},
                 "sampler": {**TPE_DEFAULTS, **self.sampler} if self.sampler["name"] == "tpe" else self.sampler,
                 "seeds": list(self.seeds),
                 "factors": {f.name: {"levels": f.levels, "baseline": f.baseline} for f in self.factors},
                 "search_space": self.search_space, "config": self.base_config()}
         if identities := sorted({d for d in data if d}):
-            tree["data"] = identities
+            tree[DATA_IDENTITY] = identities
         flat = json.loads(json.dumps(_flatten(tree), default=str))
         return {k: v for k, v in flat.items() if k not in MACHINE_LOCAL}
 
