@@ -123,13 +123,16 @@ def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path, monkeypatch,
     # the newest run of the name trained another model: refused before the data are touched
     monkeypatch.setattr(dat_lab.data.DigitsDataModule, "prepare_data", lambda self: pytest.fail("data prepared"))
     capsys.readouterr()
-    for command in ("fit", "validate"):
-        assert cli.main(["train", command, *short, "--trainer.default_root_dir", str(tmp_path),
-                         "--model.overrides", "{groups: [1, 1, 4, 8]}", "--ckpt_path", "last"]) == 2
-        captured = capsys.readouterr()
-        assert captured.err.startswith("dat-lab: error: --ckpt_path: the checkpoint holds another model (stages[2]."
-                                       "groups 2 there, 4 here") and captured.err.count("\n") == 1 and not captured.out
-    assert not (run / "config_resume_2.yaml").exists()
+    last = run / "checkpoints" / "last.ckpt"
+    for command in ("fit", "validate"):  # the newest run's, or named as a file (Lightning would rebuild the
+        for ckpt in ("last", str(last)):  # model from the file's hyper-parameters, dropping the options given)
+            assert cli.main(["train", command, *short, "--trainer.default_root_dir", str(tmp_path),
+                             "--model.overrides", "{groups: [1, 1, 4, 8]}", "--ckpt_path", ckpt]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.startswith(f"dat-lab: error: --ckpt_path: {last} holds another model (stages[2]."
+                                           "groups 2 there, 4 here") and captured.err.count("\n") == 1, captured.err
+            assert not captured.out
+    assert not (run / "config_resume_2.yaml").exists() and not (run.parent / "version_2").exists()
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line():

@@ -61,6 +61,11 @@ class DatLabCLI(LightningCLI):
         for key in ("num_classes", "img_size", "in_chans"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the config's model options with a checkpoint file's hyper-parameters,
+        silently dropping those given; here the config builds the module, as for `--ckpt_path last`,
+        and a checkpoint of another model is refused in one line (`_check_checkpoint`)."""
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         files = config.get("config") or []
@@ -97,7 +102,7 @@ class DatLabCLI(LightningCLI):
             checkpoint = torch.load(self.checkpoint_file, map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # an old format, or not a checkpoint: Lightning's own load says what is wrong
             return
-        self.model.refuse_other_models(checkpoint)
+        self.model.refuse_other_models(checkpoint, source=str(self.checkpoint_file))
 
     def before_fit(self) -> None:
         self._check_checkpoint()

@@ -138,10 +138,10 @@ class ImageClassifier(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                                     "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
-    def refuse_other_models(self, checkpoint: dict[str, Any]) -> None:
+    def refuse_other_models(self, checkpoint: dict[str, Any], source: str = "the checkpoint") -> None:
         """A one-line ValueError, before any weight is loaded, when the checkpoint's weights do not fit
         this module (a run of another model config, e.g. the newest of a name that `--ckpt_path last`
-        found), naming the config fields that differ."""
+        found), naming the config fields that differ (and `source`, the checkpoint)."""
         saved, here = checkpoint.get("state_dict", {}), self.state_dict()
         if saved.keys() == here.keys() and all(saved[k].shape == here[k].shape for k in here):
             return
@@ -150,7 +150,7 @@ class ImageClassifier(L.LightningModule):
         changed = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(theirs.keys() | ours.keys())
                    if theirs.get(k) != ours.get(k)]
         listed = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
-        raise ValueError(f"--ckpt_path: the checkpoint holds another model ({listed or 'other weights'}); resume it "
+        raise ValueError(f"--ckpt_path: {source} holds another model ({listed or 'other weights'}); resume it "
                          "with the options it was trained with (its run's config.yaml), or start a new run")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
