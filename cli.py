@@ -19,6 +19,7 @@ import json
 import pickle
 import re
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -103,6 +104,7 @@ def _convert(args: argparse.Namespace) -> None:
               else dat_lab.config_from_official(_read_official_config(args.official_config)))
     state = official_state_dict(args.checkpoint)
     model = dat_lab.load_official(dat_lab.create_model(config), state)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     dat_lab.save_checkpoint(model, args.output, source=str(args.checkpoint))
     print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 

@@ -85,7 +85,9 @@ def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any
         return checkpoint
     try:
         return torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except OSError:  # no such file: the caller words it
+    except FileNotFoundError:
+        raise ValueError(f"{checkpoint}: no such checkpoint") from None
+    except OSError:  # unreadable: its own message names the file
         raise
     except Exception as err:  # not a checkpoint (the unpickler fails in many ways), or one with foreign objects
         detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
