@@ -89,6 +89,18 @@ def test_baseline_names_levels_with_commas_and_of_any_factor():
         baseline_levels(search, "x")
 
 
+def test_the_baseline_star_of_a_numeric_factor_is_the_baseline_cell(tmp_path):
+    from dat_lab.analysis import plots
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _study(storage)
+    study, info = load("known", storage)
+    fig = plots.factor_plot(trials_frame(study, info), info, "s")
+    [star] = [c for c in fig.axes[0].collections if c.get_label().startswith("baseline")]
+    assert star.get_label() == "baseline (position = relative, s = 2)"
+    assert star.get_offsets()[0].tolist() == pytest.approx([2.0, 98.0])  # relative at s=2, not s=2's mean 96.5
+
+
 def test_analyze_writes_every_output(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     _study(storage)

@@ -40,14 +40,14 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
     base = base_levels[factor]
     others = [f for f in info.factors if f != factor]
     hue = others[0] if len(others) == 1 else None
+    base_cell = done[(done[list(info.factors)].astype(str) == pd.Series(base_levels)).all(axis=1)]
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(levels) + 2), 3.6))
     if _numeric(levels):
         done["x"] = done[factor].astype(str).astype(float)
         sns.lineplot(data=done, x="x", y="y", hue=hue, errorbar="sd", marker="o", ax=ax, color=OTHER_COLOR)
-        means = done[done[factor].astype(str) == base]["y"]
-        if len(means):
-            ax.scatter([float(base)], [means.mean()], s=140, marker="*", color=BASELINE_COLOR, zorder=5,
-                       label=f"baseline ({factor} = {base})")
+        if len(base_cell):  # the table's baseline row, not the level's mean over the other factors
+            ax.scatter([float(base)], [base_cell["y"].mean()], s=140, marker="*", color=BASELINE_COLOR, zorder=5,
+                       label="baseline (" + ", ".join(f"{f} = {lv}" for f, lv in base_levels.items()) + ")")
             ax.legend(fontsize=8)
         ax.set_xlabel(factor)
     else:
@@ -61,7 +61,6 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
             if tick.get_text() == base:
                 tick.set_color(BASELINE_COLOR)
                 tick.set_fontweight("bold")
-        base_cell = done[(done[list(info.factors)].astype(str) == pd.Series(base_levels)).all(axis=1)]
         if len(base_cell):
             ax.axhline(base_cell["y"].mean(), color=BASELINE_COLOR, linestyle="--", linewidth=1, label="baseline cell")
         low = done["y"].min()
