@@ -249,10 +249,11 @@ def _analyze(args: argparse.Namespace) -> None:
     storage = _existing_storage(args.storage, args.study)
     out = args.out or f"runs/{args.study}/analysis"
     report = analyze(args.study, storage, out, baseline=args.baseline)
+    print(f"study {args.study!r}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
     if report.paper is not None:
         print("As in the paper:")
         _print_table(report.paper.to_dict(orient="records"))
-    print(f"study {args.study!r}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
+        print("Every cell:")
     _print_table(report.table.astype(str).to_dict(orient="records"))
     print(f"report: {report.path} (tables: .md .csv .tex; plots: " +
           ", ".join(p.name for p in report.plots if p.suffix == ".png") + ", each also as PDF)")

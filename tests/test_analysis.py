@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 from optuna.distributions import FloatDistribution
@@ -181,7 +182,11 @@ def test_paper_layout_of_table7(tmp_path, capsys):
     layout = (tmp_path / "out" / "paper_table.md").read_text()
     positions = [layout.index(r.row) for r in rows]
     assert positions == sorted(positions)
-    assert "4.64" in layout and "81.7" in layout and "| 52.00 " in layout and "±" not in layout  # one seed: no spread
+    assert "4.64" in layout and "81.7" in layout and "±" not in layout  # one seed: no spread
+    cells = {c.strip() for c in layout.replace("\n", "|").split("|")}
+    assert {"4.60", "82.0", "52.00"} <= cells  # as written: not 4.6, 82, 52
+    assert pd.read_csv(tmp_path / "out" / "table.csv")["std"].isna().all()  # nor a std of 0 in the CSV
+    assert out.index("study 't7': 5 done") < out.index("As in the paper:") < out.index("Every cell:")
 
 
 def test_search_study_plots(tmp_path):
@@ -193,7 +198,9 @@ def test_search_study_plots(tmp_path):
                                      value=0.8 + i / 100, user_attrs={M.TRIAL_SEED: 0}))
     report = analyze("lr", storage, tmp_path / "out")
     assert (tmp_path / "out" / "history.png").stat().st_size > 0 and (tmp_path / "out" / "importances.pdf").exists()
-    assert report.table["value"].iloc[0] == pytest.approx(0.83)
+    assert report.table["val/acc1 (%)"].tolist() == ["83.00", "82.00", "81.00", "80.00"]  # best first, in percent
+    assert report.table["model.lr"].tolist() == ["0.01", "0.003", "0.001", "0.0001"] and "failure" not in report.table
+    assert "|          83.00 |" in (tmp_path / "out" / "table.md").read_text()  # as written: not 83
 
 
 def test_sampling_points_figure_shows_images_on_a_fixed_scale():

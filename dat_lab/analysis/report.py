@@ -10,7 +10,7 @@ import pandas as pd
 from ..figures import save_figure
 from . import plots
 from .study import AnalysisError, load, trials_frame
-from .tables import markdown, summarize, write_tables
+from .tables import display_search, markdown, summarize, write_tables
 
 
 @dataclass
@@ -32,9 +32,9 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
         if done.empty:
             raise AnalysisError(f"study {study_name!r} has no finished trials yet")
         out.mkdir(parents=True, exist_ok=True)
-        shown = done.drop(columns=["run_dir", "cell"]).sort_values("value", ascending=info.direction == "minimize")
-        shown.to_csv(out / "table.csv", index=False)
-        (out / "table.md").write_text(shown.to_markdown(index=False) + "\n")
+        done.drop(columns=["run_dir", "cell"]).to_csv(out / "table.csv", index=False)  # the values as stored
+        shown = display_search(done, info)
+        (out / "table.md").write_text(markdown(shown) + "\n")
         paths = [p for name, fig in plots.search_plots(study).items() for p in save_figure(fig, out, name)]
         return _write_report(Report(out / "report.md", shown, None, paths, counts), info)
     table = summarize(frame, info, baseline)
@@ -58,8 +58,8 @@ def _write_report(report: Report, info) -> Report:
              f"Objective: `{info.metric}` ({info.direction}). Trials: "
              + ", ".join(f"{v} {k}" for k, v in report.counts.items()) + ".", ""]
     if report.paper is not None:
-        lines += ["## As in the paper", "", markdown(report.paper, info), ""]
-    table = markdown(report.table, info) if info.factors else report.table.to_markdown(index=False)
+        lines += ["## As in the paper", "", markdown(report.paper, left=1), ""]
+    table = markdown(report.table, left=len(info.factors))
     lines += ["## Table (mean ± std over seeds; diff: to the baseline)" if info.factors else "## Trials", "",
               table, "",
               "Also as [CSV](table.csv)" + (" and [LaTeX](table.tex)." if info.factors else "."), "", "## Plots", ""]

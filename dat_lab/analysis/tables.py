@@ -83,7 +83,7 @@ def summarize(frame: pd.DataFrame, info: StudyInfo, baseline: str | None = None)
         values = done["value"].astype(float) * scale
         pending = sorted(set(group["status"]) - {"done"})
         rows.append({**dict(zip(factors, levels)), "mean": values.mean() if len(values) else math.nan,
-                     "std": values.std(ddof=1) if len(values) > 1 else (0.0 if len(values) else math.nan),
+                     "std": values.std(ddof=1) if len(values) > 1 else math.nan,  # one seed: no spread measured
                      "n": len(values), "params_m": _first(group["params_m"]), "gflops": _first(group["gflops"]),
                      "images_per_s": done["images_per_s"].astype(float).mean() if len(done) else math.nan,
                      "status": "done" if not pending else f"{len(done)}/{len(group)} done; " + ", ".join(pending)})
@@ -116,21 +116,41 @@ def display(table: pd.DataFrame, info: StudyInfo, *, latex: bool = False) -> pd.
     out[label] = [_fmt(m) if n < 2 else f"{_fmt(m)} {pm} {_fmt(s)}"  # one seed: no spread to show
                   for m, s, n in zip(table["mean"], table["std"], table["n"])]
     out["seeds"] = table["n"].astype(str)
-    out["params (M)"] = table["params_m"].map(lambda v: _fmt(v, 2))
-    out["FLOPs (G)"] = table["gflops"].map(lambda v: _fmt(v, 3))
-    out["images/s"] = table["images_per_s"].map(lambda v: _fmt(v, 0))
+    _cost_columns(out, table)
     out["diff"] = ["baseline" if b else _fmt(d, 2, sign=True) for d, b in zip(table["diff"], table["baseline"])]
     if (table["status"] != "done").any():
         out["status"] = table["status"]
     return out
 
 
-def markdown(shown: pd.DataFrame, info: StudyInfo) -> str:
-    """A displayed table in Markdown, its metric column as written (tabulate would reformat a column of
-    one seed's means as numbers: 94.50 as 94.5)."""
+def _cost_columns(out: pd.DataFrame, frame: pd.DataFrame) -> None:
+    """Add params (M), FLOPs (G) and images/s of `frame` to `out`, as strings."""
+    out["params (M)"] = frame["params_m"].map(lambda v: _fmt(v, 2))
+    out["FLOPs (G)"] = frame["gflops"].map(lambda v: _fmt(v, 3))
+    out["images/s"] = frame["images_per_s"].map(lambda v: _fmt(v, 0))
+
+
+TRIAL_COLUMNS = ["cell", "seed", "status", "trial", "value", "params_m", "gflops", "images_per_s", "run_dir", "failure"]
+
+
+def display_search(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
+    """A search's finished trials as strings, best first: trial, the sampled parameters (4 significant
+    digits), the objective in the tables' units, params, FLOPs and images/s."""
+    done = done.sort_values("value", ascending=info.direction == "minimize")
     label, _ = metric_label(info.metric)
-    columns = list(shown.columns)
-    return shown.to_markdown(index=False, disable_numparse=[columns.index(label)] if label in columns else False)
+    out = pd.DataFrame({"trial": done["trial"].astype(int).astype(str)})
+    for name in [c for c in done.columns if c not in TRIAL_COLUMNS]:
+        out[name] = done[name].map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+    out[label] = done["value"].map(lambda v: metric_text(info.metric, v))
+    _cost_columns(out, done)
+    return out
+
+
+def markdown(shown: pd.DataFrame, left: int = 0) -> str:
+    """A displayed table (strings) in Markdown as written (tabulate would read numbers and reformat
+    them: 4.60 as 4.6, 52.00 as 52), its first `left` columns aligned left, the others right."""
+    align = ["left"] * left + ["right"] * (shown.shape[1] - left)
+    return shown.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
 def paper_layout(table: pd.DataFrame, info: StudyInfo) -> pd.DataFrame | None:
@@ -160,12 +180,12 @@ def write_tables(table: pd.DataFrame, info: StudyInfo, out: Path) -> tuple[pd.Da
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "table.md", "csv": out / "table.csv", "tex": out / "table.tex"}
     shown = display(table, info)
-    paths["md"].write_text(markdown(shown, info) + "\n")
+    paths["md"].write_text(markdown(shown, left=len(info.factors)) + "\n")
     table.drop(columns=["baseline"]).to_csv(paths["csv"], index=False)
     tex = display(table, info, latex=True)
     tex.columns = [c.replace("%", r"\%").replace("_", r"\_") for c in tex.columns]
     paths["tex"].write_text(tex.to_latex(index=False, escape=False))
     paper = paper_layout(table, info)
     if paper is not None:
-        (out / "paper_table.md").write_text(markdown(paper, info) + "\n")
+        (out / "paper_table.md").write_text(markdown(paper, left=1) + "\n")
     return shown, paper
