@@ -429,7 +429,7 @@ def test_a_study_resumed_on_other_images_with_as_many_classes_is_refused(tmp_pat
     capsys.readouterr()
     assert _dry_run(spec, storage, tmp_path, f"delta.data.init_args.root={other}") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "study 't' in" in err and "was made by another spec, its results would mix: " \
+    assert err.count("\n") == 1 and "study 't' in" in err and "was made on other data, its results would mix: " \
         "data: ['3 class folders cat..eel, names sha256 " in err and "-> ['3 class folders cat..emu, names sha256 " in err
     stored = optuna.load_study(study_name="t", storage=storage).user_attrs[FINGERPRINT]
     elsewhere = parse_spec(spec, {"delta.data.init_args.root": other})

@@ -91,7 +91,8 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
     if differ:
         fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])
         more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
-        raise SpecError(f"study {name!r} in {storage} was made by another spec, its results would mix: {fields}{more}; "
+        made = "on other data" if differ == [DATA_IDENTITY] else "by another spec"
+        raise SpecError(f"study {name!r} in {storage} was made {made}, its results would mix: {fields}{more}; "
                         f"use --study NEW_NAME for a new study, or the original spec and options to resume it")
 
 
