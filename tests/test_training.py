@@ -147,7 +147,25 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line():
         other.on_load_checkpoint(checkpoint)
     message = str(error.value)
     assert message.startswith("--ckpt_path: the checkpoint holds another model (stages[2].groups 4 there, 2 here; "
-                              "stages[3].groups 8 there, 4 here); resume it") and "\n" not in message
+                              "stages[3].groups 8 there, 4 here); give the options") and "\n" not in message
+    # an option that keeps every weight's shape (the offset range s): evaluating with another would be wrong
+    wider = ImageClassifier(variant="dat_pico", num_classes=10, img_size=32, overrides={"groups": [1, 1, 4, 8],
+                                                                                        "offset_range": 4.0})
+    assert wider.state_dict().keys() == trained.state_dict().keys()
+    with pytest.raises(ValueError, match=r"holds another model \(stages\[0\].offset_range 2.0 there, 4.0 here; "):
+        wider.on_load_checkpoint(checkpoint)
+    saved = torch.load(_save(checkpoint), weights_only=True)  # as read back: tuples where it had lists, or so
+    ImageClassifier(variant="dat_pico", num_classes=10, img_size=32,
+                    overrides={"groups": [1, 1, 4, 8]}).on_load_checkpoint(saved)
+
+
+def _save(checkpoint):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def _weights(path):

@@ -98,7 +98,7 @@ def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any
 def official_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
     """The weights of a released checkpoint (a dict with a `model` key, or a bare state dict)."""
     data = _read(checkpoint)
-    if "model_config" in data or "hyper_parameters" in data:
+    if "model_config" in data or "model_config" in (data.get("hyper_parameters") or {}):
         where = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
         raise ValueError(f"{where}: a dat-lab checkpoint already (it carries its model config): load_checkpoint "
                          "and `dat-lab visualize` read it as it is; convert takes the released code's checkpoints")

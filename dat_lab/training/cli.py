@@ -55,6 +55,7 @@ def run_directory(root: str | Path, name: str, resume: bool) -> str | None:
 
 
 class DatLabCLI(LightningCLI):
+    checkpoint_file: Path | None = None  # what --ckpt_path names on this machine, checked before the data
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
                             help="run name: runs go to <default_root_dir>/<name>/version_<n> (default: config file stem)")
@@ -73,11 +74,11 @@ class DatLabCLI(LightningCLI):
         trainer = config.trainer
         root = trainer.default_root_dir or "runs"
         ckpt = config.get("ckpt_path")
-        if ckpt and ckpt not in CKPT_ALIASES and not ckpt.startswith("registry:") and "://" not in ckpt \
-                and not Path(ckpt).is_file():
+        local = ckpt and ckpt not in CKPT_ALIASES and not ckpt.startswith("registry:") and "://" not in ckpt
+        if local and not Path(ckpt).is_file():
             raise DataError(f"--ckpt_path: {ckpt} is not a file (give a checkpoint, or last for the newest run "
                             f"of the name)")
-        self.checkpoint_file = Path(ckpt) if ckpt and ckpt not in CKPT_ALIASES and Path(ckpt).is_file() else None
+        self.checkpoint_file = Path(ckpt) if local else None
         if trainer.logger in (None, True):
             version = run_directory(root, name, resume=ckpt == "last")
             if version is not None:
@@ -100,7 +101,9 @@ class DatLabCLI(LightningCLI):
             return
         try:
             checkpoint = torch.load(self.checkpoint_file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception:  # an old format, or not a checkpoint: Lightning's own load says what is wrong
+        except RuntimeError:  # saved before torch's zip format: no memory map, read whole
+            checkpoint = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
+        except Exception:  # not a checkpoint: Lightning's own load says what is wrong
             return
         self.model.refuse_other_models(checkpoint, source=str(self.checkpoint_file))
 

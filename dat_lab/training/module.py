@@ -143,15 +143,16 @@ class ImageClassifier(L.LightningModule):
         this module (a run of another model config, e.g. the newest of a name that `--ckpt_path last`
         found), naming the config fields that differ (and `source`, the checkpoint)."""
         saved, here = checkpoint.get("state_dict", {}), self.state_dict()
-        if saved.keys() == here.keys() and all(saved[k].shape == here[k].shape for k in here):
-            return
-        theirs = _fields(checkpoint.get("hyper_parameters", {}).get("model_config", {}))
-        ours = _fields(self.hparams["model_config"])
+        fits = saved.keys() == here.keys() and all(saved[k].shape == here[k].shape for k in here)
+        config = checkpoint.get("hyper_parameters", {}).get("model_config")
+        theirs, ours = _fields(config or {}), _fields(self.hparams["model_config"])
         changed = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(theirs.keys() | ours.keys())
-                   if theirs.get(k) != ours.get(k)]
+                   if theirs.get(k) != ours.get(k)] if config or not fits else []
+        if fits and not changed:  # an option that keeps the shapes (the offset range s, say) counts too
+            return
         listed = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
-        raise ValueError(f"--ckpt_path: {source} holds another model ({listed or 'other weights'}); resume it "
-                         "with the options it was trained with (its run's config.yaml), or start a new run")
+        raise ValueError(f"--ckpt_path: {source} holds another model ({listed or 'other weights'}); give the "
+                         "options it was trained with (its run's config.yaml), or start a new run")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.refuse_other_models(checkpoint)
@@ -165,11 +166,12 @@ class ImageClassifier(L.LightningModule):
 
 
 def _fields(config: dict[str, Any]) -> dict[str, Any]:
-    """A model config's fields by name, the stages' as stages[i].field."""
+    """A model config's fields by name, the stages' as stages[i].field; sequences as lists (a saved
+    config may hold tuples where a rebuilt one holds lists)."""
     fields = {}
     for key, value in config.items():
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
             fields |= {f"{key}[{i}].{name}": x for i, stage in enumerate(value) for name, x in stage.items()}
         else:
             fields[key] = value
-    return fields
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
