@@ -127,6 +127,10 @@ def test_sweep_status_shows_values_as_analyze_does(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "val/acc1 (%)" in out and "99.00" in out and "0.99" not in out  # percent, as in the table
     assert [line.split("│")[-2].strip() for line in out.splitlines() if "none" in line and "s=0" in line] == ["-", "-"]  # per seed
+    _study(storage, name="started", values={("none", "0"): [0.9]}, seeds=(0,),  # nothing finished yet
+           states={(("none", "0"), 0): TrialState.RUNNING})
+    assert cli.main(["sweep-status", "started", "--storage", storage]) == 0
+    assert "1 running" in capsys.readouterr().out
 
 
 def test_partial_and_empty_studies(tmp_path, capsys):

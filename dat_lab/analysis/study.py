@@ -62,11 +62,14 @@ STATUS = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState
           TrialState.FAIL: "failed", TrialState.PRUNED: "pruned"}
 
 
+TRIAL_COLUMNS = ("cell", "seed", "status", "trial", "value", "params_m", "gflops", "images_per_s", "run_dir",
+                 "failure")  # of trials_frame, besides the factors or searched parameters
+
+
 def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
     """One row per cell and seed of a grid (its deciding trial, or 'missing'), or per trial of a search.
 
-    Columns: one per factor (grid) or per searched parameter, seed, status, trial, value, params_m,
-    gflops, images_per_s, run_dir, failure.
+    Columns: one per factor (grid) or per searched parameter, and TRIAL_COLUMNS.
     """
     rows = []
     for t in study.get_trials(deepcopy=False):

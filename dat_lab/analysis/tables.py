@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..ablations import paper_rows
-from .study import AnalysisError, StudyInfo
+from .study import TRIAL_COLUMNS, AnalysisError, StudyInfo
 
 
 def metric_label(metric: str) -> tuple[str, float]:
@@ -22,7 +22,12 @@ def metric_label(metric: str) -> tuple[str, float]:
 def metric_text(metric: str, value: float) -> str:
     """A value of `metric` as the tables show it (accuracies in percent, 2 decimals; others 4)."""
     _, scale = metric_label(metric)
-    return _fmt(value * scale, 2 if scale != 1.0 else 4)
+    return _fmt(value * scale if value is not None else None, _digits(metric))
+
+
+def _digits(metric: str) -> int:
+    """Decimals a metric's values are shown with: 2 in percent, else 4."""
+    return 2 if metric_label(metric)[1] != 1.0 else 4
 
 
 def baseline_levels(info: StudyInfo, baseline: str | None) -> dict[str, str]:
@@ -113,11 +118,12 @@ def display(table: pd.DataFrame, info: StudyInfo, *, latex: bool = False) -> pd.
     out = table[list(info.factors)].astype(str)
     if latex:
         out = out.map(lambda s: s.replace("_", r"\_"))
-    out[label] = [_fmt(m) if n < 2 else f"{_fmt(m)} {pm} {_fmt(s)}"  # one seed: no spread to show
+    d = _digits(info.metric)
+    out[label] = [_fmt(m, d) if n < 2 else f"{_fmt(m, d)} {pm} {_fmt(s, d)}"  # one seed: no spread to show
                   for m, s, n in zip(table["mean"], table["std"], table["n"])]
     out["seeds"] = table["n"].astype(str)
     _cost_columns(out, table)
-    out["diff"] = ["baseline" if b else _fmt(d, 2, sign=True) for d, b in zip(table["diff"], table["baseline"])]
+    out["diff"] = ["baseline" if b else _fmt(x, d, sign=True) for x, b in zip(table["diff"], table["baseline"])]
     if (table["status"] != "done").any():
         out["status"] = table["status"]
     return out
@@ -128,9 +134,6 @@ def _cost_columns(out: pd.DataFrame, frame: pd.DataFrame) -> None:
     out["params (M)"] = frame["params_m"].map(lambda v: _fmt(v, 2))
     out["FLOPs (G)"] = frame["gflops"].map(lambda v: _fmt(v, 3))
     out["images/s"] = frame["images_per_s"].map(lambda v: _fmt(v, 0))
-
-
-TRIAL_COLUMNS = ["cell", "seed", "status", "trial", "value", "params_m", "gflops", "images_per_s", "run_dir", "failure"]
 
 
 def display_search(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
