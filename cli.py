@@ -149,8 +149,9 @@ def _sweep(args: argparse.Namespace) -> None:
     check_storage_url(storage)
     readable = not args.dry_run or (file := sqlite_path(storage)) is not None and file.exists()
     storage_read = make_storage(storage, spec.heartbeat) if readable else None
-    planned = plan(spec, spec.planned_cells())  # the data's identity, in the fingerprint preflight checks
-    preflight(spec, storage_read, storage, study, args.runs_root, planned)
+    preflight(spec, storage_read, storage, study, args.runs_root)  # another spec's study: refused at once,
+    planned = plan(spec, spec.planned_cells())
+    preflight(spec, storage_read, storage, study, args.runs_root, planned)  # and on other data once they are found
     if args.dry_run:
         _print_plan(spec, planned, study)
         return

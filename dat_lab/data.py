@@ -221,7 +221,7 @@ class ImageFolderDataModule(ImageDataModule):
         if init_args.get("root") is None:  # (a subclass may name its folder otherwise)
             return None
         classes = _layout(Path(init_args["root"]), init_args.get("num_classes"))
-        digest = hashlib.sha256("\n".join(classes).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("\n".join(classes).encode("utf-8", "surrogateescape")).hexdigest()[:16]  # any name
         return f"{len(classes)} class folders {classes[0]}..{classes[-1]}, names sha256 {digest}"
 
     def setup(self, stage: str | None = None) -> None:

@@ -418,7 +418,7 @@ def test_a_study_resumed_on_other_images_with_as_many_classes_is_refused(tmp_pat
     from dat_lab.sweep.spec import DATA_IDENTITY
 
     spec = _write(tmp_path, f"study: t\nbase: {ROOT / 'experiments' / 'dat_tiny_imagenet.yaml'}\n"
-                            "delta: {data: {init_args: {num_classes: 3, img_size: 64}}}\n")
+                            "delta: {model: {variant: dat_pico}, data: {init_args: {num_classes: 3, img_size: 32}}}\n")
     here = _layout(tmp_path / "here", ["cat", "dog", "eel"])
     there = _layout(tmp_path / "there", ["cat", "dog", "eel"])  # the same dataset, mounted elsewhere
     other = _layout(tmp_path / "other", ["cat", "dog", "emu"])  # another one, of as many classes
@@ -433,8 +433,20 @@ def test_a_study_resumed_on_other_images_with_as_many_classes_is_refused(tmp_pat
         "data: ['3 class folders cat..eel, names sha256 " in err and "-> ['3 class folders cat..emu, names sha256 " in err
     stored = optuna.load_study(study_name="t", storage=storage).user_attrs[FINGERPRINT]
     elsewhere = parse_spec(spec, {"delta.data.init_args.root": other})
-    check_fingerprint(elsewhere, {k: v for k, v in stored.items() if k != DATA_IDENTITY}, "t", "s",
-                      plan(elsewhere, elsewhere.planned_cells()))  # stored before fingerprints held the data
+    on_other = plan(elsewhere, elsewhere.planned_cells())
+    open_study(elsewhere, storage, "t")  # a worker that did not plan (the API's default) compares no data
+    optuna.create_study(study_name="old", storage=storage).set_user_attr(
+        FINGERPRINT, {k: v for k, v in stored.items() if k != DATA_IDENTITY})  # stored before it held the data:
+    check_fingerprint(elsewhere, stored, "t", "s", None)
+    open_study(made, storage, "old", plan(made, made.planned_cells()), wait_s=0)  # accepted; its data guarded from now on
+    with pytest.raises(SpecError, match="study 'old' .* was made on other data"):
+        open_study(elsewhere, storage, "old", on_other)
+    # a search whose space chooses the data: each choice's data in the fingerprint
+    search = parse_spec(spec, {"delta.data.init_args.root": here, "sampler": "tpe", "n_trials": 2,
+                               "search_space": {"data.init_args.root": {"type": "categorical", "choices": [here, other]}}})
+    [base] = plan(search, search.planned_cells())
+    assert len(base.data) == 2 and {d.split(",")[0] for d in base.data} == {"3 class folders cat..eel",
+                                                                            "3 class folders cat..emu"}
 
 
 def _trial_dir(tmp_path, study, number):

@@ -82,7 +82,7 @@ class PlannedCell:
     model: DATConfig
     params_m: float
     gflops: float
-    data: str | None = None  # what tells its data from others beyond the config (ImageDataModule.check)
+    data: tuple[str, ...] = ()  # what tells its data from others beyond the config (ImageDataModule.check)
 
 
 def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
@@ -93,11 +93,13 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
         if cell.name not in models:  # a cell's seeds differ in seed_everything only: parsed once per cell
-            models[cell.name] = _checked_model(spec, f"cell {cell.name!r}", config, data_checked)
+            model, data = _checked_model(spec, f"cell {cell.name!r}", config, data_checked)
+            found = {data}  # and the data of each search-space choice (a search may choose among datasets)
             for path, dist in spec.search_space.items():
                 for value in dist["choices"] if dist["type"] == "categorical" else (dist["low"], dist["high"]):
-                    _checked_model(spec, f"search_space.{path} = {value!r}", deep_merge(config, nest(path, value)),
-                                   data_checked)
+                    found.add(_checked_model(spec, f"search_space.{path} = {value!r}",
+                                             deep_merge(config, nest(path, value)), data_checked)[1])
+            models[cell.name] = model, tuple(sorted(d for d in found if d))
         model, data = models[cell.name]
         if model not in profiles:
             profiles[model] = profile_model(DAT(config=model))

@@ -66,9 +66,9 @@ def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
         raise SpecError(M.storage_error(url, err)) from None
 
 
-def _fingerprint(spec: SweepSpec, planned: Iterable[PlannedCell] = ()) -> dict[str, Any]:
+def _fingerprint(spec: SweepSpec, planned: Iterable[PlannedCell] | None) -> dict[str, Any]:
     """The spec's fingerprint with the identity of the data its planned cells found (SweepSpec.fingerprint)."""
-    return spec.fingerprint(data=(p.data for p in planned))
+    return spec.fingerprint(data=(d for p in planned or () for d in p.data))
 
 
 ENQUEUED = "enqueued"  # study user attribute: the creating worker has queued every cell
@@ -77,16 +77,17 @@ RUN_DIR = re.compile(r"trial_(\d+)")
 
 
 def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str, storage: str,
-                      planned: Iterable[PlannedCell] = ()) -> None:
+                      planned: Iterable[PlannedCell] | None = None) -> None:
     """Raise SpecError, naming the first fields that differ, unless `spec` (whose `planned` cells found
-    their data) defines the same results as the spec that created study `name` (its stored fingerprint;
-    a study from before fingerprints passes)."""
+    their data; None: not looked at yet, the data not compared) defines the same results as the spec
+    that created study `name` (its stored fingerprint; a study from before fingerprints passes)."""
     if stored is None:
         return
     stored = {k: v for k, v in stored.items() if k not in MACHINE_LOCAL}  # fingerprints stored before MACHINE_LOCAL hold them
     current = _fingerprint(spec, planned)
-    if DATA_IDENTITY not in stored:  # stored before fingerprints held the data's identity
+    if planned is None or DATA_IDENTITY not in stored:  # stored before fingerprints held the data's identity
         current.pop(DATA_IDENTITY, None)
+        stored.pop(DATA_IDENTITY, None)
     differ = [k for k in [*current, *(k for k in stored if k not in current)] if current.get(k) != stored.get(k)]
     if differ:
         fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])
@@ -104,7 +105,7 @@ def run_dirs(runs_root: str, name: str) -> dict[int, Path]:
 
 
 def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, runs_root: str,
-              planned: Iterable[PlannedCell] = ()) -> None:
+              planned: Iterable[PlannedCell] | None = None) -> None:
     """Before any training (a dry run too: this only reads): refuse a study of this name made by another
     spec, and run folders of no trial of this study, which its trials would write into (the study name
     was used in another storage, or its storage was deleted). Trial numbers are never reused within a
@@ -133,12 +134,11 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
     workers starting together exactly one creates; the others wait until it has queued the grid."""
     kwargs = dict(storage=make_storage(storage, spec.heartbeat), study_name=name, direction=spec.direction,
                   sampler=build_sampler(spec.sampler), pruner=build_pruner(spec.pruner))
-    cells = planned or []  # their data's identity is part of the fingerprint
     try:
         study = optuna.create_study(**kwargs)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
-        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, cells)  # at once, if stored yet
+        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # at once, if stored yet
         deadline = time.time() + wait_s
         if not study.user_attrs:
             print(f"study {name!r} has no fingerprint yet: waiting up to {wait_s:.0f} s for the worker creating it",
@@ -147,13 +147,16 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         # a grid's workers also wait until the creator has queued the cells
         while (not (attrs := study.user_attrs) or spec.is_grid and ENQUEUED not in attrs) and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
-        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, cells)  # and once stored (and queued)
+        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # and once stored (and queued)
         if FINGERPRINT not in study.user_attrs:  # from before fingerprints, or its creator died: guarded from now on
-            study.set_user_attr(FINGERPRINT, _fingerprint(spec, cells))
+            study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))
             time.sleep(POLL_SECONDS / 4)  # two workers adopting at once: the fingerprint stored last holds,
-            check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, cells)  # the other stops here
+            check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # the other stops here
+        elif DATA_IDENTITY not in study.user_attrs[FINGERPRINT]:  # stored before it held the data (else the same):
+            if DATA_IDENTITY in (ours := _fingerprint(spec, planned)):  # the data are guarded from now on
+                study.set_user_attr(FINGERPRINT, ours)
     else:
-        study.set_user_attr(FINGERPRINT, _fingerprint(spec, cells))  # first: what a loading worker checks
+        study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))  # first: what a loading worker checks
         study.set_user_attr("spec", str(spec.path))
         study.set_user_attr(M.STUDY_METRIC, spec.metric)
         study.set_user_attr(M.STUDY_DIRECTION, spec.direction)

@@ -165,7 +165,7 @@ class SweepSpec:
         """The full training config of a trial: base, spec delta, cell delta, seed."""
         return deep_merge(deep_merge(self.base_config(), delta), {"seed_everything": seed})
 
-    def fingerprint(self, data: Iterable[str | None] = ()) -> dict[str, Any]:
+    def fingerprint(self, data: Iterable[str] = ()) -> dict[str, Any]:
         """What defines a study's results, as {dotted field: value} (JSON values): objective, sampler, seeds,
         factors, search space and the resolved training config (base, delta, budget). Not the run-time
         options (storage, heartbeat, workers, n_trials, pruner), nor where the files are (MACHINE_LOCAL:
