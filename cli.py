@@ -116,8 +116,7 @@ def _train(argv: list[str]) -> int:
     from dat_lab.training.cli import config_error, main as train_main
     from dat_lab.training.module import NonFiniteLossError
 
-    sys.argv = ["dat-lab train"]  # LightningCLI reads its arguments from `argv` alone (and names itself so)
-    try:
+    try:  # sys.argv as it is: Lightning's DDP launcher starts the other ranks with this process's command line
         train_main(argv)
     except (ValueError, ArgumentError, NonFiniteLossError) as err:  # bad config or data (DataError), diverged training
         return _fail(ValueError(config_error(err)))

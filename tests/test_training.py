@@ -105,6 +105,18 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
         assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err
 
 
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """Lightning's DDP launcher starts the other rank with this process's command line: it must be whole."""
+    done = subprocess.run([sys.executable, "-m", "cli", "train", "--config", DIGITS, "--trainer.accelerator", "cpu",
+                           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
+                           "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "MEMBER: 2/2" in done.stderr + done.stdout, done.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "digits_quick").iterdir()] == ["version_0"]
+    assert (tmp_path / "digits_quick" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path, monkeypatch, capsys):
     """`validate --ckpt_path last` evaluates the newest run's last.ckpt and logs to a new version; a
     resumed fit saves its config beside the run's own, which stays as the run was started."""

@@ -62,6 +62,15 @@ class DatLabCLI(LightningCLI):
         for key in ("num_classes", "img_size", "in_chans"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's, sys.argv set aside while `args` are parsed (else it warns of both); the rest of
+        the run keeps sys.argv whole: Lightning's DDP launcher starts the other ranks with it."""
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the config's model options with a checkpoint file's hyper-parameters,
         silently dropping those given; here the config builds the module, as for `--ckpt_path last`,
@@ -159,12 +168,15 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
         args = list(args or [])
         if not args or args[0] not in SUBCOMMANDS + ("-h", "--help"):
             args = ["fit", *args]
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args` alone
+    argv = sys.argv  # whole for a command line (see DatLabCLI.parse_arguments); a sweep's trial has none
+    if isinstance(args, dict):  # of its own (DDP inside a sweep's trial would start ranks of the sweep)
+        sys.argv = sys.argv[:1]
     try:
         return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
                          trainer_defaults={"default_root_dir": "runs",
                                            "callbacks": default_callbacks() + list(extra_callbacks or [])},
                          save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                         parser_kwargs={name: {"exit_on_error": False} for name in SUBCOMMANDS} | {"exit_on_error": False})
+                         parser_kwargs={name: {"exit_on_error": False} for name in SUBCOMMANDS}
+                         | {"exit_on_error": False, "prog": "dat-lab train"})
     finally:
         sys.argv = argv
