@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_path_options, alternate, cuda_peak_mb, in_subprocess, machine, markdown,  # noqa: E402
-                    path_options, peak_rss_delta_mb, write)
+from common import (add_output_options, add_path_options, alternate, cuda_peak_mb, in_subprocess, machine,  # noqa: E402
+                    markdown, path_options, peak_rss_delta_mb, write)
 
 from dat_lab.models import StageConfig  # noqa: E402
 from dat_lab.models.attention import DeformableAttention, set_deformable_options  # noqa: E402
@@ -57,8 +57,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--json", default="benchmarks/results/attention.json")
-    p.add_argument("--md", help="update this Markdown file's attention section (e.g. docs/benchmarks.md)")
+    add_output_options(p, "attention")
     add_path_options(p, "the dat-lab path")
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SHAPES, make_block  # noqa: E402
-from common import alternate, machine, markdown, relative_errors, write  # noqa: E402
+from common import add_output_options, alternate, machine, markdown, relative_errors, write  # noqa: E402
 
 from dat_lab.models import triton_bias  # noqa: E402
 from dat_lab.models.attention import set_deformable_options  # noqa: E402
@@ -131,9 +131,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--settings", nargs="*", default=["BACKWARD=loop/PRECISION=ieee", "BACKWARD=loop", "DOTS_KEYS=2",
                                                         "DOTS_WARPS=8", "DOTS_KEYS=8/DOTS_BLOCKS=4/DOTS_WARPS=8"])
-    p.add_argument("--json", default="benchmarks/results/bias.json")
+    add_output_options(p, "bias")
     p.add_argument("--from-json", help="only write the table of this earlier run's JSON")
-    p.add_argument("--md", help="update this Markdown file's bias section (e.g. docs/benchmarks.md)")
     a = p.parse_args()
     if a.from_json:
         results = json.loads(Path(a.from_json).read_text())

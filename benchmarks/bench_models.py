@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bias import parse, use  # noqa: E402
-from common import (add_path_options, alternate, cuda_peak_mb, in_subprocess, machine, markdown,  # noqa: E402
-                    path_options, peak_rss_delta_mb, write)
+from common import (add_output_options, add_path_options, alternate, cuda_peak_mb, in_subprocess, machine,  # noqa: E402
+                    markdown, path_options, peak_rss_delta_mb, write)
 
 import dat_lab  # noqa: E402,F401  (registers dat_tiny with timm)
 from dat_lab.models.attention import set_deformable_options  # noqa: E402
@@ -74,8 +74,7 @@ def main() -> None:
     p.add_argument("--setting", default="default", help="dat_tiny's Triton bias setting (bench_bias.py's notation)")
     p.add_argument("--dat-settings", nargs="*", default=[],
                    help="more dat_tiny contenders, each with these Triton bias settings (bench_bias.py's notation)")
-    p.add_argument("--json", default="benchmarks/results/models.json")
-    p.add_argument("--md", help="update this Markdown file's models section (e.g. docs/benchmarks.md)")
+    add_output_options(p, "models")
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SHAPES  # noqa: E402
-from common import alternate, machine, markdown, write  # noqa: E402
+from common import add_output_options, alternate, machine, markdown, write  # noqa: E402
 
 BACKENDS = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "math": SDPBackend.MATH}
@@ -71,8 +71,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--json", default="benchmarks/results/sdpa.json")
-    p.add_argument("--md", help="update this Markdown file's SDPA section (e.g. docs/benchmarks.md)")
+    add_output_options(p, "sdpa", "SDPA")
     a = p.parse_args()
     results = {"machine": machine(a.device), "device": a.device, "batch": a.batch, "rows": [], "kernels": {}}
     for shape in SHAPES:

@@ -39,6 +39,12 @@ def add_path_options(parser, blocks: str) -> None:
     parser.add_argument("--kernel", default="auto", choices=KERNELS, help=f"attention kernel of {blocks}")
 
 
+def add_output_options(parser, name: str, section: str | None = None) -> None:
+    """--json (default benchmarks/results/<name>.json) and --md: where a benchmark's results go."""
+    parser.add_argument("--json", default=f"benchmarks/results/{name}.json")
+    parser.add_argument("--md", help=f"update this Markdown file's {section or name} section (e.g. docs/benchmarks.md)")
+
+
 def path_options(a) -> str:
     """The non-default --sampler / --kernel as ", sampler dense, kernel sdpa" for table titles."""
     return "".join(f", {k} {v}" for k, v in (("sampler", a.sampler), ("kernel", a.kernel)) if v != "auto")
