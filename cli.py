@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="released .pth (a dict with a `model` key, or a bare state dict)")
     c.add_argument("--variant", help="the variant the weights belong to, e.g. dat_tiny")
     c.add_argument("--official-config", help="the released config YAML the weights were trained with")
-    c.add_argument("-o", "--output", required=True, help="where to write the converted checkpoint")
+    c.add_argument("-o", "--output", required=True, help="where to write the converted checkpoint (its folder is made)")
     c.set_defaults(run=_convert)
 
     w = sub.add_parser("sweep", help="run (or resume) an ablation sweep on an Optuna study")
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
     w.set_defaults(run=_sweep)
 
-    st = sub.add_parser("sweep-status", help="cells done, running, failed and pending; how to reproduce a trial")
+    st = sub.add_parser("sweep-status", help="cells done, running, failed and pending, with their values as analyze shows them; how to reproduce a trial")
     st.add_argument("study")
     st.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
     st.add_argument("--trial", type=int, help="print the `dat-lab train` command that reproduces trial N")
