@@ -36,6 +36,11 @@ def offset_mean(stage: int) -> str:
     return f"offsets/stage{stage}/mean_cells"
 
 
+def best_of(metric: str) -> str:
+    """Not logged: where MetricTracker keeps the best value of `metric` in a trainer's callback metrics."""
+    return f"{metric}:best"
+
+
 def cell_name(levels: Mapping[str, Any]) -> str:
     """A cell's levels as "factor=level, ...", in the spec's factor order."""
     return ", ".join(f"{k}={v}" for k, v in levels.items())

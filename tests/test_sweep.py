@@ -199,6 +199,72 @@ def test_a_failure_reason_is_the_errors_own_first_line_unless_a_data_error_lies_
         assert runner._failure(err) == "ValueError: /x/train: no such folder"
 
 
+def test_a_failure_in_a_spawned_rank_is_its_tracebacks_last_line():
+    from torch.multiprocessing import ProcessRaisedException
+
+    err = ProcessRaisedException("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent "
+                                 "call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory. "
+                                 "Tried to allocate 2.00 GiB\n", 1, 99)
+    assert runner._failure(err) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+@pytest.mark.parametrize("trainer,strategy", [
+    ({"accelerator": "gpu", "devices": 8, "strategy": "ddp"}, "ddp_spawn"),
+    ({"devices": 2, "strategy": "ddp_find_unused_parameters_true"}, "ddp_spawn_find_unused_parameters_true"),
+    ({"accelerator": "cpu", "devices": 2}, "ddp_spawn"),  # auto on several devices is ddp
+    ({"devices": "0,1"}, "ddp_spawn"),
+    ({"devices": [0, 1], "strategy": "auto"}, "ddp_spawn"),
+    ({"accelerator": "cpu", "devices": 1}, None),  # one device: no strategy set
+    ({"devices": 2, "strategy": "ddp_fork"}, "ddp_fork"),
+    ({"devices": 2, "strategy": {"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                                 "init_args": {"static_graph": True}}},
+     {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": {"static_graph": True,
+                                                                              "start_method": "spawn"}}),
+])
+def test_ddp_in_a_trial_spawns_its_ranks_instead_of_running_the_command_again(trainer, strategy):
+    from dat_lab.sweep.plan import in_worker
+
+    config = {"trainer": trainer, "model": {"lr": 1.0}}
+    out = in_worker(config)
+    assert out["trainer"].get("strategy") == strategy and out["model"] == {"lr": 1.0}
+    assert config["trainer"] == trainer  # not changed in place
+
+
+@pytest.mark.parametrize("trainer,message", [
+    ({"devices": 8, "num_nodes": 2, "strategy": "ddp"}, "trainer.num_nodes: 2; a sweep's trial trains on its "
+                                                        "worker's machine"),
+    ({"devices": 2, "strategy": "fsdp"}, "trainer.strategy: 'fsdp' on 2 devices starts its processes by running "
+                                         "the command line again"),
+])
+def test_what_a_trial_cannot_run_inside_its_worker_is_refused_at_planning(tmp_path, capsys, trainer, message):
+    import yaml
+
+    spec = _write(tmp_path, BASE + "delta: " + yaml.safe_dump({"trainer": trainer}, default_flow_style=True))
+    assert cli.main(["sweep", str(spec), "--dry-run", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dat-lab: error: {spec}: cell '': {message}") and err.count("\n") == 1, err
+
+
+def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_back(tmp_path):
+    """The base config's `ddp` would start the other rank by running `dat-lab sweep` again (a second
+    worker, and the run killed); the trial spawns its ranks, and what rank 0 found reaches the study."""
+    spec = _write(tmp_path, BASE + "sampler: {name: tpe, seed: 0}\nn_trials: 1\n"
+                  "search_space: {model.lr: {type: float, low: 1.0e-3, high: 3.0e-3}}\n"
+                  "pruner: {name: median}\nbudget: {max_epochs: 1, limit_train_batches: 3, limit_val_batches: 2}\n"
+                  "delta: {trainer: {accelerator: cpu, devices: 2, strategy: ddp}}\n")
+    storage = f"sqlite:///{tmp_path / 'ddp.db'}"
+    done = subprocess.run([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", storage,
+                           "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "MEMBER: 2/2" in done.stdout + done.stderr, done.stderr[-3000:]
+    [trial] = optuna.load_study(study_name="t", storage=storage).get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["best"] > 0
+    assert trial.intermediate_values == {0: trial.value}  # reported by the pruning callback on rank 0
+    assert trial.user_attrs["final"] == trial.value and trial.user_attrs["images_per_s"] > 0
+    run = Path(trial.user_attrs["run_dir"])
+    assert [d.name for d in run.parent.iterdir()] == [run.name]
+    assert "strategy: ddp_spawn" in (run / "config.yaml").read_text()
+
+
 def test_table6_dry_run_matches_profile_paper_tables(imagenet_root):
     planned = plan(parse_spec(ROOT / "sweeps" / "table6_geometry.yaml", {"delta.data.init_args.root": imagenet_root}))
     rows = paper_rows(6)

@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from lightning.fabric.accelerators.cuda import num_cuda_devices
+
 from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
 from ..profile import profile_model
@@ -19,6 +21,12 @@ from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
 
 LOADER_ARGS = {"batch_size", "num_workers", "seed", "img_size"}  # DataModule options that do not move the data
+SPAWNED = {"ddp": "ddp_spawn", "ddp_find_unused_parameters_false": "ddp_spawn_find_unused_parameters_false",
+           "ddp_find_unused_parameters_true": "ddp_spawn_find_unused_parameters_true"}
+IN_PROCESS = {*SPAWNED.values(), "ddp_fork", "ddp_fork_find_unused_parameters_false",
+              "ddp_fork_find_unused_parameters_true"}  # DDP whose ranks start without the command line
+GPU_ACCELERATORS = ("auto", "gpu", "cuda")
+DDP_CLASSES = {"DDPStrategy", "lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.ddp.DDPStrategy"}
 
 
 class _Parsed(Exception):
@@ -75,6 +83,43 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any],
         raise SpecError(f"{spec.path}: {what}: {err}") from None
 
 
+def processes(accelerator: Any, devices: Any) -> int:
+    """How many processes a trainer with these options runs on one machine, as Lightning reads them."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    if text not in ("auto", "-1"):
+        return int(text)
+    return num_cuda_devices() if str(accelerator) in GPU_ACCELERATORS and num_cuda_devices() else 1
+
+
+def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's training config as it runs inside its sweep worker's process. DDP that Lightning starts
+    by running the command line again (`ddp`, and `auto` on several devices) would start copies of the
+    sweep, each a worker: here its ranks are spawned (`ddp_spawn`, Optuna's way for DDP trials). A
+    trial spans one machine: SpecError for several nodes, or another strategy on several devices."""
+    trainer = dict(config.get("trainer") or {})
+    if (nodes := int(trainer.get("num_nodes") or 1)) > 1:
+        raise SpecError(f"trainer.num_nodes: {nodes}; a sweep's trial trains on its worker's machine (num_nodes 1): "
+                        f"scale a sweep over machines by workers sharing a database")
+    strategy = trainer.get("strategy", "auto")
+    several = (count := processes(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))) > 1
+    if isinstance(strategy, Mapping) and strategy.get("class_path") in DDP_CLASSES:
+        args = dict(strategy.get("init_args") or {})
+        if args.get("start_method", "popen") == "popen":
+            strategy = {**strategy, "init_args": {**args, "start_method": "spawn"}}
+    elif strategy in SPAWNED or (strategy == "auto" and several):
+        strategy = SPAWNED.get(strategy, "ddp_spawn")
+    elif several and strategy not in IN_PROCESS:
+        name = strategy.get("class_path") if isinstance(strategy, Mapping) else strategy
+        raise SpecError(f"trainer.strategy: {name!r} on {count} devices starts its processes by "
+                        f"running the command line again, which in a sweep starts more workers; a sweep's "
+                        f"trial takes ddp (its ranks spawned), ddp_spawn or ddp_fork")
+    return deep_merge(config, {"trainer": {"strategy": strategy}}) if strategy != trainer.get("strategy", "auto") else dict(config)
+
+
 @dataclass(frozen=True)
 class PlannedCell:
     cell: Cell
@@ -101,6 +146,10 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
                                              deep_merge(config, nest(path, value)), data_checked)[1])
             models[cell.name] = model, tuple(sorted(d for d in found if d))
         model, data = models[cell.name]
+        try:
+            config = in_worker(config)
+        except SpecError as err:
+            raise SpecError(f"{spec.path}: cell {cell.name!r}: {err}") from None
         if model not in profiles:
             profiles[model] = profile_model(DAT(config=model))
         p = profiles[model]

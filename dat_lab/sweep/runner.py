@@ -12,6 +12,10 @@ duplicate) before training, so no cell ends with two COMPLETE trials.
 TPE searches sample the spec's search space until the study holds `n_trials` finished (complete,
 pruned or failed) trials, with Optuna's Lightning pruning callback when the spec has a pruner.
 
+A trial trains in its worker's process; a DDP trial spawns its ranks (plan.in_worker: `ddp` becomes
+`ddp_spawn`, Optuna's way, with the pruning callback's `check_pruned`), whose results Lightning brings
+back.
+
 A study stores the fingerprint of the spec that made it (SweepSpec.fingerprint, with what planning
 found of its data: an image folder's class names): a rerun with a spec, or data, that would change its
 results is refused before training (preflight, and open_study for workers).
@@ -35,14 +39,15 @@ import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
+from torch.multiprocessing import ProcessRaisedException
 
 from .. import metrics as M
 from ..data import DataError
 from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
-from ..training.cli import config_error, error_chain, tensorboard_logger
+from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
-from .plan import PlannedCell, plan
+from .plan import PlannedCell, in_worker, plan
 from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -194,6 +199,8 @@ def _failure(err: BaseException) -> str:
     """A trial's failure reason, one line: a data error as `dat-lab train` words it (jsonargparse wraps
     the DataError raised while it builds the DataModule in a Union error), else the error's first line."""
     cause = next((e for e in error_chain(err) if isinstance(e, DataError)), None)
+    if cause is None and isinstance(err, ProcessRaisedException):  # in a spawned rank
+        return rank_error(err)
     text = config_error(cause) if cause is not None else (str(err).splitlines() or [""])[0]
     return f"{type(err).__name__}: {text}"
 
@@ -223,6 +230,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
         config, seed = p.config, p.cell.seed
         for path, dist in spec.search_space.items():
             config = deep_merge(config, nest(path, _suggest(trial, path, dist)))
+        config = in_worker(config)
     run_dir = (Path(runs_root) / study.study_name / f"trial_{trial.number:04d}").absolute()  # any working dir
     if run_dir.is_dir() and any(run_dir.iterdir()):  # trial numbers are never reused within a study
         reason = (f"run directory {run_dir} already holds another run (the same study name in another storage?); "
@@ -240,14 +248,16 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
         trial.set_user_attr(M.TRIAL_PARAMS_M, round(p.params_m, 4))
         trial.set_user_attr(M.TRIAL_GFLOPS, round(p.gflops, 4))
     tracker = MetricTracker(spec.metric, spec.direction)
-    callbacks = [tracker]
+    pruning = None
     if spec.pruner["name"] != "none":
         from optuna_integration import PyTorchLightningPruningCallback
 
-        callbacks.append(PyTorchLightningPruningCallback(trial, monitor=spec.metric))
+        pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric)
     start = time.time()
     try:
-        cli = train({"fit": config}, extra_callbacks=callbacks)
+        cli = train({"fit": config}, extra_callbacks=[tracker, *([pruning] if pruning else [])])
+        if pruning is not None:
+            pruning.check_pruned()  # DDP: ranks stop and record it, the process that asked raises (Optuna's way)
     except optuna.TrialPruned:
         raise
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit
@@ -266,11 +276,14 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
         trial.set_user_attr(M.TRIAL_GFLOPS, round(prof.gflops, 4))
     throughput = cli.trainer.callback_metrics.get(M.THROUGHPUT)
     trial.set_user_attr(M.TRIAL_IMAGES_PER_S, round(float(throughput), 2) if throughput is not None else None)
-    if tracker.best is None:
-        raise RuntimeError(f"no {spec.metric} was logged: does the run validate?")
-    trial.set_user_attr(M.TRIAL_BEST, tracker.best)
-    trial.set_user_attr(M.TRIAL_FINAL, tracker.last)
-    return tracker.best if spec.value == "best" else tracker.last
+    best, last = tracker.results(cli.trainer)
+    if best is None:
+        reason = f"no {spec.metric} was logged: does the run validate?"
+        trial.set_user_attr(M.TRIAL_FAILURE, reason)
+        raise RuntimeError(reason)
+    trial.set_user_attr(M.TRIAL_BEST, best)
+    trial.set_user_attr(M.TRIAL_FINAL, last)
+    return best if spec.value == "best" else last
 
 
 def _suggest(trial: optuna.Trial, name: str, dist: dict[str, Any]) -> Any:

@@ -34,7 +34,7 @@ class Throughput(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.seconds > 0:
-            pl_module.log(M.THROUGHPUT, self.images / self.seconds * trainer.world_size)
+            pl_module.log(M.THROUGHPUT, self.images / self.seconds * trainer.world_size, sync_dist=True)
 
 
 class DeformableMonitor(L.Callback):
@@ -76,7 +76,9 @@ class DeformableMonitor(L.Callback):
 
 
 class MetricTracker(L.Callback):
-    """The best and the last value of a logged metric over the run's validations."""
+    """The best and the last value of a logged metric over the run's validations, also put in
+    `trainer.callback_metrics` (as M.best_of(metric)), which Lightning brings back from the ranks of a
+    spawned run (`results` reads them there)."""
 
     def __init__(self, metric: str = M.VAL_ACC1, direction: str = "maximize") -> None:
         self.metric, self.direction = metric, direction
@@ -90,6 +92,14 @@ class MetricTracker(L.Callback):
         self.last = float(value)
         if self.best is None or (self.last > self.best if self.direction == "maximize" else self.last < self.best):
             self.best = self.last
+        trainer.callback_metrics[M.best_of(self.metric)] = torch.tensor(self.best)
+
+    def results(self, trainer: L.Trainer) -> tuple[float | None, float | None]:
+        """(best, last) of the run `trainer` ran, in this process or in spawned ranks."""
+        if self.best is not None:
+            return self.best, self.last
+        best, last = (trainer.callback_metrics.get(k) for k in (M.best_of(self.metric), self.metric))
+        return (float(best), float(last)) if best is not None and last is not None else (None, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "last": self.last}

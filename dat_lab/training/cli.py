@@ -154,6 +154,13 @@ def config_error(err: BaseException) -> str:
     return f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
 
 
+def rank_error(err: BaseException) -> str:
+    """What failed in a spawned rank (torch's ProcessRaisedException holds its traceback as text): the
+    traceback's last line, the exception's class without its module ("NonFiniteLossError: ...")."""
+    last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return re.sub(r"^(?:\w+\.)+(?=\w+(?::|$))", "", last)
+
+
 def tensorboard_logger(save_dir: str, name: str, version: str | int) -> Namespace:
     """The run's logger as a config: TensorBoard events under <save_dir>/<name>/<version>, no hp_metric
     placeholder (HparamsMetric writes the real one)."""
@@ -169,7 +176,7 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
         if not args or args[0] not in SUBCOMMANDS + ("-h", "--help"):
             args = ["fit", *args]
     argv = sys.argv  # whole for a command line (see DatLabCLI.parse_arguments); a sweep's trial has none
-    if isinstance(args, dict):  # of its own (DDP inside a sweep's trial would start ranks of the sweep)
+    if isinstance(args, dict):  # of its own (its DDP spawns its ranks: sweep.plan.in_worker)
         sys.argv = sys.argv[:1]
     try:
         return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,

@@ -92,7 +92,7 @@ class ImageClassifier(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, "
                                      f"step {self.global_step}: lower the learning rate or clip gradients")
-        self.log(M.TRAIN_LOSS, loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log(M.TRAIN_LOSS, loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)  # mean over ranks
         self.log(M.LR, self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
