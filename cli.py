@@ -131,7 +131,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
     from dat_lab.metrics import check_storage_url, default_storage, sqlite_path
-    from dat_lab.sweep.runner import make_storage, preflight, spawn_workers
+    from dat_lab.sweep.runner import gpu_shares, make_storage, preflight, spawn_workers, visible_gpus
 
     overrides = _parse_sets(args.overrides, "sweep override")
     if args.n_trials is not None:
@@ -158,11 +158,12 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.dry_run:
         _print_plan(spec, planned, study)
         return
+    gpus = gpu_shares(planned, args.workers, visible_gpus())  # each worker's own GPUs
     if args.workers > 1:
         argv = [args.spec, *args.overrides, "--storage", storage, "--study", study, "--runs-root", args.runs_root]
         if args.n_trials is not None:
             argv += ["--n-trials", str(args.n_trials)]
-        code = spawn_workers(argv, args.workers)
+        code = spawn_workers(argv, args.workers, gpus)
         if code not in (0, 1):
             raise ValueError(f"a worker exited with status {code}")
         failed = "a worker exited with status 1 (a trial FAILED, or the worker crashed)" if code else ""

@@ -245,6 +245,58 @@ def test_what_a_trial_cannot_run_inside_its_worker_is_refused_at_planning(tmp_pa
     assert err.startswith(f"dat-lab: error: {spec}: cell '': {message}") and err.count("\n") == 1, err
 
 
+def _planned(*trainers):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(config={"trainer": t}) for t in trainers]
+
+
+@pytest.mark.parametrize("trainers,workers,gpus,shares", [
+    ([{"accelerator": "gpu", "devices": 2}], 4, list("01234567"), ["0,1", "2,3", "4,5", "6,7"]),
+    ([{"devices": "auto"}], 3, list("01234567"), ["0,1", "2,3", "4,5"]),  # each worker's auto: its share
+    ([{"accelerator": "gpu", "devices": 1}], 2, ["3", "5"], ["3", "5"]),  # as CUDA_VISIBLE_DEVICES names them
+    ([{"accelerator": "gpu", "devices": 8}], 1, list("01234567"), None),  # one worker: all it sees
+    ([{"accelerator": "cpu", "devices": 2}], 4, list("01"), None),  # trials on the CPU
+    ([{"devices": "auto"}], 2, [], None),  # auto on a CPU machine
+])
+def test_workers_on_a_gpu_machine_get_gpus_of_their_own(trainers, workers, gpus, shares):
+    assert runner.gpu_shares(_planned(*trainers), workers, gpus) == shares
+
+
+@pytest.mark.parametrize("trainers,workers,gpus,message", [
+    ([{"accelerator": "gpu", "devices": 8}], 4, list("01234567"),
+     "trainer.devices: a trial trains on 8 GPUs and each of 4 workers gets 2 of this machine's 8; use "
+     "--workers 1, or delta.trainer.devices=2"),
+    ([{"accelerator": "gpu", "devices": 8}], 1, list("01"),
+     "trainer.devices: a trial trains on 8 GPUs and this machine has 2; use delta.trainer.devices=2"),
+    ([{"accelerator": "gpu", "devices": 1}], 3, list("01"), "--workers: 3 workers would share this machine's 2 GPU(s)"),
+    ([{"accelerator": "cuda", "devices": 1}], 1, [], "trainer.accelerator: cuda, and this machine has no GPU"),
+])
+def test_gpus_a_worker_does_not_have_are_refused_before_training(trainers, workers, gpus, message):
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        runner.gpu_shares(_planned(*trainers), workers, gpus)
+
+
+def test_each_worker_process_sees_its_own_gpus(monkeypatch):
+    started = []
+
+    class Proc:
+        def __init__(self, argv, env=None):
+            started.append((argv[-1], (env or {}).get("CUDA_VISIBLE_DEVICES")))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Proc)
+    assert runner.spawn_workers(["spec.yaml"], 2, ["0,1", "2,3"]) == 0
+    assert started == [("0", "0,1"), ("1", "2,3")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    monkeypatch.setattr(runner, "num_cuda_devices", lambda: 2)
+    assert runner.visible_gpus() == ["4", "6"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert runner.visible_gpus() == ["0", "1"]
+
+
 def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_back(tmp_path):
     """The base config's `ddp` would start the other rank by running `dat-lab sweep` again (a second
     worker, and the run killed); the trial spawns its ranks, and what rank 0 found reaches the study."""
@@ -603,7 +655,7 @@ def test_the_worst_worker_status_is_the_sweeps(tmp_path, postgres_url, monkeypat
     for status, code, message in [(1, 1, "dat-lab: a worker exited with status 1 (a trial FAILED, or the worker "
                                          "crashed); `dat-lab sweep-status statuses"),
                                   (-9, 2, "dat-lab: error: a worker exited with status -9")]:
-        monkeypatch.setattr(runner, "spawn_workers", lambda argv, workers: status)
+        monkeypatch.setattr(runner, "spawn_workers", lambda argv, workers, gpus: status)
         with pytest.raises(SystemExit) if code == 1 else contextlib.nullcontext() as exit_:
             assert cli.main(argv) == code
         assert code == 2 or exit_.value.code == 1

@@ -14,7 +14,7 @@ pruned or failed) trials, with Optuna's Lightning pruning callback when the spec
 
 A trial trains in its worker's process; a DDP trial spawns its ranks (plan.in_worker: `ddp` becomes
 `ddp_spawn`, Optuna's way, with the pruning callback's `check_pruned`), whose results Lightning brings
-back.
+back. Workers started together on one machine (`--workers`) split its GPUs (gpu_shares).
 
 A study stores the fingerprint of the spec that made it (SweepSpec.fingerprint, with what planning
 found of its data: an image folder's class names): a rerun with a spec, or data, that would change its
@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable
 
 import optuna
 import sqlalchemy.exc
+from lightning.fabric.accelerators.cuda import num_cuda_devices
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 from torch.multiprocessing import ProcessRaisedException
@@ -47,7 +48,7 @@ from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
-from .plan import PlannedCell, in_worker, plan
+from .plan import GPU_ACCELERATORS, PlannedCell, in_worker, plan, processes
 from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -337,10 +338,47 @@ def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "ru
                        callbacks=[lambda _, trial: on_trial(trial)] if on_trial else None)
 
 
-def spawn_workers(argv: list[str], workers: int) -> int:
-    """Run `workers` copies of this sweep command as processes (each with --workers 1); worst exit code."""
-    procs = [subprocess.Popen([sys.executable, "-m", "cli", "sweep", *argv, "--workers", "1", "--worker-id", str(i)])
-             for i in range(workers)]
+def visible_gpus() -> list[str]:
+    """This machine's GPUs, named as CUDA_VISIBLE_DEVICES names them."""
+    count = num_cuda_devices()
+    named = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return named[:count] if len(named) >= count else [str(i) for i in range(count)]
+
+
+def gpu_shares(planned: Iterable[PlannedCell], workers: int, gpus: list[str]) -> list[str] | None:
+    """Each worker's CUDA_VISIBLE_DEVICES, where trials train on `gpus` (this machine's): an even split,
+    so that no two workers' trials share a GPU; None where there is nothing to split. ValueError, before
+    anything runs, when a trial asks for GPUs on a machine with none, or for more than a worker gets."""
+    trainers = [p.config.get("trainer") or {} for p in planned]
+    asked = [(str(t.get("accelerator", "auto")), t.get("devices", "auto")) for t in trainers]
+    if not gpus:
+        if named := next((acc for acc, _ in asked if acc in GPU_ACCELERATORS and acc != "auto"), None):
+            raise ValueError(f"trainer.accelerator: {named}, and this machine has no GPU; run the sweep where "
+                             f"there are GPUs, or give delta.trainer.accelerator=cpu")
+        return None
+    need = max((1 if str(dev) in ("auto", "-1") else processes(acc, dev) for acc, dev in asked
+                if acc in GPU_ACCELERATORS), default=0)  # devices "auto": what the worker gets
+    if need == 0:  # every trial on the CPU
+        return None
+    share = len(gpus) // workers
+    if share == 0:
+        raise ValueError(f"--workers: {workers} workers would share this machine's {len(gpus)} GPU(s); "
+                         f"use --workers {len(gpus)} or fewer")
+    if need > share:
+        have = (f"each of {workers} workers gets {share} of this machine's {len(gpus)}" if workers > 1
+                else f"this machine has {len(gpus)}")
+        fewer = f"--workers {len(gpus) // need}, or " if workers > 1 and len(gpus) >= need else ""
+        raise ValueError(f"trainer.devices: a trial trains on {need} GPUs and {have}; use {fewer}"
+                         f"delta.trainer.devices={max(share, 1)}")
+    return [",".join(gpus[i * share:(i + 1) * share]) for i in range(workers)] if workers > 1 else None
+
+
+def spawn_workers(argv: list[str], workers: int, gpus: list[str] | None = None) -> int:
+    """Run `workers` copies of this sweep command as processes (each with --workers 1), worker i on the
+    GPUs gpus[i] (CUDA_VISIBLE_DEVICES) where given; the worst exit code."""
+    env = lambda i: {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else None  # noqa: E731
+    procs = [subprocess.Popen([sys.executable, "-m", "cli", "sweep", *argv, "--workers", "1", "--worker-id", str(i)],
+                              env=env(i)) for i in range(workers)]
     try:
         return max((p.wait() for p in procs), key=abs)  # a worker killed by a signal has a negative status
     except KeyboardInterrupt:
