@@ -73,8 +73,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table()
-    for key in rows[0]:
-        table.add_column(key, justify="left" if key in ("row", "model") else "right")
+    for i, key in enumerate(rows[0]):  # labels (the first column, words) to the left, numbers to the right
+        numbers = any(re.match(r"[-+]?\.?\d", str(row[key])) for row in rows)
+        table.add_column(key, justify="right" if i and numbers else "left")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs: no wrapping at 80 columns

@@ -75,3 +75,10 @@ def test_profile_cli_errors(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_terminal_tables_put_labels_left_and_numbers_right(capsys):
+    cli._print_table([{"cell": "a", "status": "done", "value": "9.5 ± 0.1", "trial": 1},
+                      {"cell": "bbbb", "status": "pending", "value": "-", "trial": 10}])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert lines == ["│ a    │ done    │ 9.5 ± 0.1 │     1 │", "│ bbbb │ pending │         - │    10 │"]
