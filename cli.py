@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import re
 import sys
@@ -350,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
+        sys.stdout.flush()  # a reader gone fails here, not at exit
+    except BrokenPipeError:  # its reader went away (`| head`): nothing more to say (Python's own recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError, pickle.UnpicklingError) as err:
         return _fail(err)
     return 0

@@ -77,6 +77,19 @@ def test_profile_cli_errors(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`dat-lab profile dat_pico --json | head -0`: the pipe closes before anything is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "profile", "dat_pico", "--json"], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and err == "", err
+
+
 def test_terminal_tables_put_labels_left_and_numbers_right(capsys):
     cli._print_table([{"cell": "a", "status": "done", "value": "9.5 ± 0.1", "trial": 1},
                       {"cell": "bbbb", "status": "pending", "value": "-", "trial": 10}])
