@@ -36,9 +36,10 @@ def offset_mean(stage: int) -> str:
     return f"offsets/stage{stage}/mean_cells"
 
 
-def best_of(metric: str) -> str:
-    """Not logged: where MetricTracker keeps the best value of `metric` in a trainer's callback metrics."""
-    return f"{metric}:best"
+def tracked(metric: str, which: str) -> str:
+    """Not logged: where MetricTracker keeps the best or the last validation's value of `metric` in a
+    trainer's callback metrics."""
+    return f"{metric}:{which}"
 
 
 def cell_name(levels: Mapping[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,12 +200,13 @@ def test_a_failure_reason_is_the_errors_own_first_line_unless_a_data_error_lies_
         assert runner._failure(err) == "ValueError: /x/train: no such folder"
 
 
-def test_a_failure_in_a_spawned_rank_is_its_tracebacks_last_line():
+def test_a_failure_in_a_spawned_rank_is_the_first_line_of_its_exception():
     from torch.multiprocessing import ProcessRaisedException
 
     err = ProcessRaisedException("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent "
-                                 "call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory. "
-                                 "Tried to allocate 2.00 GiB\n", 1, 99)
+                                 "call last):\n  File \"x.py\", line 1, in f\n    g()\n  File \"y.py\", line 9, in g\n"
+                                 "    raise OutOfMemoryError(text)\ntorch.OutOfMemoryError: CUDA out of memory. "
+                                 "Tried to allocate 2.00 GiB\nIf reserved but unallocated memory is large ...\n", 1, 99)
     assert runner._failure(err) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
@@ -215,7 +217,12 @@ def test_a_failure_in_a_spawned_rank_is_its_tracebacks_last_line():
     ({"devices": "0,1"}, "ddp_spawn"),
     ({"devices": [0, 1], "strategy": "auto"}, "ddp_spawn"),
     ({"accelerator": "cpu", "devices": 1}, None),  # one device: no strategy set
-    ({"devices": 2, "strategy": "ddp_fork"}, "ddp_fork"),
+    ({"devices": 2, "strategy": "ddp_fork"}, "ddp_spawn"),  # forked ranks fail once the worker has used CUDA
+    ({"devices": 2, "strategy": "DDP_notebook_find_unused_parameters_true"}, "ddp_spawn_find_unused_parameters_true"),
+    ({"accelerator": "tpu", "devices": 8}, None),  # auto is XLA's own there
+    ({"accelerator": "tpu", "devices": 8, "strategy": "xla"}, "xla"),
+    ({"devices": 1, "strategy": {"class_path": "lightning.pytorch.strategies.SingleDeviceStrategy"}},
+     {"class_path": "lightning.pytorch.strategies.SingleDeviceStrategy"}),
     ({"devices": 2, "strategy": {"class_path": "lightning.pytorch.strategies.DDPStrategy",
                                  "init_args": {"static_graph": True}}},
      {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": {"static_graph": True,
@@ -235,6 +242,8 @@ def test_ddp_in_a_trial_spawns_its_ranks_instead_of_running_the_command_again(tr
                                                         "worker's machine"),
     ({"devices": 2, "strategy": "fsdp"}, "trainer.strategy: 'fsdp' on 2 devices starts its processes by running "
                                          "the command line again"),
+    ({"devices": 2, "strategy": {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}},
+     "trainer.strategy: 'lightning.pytorch.strategies.FSDPStrategy' on 2 devices starts its processes"),
 ])
 def test_what_a_trial_cannot_run_inside_its_worker_is_refused_at_planning(tmp_path, capsys, trainer, message):
     import yaml
@@ -243,6 +252,57 @@ def test_what_a_trial_cannot_run_inside_its_worker_is_refused_at_planning(tmp_pa
     assert cli.main(["sweep", str(spec), "--dry-run", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"dat-lab: error: {spec}: cell '': {message}") and err.count("\n") == 1, err
+
+
+def test_a_search_space_that_sets_trainer_options_is_checked_at_planning_too(tmp_path, capsys):
+    spec = _write(tmp_path, BASE + "sampler: tpe\nn_trials: 1\n"
+                  "search_space: {trainer.num_nodes: {type: categorical, choices: [1, 2]}}\n")
+    assert cli.main(["sweep", str(spec), "--dry-run", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dat-lab: error: {spec}: search_space.trainer.num_nodes = 2: trainer.num_nodes: 2; ")
+
+
+def test_the_tracked_values_come_back_from_a_spawned_run_as_callback_metrics():
+    from types import SimpleNamespace
+
+    import torch
+
+    from dat_lab.training.callbacks import MetricTracker
+
+    ranks, parent = MetricTracker("train/loss", "minimize"), MetricTracker("train/loss", "minimize")
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={})
+    for value in (2.0, 1.0, 1.5):  # validations; then training goes on and logs another train/loss
+        trainer.callback_metrics["train/loss"] = torch.tensor(value)
+        ranks.on_validation_epoch_end(trainer, None)
+    trainer.callback_metrics["train/loss"] = torch.tensor(1.7)
+    assert ranks.results(trainer) == (1.0, 1.5) == parent.results(trainer)  # the parent read them from the metrics
+    assert MetricTracker().results(SimpleNamespace(callback_metrics={})) == (None, None)
+
+
+def test_a_trial_its_ddp_ranks_pruned_ends_pruned_and_a_retry_starts_unpruned(tmp_path, monkeypatch):
+    """What Optuna's Lightning callback does on rank 0 of a DDP trial (its system attributes), then
+    `check_pruned` in the worker; a retried trial inherits those attributes from the try it retries."""
+    from optuna_integration.pytorch_lightning.pytorch_lightning import _EPOCH_KEY, _INTERMEDIATE_VALUE, _PRUNED_KEY
+
+    spec = parse_spec(_write(tmp_path, BASE + TPE + "pruner: {name: median}\nn_trials: 1\n"))
+    suggest, seen = runner._suggest, []
+
+    def inherited(trial, *args):  # as RetryFailedTrialCallback copies them
+        trial.storage.set_trial_system_attr(trial._trial_id, _PRUNED_KEY, True)
+        return suggest(trial, *args)
+
+    def ranks(args, extra_callbacks):
+        [pruning] = [c for c in extra_callbacks if type(c).__name__ == "PyTorchLightningPruningCallback"]
+        trial = pruning._trial
+        seen.append(trial.storage.get_trial_system_attrs(trial._trial_id)[_PRUNED_KEY])
+        for key, value in ((_INTERMEDIATE_VALUE, {0: 0.25}), (_PRUNED_KEY, True), (_EPOCH_KEY, 0)):
+            trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+
+    monkeypatch.setattr(runner, "_suggest", inherited)
+    monkeypatch.setattr(runner, "train", ranks)
+    study = work(spec, storage=f"sqlite:///{tmp_path / 'p.db'}", study_name="t", runs_root=str(tmp_path / "runs"))
+    [trial] = study.get_trials()
+    assert seen == [False] and trial.state == TrialState.PRUNED and trial.intermediate_values == {0: 0.25}
 
 
 def _planned(*trainers):
@@ -271,9 +331,13 @@ def test_workers_on_a_gpu_machine_get_gpus_of_their_own(trainers, workers, gpus,
      "trainer.devices: a trial trains on 8 GPUs and this machine has 2; use delta.trainer.devices=2"),
     ([{"accelerator": "gpu", "devices": 1}], 3, list("01"), "--workers: 3 workers would share this machine's 2 GPU(s)"),
     ([{"accelerator": "cuda", "devices": 1}], 1, [], "trainer.accelerator: cuda, and this machine has no GPU"),
+    ([{"accelerator": "gpu", "devices": [6, 7]}], 4, list("01234567"),
+     "trainer.devices: [6, 7] names GPUs by number, and each of 4 workers gets 2 of this machine's 8, numbered "
+     "from 0; give a count instead (delta.trainer.devices=2)"),
+    ([{"accelerator": "gpu", "devices": "0,2"}], 1, list("01"), "trainer.devices: '0,2' names GPUs by number"),
 ])
 def test_gpus_a_worker_does_not_have_are_refused_before_training(trainers, workers, gpus, message):
-    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
         runner.gpu_shares(_planned(*trainers), workers, gpus)
 
 
@@ -647,6 +711,25 @@ def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, m
     trials = optuna.load_study(study_name="t", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     assert "non-finite training loss" in trials[0].user_attrs["failure"]
+
+
+def test_a_trial_failing_before_training_records_why_and_a_search_still_ends(tmp_path, monkeypatch):
+    finished, calls = runner._finished, []
+
+    def bounded(*args):
+        calls.append(1)
+        assert len(calls) < 10, "the search does not end"
+        return finished(*args)
+
+    def broken(config):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "_finished", bounded)
+    monkeypatch.setattr(runner, "in_worker", broken)
+    spec = parse_spec(_write(tmp_path, BASE + TPE))
+    study = work(spec, storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="t", runs_root=str(tmp_path / "runs"),
+                 planned=plan(spec, spec.planned_cells()))
+    assert [(t.state, t.user_attrs["failure"]) for t in study.get_trials()] == [(TrialState.FAIL, "RuntimeError: boom")] * 2
 
 
 def test_the_worst_worker_status_is_the_sweeps(tmp_path, postgres_url, monkeypatch, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -21,11 +22,10 @@ from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
 
 LOADER_ARGS = {"batch_size", "num_workers", "seed", "img_size"}  # DataModule options that do not move the data
-SPAWNED = {"ddp": "ddp_spawn", "ddp_find_unused_parameters_false": "ddp_spawn_find_unused_parameters_false",
-           "ddp_find_unused_parameters_true": "ddp_spawn_find_unused_parameters_true"}
-IN_PROCESS = {*SPAWNED.values(), "ddp_fork", "ddp_fork_find_unused_parameters_false",
-              "ddp_fork_find_unused_parameters_true"}  # DDP whose ranks start without the command line
 GPU_ACCELERATORS = ("auto", "gpu", "cuda")
+DDP_NAMES = re.compile(r"ddp(?:_spawn|_fork|_notebook)?(_find_unused_parameters_(?:true|false))?")  # Lightning's
+IN_PROCESS = re.compile(r"auto|single_device|single_xla|xla(_.*)?|(lightning\.pytorch\.strategies\.)?"
+                        r"(SingleDevice|SingleDeviceXLA|XLA)Strategy", re.IGNORECASE)  # no command line run again
 DDP_CLASSES = {"DDPStrategy", "lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.ddp.DDPStrategy"}
 
 
@@ -74,6 +74,7 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any],
     config checked once: `data_checked` holds the identities of those done)."""
     try:
         parsed = parse_training_config(config)
+        in_worker(config)
         args = vars(parsed.data.init_args)
         data = repr((parsed.data.class_path, {k: v for k, v in args.items() if k not in LOADER_ARGS}))
         if data not in data_checked:
@@ -97,27 +98,29 @@ def processes(accelerator: Any, devices: Any) -> int:
 
 def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's training config as it runs inside its sweep worker's process. DDP that Lightning starts
-    by running the command line again (`ddp`, and `auto` on several devices) would start copies of the
-    sweep, each a worker: here its ranks are spawned (`ddp_spawn`, Optuna's way for DDP trials). A
-    trial spans one machine: SpecError for several nodes, or another strategy on several devices."""
+    by running the command line again (`ddp`, and `auto` on several CPU or CUDA devices) would start
+    copies of the sweep, each a worker; forked ranks fail once a trial has used CUDA in the worker. So
+    every DDP trial spawns its ranks (`ddp_spawn`, Optuna's way for DDP trials). A trial spans one
+    machine: SpecError for several nodes, or another strategy of several processes (FSDP, DeepSpeed)."""
     trainer = dict(config.get("trainer") or {})
     if (nodes := int(trainer.get("num_nodes") or 1)) > 1:
         raise SpecError(f"trainer.num_nodes: {nodes}; a sweep's trial trains on its worker's machine (num_nodes 1): "
                         f"scale a sweep over machines by workers sharing a database")
-    strategy = trainer.get("strategy", "auto")
-    several = (count := processes(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))) > 1
-    if isinstance(strategy, Mapping) and strategy.get("class_path") in DDP_CLASSES:
-        args = dict(strategy.get("init_args") or {})
-        if args.get("start_method", "popen") == "popen":
-            strategy = {**strategy, "init_args": {**args, "start_method": "spawn"}}
-    elif strategy in SPAWNED or (strategy == "auto" and several):
-        strategy = SPAWNED.get(strategy, "ddp_spawn")
-    elif several and strategy not in IN_PROCESS:
-        name = strategy.get("class_path") if isinstance(strategy, Mapping) else strategy
-        raise SpecError(f"trainer.strategy: {name!r} on {count} devices starts its processes by "
-                        f"running the command line again, which in a sweep starts more workers; a sweep's "
-                        f"trial takes ddp (its ranks spawned), ddp_spawn or ddp_fork")
-    return deep_merge(config, {"trainer": {"strategy": strategy}}) if strategy != trainer.get("strategy", "auto") else dict(config)
+    strategy = given = trainer.get("strategy", "auto")
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    several = (count := processes(accelerator, trainer.get("devices", "auto"))) > 1
+    name = str(strategy.get("class_path", "")) if isinstance(strategy, Mapping) else str(strategy)
+    if name in DDP_CLASSES:
+        strategy = {**strategy, "init_args": {**(strategy.get("init_args") or {}), "start_method": "spawn"}}
+    elif ddp := DDP_NAMES.fullmatch(name.lower()):
+        strategy = "ddp_spawn" + (ddp.group(1) or "")
+    elif name.lower() == "auto" and several and accelerator in ("cpu", *GPU_ACCELERATORS):
+        strategy = "ddp_spawn"  # what auto is on several such devices, spawned
+    elif several and not IN_PROCESS.fullmatch(name):
+        raise SpecError(f"trainer.strategy: {name!r} on {count} devices starts its processes by running the command "
+                        f"line again, which in a sweep starts more workers; a sweep's trial takes ddp (its ranks "
+                        f"spawned) or ddp_spawn")
+    return deep_merge(config, {"trainer": {"strategy": strategy}}) if strategy != given else dict(config)
 
 
 @dataclass(frozen=True)
@@ -146,10 +149,7 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
                                              deep_merge(config, nest(path, value)), data_checked)[1])
             models[cell.name] = model, tuple(sorted(d for d in found if d))
         model, data = models[cell.name]
-        try:
-            config = in_worker(config)
-        except SpecError as err:
-            raise SpecError(f"{spec.path}: cell {cell.name!r}: {err}") from None
+        config = in_worker(config)  # checked with the cell's first seed
         if model not in profiles:
             profiles[model] = profile_model(DAT(config=model))
         p = profiles[model]

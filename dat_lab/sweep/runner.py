@@ -52,6 +52,7 @@ from .plan import GPU_ACCELERATORS, PlannedCell, in_worker, plan, processes
 from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+DDP_PRUNED = "ddp_pl:pruned"  # the trial system attribute in which the Lightning pruning callback's DDP ranks say so
 CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inherit it
 POLL_SECONDS = 2.0
 
@@ -212,7 +213,20 @@ def _reproduce(run_dir: Path) -> str:
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned: dict[str, PlannedCell],
               runs_root: str) -> float:
-    """Train one trial (a grid cell, or a TPE sample); record what analysis needs as user attributes."""
+    """Train one trial (a grid cell, or a TPE sample); record what analysis needs as user attributes,
+    and whatever failed it as its failure reason (a FAIL without one reads as interrupted: run again)."""
+    try:
+        return _run_trial(study, trial, spec, planned, runs_root)
+    except optuna.TrialPruned:
+        raise
+    except Exception as err:
+        if M.TRIAL_FAILURE not in trial.user_attrs:
+            trial.set_user_attr(M.TRIAL_FAILURE, _failure(err))
+        raise
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned: dict[str, PlannedCell],
+               runs_root: str) -> float:
     key = trial.user_attrs.get(CELL)
     if spec.is_grid:
         if key not in planned:
@@ -231,7 +245,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
         config, seed = p.config, p.cell.seed
         for path, dist in spec.search_space.items():
             config = deep_merge(config, nest(path, _suggest(trial, path, dist)))
-        config = in_worker(config)
+        config = in_worker(config)  # a search space may set trainer options (plan checked each choice)
     run_dir = (Path(runs_root) / study.study_name / f"trial_{trial.number:04d}").absolute()  # any working dir
     if run_dir.is_dir() and any(run_dir.iterdir()):  # trial numbers are never reused within a study
         reason = (f"run directory {run_dir} already holds another run (the same study name in another storage?); "
@@ -254,6 +268,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
         from optuna_integration import PyTorchLightningPruningCallback
 
         pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric)
+        if trial.storage.get_trial_system_attrs(trial._trial_id).get(DDP_PRUNED):  # a retry inherits them
+            trial.storage.set_trial_system_attr(trial._trial_id, DDP_PRUNED, False)
     start = time.time()
     try:
         cli = train({"fit": config}, extra_callbacks=[tracker, *([pruning] if pruning else [])])
@@ -264,9 +280,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit
         trial.set_user_attr(M.TRIAL_FAILURE, "interrupted")
         raise KeyboardInterrupt from err
-    except Exception as err:
-        trial.set_user_attr(M.TRIAL_FAILURE, _failure(err))
-        raise
     finally:
         trial.set_user_attr(M.TRIAL_WALL_S, round(time.time() - start, 2))
     if not spec.is_grid:
@@ -279,9 +292,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
     trial.set_user_attr(M.TRIAL_IMAGES_PER_S, round(float(throughput), 2) if throughput is not None else None)
     best, last = tracker.results(cli.trainer)
     if best is None:
-        reason = f"no {spec.metric} was logged: does the run validate?"
-        trial.set_user_attr(M.TRIAL_FAILURE, reason)
-        raise RuntimeError(reason)
+        raise RuntimeError(f"no {spec.metric} was logged: does the run validate?")
     trial.set_user_attr(M.TRIAL_BEST, best)
     trial.set_user_attr(M.TRIAL_FINAL, last)
     return best if spec.value == "best" else last
@@ -364,9 +375,14 @@ def gpu_shares(planned: Iterable[PlannedCell], workers: int, gpus: list[str]) ->
     if share == 0:
         raise ValueError(f"--workers: {workers} workers would share this machine's {len(gpus)} GPU(s); "
                          f"use --workers {len(gpus)} or fewer")
+    have = (f"each of {workers} workers gets {share} of this machine's {len(gpus)}" if workers > 1
+            else f"this machine has {len(gpus)}")
+    named = [dev for acc, dev in asked if acc in GPU_ACCELERATORS and (isinstance(dev, (list, tuple)) or "," in str(dev))]
+    if any(int(i) >= share for dev in named for i in (dev if isinstance(dev, (list, tuple)) else str(dev).split(","))
+           if str(i).strip()):
+        raise ValueError(f"trainer.devices: {named[0]!r} names GPUs by number, and {have}, numbered from 0; "
+                         f"give a count instead (delta.trainer.devices={max(share, 1)})")
     if need > share:
-        have = (f"each of {workers} workers gets {share} of this machine's {len(gpus)}" if workers > 1
-                else f"this machine has {len(gpus)}")
         fewer = f"--workers {len(gpus) // need}, or " if workers > 1 and len(gpus) >= need else ""
         raise ValueError(f"trainer.devices: a trial trains on {need} GPUs and {have}; use {fewer}"
                          f"delta.trainer.devices={max(share, 1)}")

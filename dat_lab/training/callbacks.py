@@ -77,8 +77,8 @@ class DeformableMonitor(L.Callback):
 
 class MetricTracker(L.Callback):
     """The best and the last value of a logged metric over the run's validations, also put in
-    `trainer.callback_metrics` (as M.best_of(metric)), which Lightning brings back from the ranks of a
-    spawned run (`results` reads them there)."""
+    `trainer.callback_metrics` (M.tracked), which Lightning brings back from the ranks of a spawned run
+    (`results` reads them there)."""
 
     def __init__(self, metric: str = M.VAL_ACC1, direction: str = "maximize") -> None:
         self.metric, self.direction = metric, direction
@@ -92,13 +92,14 @@ class MetricTracker(L.Callback):
         self.last = float(value)
         if self.best is None or (self.last > self.best if self.direction == "maximize" else self.last < self.best):
             self.best = self.last
-        trainer.callback_metrics[M.best_of(self.metric)] = torch.tensor(self.best)
+        for which, kept in (("best", self.best), ("last", self.last)):
+            trainer.callback_metrics[M.tracked(self.metric, which)] = torch.tensor(kept)
 
     def results(self, trainer: L.Trainer) -> tuple[float | None, float | None]:
         """(best, last) of the run `trainer` ran, in this process or in spawned ranks."""
         if self.best is not None:
             return self.best, self.last
-        best, last = (trainer.callback_metrics.get(k) for k in (M.best_of(self.metric), self.metric))
+        best, last = (trainer.callback_metrics.get(M.tracked(self.metric, w)) for w in ("best", "last"))
         return (float(best), float(last)) if best is not None and last is not None else (None, None)
 
     def state_dict(self) -> dict[str, Any]:

@@ -156,9 +156,13 @@ def config_error(err: BaseException) -> str:
 
 def rank_error(err: BaseException) -> str:
     """What failed in a spawned rank (torch's ProcessRaisedException holds its traceback as text): the
-    traceback's last line, the exception's class without its module ("NonFiniteLossError: ...")."""
-    last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-    return re.sub(r"^(?:\w+\.)+(?=\w+(?::|$))", "", last)
+    first line of the exception that ended the traceback, its class without its module
+    ("NonFiniteLossError: ...")."""
+    lines = str(err).strip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    after = [line for line in lines[frames[-1] + 1:] if line and not line[0].isspace()] if frames else []
+    first = (after or lines[-1:] or [type(err).__name__])[0]
+    return re.sub(r"^(?:\w+\.)+(?=\w+(?::|$))", "", first)
 
 
 def tensorboard_logger(save_dir: str, name: str, version: str | int) -> Namespace:
