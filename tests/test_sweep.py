@@ -223,6 +223,8 @@ def test_a_failure_in_a_spawned_rank_is_the_first_line_of_its_exception():
     ({"accelerator": "tpu", "devices": 8, "strategy": "xla"}, "xla"),
     ({"devices": 1, "strategy": {"class_path": "lightning.pytorch.strategies.SingleDeviceStrategy"}},
      {"class_path": "lightning.pytorch.strategies.SingleDeviceStrategy"}),
+    ({"accelerator": "tpu", "devices": 8, "strategy": {"class_path": "lightning.pytorch.strategies.xla.XLAStrategy"}},
+     {"class_path": "lightning.pytorch.strategies.xla.XLAStrategy"}),
     ({"devices": 2, "strategy": {"class_path": "lightning.pytorch.strategies.DDPStrategy",
                                  "init_args": {"static_graph": True}}},
      {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": {"static_graph": True,
@@ -289,12 +291,14 @@ def test_a_trial_its_ddp_ranks_pruned_ends_pruned_and_a_retry_starts_unpruned(tm
 
     def inherited(trial, *args):  # as RetryFailedTrialCallback copies them
         trial.storage.set_trial_system_attr(trial._trial_id, _PRUNED_KEY, True)
+        trial.storage.set_trial_system_attr(trial._trial_id, _INTERMEDIATE_VALUE, {0: 0.9})
         return suggest(trial, *args)
 
     def ranks(args, extra_callbacks):
         [pruning] = [c for c in extra_callbacks if type(c).__name__ == "PyTorchLightningPruningCallback"]
         trial = pruning._trial
-        seen.append(trial.storage.get_trial_system_attrs(trial._trial_id)[_PRUNED_KEY])
+        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+        seen.append((attrs[_PRUNED_KEY], attrs[_INTERMEDIATE_VALUE]))
         for key, value in ((_INTERMEDIATE_VALUE, {0: 0.25}), (_PRUNED_KEY, True), (_EPOCH_KEY, 0)):
             trial.storage.set_trial_system_attr(trial._trial_id, key, value)
 
@@ -302,7 +306,23 @@ def test_a_trial_its_ddp_ranks_pruned_ends_pruned_and_a_retry_starts_unpruned(tm
     monkeypatch.setattr(runner, "train", ranks)
     study = work(spec, storage=f"sqlite:///{tmp_path / 'p.db'}", study_name="t", runs_root=str(tmp_path / "runs"))
     [trial] = study.get_trials()
-    assert seen == [False] and trial.state == TrialState.PRUNED and trial.intermediate_values == {0: 0.25}
+    assert seen == [(False, None)] and trial.state == TrialState.PRUNED and trial.intermediate_values == {0: 0.25}
+
+
+def test_a_searched_trial_on_one_device_of_a_base_on_two_trains_in_its_worker(tmp_path, monkeypatch):
+    spec = parse_spec(_write(tmp_path, BASE + "sampler: tpe\nn_trials: 1\ndelta: {trainer: {devices: 2}}\n"
+                             "search_space: {trainer.devices: {type: categorical, choices: [1]}}\n"))
+    strategies = []
+
+    def train(args, extra_callbacks):
+        strategies.append(args["fit"]["trainer"].get("strategy"))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(runner, "train", train)
+    planned = plan(spec, spec.planned_cells())
+    assert planned[0].config["trainer"]["strategy"] == "ddp_spawn"  # the base alone: two devices
+    work(spec, storage=f"sqlite:///{tmp_path / 'd.db'}", study_name="t", runs_root=str(tmp_path / "runs"), planned=planned)
+    assert strategies == [None]  # not ddp_spawn for one device
 
 
 def _planned(*trainers):

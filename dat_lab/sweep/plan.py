@@ -24,8 +24,8 @@ from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 LOADER_ARGS = {"batch_size", "num_workers", "seed", "img_size"}  # DataModule options that do not move the data
 GPU_ACCELERATORS = ("auto", "gpu", "cuda")
 DDP_NAMES = re.compile(r"ddp(?:_spawn|_fork|_notebook)?(_find_unused_parameters_(?:true|false))?")  # Lightning's
-IN_PROCESS = re.compile(r"auto|single_device|single_xla|xla(_.*)?|(lightning\.pytorch\.strategies\.)?"
-                        r"(SingleDevice|SingleDeviceXLA|XLA)Strategy", re.IGNORECASE)  # no command line run again
+IN_PROCESS = re.compile(r"auto|single_device|single_xla|xla(_.*)?|([\w.]+\.)?(SingleDevice|SingleDeviceXLA|XLA)Strategy",
+                        re.IGNORECASE)  # strategies that run no command line again
 DDP_CLASSES = {"DDPStrategy", "lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.ddp.DDPStrategy"}
 
 

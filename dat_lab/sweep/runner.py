@@ -52,7 +52,8 @@ from .plan import GPU_ACCELERATORS, PlannedCell, in_worker, plan, processes
 from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
-DDP_PRUNED = "ddp_pl:pruned"  # the trial system attribute in which the Lightning pruning callback's DDP ranks say so
+DDP_PRUNED, DDP_REPORTS = "ddp_pl:pruned", "ddp_pl:intermediate_value"  # trial system attributes in which
+# the DDP ranks of Optuna's Lightning pruning callback record pruning and reports
 CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inherit it
 POLL_SECONDS = 2.0
 
@@ -242,10 +243,10 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         trial.set_user_attr(M.TRIAL_LEVELS, p.cell.levels)
     else:
         p = next(iter(planned.values()))
-        config, seed = p.config, p.cell.seed
+        config, seed = spec.trial_config(p.cell.delta, p.cell.seed), p.cell.seed  # as given: in_worker below
         for path, dist in spec.search_space.items():
             config = deep_merge(config, nest(path, _suggest(trial, path, dist)))
-        config = in_worker(config)  # a search space may set trainer options (plan checked each choice)
+        config = in_worker(config)  # a search space may set trainer options (plan checked each choice alone)
     run_dir = (Path(runs_root) / study.study_name / f"trial_{trial.number:04d}").absolute()  # any working dir
     if run_dir.is_dir() and any(run_dir.iterdir()):  # trial numbers are never reused within a study
         reason = (f"run directory {run_dir} already holds another run (the same study name in another storage?); "
@@ -270,6 +271,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric)
         if trial.storage.get_trial_system_attrs(trial._trial_id).get(DDP_PRUNED):  # a retry inherits them
             trial.storage.set_trial_system_attr(trial._trial_id, DDP_PRUNED, False)
+            trial.storage.set_trial_system_attr(trial._trial_id, DDP_REPORTS, None)
     start = time.time()
     try:
         cli = train({"fit": config}, extra_callbacks=[tracker, *([pruning] if pruning else [])])
