@@ -15,6 +15,7 @@ Bad input ends with one line, `dat-lab: error: ...`, and exit status 2, before a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -104,6 +105,8 @@ def _convert(args: argparse.Namespace) -> None:
         raise ValueError("convert: give exactly one of --variant NAME or --official-config FILE.yaml")
     config = (dat_lab.get_config(args.variant) if args.variant
               else dat_lab.config_from_official(_read_official_config(args.official_config)))
+    if args.num_classes is not None:
+        config = dataclasses.replace(config, num_classes=args.num_classes)
     state = official_state_dict(args.checkpoint)
     model = dat_lab.load_official(dat_lab.create_model(config), state)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="released .pth (a dict with a `model` key, or a bare state dict)")
     c.add_argument("--variant", help="the variant the weights belong to, e.g. dat_tiny")
     c.add_argument("--official-config", help="the released config YAML the weights were trained with")
+    c.add_argument("--num-classes", type=int, help="classes of the weights' head, where fine-tuned (default: the config's)")
     c.add_argument("-o", "--output", required=True, help="where to write the converted checkpoint (its folder is made)")
     c.set_defaults(run=_convert)
 

@@ -107,3 +107,17 @@ def test_a_file_that_is_no_checkpoint_is_named_in_one_line(tmp_path, capsys, con
     assert cli.main(["visualize", str(path), "--data", "synthetic", "--count", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"dat-lab: error: {path}: not a checkpoint that torch.load(weights_only=True) reads\n"
+
+
+def test_convert_a_fine_tuned_head_with_num_classes(golden, golden_input, tmp_path, capsys):
+    state = dict(golden["state_dict"])  # a head of 10 classes, as its config says
+    state["cls_head.weight"], state["cls_head.bias"] = torch.randn(7, state["cls_head.weight"].shape[1]), torch.randn(7)
+    released, official_yaml, out = tmp_path / "tuned.pth", tmp_path / "dat.yaml", tmp_path / "tuned.ckpt"
+    torch.save({"model": state}, released)
+    official_yaml.write_text(yaml.safe_dump({"MODEL": {"TYPE": "dat", "DAT": golden["config"]}}))
+    argv = ["convert", str(released), "--official-config", str(official_yaml), "-o", str(out)]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.endswith("(its head has 7 classes: give num_classes=7, or `dat-lab convert --num-classes 7`)\n")
+    assert cli.main([*argv, "--num-classes", "7"]) == 0
+    with torch.no_grad():
+        assert dat_lab.load_checkpoint(out).eval()(golden_input).shape == (len(golden_input), 7)

@@ -115,8 +115,12 @@ def load_official(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str,
     misshaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
     if missing or unexpected or misshaped:
+        head = state.get("cls_head.weight")
+        other_head = not missing and not unexpected and all(m.startswith("cls_head.") for m in misshaped)
+        hint = (f" (its head has {head.shape[0]} classes: give num_classes={head.shape[0]}, or `dat-lab convert "
+                f"--num-classes {head.shape[0]}`)") if other_head else ""
         raise ValueError(f"checkpoint does not fit the model: missing {_some(missing)}; unexpected "
-                         f"{_some(unexpected)}; mis-shaped {_some(misshaped)}")
+                         f"{_some(unexpected)}; mis-shaped {_some(misshaped)}{hint}")
     model.load_state_dict(state, strict=True)
     return model
 
