@@ -118,16 +118,16 @@ def _train(argv: list[str]) -> int:
     """LightningCLI takes over: `dat-lab train [fit|validate|test] --config X.yaml [--model.* ...]`."""
     from jsonargparse import ArgumentError
 
+    from torch.multiprocessing import ProcessRaisedException
+
     from dat_lab.training.cli import config_error, main as train_main, rank_error
     from dat_lab.training.module import NonFiniteLossError
-
-    from torch.multiprocessing import ProcessRaisedException
 
     try:  # sys.argv as it is: Lightning's DDP launcher starts the other ranks with this process's command line
         train_main(argv)
     except (ValueError, ArgumentError, NonFiniteLossError) as err:  # bad config or data (DataError), diverged training
         return _fail(ValueError(config_error(err)))
-    except ProcessRaisedException as err:  # in a spawned rank (ddp_spawn): the last line of its traceback
+    except ProcessRaisedException as err:  # in a spawned rank (ddp_spawn): the first line of its exception
         return _fail(ValueError(rank_error(err)))
     return 0
 

@@ -84,16 +84,20 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any],
         raise SpecError(f"{spec.path}: {what}: {err}") from None
 
 
+def device_numbers(devices: Any) -> list[int] | None:
+    """The device numbers `devices` names (a list, or "0,1"), as Lightning reads them; None for a count."""
+    if isinstance(devices, (list, tuple)):
+        return [int(d) for d in devices]
+    return [int(d) for d in str(devices).split(",") if d.strip()] if "," in str(devices) else None
+
+
 def processes(accelerator: Any, devices: Any) -> int:
     """How many processes a trainer with these options runs on one machine, as Lightning reads them."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip()
-    if "," in text:
-        return len([d for d in text.split(",") if d.strip()])
-    if text not in ("auto", "-1"):
+    if (numbers := device_numbers(devices)) is not None:
+        return len(numbers)
+    if (text := str(devices).strip()) not in ("auto", "-1"):
         return int(text)
-    return num_cuda_devices() if str(accelerator) in GPU_ACCELERATORS and num_cuda_devices() else 1
+    return (num_cuda_devices() if str(accelerator) in GPU_ACCELERATORS else 0) or 1
 
 
 def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:

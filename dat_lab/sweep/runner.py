@@ -48,7 +48,7 @@ from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
-from .plan import GPU_ACCELERATORS, PlannedCell, in_worker, plan, processes
+from .plan import GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, plan, processes
 from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -379,10 +379,9 @@ def gpu_shares(planned: Iterable[PlannedCell], workers: int, gpus: list[str]) ->
                          f"use --workers {len(gpus)} or fewer")
     have = (f"each of {workers} workers gets {share} of this machine's {len(gpus)}" if workers > 1
             else f"this machine has {len(gpus)}")
-    named = [dev for acc, dev in asked if acc in GPU_ACCELERATORS and (isinstance(dev, (list, tuple)) or "," in str(dev))]
-    if any(int(i) >= share for dev in named for i in (dev if isinstance(dev, (list, tuple)) else str(dev).split(","))
-           if str(i).strip()):
-        raise ValueError(f"trainer.devices: {named[0]!r} names GPUs by number, and {have}, numbered from 0; "
+    named = [(dev, numbers) for acc, dev in asked if acc in GPU_ACCELERATORS and (numbers := device_numbers(dev))]
+    if any(max(numbers) >= share for _, numbers in named):
+        raise ValueError(f"trainer.devices: {named[0][0]!r} names GPUs by number, and {have}, numbered from 0; "
                          f"give a count instead (delta.trainer.devices={max(share, 1)})")
     if need > share:
         fewer = f"--workers {len(gpus) // need}, or " if workers > 1 and len(gpus) >= need else ""
