@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spec overrides, e.g. budget.max_epochs=1 seeds=[0,1,2]")
     w.add_argument("--storage", help="Optuna storage URL (default: the spec's, else sqlite:///runs/<study>.db)")
     w.add_argument("--study", help="study name (default: the spec's)")
-    w.add_argument("--workers", type=int, default=1, help="worker processes on this machine (needs PostgreSQL)")
+    w.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this machine (needs PostgreSQL); its GPUs are split evenly among them")
     w.add_argument("--n-trials", type=int, help="trials of a TPE search (default: the spec's)")
     w.add_argument("--dry-run", action="store_true", help="print the cells with params and FLOPs; train nothing")
     w.add_argument("--runs-root", default="runs", help="where trials write runs/<study>/trial_<n> (default: runs)")
