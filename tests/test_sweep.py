@@ -246,6 +246,8 @@ def test_ddp_in_a_trial_spawns_its_ranks_instead_of_running_the_command_again(tr
                                          "the command line again"),
     ({"devices": 2, "strategy": {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}},
      "trainer.strategy: 'lightning.pytorch.strategies.FSDPStrategy' on 2 devices starts its processes"),
+    ({"plugins": [{"class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment"}]},
+     "trainer.plugins: 'lightning.pytorch.plugins.environments.SLURMEnvironment' is a cluster environment; "),
 ])
 def test_what_a_trial_cannot_run_inside_its_worker_is_refused_at_planning(tmp_path, capsys, trainer, message):
     import yaml
@@ -381,16 +383,40 @@ def test_each_worker_process_sees_its_own_gpus(monkeypatch):
     assert runner.visible_gpus() == ["0", "1"]
 
 
+# what srun gives the one task of a job on one node (the worker)
+SLURM_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+              "SLURM_NODEID": "0", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "sweep",
+              "SLURM_NODELIST": "localhost"}
+
+
+def test_a_trial_trains_in_its_own_environment_whatever_launched_the_worker(monkeypatch):
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from dat_lab.sweep.plan import TrialEnvironment
+
+    for name, value in {**SLURM_TASK, "SLURM_PROCID": "3", "MASTER_ADDR": "node07", "MASTER_PORT": "29500",
+                        "LOCAL_RANK": "0", "NODE_RANK": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(rank_zero_only, "rank", 3)  # as Lightning read SLURM_PROCID on import
+    env = TrialEnvironment()
+    assert rank_zero_only.rank == 0 and env.global_rank() == 0 and env.node_rank() == 0
+    assert not env.creates_processes_externally  # Lightning's own would leave LOCAL_RANK's processes to torchrun
+    assert env.main_address == "127.0.0.1" and env.main_port != 29500 and env.main_port == env.main_port
+
+
 def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_back(tmp_path):
     """The base config's `ddp` would start the other rank by running `dat-lab sweep` again (a second
-    worker, and the run killed); the trial spawns its ranks, and what rank 0 found reaches the study."""
+    worker, and the run killed); the trial spawns its ranks, and what rank 0 found reaches the study.
+    The worker runs as an srun task: Lightning's SLURM environment made the two ranks two unconnected
+    trainings of world size 1 (SLURM_NTASKS) into one run folder; the trial's environment spawns them."""
     spec = _write(tmp_path, BASE + "sampler: {name: tpe, seed: 0}\nn_trials: 1\n"
                   "search_space: {model.lr: {type: float, low: 1.0e-3, high: 3.0e-3}}\n"
                   "pruner: {name: median}\nbudget: {max_epochs: 1, limit_train_batches: 3, limit_val_batches: 2}\n"
                   "delta: {trainer: {accelerator: cpu, devices: 2, strategy: ddp}}\n")
     storage = f"sqlite:///{tmp_path / 'ddp.db'}"
     done = subprocess.run([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", storage,
-                           "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **SLURM_TASK})
     assert done.returncode == 0 and "MEMBER: 2/2" in done.stdout + done.stderr, done.stderr[-3000:]
     [trial] = optuna.load_study(study_name="t", storage=storage).get_trials()
     assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["best"] > 0
@@ -399,6 +425,19 @@ def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_b
     run = Path(trial.user_attrs["run_dir"])
     assert [d.name for d in run.parent.iterdir()] == [run.name]
     assert "strategy: ddp_spawn" in (run / "config.yaml").read_text()
+
+
+def test_the_second_srun_task_of_a_sweep_logs_its_trials(tmp_path):
+    """Lightning reads SLURM_PROCID as the process's rank: in a worker started as task 1 of a job, a
+    single-device trial's TensorBoard logger (rank-zero-only) wrote nothing."""
+    spec = _write(tmp_path, BASE + "budget: {max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1}\n")
+    slurm = {**SLURM_TASK, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+    done = subprocess.run([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+                           "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **slurm})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "t" / "trial_0000"
+    assert list(run.glob("events.out.tfevents.*")) and (run / "hparams.yaml").is_file(), sorted(run.iterdir())
 
 
 def test_table6_dry_run_matches_profile_paper_tables(imagenet_root):

@@ -14,7 +14,9 @@ pruned or failed) trials, with Optuna's Lightning pruning callback when the spec
 
 A trial trains in its worker's process; a DDP trial spawns its ranks (plan.in_worker: `ddp` becomes
 `ddp_spawn`, Optuna's way, with the pruning callback's `check_pruned`), whose results Lightning brings
-back. Workers started together on one machine (`--workers`) split its GPUs (gpu_shares).
+back. Every trial runs in its own Lightning cluster environment (plan.TrialEnvironment: on this machine
+alone, whatever launched the worker, srun included). Workers started together on one machine
+(`--workers`) split its GPUs (gpu_shares).
 
 A study stores the fingerprint of the spec that made it (SweepSpec.fingerprint, with what planning
 found of its data: an image folder's class names): a rerun with a spec, or data, that would change its
@@ -48,7 +50,7 @@ from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
-from .plan import GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, plan, processes
+from .plan import GPU_ACCELERATORS, TRIAL_ENVIRONMENT, PlannedCell, device_numbers, in_worker, plan, plugins, processes
 from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -255,6 +257,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         raise RuntimeError(reason)
     config = deep_merge(config, {"trainer": {
         "logger": tensorboard_logger(runs_root, study.study_name, run_dir.name).as_dict(),
+        "plugins": [*plugins(config.get("trainer") or {}), TRIAL_ENVIRONMENT],  # on this machine alone (srun...)
         "enable_progress_bar": False, "enable_model_summary": False}})
     trial.set_user_attr(M.TRIAL_SEED, seed)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
