@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -200,7 +201,9 @@ def test_search_study_plots(tmp_path):
     for i, lr in enumerate([1e-4, 1e-3, 3e-3, 1e-2]):
         study.add_trial(create_trial(params={"model.lr": lr}, distributions={"model.lr": FloatDistribution(1e-5, 1e-1, log=True)},
                                      value=0.8 + i / 100, user_attrs={M.TRIAL_SEED: 0}))
-    report = analyze("lr", storage, tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)  # not printed to the user
+        report = analyze("lr", storage, tmp_path / "out")
     assert (tmp_path / "out" / "history.png").stat().st_size > 0 and (tmp_path / "out" / "importances.pdf").exists()
     assert report.table["val/acc1 (%)"].tolist() == ["83.00", "82.00", "81.00", "80.00"]  # best first, in percent
     assert report.table["model.lr"].tolist() == ["0.01", "0.003", "0.001", "0.0001"] and "failure" not in report.table

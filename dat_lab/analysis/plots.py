@@ -5,6 +5,7 @@ curves per cell from the trials' TensorBoard events, and Optuna's history and im
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -106,8 +107,10 @@ def search_plots(study: optuna.Study) -> dict[str, plt.Figure]:
     """Optuna's optimisation history and (with two or more finished trials) parameter importances."""
     from optuna.visualization import matplotlib as ovm
 
-    figures = {"history": ovm.plot_optimization_history(study).figure}
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(finished) >= 2 and finished[0].params:
-        figures["importances"] = ovm.plot_param_importances(study).figure
+    with warnings.catch_warnings():  # Optuna's matplotlib plots are "experimental": a warning on every call
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        figures = {"history": ovm.plot_optimization_history(study).figure}
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(finished) >= 2 and finished[0].params:
+            figures["importances"] = ovm.plot_param_importances(study).figure
     return figures
