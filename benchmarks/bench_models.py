@@ -4,7 +4,8 @@ inference images/s, and peak memory, at several batch sizes; both models in one 
     python benchmarks/bench_models.py [--device cpu|cuda] [--batch 8 32] [--precision bf16] \
         [--channels-last] [--compile] [--flush-denormal] [--mode train infer] [--repeats 5] \
         [--sampler auto|grid_sample|dense|triton|native] [--kernel auto|matmul|sdpa] [--md docs/benchmarks.md] \
-        [--dat-settings BACKWARD=loop/PRECISION=ieee ...]   # more dat_tiny contenders: other Triton settings (bench_bias.py)
+        [--dat-settings BACKWARD=loop/PRECISION=ieee KERNEL=matmul ...]   # more dat_tiny contenders: other
+        # Triton settings (bench_bias.py's notation), and KERNEL= / SAMPLER= for the deformable blocks' options
 """
 
 from __future__ import annotations
@@ -28,12 +29,25 @@ from dat_lab.models.attention import set_deformable_options  # noqa: E402
 MODELS = {"dat_tiny": "dat_tiny", "swin_tiny": "swin_tiny_patch4_window7_224"}
 
 
+BLOCK_OPTIONS = {"KERNEL": "kernel", "SAMPLER": "sampler"}  # in a setting: options of the deformable blocks
+
+
+def split(setting: str) -> tuple[dict[str, str], str]:
+    """"KERNEL=matmul/BACKWARD=loop" -> ({"kernel": "matmul"}, "BACKWARD=loop"): the deformable blocks'
+    options, and the Triton bias setting (bench_bias.py's notation; "default" when none)."""
+    items = [] if setting == "default" else setting.split("/")
+    options = {BLOCK_OPTIONS[n]: v for n, _, v in (i.partition("=") for i in items) if n in BLOCK_OPTIONS}
+    return options, "/".join(i for i in items if i.partition("=")[0] not in BLOCK_OPTIONS) or "default"
+
+
 def build(name: str, batch: int, a: argparse.Namespace, train: bool, setting: str = "default"):
     """A training step or an inference pass of model `name`; `setting`: of the Triton bias kernels
-    (bench_bias.py's notation), set before each call, so contenders with other settings alternate."""
+    (bench_bias.py's notation), set before each call, so contenders with other settings alternate, and
+    KERNEL= / SAMPLER= items, the deformable blocks' options (over --kernel and --sampler)."""
     torch.manual_seed(0)
     model = timm.create_model(MODELS[name], num_classes=1000).to(a.device)
-    set_deformable_options(model, sampler=a.sampler, kernel=a.kernel)
+    options, setting = split(setting)
+    set_deformable_options(model, **{"sampler": a.sampler, "kernel": a.kernel, **options})
     x = torch.randn(batch, 3, 224, 224, device=a.device)
     if a.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
@@ -73,7 +87,8 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--setting", default="default", help="dat_tiny's Triton bias setting (bench_bias.py's notation)")
     p.add_argument("--dat-settings", nargs="*", default=[],
-                   help="more dat_tiny contenders, each with these Triton bias settings (bench_bias.py's notation)")
+                   help="more dat_tiny contenders, each with these settings: of the Triton bias (bench_bias.py's "
+                        "notation), KERNEL= and SAMPLER= (the deformable blocks' options), joined by /")
     add_output_options(p, "models")
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
@@ -93,7 +108,12 @@ def main() -> None:
         + (["--compile"] if a.compile else []) + (["--flush-denormal"] if a.flush_denormal else []) \
         + ["--sampler", a.sampler, "--kernel", a.kernel, "--setting", a.setting]
     for setting in [a.setting, *a.dat_settings]:
-        parse(setting)  # a malformed setting fails here, before any timing
+        options, triton = split(setting)
+        parse(triton)  # a malformed setting fails here, before any timing
+        try:
+            set_deformable_options(torch.nn.Module(), **options)
+        except ValueError as err:
+            raise SystemExit(f"bench_models.py: setting {setting!r}: {err}") from None
     for batch in a.batch:
         for mode in a.mode:
             runs = {n: build(n, batch, a, mode == "train", a.setting) for n in MODELS}

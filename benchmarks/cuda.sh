@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one go (CI has no GPU; run where one is lent):
-#   bash benchmarks/cuda.sh OUTDIR [quick|compiled]   -> OUTDIR/check.log, profile_*.txt, *.json, and benchmarks.md
-#                                                        (a copy of docs/benchmarks.md with the GPU sections filled in)
+#   bash benchmarks/cuda.sh OUTDIR [quick|compiled|decide]   -> OUTDIR/check.log, profile_*.txt, *.json, and
+#                                                        benchmarks.md (a copy of docs/benchmarks.md with the GPU sections filled in)
 # compiled: only the comparison of both models compiled (training; up to 9 minutes, most of it compiling).
+# decide (9.5 minutes of limits): what the 0.9x question needs in one lease: bench_bias (its error check is the
+# first GPU run of the dots backward's second version), the eager training comparison with dat_tiny also on
+# the matmul attention (KERNEL=matmul: logits made, no fused SDPA), then both models compiled.
 # quick: bench_bias, the eager model comparison, the checks, dat_tiny's profile and bench_sdpa only (limits
 # 10 minutes in all, ~4.5 minutes on an H200: fits a 15-minute lease with time to start the machine).
 # bench_bias times the Triton settings first; the model comparison then takes the fastest that ran as
@@ -11,13 +14,21 @@
 # with it. Seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model comparison ~2
 # minutes, the compiled one past 150 s (compiling both models' training steps).
 set -u
-out=${1:?usage: bash benchmarks/cuda.sh OUTDIR [quick|compiled]}
+out=${1:?usage: bash benchmarks/cuda.sh OUTDIR [quick|compiled|decide]}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 cp docs/benchmarks.md "$out/benchmarks.md"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi -L; python3 -c 'import torch, timm, triton; print("torch", torch.__version__, "timm", timm.__version__, "triton", triton.__version__)'
 gpu=(--device cuda --batch 128 --precision bf16 --channels-last --md "$out/benchmarks.md")
+if [ "${2:-}" = decide ]; then
+    timeout 60 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
+    timeout 120 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --no-memory --repeats 10 \
+        --dat-settings KERNEL=matmul --json "$out/models.json"
+    timeout 390 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --compile --no-memory --repeats 5 \
+        --json "$out/models-compiled.json"
+    echo "done (decide): $out"; exit 0
+fi
 if [ "${2:-}" = compiled ]; then
     timeout 540 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --compile --no-memory --repeats 10 \
         --json "$out/models-compiled.json"
