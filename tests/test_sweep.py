@@ -248,6 +248,9 @@ def test_ddp_in_a_trial_spawns_its_ranks_instead_of_running_the_command_again(tr
      "trainer.strategy: 'lightning.pytorch.strategies.FSDPStrategy' on 2 devices starts its processes"),
     ({"plugins": [{"class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment"}]},
      "trainer.plugins: 'lightning.pytorch.plugins.environments.SLURMEnvironment' is a cluster environment; "),
+    ({"devices": 2, "strategy": {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": {
+        "cluster_environment": {"class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment"}}}},
+     "trainer.strategy: 'lightning.pytorch.plugins.environments.SLURMEnvironment' is a cluster environment; "),
 ])
 def test_what_a_trial_cannot_run_inside_its_worker_is_refused_at_planning(tmp_path, capsys, trainer, message):
     import yaml
@@ -389,26 +392,40 @@ SLURM_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID":
               "SLURM_NODELIST": "localhost"}
 
 
-def test_a_trial_trains_in_its_own_environment_whatever_launched_the_worker(monkeypatch):
+# and what torchrun gives a process it starts (with an agent that serves the rendezvous store)
+TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+            "ROLE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RUN_ID": "none"}
+
+
+def test_a_trial_is_rank_0_of_its_own_whatever_launched_the_worker(monkeypatch):
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from dat_lab.sweep.plan import TrialEnvironment
-
-    for name, value in {**SLURM_TASK, "SLURM_PROCID": "3", "MASTER_ADDR": "node07", "MASTER_PORT": "29500",
-                        "LOCAL_RANK": "0", "NODE_RANK": "2"}.items():
+    for name, value in {**SLURM_TASK, **TORCHRUN, "SLURM_PROCID": "3", "NODE_RANK": "2"}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(rank_zero_only, "rank", 3)  # as Lightning read SLURM_PROCID on import
-    env = TrialEnvironment()
-    assert rank_zero_only.rank == 0 and env.global_rank() == 0 and env.node_rank() == 0
-    assert not env.creates_processes_externally  # Lightning's own would leave LOCAL_RANK's processes to torchrun
-    assert env.main_address == "127.0.0.1" and env.main_port != 29500 and env.main_port == env.main_port
+    monkeypatch.setattr(rank_zero_only, "rank", 3)  # as Lightning read SLURM_PROCID or RANK on import
+    runner.as_own_rank()
+    assert rank_zero_only.rank == 0 and not [n for n in TORCHRUN if n in os.environ] and "NODE_RANK" not in os.environ
+    assert all(os.environ[n] == v for n, v in SLURM_TASK.items() if n != "SLURM_PROCID")  # the job's own, kept
+
+
+def test_a_ddp_trial_trains_in_lightnings_own_environment():
+    from dat_lab.sweep.plan import LOCAL, in_worker
+
+    out = in_worker({"trainer": {"devices": 2, "strategy": "ddp", "plugins": {"class_path": "x.MyPrecision"}}})
+    assert out["trainer"]["plugins"] == [{"class_path": "x.MyPrecision"}, LOCAL]
+    assert in_worker({"trainer": {"devices": 2, "strategy": "ddp_spawn"}})["trainer"]["plugins"] == [LOCAL]
+    assert "plugins" not in in_worker({"trainer": {"devices": 1}})["trainer"]  # one device: as given
+    again = {"trainer": {"devices": 2, "strategy": "ddp", "plugins": [{"class_path": "LightningEnvironment"}]}}
+    assert in_worker(again)["trainer"]["plugins"] == again["trainer"]["plugins"]  # a trial's config.yaml as a base
 
 
 def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_back(tmp_path):
     """The base config's `ddp` would start the other rank by running `dat-lab sweep` again (a second
     worker, and the run killed); the trial spawns its ranks, and what rank 0 found reaches the study.
     The worker runs as an srun task: Lightning's SLURM environment made the two ranks two unconnected
-    trainings of world size 1 (SLURM_NTASKS) into one run folder; the trial's environment spawns them."""
+    trainings of world size 1 (SLURM_NTASKS) into one run folder; and with torchrun's variables, the ranks
+    waited for a rendezvous store that torchrun's agent was to serve, forever."""
     spec = _write(tmp_path, BASE + "sampler: {name: tpe, seed: 0}\nn_trials: 1\n"
                   "search_space: {model.lr: {type: float, low: 1.0e-3, high: 3.0e-3}}\n"
                   "pruner: {name: median}\nbudget: {max_epochs: 1, limit_train_batches: 3, limit_val_batches: 2}\n"
@@ -416,7 +433,7 @@ def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_b
     storage = f"sqlite:///{tmp_path / 'ddp.db'}"
     done = subprocess.run([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", storage,
                            "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **SLURM_TASK})
+                          env={**os.environ, **SLURM_TASK, **TORCHRUN})
     assert done.returncode == 0 and "MEMBER: 2/2" in done.stdout + done.stderr, done.stderr[-3000:]
     [trial] = optuna.load_study(study_name="t", storage=storage).get_trials()
     assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["best"] > 0
@@ -429,12 +446,14 @@ def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_b
 
 def test_the_second_srun_task_of_a_sweep_logs_its_trials(tmp_path):
     """Lightning reads SLURM_PROCID as the process's rank: in a worker started as task 1 of a job, a
-    single-device trial's TensorBoard logger (rank-zero-only) wrote nothing."""
+    single-device trial's TensorBoard logger (rank-zero-only) wrote nothing. (Lightning reads RANK and
+    LOCAL_RANK first: none in the test's environment.)"""
     spec = _write(tmp_path, BASE + "budget: {max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1}\n")
     slurm = {**SLURM_TASK, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
     done = subprocess.run([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'x.db'}",
                            "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **slurm})
+                          env={**{n: v for n, v in os.environ.items() if not runner.LAUNCHER_VARIABLES.fullmatch(n)},
+                               **slurm})
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "t" / "trial_0000"
     assert list(run.glob("events.out.tfevents.*")) and (run / "hparams.yaml").is_file(), sorted(run.iterdir())

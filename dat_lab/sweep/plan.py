@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from lightning.fabric.accelerators.cuda import num_cuda_devices
-from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
@@ -30,7 +28,8 @@ DDP_NAMES = re.compile(r"ddp(?:_spawn|_fork|_notebook)?(_find_unused_parameters_
 IN_PROCESS = re.compile(r"auto|single_device|single_xla|xla(_.*)?|([\w.]+\.)?(SingleDevice|SingleDeviceXLA|XLA)Strategy",
                         re.IGNORECASE)  # strategies that run no command line again
 DDP_CLASSES = {"DDPStrategy", "lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.ddp.DDPStrategy"}
-TRIAL_ENVIRONMENT = {"class_path": "dat_lab.sweep.plan.TrialEnvironment"}  # every trial's (runner._run_trial)
+LOCAL_NAME = "LightningEnvironment"  # Lightning's own cluster environment: ranks spawned on this machine
+LOCAL = {"class_path": f"lightning.pytorch.plugins.environments.{LOCAL_NAME}"}
 
 
 class _Parsed(Exception):
@@ -115,19 +114,22 @@ def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's training config as it runs inside its sweep worker's process. DDP that Lightning starts
     by running the command line again (`ddp`, and `auto` on several CPU or CUDA devices) would start
     copies of the sweep, each a worker; forked ranks fail once a trial has used CUDA in the worker. So
-    every DDP trial spawns its ranks (`ddp_spawn`, Optuna's way for DDP trials). A trial spans one
-    machine: SpecError for several nodes, another strategy of several processes (FSDP, DeepSpeed), or a
-    cluster environment among its plugins (it runs in TrialEnvironment)."""
+    every DDP trial spawns its ranks (`ddp_spawn`, Optuna's way for DDP trials), in Lightning's own
+    environment, whatever started the worker: under srun, Lightning's SLURM environment made a trial on
+    two devices two unconnected copies of world size 1. A trial spans one machine: SpecError for
+    several nodes, another strategy of several processes (FSDP, DeepSpeed), or a cluster environment
+    of its own (among its plugins, or its DDP strategy's)."""
     trainer = dict(config.get("trainer") or {})
     if (nodes := int(trainer.get("num_nodes") or 1)) > 1:
         raise SpecError(f"trainer.num_nodes: {nodes}; a sweep's trial trains on its worker's machine (num_nodes 1): "
                         f"scale a sweep over machines by workers sharing a database")
-    for plugin in plugins(trainer):
-        name = str(plugin.get("class_path", "")) if isinstance(plugin, Mapping) else str(plugin)
-        if name.endswith("Environment"):  # Lightning's cluster environments: SLURMEnvironment, ...
-            raise SpecError(f"trainer.plugins: {name!r} is a cluster environment; a sweep's trial trains on its "
-                            f"worker's machine alone, in the environment the sweep gives it (TrialEnvironment)")
     strategy = given = trainer.get("strategy", "auto")
+    given_env = strategy.get("init_args", {}).get("cluster_environment") if isinstance(strategy, Mapping) else None
+    for where, item in [*(("trainer.plugins", p) for p in plugins(trainer)), ("trainer.strategy", given_env)]:
+        name = str(item.get("class_path", "")) if isinstance(item, Mapping) else str(item or "")
+        if name.endswith("Environment") and not name.endswith(LOCAL_NAME):  # SLURMEnvironment, ...
+            raise SpecError(f"{where}: {name!r} is a cluster environment; a sweep's trial trains on its worker's "
+                            f"machine alone (its DDP ranks spawned there, in Lightning's own environment)")
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     several = (count := processes(accelerator, trainer.get("devices", "auto"))) > 1
     name = str(strategy.get("class_path", "")) if isinstance(strategy, Mapping) else str(strategy)
@@ -141,38 +143,10 @@ def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
         raise SpecError(f"trainer.strategy: {name!r} on {count} devices starts its processes by running the command "
                         f"line again, which in a sweep starts more workers; a sweep's trial takes ddp (its ranks "
                         f"spawned) or ddp_spawn")
-    return deep_merge(config, {"trainer": {"strategy": strategy}}) if strategy != given else dict(config)
-
-
-class TrialEnvironment(LightningEnvironment):
-    """Where a sweep's trial trains, as a Lightning cluster environment: on its worker's machine alone,
-    its ranks spawned there and meeting on a free local port, whatever started the worker (srun,
-    torchrun, a Kubernetes job). Lightning would read the job's environment instead: under srun a
-    trial on several devices ran as that many unconnected copies of one rank (world size SLURM_NTASKS,
-    device SLURM_LOCALID), and workers on one node would all take the port SLURM's job id gives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # rank 0 until a DDP strategy sets the rank (Lightning read SLURM_PROCID on import: a second srun
-        # task's single-device trials logged nothing, their TensorBoard logger being rank-zero-only)
-        self.set_global_rank(0)
-
-    @property
-    def creates_processes_externally(self) -> bool:
-        return False
-
-    @property
-    def main_address(self) -> str:
-        return "127.0.0.1"
-
-    @property
-    def main_port(self) -> int:
-        if self._main_port == -1:
-            self._main_port = find_free_network_port()  # not MASTER_PORT: a job's, shared by its workers
-        return self._main_port
-
-    def node_rank(self) -> int:
-        return 0
+    else:  # in the worker's process: as given
+        return dict(config)
+    local = [] if any(LOCAL_NAME in str(p) for p in plugins(trainer)) else [LOCAL]  # a trial's config.yaml has it
+    return deep_merge(config, {"trainer": {"strategy": strategy, "plugins": [*plugins(trainer), *local]}})
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ pruned or failed) trials, with Optuna's Lightning pruning callback when the spec
 
 A trial trains in its worker's process; a DDP trial spawns its ranks (plan.in_worker: `ddp` becomes
 `ddp_spawn`, Optuna's way, with the pruning callback's `check_pruned`), whose results Lightning brings
-back. Every trial runs in its own Lightning cluster environment (plan.TrialEnvironment: on this machine
-alone, whatever launched the worker, srun included). Workers started together on one machine
-(`--workers`) split its GPUs (gpu_shares).
+back. A trial trains as rank 0 of its own, whatever launched the worker (srun, torchrun): its DDP in
+Lightning's own environment (in_worker), and the launcher's variables gone (as_own_rank). Workers
+started together on one machine (`--workers`) split its GPUs (gpu_shares).
 
 A study stores the fingerprint of the spec that made it (SweepSpec.fingerprint, with what planning
 found of its data: an image folder's class names): a rerun with a spec, or data, that would change its
@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 import optuna
 import sqlalchemy.exc
 from lightning.fabric.accelerators.cuda import num_cuda_devices
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 from torch.multiprocessing import ProcessRaisedException
@@ -50,7 +51,7 @@ from ..metrics import check_storage_url
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
-from .plan import GPU_ACCELERATORS, TRIAL_ENVIRONMENT, PlannedCell, device_numbers, in_worker, plan, plugins, processes
+from .plan import GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, plan, processes
 from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -214,6 +215,20 @@ def _reproduce(run_dir: Path) -> str:
     return f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --name {run_dir.name}_again"
 
 
+LAUNCHER_VARIABLES = re.compile(r"TORCHELASTIC_\w+|(LOCAL_|GROUP_|ROLE_)?RANK|(LOCAL_|GROUP_|ROLE_)?WORLD_SIZE|"
+                                r"ROLE_NAME|NODE_RANK|MASTER_ADDR|MASTER_PORT|STANDALONE_PORT")
+
+
+def as_own_rank() -> None:
+    """Make this worker rank 0 of a trial of its own: without the variables a launcher (torchrun, a
+    Kubernetes job) gave it, which Lightning and torch read as the trial's (under torchrun its DDP ranks
+    waited for a store that torchrun's agent was to serve, forever), and with Lightning's rank-zero-only
+    calls on (it read SLURM_PROCID or RANK: in a job's second srun task, trials wrote no TensorBoard logs)."""
+    for name in [n for n in os.environ if LAUNCHER_VARIABLES.fullmatch(n)]:
+        del os.environ[name]
+    rank_zero_only.rank = 0
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned: dict[str, PlannedCell],
               runs_root: str) -> float:
     """Train one trial (a grid cell, or a TPE sample); record what analysis needs as user attributes,
@@ -257,7 +272,6 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         raise RuntimeError(reason)
     config = deep_merge(config, {"trainer": {
         "logger": tensorboard_logger(runs_root, study.study_name, run_dir.name).as_dict(),
-        "plugins": [*plugins(config.get("trainer") or {}), TRIAL_ENVIRONMENT],  # on this machine alone (srun...)
         "enable_progress_bar": False, "enable_model_summary": False}})
     trial.set_user_attr(M.TRIAL_SEED, seed)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -276,6 +290,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
             trial.storage.set_trial_system_attr(trial._trial_id, DDP_PRUNED, False)
             trial.storage.set_trial_system_attr(trial._trial_id, DDP_REPORTS, None)
     start = time.time()
+    as_own_rank()
     try:
         cli = train({"fit": config}, extra_callbacks=[tracker, *([pruning] if pruning else [])])
         if pruning is not None:
