@@ -404,9 +404,11 @@ def test_a_trial_is_rank_0_of_its_own_whatever_launched_the_worker(monkeypatch):
     for name, value in {**SLURM_TASK, **TORCHRUN, "SLURM_PROCID": "3", "NODE_RANK": "2"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(rank_zero_only, "rank", 3)  # as Lightning read SLURM_PROCID or RANK on import
+    monkeypatch.setenv("STANDALONE_PORT", "29600")  # a user's choice for Lightning, not a launcher's
     runner.as_own_rank()
     assert rank_zero_only.rank == 0 and not [n for n in TORCHRUN if n in os.environ] and "NODE_RANK" not in os.environ
-    assert all(os.environ[n] == v for n, v in SLURM_TASK.items() if n != "SLURM_PROCID")  # the job's own, kept
+    assert "SLURM_NTASKS" not in os.environ and os.environ["STANDALONE_PORT"] == "29600"  # no SLURM environment
+    assert all(os.environ[n] == v for n, v in SLURM_TASK.items() if n not in ("SLURM_PROCID", "SLURM_NTASKS"))
 
 
 def test_a_ddp_trial_trains_in_lightnings_own_environment():
@@ -418,6 +420,8 @@ def test_a_ddp_trial_trains_in_lightnings_own_environment():
     assert "plugins" not in in_worker({"trainer": {"devices": 1}})["trainer"]  # one device: as given
     again = {"trainer": {"devices": 2, "strategy": "ddp", "plugins": [{"class_path": "LightningEnvironment"}]}}
     assert in_worker(again)["trainer"]["plugins"] == again["trainer"]["plugins"]  # a trial's config.yaml as a base
+    own = {"class_path": "DDPStrategy", "init_args": {"cluster_environment": LOCAL}}  # Lightning takes one, not two
+    assert "plugins" not in in_worker({"trainer": {"devices": 2, "strategy": own}})["trainer"]
 
 
 def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_back(tmp_path):
@@ -444,16 +448,20 @@ def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_b
     assert "strategy: ddp_spawn" in (run / "config.yaml").read_text()
 
 
-def test_the_second_srun_task_of_a_sweep_logs_its_trials(tmp_path):
-    """Lightning reads SLURM_PROCID as the process's rank: in a worker started as task 1 of a job, a
-    single-device trial's TensorBoard logger (rank-zero-only) wrote nothing. (Lightning reads RANK and
-    LOCAL_RANK first: none in the test's environment.)"""
+def test_a_sweep_in_a_jobs_second_srun_task_trains_and_logs_its_trials(tmp_path):
+    """A worker started as task 1 of `#SBATCH --nodes=2 --ntasks=2`: Lightning's SLURM environment refused
+    the job's `--ntasks` (no `--ntasks-per-node`), would resume a trial from a `runs/hpc_ckpt_*.ckpt`
+    in the working directory, and made SLURM_PROCID the rank, so that the trial's TensorBoard logger
+    (rank-zero-only) wrote nothing. (Lightning reads RANK and LOCAL_RANK first: none here.)"""
     spec = _write(tmp_path, BASE + "budget: {max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1}\n")
-    slurm = {**SLURM_TASK, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+    slurm = {**SLURM_TASK, "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_PROCID": "1", "SLURM_NODEID": "1"}
+    del slurm["SLURM_NTASKS_PER_NODE"]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "hpc_ckpt_1.ckpt").write_text("another run's")  # what SLURM's auto-requeue leaves
+    env = {n: v for n, v in os.environ.items() if not runner.LAUNCHER_VARIABLES.fullmatch(n)}
     done = subprocess.run([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'x.db'}",
-                           "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**{n: v for n, v in os.environ.items() if not runner.LAUNCHER_VARIABLES.fullmatch(n)},
-                               **slurm})
+                           "--runs-root", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**env, **slurm, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "t" / "trial_0000"
     assert list(run.glob("events.out.tfevents.*")) and (run / "hparams.yaml").is_file(), sorted(run.iterdir())

@@ -115,8 +115,9 @@ def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     by running the command line again (`ddp`, and `auto` on several CPU or CUDA devices) would start
     copies of the sweep, each a worker; forked ranks fail once a trial has used CUDA in the worker. So
     every DDP trial spawns its ranks (`ddp_spawn`, Optuna's way for DDP trials), in Lightning's own
-    environment, whatever started the worker: under srun, Lightning's SLURM environment made a trial on
-    two devices two unconnected copies of world size 1. A trial spans one machine: SpecError for
+    environment (LightningEnvironment), whatever started the worker: under srun, Lightning's SLURM
+    environment made a trial on two devices two unconnected copies of world size 1 (runner.as_own_rank
+    takes the launcher's variables away too). A trial spans one machine: SpecError for
     several nodes, another strategy of several processes (FSDP, DeepSpeed), or a cluster environment
     of its own (among its plugins, or its DDP strategy's)."""
     trainer = dict(config.get("trainer") or {})
@@ -124,7 +125,7 @@ def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
         raise SpecError(f"trainer.num_nodes: {nodes}; a sweep's trial trains on its worker's machine (num_nodes 1): "
                         f"scale a sweep over machines by workers sharing a database")
     strategy = given = trainer.get("strategy", "auto")
-    given_env = strategy.get("init_args", {}).get("cluster_environment") if isinstance(strategy, Mapping) else None
+    given_env = (strategy.get("init_args") or {}).get("cluster_environment") if isinstance(strategy, Mapping) else None
     for where, item in [*(("trainer.plugins", p) for p in plugins(trainer)), ("trainer.strategy", given_env)]:
         name = str(item.get("class_path", "")) if isinstance(item, Mapping) else str(item or "")
         if name.endswith("Environment") and not name.endswith(LOCAL_NAME):  # SLURMEnvironment, ...
@@ -145,8 +146,9 @@ def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
                         f"spawned) or ddp_spawn")
     else:  # in the worker's process: as given
         return dict(config)
-    local = [] if any(LOCAL_NAME in str(p) for p in plugins(trainer)) else [LOCAL]  # a trial's config.yaml has it
-    return deep_merge(config, {"trainer": {"strategy": strategy, "plugins": [*plugins(trainer), *local]}})
+    if any(LOCAL_NAME in str(p) for p in [*plugins(trainer), given_env]):  # given already (Lightning takes one)
+        return deep_merge(config, {"trainer": {"strategy": strategy}})
+    return deep_merge(config, {"trainer": {"strategy": strategy, "plugins": [*plugins(trainer), LOCAL]}})
 
 
 @dataclass(frozen=True)

@@ -216,14 +216,18 @@ def _reproduce(run_dir: Path) -> str:
 
 
 LAUNCHER_VARIABLES = re.compile(r"TORCHELASTIC_\w+|(LOCAL_|GROUP_|ROLE_)?RANK|(LOCAL_|GROUP_|ROLE_)?WORLD_SIZE|"
-                                r"ROLE_NAME|NODE_RANK|MASTER_ADDR|MASTER_PORT|STANDALONE_PORT")
+                                r"ROLE_NAME|NODE_RANK|MASTER_ADDR|MASTER_PORT|SLURM_NTASKS")
+warnings.filterwarnings("ignore", message="The `srun` command is available")  # Lightning's, in trials without SLURM_NTASKS
 
 
 def as_own_rank() -> None:
-    """Make this worker rank 0 of a trial of its own: without the variables a launcher (torchrun, a
-    Kubernetes job) gave it, which Lightning and torch read as the trial's (under torchrun its DDP ranks
-    waited for a store that torchrun's agent was to serve, forever), and with Lightning's rank-zero-only
-    calls on (it read SLURM_PROCID or RANK: in a job's second srun task, trials wrote no TensorBoard logs)."""
+    """Make this worker rank 0 of a trial of its own: without the variables a launcher (torchrun, srun, a
+    Kubernetes job) gave it, which Lightning and torch read as the trial's, and with Lightning's
+    rank-zero-only calls on. Under torchrun a DDP trial's ranks waited forever for a store torchrun's
+    agent was to serve; under srun (SLURM_NTASKS: Lightning's SLURM environment) a single-device trial
+    failed on `--ntasks` without `--ntasks-per-node`, and resumed from any `runs/hpc_ckpt_*.ckpt` in the
+    working directory; in a job's second srun task (Lightning read SLURM_PROCID) trials wrote no
+    TensorBoard logs. The job's other variables (SLURM_JOB_ID, SLURM_PROCID, ...) stay."""
     for name in [n for n in os.environ if LAUNCHER_VARIABLES.fullmatch(n)]:
         del os.environ[name]
     rank_zero_only.rank = 0
