@@ -151,11 +151,13 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.workers > 1 and storage.startswith("sqlite"):
         raise ValueError("--workers: SQLite is unsafe for parallel workers; give --storage postgresql://... "
                          "(one server shared by every worker, on this machine or many)")
-    # a bad URL (or, for a real run, an unreachable database) fails here, before planning. A dry run writes
-    # nothing: it reads an existing SQLite file's study (another spec's, or run folders of no trial of it, are
-    # refused), and checks only the URL of a database server (opening one would create Optuna's tables)
+    # a bad URL (or, for a real run, an unreachable database server) fails here, before planning. Nothing is
+    # written before the checks pass: an existing SQLite file's study is read (another spec's, or run folders
+    # of no trial of it, are refused), a new SQLite file is made by the first worker, and a dry run checks only
+    # the URL of a database server (opening one would create Optuna's tables)
     check_storage_url(storage)
-    readable = not args.dry_run or (file := sqlite_path(storage)) is not None and file.exists()
+    file = sqlite_path(storage)
+    readable = file.exists() if file is not None else not args.dry_run
     storage_read = make_storage(storage, spec.heartbeat) if readable else None
     preflight(spec, storage_read, storage, study, args.runs_root)  # another spec's study: refused at once,
     planned = plan(spec, spec.planned_cells())
@@ -190,6 +192,7 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
     from optuna.trial import TrialState
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from dat_lab import metrics as M
     from dat_lab.sweep.runner import work
 
     label = "cells" if spec.is_grid else "trials"
@@ -198,10 +201,18 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
                   TimeElapsedColumn()) as bar:
         task = bar.add_task(study, total=len(planned) if spec.is_grid else spec.n_trials)
         failed = []
+
+        def on_trial(trial) -> None:
+            if trial.state == TrialState.FAIL:
+                failed.append(trial.number)
+                reason = trial.user_attrs.get(M.TRIAL_FAILURE, "no reason recorded")
+                cell = f" ({trial.user_attrs[M.TRIAL_CELL]})" if M.TRIAL_CELL in trial.user_attrs else ""
+                bar.console.print(f"trial {trial.number}{cell} FAILED: {reason}", markup=False, highlight=False,
+                                  soft_wrap=True)
+
         try:
             work(spec, storage=storage, study_name=study, runs_root=args.runs_root, planned=planned,
-                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                 on_trial=lambda trial: failed.append(trial.number) if trial.state == TrialState.FAIL else None)
+                 progress=lambda done, total: bar.update(task, completed=done, total=total), on_trial=on_trial)
         except KeyboardInterrupt:
             bar.stop()
             print("interrupted: finished cells are stored and the interrupted trial is marked FAILED; "
@@ -213,14 +224,18 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
 def _print_plan(spec, planned, study: str) -> None:
     rows = []
     for p in planned:
-        if rows and rows[-1]["cell"] == p.cell.name:
+        if rows and rows[-1]["cell"] == (p.cell.name or "(base)"):
             rows[-1]["seeds"] += f",{p.cell.seed}"
             continue
         rows.append({"cell": p.cell.name or "(base)", "seeds": str(p.cell.seed), "params_m": round(p.params_m, 4),
                      "gflops": round(p.gflops, 4)})
-    kind = "grid" if spec.is_grid else f"tpe, {spec.n_trials} trials over {', '.join(spec.search_space)}"
+    if spec.is_grid:
+        kind, planned_text = "grid", f"{len(planned)} trial(s) planned"
+    else:
+        kind = f"tpe, {spec.n_trials} trials over {', '.join(spec.search_space)}"
+        planned_text = "the base config checked, and each search-space path at its bounds or choices"
     print(f"{spec.path}: study {study!r}, {kind}, objective {spec.direction} {spec.metric} ({spec.value}); "
-          f"{len(planned)} trial(s) planned, nothing trained (--dry-run)")
+          f"{planned_text}, nothing trained (--dry-run)")
     _print_table(rows)
 
 

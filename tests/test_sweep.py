@@ -258,7 +258,7 @@ def test_what_a_trial_cannot_run_inside_its_worker_is_refused_at_planning(tmp_pa
     spec = _write(tmp_path, BASE + "delta: " + yaml.safe_dump({"trainer": trainer}, default_flow_style=True))
     assert cli.main(["sweep", str(spec), "--dry-run", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"dat-lab: error: {spec}: cell '': {message}") and err.count("\n") == 1, err
+    assert err.startswith(f"dat-lab: error: {spec}: cell '(base)': {message}") and err.count("\n") == 1, err
 
 
 def test_a_search_space_that_sets_trainer_options_is_checked_at_planning_too(tmp_path, capsys):
@@ -364,6 +364,15 @@ def test_workers_on_a_gpu_machine_get_gpus_of_their_own(trainers, workers, gpus,
 def test_gpus_a_worker_does_not_have_are_refused_before_training(trainers, workers, gpus, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         runner.gpu_shares(_planned(*trainers), workers, gpus)
+
+
+def test_a_sweep_refused_after_planning_writes_no_storage(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])  # a machine without GPUs, as CI's
+    db = tmp_path / "new.db"
+    code = cli.main(["sweep", DEMO, *SMALL, "delta.trainer.accelerator=gpu", "--storage", f"sqlite:///{db}",
+                     "--runs-root", str(tmp_path / "runs")])
+    assert code == 2 and "this machine has no GPU" in capsys.readouterr().err
+    assert not db.exists() and not (tmp_path / "runs").exists()
 
 
 def test_each_worker_process_sees_its_own_gpus(monkeypatch):
@@ -520,17 +529,20 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.startswith(f"dat-lab train --config {t.user_attrs['run_dir']}/config.yaml")
 
 
-def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capfd):
     storage = f"sqlite:///{tmp_path / 'f.db'}"
     spec = _write(tmp_path, BASE + "budget: {max_epochs: 1, limit_train_batches: 6, limit_val_batches: 1}\n"
                   "factors: {lr: {path: model.lr, values: [1.0e+30, 1.0e-3]}}\n")
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", str(spec), "--storage", storage, "--runs-root", str(tmp_path / "runs")])
     assert exit_.value.code == 1  # after the summary line, and a line saying how many trials FAILED
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert f"study 't' in {storage}" in captured.out and "1 trial(s) of this run FAILED" in captured.err
+    # one line as it failed, no traceback (Optuna's warning had one for each failed trial)
+    assert "trial 0 (lr=1e+30 | seed=0) FAILED: NonFiniteLossError: non-finite training loss" in captured.out
+    assert "Traceback" not in captured.out + captured.err
     assert cli.main(["sweep-status", "t", "--storage", storage]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "1 done, 0 running, 1 failed" in out and "NonFiniteLossError: non-finite training loss" in out
 
 

@@ -352,12 +352,15 @@ def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "ru
          on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
     """One worker: claim and train trials until the sweep has nothing left to run; `on_trial` gets each
     trial this worker ran, as it ended (COMPLETE, PRUNED or FAIL)."""
+    # the progress bar says how it goes, on_trial what failed; Optuna's warnings would add a traceback for
+    # every failed or interrupted trial, whose reason is stored (sweep-status) and whose run can be reproduced
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)  # "no effect" on every 1-epoch trial
     planned_list = planned if planned is not None else plan(spec, spec.planned_cells())
     by_key = {p.cell.key: p for p in planned_list}
     study = open_study(spec, storage, study_name, planned_list)
     objective = lambda trial: run_trial(study, trial, spec, by_key, runs_root)  # noqa: E731
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it
     while True:
         fail_stale_trials(study)  # stale RUNNING -> FAILED, and queued again by the retry callback
         done, total, active = _finished(study, spec, by_key)
