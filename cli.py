@@ -85,11 +85,14 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _read_official_config(path: str) -> dict[str, Any]:
     """The model keywords of a released config YAML (MODEL: DAT: {...}) or of a flat YAML dict."""
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"--official-config: {path} is not YAML ({str(err).splitlines()[0]})") from None
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"--official-config: {path}: {err.strerror.lower()}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--official-config: {path} is not YAML ({str(err).splitlines()[0]})") from None
     if isinstance(data, dict) and "MODEL" in data:
         data = data["MODEL"].get("DAT", {}) if isinstance(data["MODEL"], dict) else {}
     if not isinstance(data, dict) or not data:
@@ -299,6 +302,7 @@ def _visualize(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dat-lab", description="Ablations of Deformable Attention Transformers.")
+    parser.add_argument("--version", action="version", version=f"dat-lab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", add_help=False,
                    help="train with LightningCLI: dat-lab train [fit|validate|test] --config experiments/X.yaml "
@@ -356,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="runs/visualize", help="output folder (default: runs/visualize)")
     v.set_defaults(run=_visualize)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dat-lab")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

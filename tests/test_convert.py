@@ -74,6 +74,8 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert "exactly one of --variant" in capsys.readouterr().err
     assert cli.main(["convert", str(tmp_path / "nope.pth"), "--variant", "dat_tiny", "-o", "x"]) == 2
     assert capsys.readouterr().err == f"dat-lab: error: {tmp_path / 'nope.pth'}: no such checkpoint\n"
+    assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "none.yaml"), "-o", "x"]) == 2
+    assert capsys.readouterr().err == f"dat-lab: error: --official-config: {tmp_path / 'none.yaml'}: no such file or directory\n"
     (tmp_path / "bad.yaml").write_text("MODEL: [")
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", "x"]) == 2
     assert f"--official-config: {tmp_path / 'bad.yaml'} is not YAML" in capsys.readouterr().err

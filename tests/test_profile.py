@@ -95,3 +95,11 @@ def test_terminal_tables_put_labels_left_and_numbers_right(capsys):
                       {"cell": "bbbb", "status": "pending", "value": "-", "trial": 10}])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
     assert lines == ["│ a    │ done    │ 9.5 ± 0.1 │     1 │", "│ bbbb │ pending │         - │    10 │"]
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"dat-lab {version('dat-lab')}\n"

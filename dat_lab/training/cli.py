@@ -120,10 +120,16 @@ class DatLabCLI(LightningCLI):
         self._check_checkpoint()
 
     def before_validate(self) -> None:
-        self._check_checkpoint()
+        self._before_evaluation()
 
     def before_test(self) -> None:
+        self._before_evaluation()
+
+    def _before_evaluation(self) -> None:
         self._check_checkpoint()
+        # it logs to a new version: ModelCheckpoint would warn that the checkpoint's own folder (and best
+        # score) are not taken over, which an evaluation does not need
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
 def _resume_config_name(run: Path) -> str:
