@@ -154,21 +154,24 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.workers > 1 and storage.startswith("sqlite"):
         raise ValueError("--workers: SQLite is unsafe for parallel workers; give --storage postgresql://... "
                          "(one server shared by every worker, on this machine or many)")
-    # a bad URL (or, for a real run, an unreachable database server) fails here, before planning. Nothing is
-    # written before the checks pass: an existing SQLite file's study is read (another spec's, or run folders
-    # of no trial of it, are refused), a new SQLite file is made by the first worker, and a dry run checks only
-    # the URL of a database server (opening one would create Optuna's tables)
+    # a bad URL (or, for a real run, an unreachable database server) fails here, before planning. An existing
+    # study is read (another spec's, or run folders of no trial of it, are refused); a new SQLite file is made
+    # only once the checks pass (planning, the GPU split); a dry run writes nothing: it checks only the URL of
+    # a database server (opening one would create Optuna's tables)
     check_storage_url(storage)
     file = sqlite_path(storage)
-    readable = file.exists() if file is not None else not args.dry_run
-    storage_read = make_storage(storage, spec.heartbeat) if readable else None
-    preflight(spec, storage_read, storage, study, args.runs_root)  # another spec's study: refused at once,
+    new_file = file is not None and not file.exists()
+    opened = make_storage(storage, spec.heartbeat) if not new_file and (file is not None or not args.dry_run) else None
+    preflight(spec, opened, storage, study, args.runs_root)  # another spec's study: refused at once,
     planned = plan(spec, spec.planned_cells())
-    preflight(spec, storage_read, storage, study, args.runs_root, planned)  # and on other data once they are found
     if args.dry_run:
+        preflight(spec, opened, storage, study, args.runs_root, planned)  # and on other data once they are found
         _print_plan(spec, planned, study)
         return
     gpus = gpu_shares(planned, args.workers, visible_gpus())  # each worker's own GPUs
+    if opened is None:  # a new file; by now perhaps made by a worker started beside this one
+        opened = make_storage(storage, spec.heartbeat)
+    preflight(spec, opened, storage, study, args.runs_root, planned)
     if args.workers > 1:
         argv = [args.spec, *args.overrides, "--storage", storage, "--study", study, "--runs-root", args.runs_root]
         if args.n_trials is not None:
@@ -209,7 +212,9 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
             if trial.state == TrialState.FAIL:
                 failed.append(trial.number)
                 reason = trial.user_attrs.get(M.TRIAL_FAILURE, "no reason recorded")
-                cell = f" ({trial.user_attrs[M.TRIAL_CELL]})" if M.TRIAL_CELL in trial.user_attrs else ""
+                what = trial.user_attrs.get(M.TRIAL_CELL) or ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
+                                                                        f"{k}={v}" for k, v in trial.params.items())
+                cell = f" ({what})" if what else ""
                 bar.console.print(f"trial {trial.number}{cell} FAILED: {reason}", markup=False, highlight=False,
                                   soft_wrap=True)
 

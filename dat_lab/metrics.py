@@ -81,8 +81,8 @@ STORAGE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file of an sqlite:/// storage URL, None for a database server."""
-    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+    """The file of an sqlite:/// storage URL (without its ?options), None for a database server."""
+    return Path(url.removeprefix("sqlite:///").split("?")[0]) if url.startswith("sqlite:///") else None
 
 
 def check_storage_url(url: str) -> None:

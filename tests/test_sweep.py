@@ -314,6 +314,21 @@ def test_a_trial_its_ddp_ranks_pruned_ends_pruned_and_a_retry_starts_unpruned(tm
     assert seen == [(False, None)] and trial.state == TrialState.PRUNED and trial.intermediate_values == {0: 0.25}
 
 
+def test_a_trial_whose_objective_is_nan_fails_with_its_reason(tmp_path, monkeypatch):
+    """Optuna fails a trial that returns NaN, saying so only in a warning (which workers do not show)."""
+    from types import SimpleNamespace
+
+    from dat_lab.training.callbacks import MetricTracker
+
+    spec = parse_spec(_write(tmp_path, BASE + "objective: {metric: val/loss, direction: minimize}\n"))
+    trainer = SimpleNamespace(callback_metrics={})
+    monkeypatch.setattr(runner, "train", lambda args, extra_callbacks: SimpleNamespace(trainer=trainer))
+    monkeypatch.setattr(MetricTracker, "results", lambda self, trainer: (float("nan"), float("nan")))
+    study = work(spec, storage=f"sqlite:///{tmp_path / 'n.db'}", study_name="t", runs_root=str(tmp_path / "runs"))
+    [trial] = study.get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs["failure"] == "RuntimeError: val/loss (best) is nan"
+
+
 def test_a_searched_trial_on_one_device_of_a_base_on_two_trains_in_its_worker(tmp_path, monkeypatch):
     spec = parse_spec(_write(tmp_path, BASE + "sampler: tpe\nn_trials: 1\ndelta: {trainer: {devices: 2}}\n"
                              "search_space: {trainer.devices: {type: categorical, choices: [1]}}\n"))
@@ -364,6 +379,12 @@ def test_workers_on_a_gpu_machine_get_gpus_of_their_own(trainers, workers, gpus,
 def test_gpus_a_worker_does_not_have_are_refused_before_training(trainers, workers, gpus, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         runner.gpu_shares(_planned(*trainers), workers, gpus)
+
+
+def test_an_sqlite_url_with_options_names_its_file():
+    from dat_lab.metrics import sqlite_path
+
+    assert sqlite_path("sqlite:////runs/x.db?timeout=30") == Path("/runs/x.db") and sqlite_path("postgresql://h/d") is None
 
 
 def test_a_sweep_refused_after_planning_writes_no_storage(tmp_path, capsys, monkeypatch):

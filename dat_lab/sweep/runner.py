@@ -27,6 +27,7 @@ Trial numbers are never reused within a study, so a trial refuses a non-empty ru
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -319,7 +320,10 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         raise RuntimeError(f"no {spec.metric} was logged: does the run validate?")
     trial.set_user_attr(M.TRIAL_BEST, best)
     trial.set_user_attr(M.TRIAL_FINAL, last)
-    return best if spec.value == "best" else last
+    value = best if spec.value == "best" else last
+    if not math.isfinite(value):  # Optuna would fail the trial with no reason recorded
+        raise RuntimeError(f"{spec.metric} ({spec.value}) is {value}")
+    return value
 
 
 def _suggest(trial: optuna.Trial, name: str, dist: dict[str, Any]) -> Any:

@@ -125,10 +125,18 @@ class DatLabCLI(LightningCLI):
     def before_test(self) -> None:
         self._before_evaluation()
 
+    def after_validate(self) -> None:
+        self._quiet.__exit__(None, None, None)
+
+    def after_test(self) -> None:
+        self._quiet.__exit__(None, None, None)
+
     def _before_evaluation(self) -> None:
         self._check_checkpoint()
         # it logs to a new version: ModelCheckpoint would warn that the checkpoint's own folder (and best
-        # score) are not taken over, which an evaluation does not need
+        # score) are not taken over, which an evaluation does not need (filtered until after_validate/test)
+        self._quiet = warnings.catch_warnings()
+        self._quiet.__enter__()
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
