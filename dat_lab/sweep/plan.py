@@ -110,6 +110,11 @@ def plugins(trainer: Mapping[str, Any]) -> list[Any]:
     return list(given) if isinstance(given, list) else [given]
 
 
+def class_name(item: Any) -> str:
+    """The class a config entry names: its class_path, or the entry itself (a name such as "ddp"); "" for None."""
+    return str(item.get("class_path", "")) if isinstance(item, Mapping) else str(item or "")
+
+
 def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's training config as it runs inside its sweep worker's process. DDP that Lightning starts
     by running the command line again (`ddp`, and `auto` on several CPU or CUDA devices) would start
@@ -125,15 +130,17 @@ def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
         raise SpecError(f"trainer.num_nodes: {nodes}; a sweep's trial trains on its worker's machine (num_nodes 1): "
                         f"scale a sweep over machines by workers sharing a database")
     strategy = given = trainer.get("strategy", "auto")
+    given_plugins = plugins(trainer)
     given_env = (strategy.get("init_args") or {}).get("cluster_environment") if isinstance(strategy, Mapping) else None
-    for where, item in [*(("trainer.plugins", p) for p in plugins(trainer)), ("trainer.strategy", given_env)]:
-        name = str(item.get("class_path", "")) if isinstance(item, Mapping) else str(item or "")
-        if name.endswith("Environment") and not name.endswith(LOCAL_NAME):  # SLURMEnvironment, ...
+    named = [*(("trainer.plugins", class_name(p)) for p in given_plugins), ("trainer.strategy", class_name(given_env))]
+    environments = [(where, name) for where, name in named if name.endswith("Environment")]  # Lightning's names
+    for where, name in environments:
+        if not name.endswith(LOCAL_NAME):  # SLURMEnvironment, ...
             raise SpecError(f"{where}: {name!r} is a cluster environment; a sweep's trial trains on its worker's "
                             f"machine alone (its DDP ranks spawned there, in Lightning's own environment)")
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     several = (count := processes(accelerator, trainer.get("devices", "auto"))) > 1
-    name = str(strategy.get("class_path", "")) if isinstance(strategy, Mapping) else str(strategy)
+    name = class_name(strategy)
     if name in DDP_CLASSES:
         strategy = {**strategy, "init_args": {**(strategy.get("init_args") or {}), "start_method": "spawn"}}
     elif ddp := DDP_NAMES.fullmatch(name.lower()):
@@ -146,9 +153,9 @@ def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
                         f"spawned) or ddp_spawn")
     else:  # in the worker's process: as given
         return dict(config)
-    if any(LOCAL_NAME in str(p) for p in [*plugins(trainer), given_env]):  # given already (Lightning takes one)
+    if environments:  # LightningEnvironment given already, the only one left (Lightning takes one)
         return deep_merge(config, {"trainer": {"strategy": strategy}})
-    return deep_merge(config, {"trainer": {"strategy": strategy, "plugins": [*plugins(trainer), LOCAL]}})
+    return deep_merge(config, {"trainer": {"strategy": strategy, "plugins": [*given_plugins, LOCAL]}})
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from .plan import GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, plan
 from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+warnings.filterwarnings("ignore", message="The `srun` command is available")  # Lightning's, in trials without SLURM_NTASKS
 DDP_PRUNED, DDP_REPORTS = "ddp_pl:pruned", "ddp_pl:intermediate_value"  # trial system attributes in which
 # the DDP ranks of Optuna's Lightning pruning callback record pruning and reports
 CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inherit it
@@ -218,7 +219,6 @@ def _reproduce(run_dir: Path) -> str:
 
 LAUNCHER_VARIABLES = re.compile(r"TORCHELASTIC_\w+|(LOCAL_|GROUP_|ROLE_)?RANK|(LOCAL_|GROUP_|ROLE_)?WORLD_SIZE|"
                                 r"ROLE_NAME|NODE_RANK|MASTER_ADDR|MASTER_PORT|SLURM_NTASKS")
-warnings.filterwarnings("ignore", message="The `srun` command is available")  # Lightning's, in trials without SLURM_NTASKS
 
 
 def as_own_rank() -> None:
