@@ -29,7 +29,16 @@ class DataError(ValueError):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Shared loaders. Subclasses set `num_classes`, `in_chans`, `mean`, `std`, and the datasets."""
+    """Image data for training and validation: one of the subclasses below (--data.help NAME lists its options).
+
+    Shared loaders. Subclasses set `num_classes`, `in_chans`, `mean`, `std`, and the datasets.
+
+    Args:
+        batch_size: images per device and step
+        num_workers: DataLoader worker processes
+        img_size: the side of the (square) images the model sees
+        seed: of the train/val split and the shuffling
+    """
 
     num_classes: int
     in_chans: int = 3
@@ -86,7 +95,14 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.
 
 
 class SyntheticDataModule(ImageDataModule):
-    """Random images and labels of any size, for tests and throughput runs."""
+    """Random images and labels of any size, for tests and throughput runs.
+
+    Args:
+        num_classes: labels drawn from range(num_classes)
+        channels: image channels
+        train_samples: training images
+        val_samples: validation images
+    """
 
     def __init__(self, *, num_classes: int = 10, channels: int = 3, train_samples: int = 256, val_samples: int = 64,
                  batch_size: int = 32, num_workers: int = 0, img_size: int = 224, seed: int = 0) -> None:
@@ -105,8 +121,14 @@ class SyntheticDataModule(ImageDataModule):
 
 
 class DigitsDataModule(ImageDataModule):
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes, no download),
-    upsampled bilinearly to img_size, with a fixed seeded train/val split."""
+    """scikit-learn's bundled 8x8 handwritten digits: 1,797 real images, 10 classes, no download.
+
+    Upsampled bilinearly to img_size, with a fixed seeded train/val split.
+
+    Args:
+        val_fraction: share of the images held out for validation, in (0, 1)
+        channels: the gray image repeated over this many channels
+    """
 
     num_classes = 10
 
@@ -131,7 +153,12 @@ class DigitsDataModule(ImageDataModule):
 
 
 class CIFAR10DataModule(ImageDataModule):
-    """CIFAR-10 through torchvision, downloaded in prepare_data when the machine is online."""
+    """CIFAR-10 through torchvision, downloaded in prepare_data when the machine is online.
+
+    Args:
+        root: folder holding the dataset (or the archive, extracted there)
+        download: download into root when missing
+    """
 
     num_classes = 10
     archive, folder = "cifar-10-python.tar.gz", "cifar-10-batches-py"
@@ -193,8 +220,21 @@ class CIFAR100DataModule(CIFAR10DataModule):
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """The ImageNet layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the paper's
-    augmentation through timm's create_transform (RandAugment, random erasing; bicubic eval crop)."""
+    """The ImageNet layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg.
+
+    With the paper's augmentation through timm's create_transform (RandAugment, random erasing;
+    bicubic eval crop).
+
+    Args:
+        root: folder holding train/ and val/
+        num_classes: expected number of class folders (null: count them)
+        auto_augment: timm's auto-augment policy (null: none)
+        color_jitter: timm's color jitter strength
+        re_prob: random-erasing probability
+        crop_pct: evaluation center-crop fraction
+        interpolation: resize interpolation
+        verify_images: open every image before training, naming the first unreadable one
+    """
 
     def __init__(self, *, root: str, num_classes: int | None = None, batch_size: int = 128, num_workers: int = 8,
                  img_size: int = 224,

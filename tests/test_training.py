@@ -1,6 +1,8 @@
 """Training through `dat-lab train` (LightningCLI) on the CPU: small, real runs."""
 
+import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import cli
 import dat_lab
 from dat_lab import metrics as M
+from dat_lab.data import (CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, ImageFolderDataModule,
+                          SyntheticDataModule)
 from dat_lab.training import ImageClassifier, NonFiniteLossError
 from dat_lab.training.cli import main as train
 
@@ -104,6 +108,16 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
         assert cli.main(["train", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err
+
+
+def test_a_wrong_first_word_names_the_subcommands(capsys):
+    """predict is not offered (a classifier's predictions are its forward); a config file given as the
+    first word is told to be --config."""
+    for args, message in ((["predict", "--config", DIGITS], "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')"),
+                          ([DIGITS], f"{DIGITS}: give a config file as --config {DIGITS}")):
+        assert cli.main(["train", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):
@@ -231,3 +245,28 @@ def test_every_experiment_parses_and_builds_its_model(path, capsys):
                              num_classes=num_classes, img_size=data_args["img_size"],
                              in_chans=data_args.get("channels", 3))
     assert module.config.num_classes == num_classes and module.config.img_size == data_args["img_size"]
+
+
+def _help(capsys, *args) -> str:
+    with pytest.raises(SystemExit):
+        train(["fit", *args])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def _undocumented(text: str, prefix: str, names) -> list[str]:
+    """Options of `--help` text whose entry has no help of its own (only jsonargparse's "(type: ...)")."""
+    return [name for name in names
+            if re.search(rf"(?<!\[){re.escape(prefix)}\.{name} \S+ \(type:", text)
+            or not re.search(rf"(?<!\[){re.escape(prefix)}\.{name} ", text)]
+
+
+def test_every_model_and_data_option_has_help(capsys):
+    text = _help(capsys, "--help")
+    linked = {"num_classes", "img_size", "in_chans"}  # set from the data: shown as links, not options
+    assert all(f"--> model.{name} [applied on instantiate] set from the data" in text for name in linked)
+    assert _undocumented(text, "--model", inspect.signature(ImageClassifier).parameters.keys() - linked) == []
+    variant_help = re.search(r"(?<!\[)--model\.variant VARIANT (.*?) --model\.overrides", text).group(1)
+    assert [name for name in dat_lab.VARIANTS if name not in re.findall(r"\w+", variant_help)] == []
+    for cls in (SyntheticDataModule, DigitsDataModule, CIFAR10DataModule, CIFAR100DataModule, ImageFolderDataModule):
+        text = _help(capsys, "--data.help", f"{cls.__module__}.{cls.__name__}")
+        assert _undocumented(text, "--data", inspect.signature(cls).parameters) == [], cls.__name__

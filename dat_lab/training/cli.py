@@ -56,6 +56,12 @@ def run_directory(root: str | Path, name: str, resume: bool) -> str | None:
 
 class DatLabCLI(LightningCLI):
     checkpoint_file: Path | None = None  # what --ckpt_path names on this machine, checked before the data
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's, but predict: a classifier's logits are what `forward` gives."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
                             help="run name: runs go to <default_root_dir>/<name>/version_<n> (default: config file stem)")
@@ -191,8 +197,11 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
     be {"fit": config dict}; `extra_callbacks` join the default ones (sweeps add theirs)."""
     if not isinstance(args, dict):
         args = list(args or [])
-        if not args or args[0] not in SUBCOMMANDS + ("-h", "--help"):
+        if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
             args = ["fit", *args]
+        elif args[0] not in SUBCOMMANDS + ("-h", "--help") and Path(args[0]).suffix in (".yaml", ".yml", ".json"):
+            raise ValueError(f"{args[0]}: give a config file as --config {args[0]} (the first word, if any, is "
+                             f"one of {', '.join(SUBCOMMANDS)})")
     argv = sys.argv  # whole for a command line (see DatLabCLI.parse_arguments); a sweep's trial has none
     if isinstance(args, dict):  # of its own (its DDP spawns its ranks: sweep.plan.in_worker)
         sys.argv = sys.argv[:1]

@@ -34,6 +34,28 @@ class ImageClassifier(L.LightningModule):
 
     `num_classes`, `img_size` and `in_chans` come from the DataModule. `lr` is the peak learning
     rate of a per-step cosine schedule after a linear warmup of `warmup_epochs` from `warmup_lr`.
+
+    Args:
+        variant: a named model of dat_lab.models.VARIANTS (dat_pico, dat_nano, dat_tiny, dat_small,
+            dat_base, dat_base_384)
+        overrides: config fields to change, e.g. {offset_range: 4, groups: [1, 1, 3, 6]}: a stage
+            field given once applies to every stage, a list gives one value per stage (README, "Models")
+        num_classes: set from the data
+        img_size: set from the data
+        in_chans: set from the data
+        lr: peak learning rate (AdamW through timm)
+        weight_decay: AdamW's, not applied to the patterns of the model's no_weight_decay()
+        betas: AdamW's
+        warmup_epochs: linear warmup from warmup_lr to lr (fractions allowed), per step
+        warmup_lr: learning rate at the warmup's first step
+        min_lr: learning rate at the cosine's end
+        mixup: Mixup alpha (0: off); timm's Mixup with a soft-target loss
+        cutmix: CutMix alpha (0: off)
+        mix_switch_prob: chance of CutMix instead of Mixup when both are on
+        label_smoothing: of the targets, with or without Mixup
+        ema_decay: keep an EMA of the weights with this decay, validated as val_ema/* (null: none)
+        compile: torch.compile the inner model
+        model_config: a whole model config; set by checkpoints, which rebuild their model from it
     """
 
     def __init__(self, *, variant: str = "dat_pico", overrides: dict[str, Any] | None = None,
