@@ -42,6 +42,7 @@ def _scalars(run_dir):
 def test_fast_dev_run_on_synthetic_data(tmp_path, variant):
     _run(tmp_path, "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
          "--model.variant", variant, "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu")
+    assert not list(tmp_path.rglob("*.ckpt"))  # a smoke run leaves no checkpoint (Lightning 2.6 wrote last.ckpt)
 
 
 def test_digits_run_learns_and_logs_what_deformable_attention_does(tmp_path):

@@ -19,12 +19,11 @@ from typing import Any, Iterator
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .. import metrics as M
 from ..data import DataError, ImageDataModule
-from .callbacks import DeformableMonitor, HparamsMetric, Throughput
+from .callbacks import DeformableMonitor, HparamsMetric, RunCheckpoint, Throughput
 from .module import ImageClassifier
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -35,8 +34,8 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 def default_callbacks() -> list:
     """What every dat-lab run gets: best and last checkpoints, throughput, DAT monitors, hparams metric."""
     return [
-        ModelCheckpoint(monitor=M.VAL_ACC1, mode="max", save_last=True, filename="best-epoch{epoch:03d}",
-                        auto_insert_metric_name=False),
+        RunCheckpoint(monitor=M.VAL_ACC1, mode="max", save_last=True, filename="best-epoch{epoch:03d}",
+                      auto_insert_metric_name=False),
         Throughput(),
         DeformableMonitor(),
         HparamsMetric(),
@@ -139,7 +138,7 @@ class DatLabCLI(LightningCLI):
 
     def _before_evaluation(self) -> None:
         self._check_checkpoint()
-        # it logs to a new version: ModelCheckpoint would warn that the checkpoint's own folder (and best
+        # it logs to a new version: the checkpoint callback would warn that the checkpoint's own folder (and best
         # score) are not taken over, which an evaluation does not need (filtered until after_validate/test)
         self._quiet = warnings.catch_warnings()
         self._quiet.__enter__()
