@@ -1,6 +1,7 @@
 """Training through `dat-lab train` (LightningCLI) on the CPU: small, real runs."""
 
 import inspect
+import logging
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
@@ -75,6 +77,15 @@ def test_cpu_run_is_repeatable(tmp_path):
     assert float(first[M.TRAIN_LOSS + "_epoch"]) == float(second[M.TRAIN_LOSS + "_epoch"])
 
 
+def test_the_model_summary_counts_an_images_flops():
+    """Lightning's summary runs one image through the model (else it shows 0 FLOPs and no sizes);
+    not when compiling (the compiled model would be traced for a batch of one first)."""
+    module = ImageClassifier(variant="dat_pico", num_classes=10, img_size=32, in_chans=1)
+    summary = ModelSummary(module, max_depth=1)
+    assert summary.total_flops > 0 and summary.in_sizes[0] == [1, 1, 32, 32] and summary.out_sizes[0] == [1, 10]
+    assert ImageClassifier(variant="dat_pico", compile=True).example_input_array is None
+
+
 def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, capsys):
     args = ["--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--model.lr", "1e30",
             "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)]
@@ -119,6 +130,17 @@ def test_a_wrong_first_word_names_the_subcommands(capsys):
         assert cli.main(["train", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_lightnings_tips_are_not_printed():
+    """Lightning logs an advertisement ("💡 Tip: ... try installing litlogger") at every run."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+
+    def record(message: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, (), None)
+
+    assert not logger.filter(record("💡 Tip: For seamless cloud logging, try installing [litlogger]"))
+    assert logger.filter(record("GPU available: False, used: False"))
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):

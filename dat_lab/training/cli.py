@@ -11,6 +11,7 @@ and channels.
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import warnings
@@ -29,6 +30,8 @@ from .module import ImageClassifier
 SUBCOMMANDS = ("fit", "validate", "test")
 CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file (and registry:...)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch deprecation inside Lightning
+# Lightning's advertisements for its cloud services ("💡 Tip: ... try installing litlogger"), each run
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡"))
 
 
 def default_callbacks() -> list:

@@ -88,6 +88,9 @@ class ImageClassifier(L.LightningModule):
             "acc5": MulticlassAccuracy(config.num_classes, top_k=top5, average="micro"),
         })
         self.ema_acc = torch.nn.ModuleDict({k: m.clone() for k, m in self.val_acc.items()}) if self.ema else None
+        # one image for Lightning's model summary (its sizes and FLOPs, else 0); none to compile for
+        self.example_input_array = (None if compile else
+                                    torch.zeros(1, config.in_chans, config.img_size, config.img_size))
 
     @property
     def config(self) -> DATConfig:
