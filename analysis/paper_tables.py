@@ -8,7 +8,7 @@ The study must come from sweeps/table6_geometry.yaml or sweeps/table7_stages.yam
 import argparse
 
 from dat_lab.analysis.study import existing_storage, load, trials_frame
-from dat_lab.analysis.tables import paper_layout, summarize
+from dat_lab.analysis.tables import markdown, paper_layout, summarize
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     layout = paper_layout(summarize(trials_frame(study, info), info), info)
     if layout is None:
         parser.error(f"study {args.study!r} is not one of the paper's tables (a factor with paper_table: 6 or 7)")
-    print(layout.to_markdown(index=False))
+    print(markdown(layout, left=1))  # as `dat-lab analyze` writes paper_table.md
 
 
 if __name__ == "__main__":

@@ -191,6 +191,9 @@ def test_paper_layout_of_table7(tmp_path, capsys):
     cells = {c.strip() for c in layout.replace("\n", "|").split("|")}
     assert {"4.60", "82.0", "52.00"} <= cells  # as written: not 4.6, 82, 52
     assert pd.read_csv(tmp_path / "out" / "table.csv")["std"].isna().all()  # nor a std of 0 in the CSV
+    script = subprocess.run([sys.executable, str(ROOT / "analysis" / "paper_tables.py"), "t7", "--storage", storage],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=True)
+    assert script.stdout == layout  # the paper's script prints what analyze writes
     assert out.index("study 't7': 5 done") < out.index("As in the paper:") < out.index("Every cell:")
 
 
