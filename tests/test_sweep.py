@@ -69,6 +69,12 @@ TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.
     ("factors: {s: {path: model.overrides.offset_range, values: [2, 2.0]}}\n",
      "factors.s.values: [2, 2.0] names a level twice; give each value once"),
     ("heartbeat: {interval: true, grace: 30}\n", "heartbeat: interval True and grace 30 must be integers"),
+    # analysis would read the level as the objective (value), or fail (seed)
+    ("factors: {value: {path: model.lr, values: [0.1, 0.2]}}\n", "factors.value: 'value' names a column of the analysis"),
+    ("factors: {seed: {path: data.init_args.seed, values: [0, 1]}}\n", "factors.seed: 'seed' names a column"),
+    ("factors: {a=b: {path: model.lr, values: [0.1]}}\n", "factors.a=b: a factor's name is a letter or _"),
+    ("factors: {p: {levels: {a: {}, b: {}}}}\n", "factors.p.levels: a and b are the same delta"),
+    ("pruner: median\n", "pruner: median: only for sampler tpe (a grid trains every cell to the end"),
 ])
 def test_bad_specs_name_the_key(tmp_path, body, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -83,6 +89,9 @@ def test_a_study_name_that_is_no_folder_name_is_refused(tmp_path, capsys):
 def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     spec = parse_spec(_write(tmp_path, BASE + "factors: {g: {path: model.overrides.groups, values: [3]}}\n"))
     with pytest.raises(SpecError, match=r"cell 'g=3': .*groups: 3 offset groups do not divide \d+ heads"):
+        plan(spec)
+    spec = parse_spec(_write(tmp_path, BASE + "objective: {metric: val_ema/acc1}\n"))  # would train, then fail
+    with pytest.raises(SpecError, match=r"cell '\(base\)': objective val_ema/acc1 is logged only with EMA weights"):
         plan(spec)
     spec = parse_spec(_write(tmp_path, BASE + "factors: {x: {path: model.learning_rate, values: [1]}}\n"))
     with pytest.raises(SpecError, match=r"cell 'x=1': training config: .*model.learning_rate"):

@@ -12,6 +12,10 @@ from ..ablations import paper_rows
 from .study import TRIAL_COLUMNS, AnalysisError, StudyInfo
 
 
+TABLE_COLUMNS = ("mean", "std", "n", "diff", "baseline", "seeds", "params (M)", "FLOPs (G)", "images/s", "status")
+"""Columns summarize and display add beside the factors' (a factor must be named otherwise)."""
+
+
 def metric_label(metric: str) -> tuple[str, float]:
     """Column label and display scale of a metric: accuracies in percent."""
     if "acc" in metric:

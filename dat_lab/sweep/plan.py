@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from lightning.fabric.accelerators.cuda import num_cuda_devices
 
+from .. import metrics as M
 from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
 from ..profile import profile_model
@@ -79,6 +80,9 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any],
     try:
         parsed = parse_training_config(config)
         in_worker(config)
+        if spec.metric in (M.VAL_EMA_ACC1, M.VAL_EMA_ACC5) and not parsed.model.ema_decay:
+            raise ValueError(f"objective {spec.metric} is logged only with EMA weights: set model.ema_decay "
+                             f"(e.g. 0.9999), or take {M.VAL_ACC1}")
         args = vars(parsed.data.init_args)
         data = repr((parsed.data.class_path, {k: v for k, v in args.items() if k not in LOADER_ARGS}))
         if data not in data_checked:

@@ -17,7 +17,7 @@
     sampler: grid                             # or {name: tpe, seed: 0, n_startup_trials: 8, multivariate: true}
     search_space: {model.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}}   # tpe only
     n_trials: 20                              # tpe only
-    pruner: none                              # or {name: median, ...} / {name: hyperband, ...}
+    pruner: none                              # tpe only: {name: median, ...} / {name: hyperband, ...}
     storage: sqlite:///runs/demo.db           # default: sqlite:///runs/<study>.db (the study run, --study included)
     heartbeat: {interval: 10, grace: 30}      # seconds; a RUNNING trial silent for `grace` is stale
 
@@ -40,6 +40,8 @@ import yaml
 
 from .. import metrics as M
 from ..ablations import paper_rows
+from ..analysis.study import TRIAL_COLUMNS
+from ..analysis.tables import TABLE_COLUMNS
 
 
 class SpecError(ValueError):
@@ -61,6 +63,9 @@ PRUNERS = set(PRUNER_CLASSES)
 MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_workers"}  # not in a fingerprint
 DATA_IDENTITY = "data"  # the fingerprint's field of what planning found to tell the data apart
 SPACE_TYPES = {"float", "int", "categorical"}
+FACTOR_NAME = re.compile(r"[A-Za-z_][\w.-]*")
+RESERVED_NAMES = tuple(n for n in dict.fromkeys(TRIAL_COLUMNS + TABLE_COLUMNS) if FACTOR_NAME.fullmatch(n))
+"""Not factor names: columns of the analysis tables."""
 
 
 def deep_merge(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,6 +232,12 @@ def _mapping(path: Path, key: str, value: Any) -> dict[str, Any]:
 
 def _factor(path: Path, name: str, raw: Any) -> Factor:
     key = f"factors.{name}"
+    if not isinstance(name, str) or not FACTOR_NAME.fullmatch(name):
+        raise _error(path, key, "a factor's name is a letter or _, then letters, digits, _, - and . (it heads a "
+                                "table column and names factor=level in --baseline)")
+    if name in RESERVED_NAMES:
+        raise _error(path, key, f"{name!r} names a column of the analysis tables; call the factor otherwise "
+                                f"(taken: {', '.join(RESERVED_NAMES)})")
     raw = _mapping(path, key, raw)
     forms = [k for k in ("levels", "values", "paper_table") if k in raw]
     if not forms:  # a misspelt key (valuse: [0, 2]) is named, not just the missing form
@@ -239,6 +250,11 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
     if forms[0] == "levels":
         levels = _mapping(path, f"{key}.levels", raw["levels"])
         levels = {str(k): _mapping(path, f"{key}.levels.{k}", v) for k, v in levels.items()}
+        names = list(levels)
+        twice = next(((a, b) for i, a in enumerate(names) for b in names[i + 1:] if levels[a] == levels[b]), None)
+        if twice:
+            raise _error(path, f"{key}.levels", f"{twice[0]} and {twice[1]} are the same delta (one config trained "
+                                                 f"twice); give each level its own")
     elif forms[0] == "values":
         if not isinstance(raw.get("path"), str) or not raw["path"]:
             raise _error(path, f"{key}.path", "a dotted config path is needed with values, e.g. model.overrides.offset_range")
@@ -373,6 +389,9 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     if sampler["name"] == "grid":
         if space or n_trials is not None:
             raise _error(path, "search_space" if space else "n_trials", "only for sampler tpe (a grid runs every cell)")
+        if pruner["name"] != "none":
+            raise _error(path, "pruner", f"{pruner['name']}: only for sampler tpe (a grid trains every cell to the "
+                                         f"end, to compare them); give pruner: none")
     else:
         if not space:
             raise _error(path, "search_space", "is required for sampler tpe")
