@@ -212,8 +212,8 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
             if trial.state == TrialState.FAIL:
                 failed.append(trial.number)
                 reason = trial.user_attrs.get(M.TRIAL_FAILURE, "no reason recorded")
-                what = trial.user_attrs.get(M.TRIAL_CELL) or ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
-                                                                        f"{k}={v}" for k, v in trial.params.items())
+                what = M.cell_shown(trial.user_attrs.get(M.TRIAL_CELL) or "") or ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
                 cell = f" ({what})" if what else ""
                 bar.console.print(f"trial {trial.number}{cell} FAILED: {reason}", markup=False, highlight=False,
                                   soft_wrap=True)
@@ -230,12 +230,14 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
 
 
 def _print_plan(spec, planned, study: str) -> None:
+    from dat_lab import metrics as M
+
     rows = []
     for p in planned:
-        if rows and rows[-1]["cell"] == (p.cell.name or "(base)"):
+        if rows and rows[-1]["cell"] == (p.cell.name or M.BASE_CELL):
             rows[-1]["seeds"] += f",{p.cell.seed}"
             continue
-        rows.append({"cell": p.cell.name or "(base)", "seeds": str(p.cell.seed), "params_m": round(p.params_m, 4),
+        rows.append({"cell": p.cell.name or M.BASE_CELL, "seeds": str(p.cell.seed), "params_m": round(p.params_m, 4),
                      "gflops": round(p.gflops, 4)})
     if spec.is_grid:
         kind, planned_text = "grid", f"{len(planned)} trial(s) planned"
@@ -252,6 +254,7 @@ def _sweep_status(args: argparse.Namespace) -> None:
 
     import pandas as pd
 
+    from dat_lab import metrics as M
     from dat_lab.analysis.study import load, trials_frame
     from dat_lab.analysis.tables import metric_label, metric_text
 
@@ -269,10 +272,10 @@ def _sweep_status(args: argparse.Namespace) -> None:
     if rows.empty:
         return
     label, _ = metric_label(info.metric)  # in analyze's units
-    _print_table([{"cell": r.cell, "status": r.status, "trial": "-" if pd.isna(r.trial) else int(r.trial),
+    _print_table([{"cell": M.cell_shown(r.cell), "status": r.status, "trial": "-" if pd.isna(r.trial) else int(r.trial),
                    label: metric_text(info.metric, r.value)} for r in rows.itertuples()])
     for r in rows[rows["status"] == "failed"].itertuples():
-        print(f"failed: trial {int(r.trial)} ({r.cell}): {r.failure if isinstance(r.failure, str) else 'no reason recorded'}")
+        print(f"failed: trial {int(r.trial)} ({M.cell_shown(r.cell)}): {r.failure if isinstance(r.failure, str) else 'no reason recorded'}")
     print("reproduce a trial: dat-lab sweep-status", args.study, "--trial N")
 
 
@@ -288,7 +291,7 @@ def _analyze(args: argparse.Namespace) -> None:
         _print_table(report.paper.to_dict(orient="records"))
         print("Every cell:")
     _print_table(report.table.astype(str).to_dict(orient="records"))
-    print(f"report: {report.path} (tables: .md .csv .tex; plots: " +
+    print(f"report: {report.path} (tables: {' '.join(report.tables)}; plots: " +
           ", ".join(p.name for p in report.plots if p.suffix == ".png") + ", each also as PDF)")
 
 

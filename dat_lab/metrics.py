@@ -47,6 +47,14 @@ def cell_name(levels: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in levels.items())
 
 
+BASE_CELL = "(base)"  # how tables and messages name the one cell of a grid without factors
+
+
+def cell_shown(key: str) -> str:
+    """A cell key as tables and messages show it: that of the cell without factors (" | seed=0") named."""
+    return BASE_CELL + key if key.startswith(" | ") else key
+
+
 def cell_key(levels: Mapping[str, Any], seed: int) -> str:
     """The TRIAL_CELL value of a cell and seed, "factor=level, ... | seed=s": how analysis finds a cell."""
     return f"{cell_name(levels)} | seed={seed}"
@@ -70,6 +78,7 @@ STUDY_METRIC = "metric"
 STUDY_DIRECTION = "direction"
 STUDY_FACTORS = "factors"  # {factor: {"levels": [...], "baseline": level, "paper_table": 6 | 7 | None}}
 STUDY_SEEDS = "seeds"
+STUDY_SAMPLER = "sampler"  # "grid" (cells, maybe no factors: seeds of one config) or "tpe" (a search)
 
 
 def default_storage(study: str) -> str:

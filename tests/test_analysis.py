@@ -30,9 +30,11 @@ VALUES = {("none", "0"): [0.90, 0.92], ("none", "2"): [0.94, 0.96],
           ("relative", "0"): [0.91, 0.93], ("relative", "2"): [0.97, 0.99]}
 
 
-def _study(storage, name="known", values=VALUES, factors=None, seeds=(0, 1), states=None):
+def _study(storage, name="known", values=VALUES, factors=None, seeds=(0, 1), states=None, sampler=None):
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
-    factors = factors or {"position": {"levels": ["relative", "none"], "baseline": "relative", "paper_table": None},
+    if sampler:
+        study.set_user_attr(M.STUDY_SAMPLER, sampler)
+    factors = factors if factors is not None else {"position": {"levels": ["relative", "none"], "baseline": "relative", "paper_table": None},
                           "s": {"levels": ["0", "2"], "baseline": "2", "paper_table": None}}
     study.set_user_attr(M.STUDY_METRIC, M.VAL_ACC1)
     study.set_user_attr(M.STUDY_DIRECTION, "maximize")
@@ -211,6 +213,20 @@ def test_search_study_plots(tmp_path):
     assert report.table["val/acc1 (%)"].tolist() == ["83.00", "82.00", "81.00", "80.00"]  # best first, in percent
     assert report.table["model.lr"].tolist() == ["0.01", "0.003", "0.001", "0.0001"] and "failure" not in report.table
     assert "|          83.00 |" in (tmp_path / "out" / "table.md").read_text()  # as written: not 83
+    assert report.tables == (".md", ".csv") and not (tmp_path / "out" / "table.tex").exists()
+
+
+def test_a_grid_without_factors_is_one_row_over_its_seeds(tmp_path, capsys):
+    """A spec of seeds alone (one config repeated) is a grid of one cell, not a search."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _study(storage, name="seeds", values={(): [0.90, 0.92, 0.94]}, factors={}, seeds=(0, 1, 2), sampler="grid")
+    assert cli.main(["analyze", "seeds", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "92.00 ± 2.00" in out and "tables: .md .csv .tex;" in out and "history" not in out
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert len(table) == 1 and table.loc[0, "n"] == 3 and table.loc[0, "mean"] == pytest.approx(92.0)
+    assert cli.main(["sweep-status", "seeds", "--storage", storage]) == 0
+    assert "(base) | seed=2" in capsys.readouterr().out
 
 
 def test_sampling_points_figure_shows_images_on_a_fixed_scale():
@@ -247,3 +263,19 @@ def test_visualize_a_checkpoint(tmp_path):
         visualize(str(tmp_path / "m.ckpt"), tmp_path / "vis", count=0)
     with pytest.raises(AnalysisError, match="no deformable"):
         visualize(str(tmp_path / "swin.ckpt"), tmp_path / "vis", data="synthetic")
+
+
+def test_learning_curves_put_each_validation_at_its_epoch(tmp_path):
+    """Validation every second epoch: the points are epochs 2 and 4, not the 1st and 2nd validation."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dat_lab.analysis.plots import learning_curves
+
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        for step, epoch, value in ((6, 1, 0.5), (12, 3, 0.7)):  # Lightning logs the epoch (from 0) beside each metric
+            writer.add_scalar("epoch", epoch, step)
+            writer.add_scalar(M.VAL_ACC1, value, step)
+    frame = pd.DataFrame([{"status": "done", "run_dir": str(tmp_path / "run"), "cell": " | seed=0"}])
+    fig = learning_curves(frame, StudyInfo(name="s", metric=M.VAL_ACC1, direction="maximize", factors={}, seeds=[0]))
+    [line] = [line for line in fig.axes[0].lines if len(line.get_xdata()) == 2]
+    assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == pytest.approx([50.0, 70.0])

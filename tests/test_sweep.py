@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 import cli
+from dat_lab import metrics as M
 from dat_lab.ablations import paper_rows
 from dat_lab.data import DataError
 from dat_lab.sweep import SpecError, parse_spec, plan
@@ -543,6 +544,7 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --runs-root: trials record absolute run folders (analysis may run elsewhere)
     assert cli.main(["sweep", DEMO, *SMALL, "--storage", storage, "--study", "s", "--runs-root", "runs"]) == 0
     trials = _assert_every_cell_once(storage)
+    assert optuna.load_study(study_name="s", storage=storage).user_attrs[M.STUDY_SAMPLER] == "grid"  # analysis reads it
     t = next(t for t in trials if t.state == TrialState.COMPLETE)
     for attr in ("levels", "seed", "best", "final", "params_m", "gflops", "images_per_s", "wall_s", "run_dir"):
         assert t.user_attrs.get(attr) is not None, attr

@@ -17,6 +17,7 @@ import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .. import metrics as M  # noqa: E402
 from .study import StudyInfo  # noqa: E402
 from .tables import baseline_levels, metric_label  # noqa: E402
 
@@ -87,9 +88,11 @@ def learning_curves(frame: pd.DataFrame, info: StudyInfo, tag: str | None = None
         events.Reload()
         if tag not in events.Tags()["scalars"]:
             continue
-        cell = ", ".join(str(trial[f]) for f in factors) if factors else trial["cell"]
-        for epoch, event in enumerate(events.Scalars(tag), start=1):
-            rows.append({"epoch": epoch, "y": event.value * scale, "cell": cell})
+        cell = (", ".join(str(trial[f]) for f in factors) or M.BASE_CELL) if info.grid else trial["cell"]
+        # the epoch Lightning logged at the same step (validation need not run every epoch), counted from 1
+        epochs = {e.step: e.value for e in events.Scalars("epoch")} if "epoch" in events.Tags()["scalars"] else {}
+        for i, event in enumerate(events.Scalars(tag)):
+            rows.append({"epoch": int(epochs.get(event.step, i)) + 1, "y": event.value * scale, "cell": cell})
     if not rows:
         return None
     data = pd.DataFrame(rows)

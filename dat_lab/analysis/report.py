@@ -20,6 +20,7 @@ class Report:
     paper: pd.DataFrame | None
     plots: list[Path] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    tables: tuple[str, ...] = (".md", ".csv", ".tex")  # the suffixes of the table files written
 
 
 def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None = None) -> Report:
@@ -27,7 +28,7 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
     frame = trials_frame(study, info)
     out = Path(out)
     counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
-    if not info.factors:  # a search: history and importances, trials as the table
+    if not info.grid:  # a search: history and importances, trials as the table
         done = frame[frame["status"] == "done"] if not frame.empty else frame
         if done.empty:
             raise AnalysisError(f"study {study_name!r} has no finished trials yet")
@@ -36,7 +37,7 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
         shown = display_search(done, info)
         (out / "table.md").write_text(markdown(shown) + "\n")
         paths = [p for name, fig in plots.search_plots(study).items() for p in save_figure(fig, out, name)]
-        return _write_report(Report(out / "report.md", shown, None, paths, counts), info)
+        return _write_report(Report(out / "report.md", shown, None, paths, counts, tables=(".md", ".csv")), info)
     table = summarize(frame, info, baseline)
     shown, paper = write_tables(table, info, out)
     paths = []
@@ -60,9 +61,9 @@ def _write_report(report: Report, info) -> Report:
     if report.paper is not None:
         lines += ["## As in the paper", "", markdown(report.paper, left=1), ""]
     table = markdown(report.table, left=len(info.factors))
-    lines += ["## Table (mean ± std over seeds; diff: to the baseline)" if info.factors else "## Trials", "",
+    lines += ["## Table (mean ± std over seeds; diff: to the baseline)" if info.grid else "## Trials", "",
               table, "",
-              "Also as [CSV](table.csv)" + (" and [LaTeX](table.tex)." if info.factors else "."), "", "## Plots", ""]
+              "Also as [CSV](table.csv)" + (" and [LaTeX](table.tex)." if info.grid else "."), "", "## Plots", ""]
     for png in [p for p in report.plots if p.suffix == ".png"]:
         lines += [f"![{png.stem}]({png.name})", "", f"([PDF]({png.stem}.pdf))", ""]
     report.path.write_text("\n".join(lines))

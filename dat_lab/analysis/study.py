@@ -28,6 +28,7 @@ class StudyInfo:
     direction: str
     factors: dict[str, dict[str, Any]]  # {factor: {"levels", "baseline", "paper_table"}}
     seeds: list[int]
+    grid: bool = True  # cells (factors' levels x seeds; no factors: one config's seeds), else a search
 
 
 def existing_storage(storage: str | None, study: str) -> str:
@@ -52,9 +53,11 @@ def load(study_name: str, storage: str) -> tuple[optuna.Study, StudyInfo]:
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
         raise AnalysisError(M.storage_error(storage, err)) from None
     a = study.user_attrs
+    factors = a.get(M.STUDY_FACTORS, {})
     info = StudyInfo(name=study_name, metric=a.get(M.STUDY_METRIC, M.VAL_ACC1),
-                     direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()),
-                     factors=a.get(M.STUDY_FACTORS, {}), seeds=a.get(M.STUDY_SEEDS, [0]))
+                     direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()), factors=factors,
+                     seeds=a.get(M.STUDY_SEEDS, [0]),  # studies from before STUDY_SAMPLER: a grid has factors
+                     grid=a.get(M.STUDY_SAMPLER, "grid" if factors else "tpe") == "grid")
     return study, info
 
 
@@ -74,9 +77,9 @@ def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        if info.factors and M.TRIAL_CELL not in a:
+        if info.grid and M.TRIAL_CELL not in a:
             continue
-        row = dict(a.get(M.TRIAL_LEVELS) or {}) if info.factors else dict(t.params)
+        row = dict(a.get(M.TRIAL_LEVELS) or {}) if info.grid else dict(t.params)
         row.update(cell=a.get(M.TRIAL_CELL, f"trial {t.number}"), seed=a.get(M.TRIAL_SEED), status=STATUS[t.state],
                    trial=t.number, value=t.value if t.state == TrialState.COMPLETE else None,
                    params_m=a.get(M.TRIAL_PARAMS_M), gflops=a.get(M.TRIAL_GFLOPS),
@@ -84,7 +87,7 @@ def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
                    failure=a.get(M.TRIAL_FAILURE))
         rows.append(row)
     frame = pd.DataFrame(rows)
-    if not info.factors:
+    if not info.grid:
         return frame
     if not frame.empty:  # levels are missing on never-started retries: take them from the cell key
         frame = _deciding_trials(frame)

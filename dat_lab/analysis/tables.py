@@ -41,7 +41,8 @@ def baseline_levels(info: StudyInfo, baseline: str | None) -> dict[str, str]:
     if not baseline:
         return levels
     if not info.factors:
-        raise AnalysisError(f"--baseline: study {info.name!r} has no factors (a search), so no baseline row")
+        raise AnalysisError(f"--baseline: study {info.name!r} has no factors ({'one config' if info.grid else 'a search'}), "
+                            f"so no other baseline row")
     allowed = "; ".join(f"{f}: {', '.join(d['levels'])}" for f, d in info.factors.items())
     named: set[str] = set()
     for factor, level in _baseline_parts(baseline, list(info.factors)):
@@ -86,7 +87,7 @@ def summarize(frame: pd.DataFrame, info: StudyInfo, baseline: str | None = None)
                             f"({', '.join(f'{v} {k}' for k, v in counts.items()) or 'no trials'})")
     _, scale = metric_label(info.metric)
     rows = []
-    for levels, group in frame.groupby(factors, observed=True, sort=True):
+    for levels, group in frame.groupby(factors, observed=True, sort=True) if factors else [((), frame)]:
         levels = levels if isinstance(levels, tuple) else (levels,)
         done = group[group["status"] == "done"]
         values = done["value"].astype(float) * scale

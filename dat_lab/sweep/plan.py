@@ -180,7 +180,7 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
         if cell.name not in models:  # a cell's seeds differ in seed_everything only: parsed once per cell
-            model, data = _checked_model(spec, f"cell {cell.name or '(base)'!r}", config, data_checked)
+            model, data = _checked_model(spec, f"cell {cell.name or M.BASE_CELL!r}", config, data_checked)
             found = {data}  # and the data of each search-space choice (a search may choose among datasets)
             for path, dist in spec.search_space.items():
                 for value in dist["choices"] if dist["type"] == "categorical" else (dist["low"], dist["high"]):

@@ -174,6 +174,7 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         study.set_user_attr(M.STUDY_METRIC, spec.metric)
         study.set_user_attr(M.STUDY_DIRECTION, spec.direction)
         study.set_user_attr(M.STUDY_SEEDS, list(spec.seeds))
+        study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
         study.set_user_attr(M.STUDY_FACTORS, {f.name: {"levels": list(f.levels), "baseline": f.baseline,
                                                        "paper_table": f.paper_table} for f in spec.factors})
     if spec.is_grid and planned is not None:
