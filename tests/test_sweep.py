@@ -46,6 +46,8 @@ TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.
     ("factors: {t: {paper_table: 8}}\n", "factors.t.paper_table: table: 8 is not one of 6, 7"),
     ("seeds: [0, 0]\n", "seeds: must be a non-empty list of distinct integers"),
     ("objective: {metric: val/acc7}\n", "objective.metric: 'val/acc7' is not one of"),
+    ("objective: {metric: train/loss}\n", "objective.metric: 'train/loss' is not one of val/acc1, val/acc5, "
+     "val/loss, val_ema/acc1, val_ema/acc5"),
     ("sampler: random\n", "sampler: 'random' is not one of grid, tpe"),
     ("sampler: tpe\nn_trials: 3\n", "search_space: is required for sampler tpe"),
     ("budget: {epochs: 3}\n", "budget.epochs: unknown key"),

@@ -51,7 +51,9 @@ class SpecError(ValueError):
 TOP_KEYS = {"study", "base", "delta", "budget", "factors", "seeds", "objective", "sampler", "search_space",
             "n_trials", "pruner", "storage", "heartbeat"}
 BUDGET_KEYS = {"max_epochs", "max_steps", "max_time", "limit_train_batches", "limit_val_batches"}
-OBJECTIVE_METRICS = {M.VAL_ACC1, M.VAL_ACC5, M.VAL_LOSS, M.VAL_EMA_ACC1, M.VAL_EMA_ACC5, M.TRAIN_LOSS}
+# validation metrics: what a trial's result is read from at each validation (train/loss was then only
+# the last batch's loss, its epoch mean not yet made)
+OBJECTIVE_METRICS = {M.VAL_ACC1, M.VAL_ACC5, M.VAL_LOSS, M.VAL_EMA_ACC1, M.VAL_EMA_ACC5}
 OBJECTIVE_KEYS = {"metric", "direction", "value"}
 HEARTBEAT_KEYS = {"interval", "grace"}
 SAMPLERS = {"grid", "tpe"}
