@@ -293,3 +293,13 @@ def test_every_model_and_data_option_has_help(capsys):
     for cls in (SyntheticDataModule, DigitsDataModule, CIFAR10DataModule, CIFAR100DataModule, ImageFolderDataModule):
         text = _help(capsys, "--data.help", f"{cls.__module__}.{cls.__name__}")
         assert _undocumented(text, "--data", inspect.signature(cls).parameters) == [], cls.__name__
+
+
+def test_one_override_on_the_command_line_keeps_the_files_others(capsys):
+    """As the README says: --model.overrides.FIELD changes that field; the dict form replaces them all."""
+    config = str(ROOT / "experiments" / "digits_dat_tiny.yaml")
+    for args, expected in ((["--model.overrides.offset_range", "4"], {"window": 4, "drop_path_rate": 0.1, "offset_range": 4}),
+                           (["--model.overrides", "{offset_range: 4}"], {"offset_range": 4})):
+        with pytest.raises(SystemExit):
+            train(["fit", "--config", config, *args, "--print_config"])
+        assert yaml.safe_load(capsys.readouterr().out)["model"]["overrides"] == expected
