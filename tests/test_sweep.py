@@ -103,6 +103,9 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     spec = parse_spec(_write(tmp_path, BASE + TPE.replace("model.lr:", "model.lrr:")))
     with pytest.raises(SpecError, match=r"search_space.model.lrr = 0.0001: training config: .*model.lrr"):
         plan(spec)
+    spec = parse_spec(_write(tmp_path, BASE + TPE.replace("1.0e-4", "-1.0e-4")))
+    with pytest.raises(SpecError, match=r"search_space.model.lr = -0.0001: model.lr: -0.0001 must be > 0"):
+        plan(spec)
     spec = parse_spec(_write(tmp_path, BASE + "sampler: tpe\nn_trials: 2\n"
                              "search_space: {model.overrides.groups: {type: categorical, choices: [2, 3]}}\n"))
     with pytest.raises(SpecError, match=r"search_space.model.overrides.groups = 3: .*groups: 3 offset groups"):

@@ -115,6 +115,8 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
                           (["--ckpt_path", str(tmp_path / "nope.ckpt")], f"--ckpt_path: {tmp_path / 'nope.ckpt'} is not a file"),
                           (["--data", "dat_lab.data.ImageFolderDataModule", "--data.root", str(tmp_path / "none")],
                            f"{tmp_path / 'none' / 'train'}: no such folder"),
+                          (["--model.lr", "-1"], "model.lr: -1.0 must be > 0"),  # torch's said "Invalid learning rate"
+                          (["--model.ema_decay", "1.5"], "model.ema_decay: 1.5 must be in (0, 1)"),
                           (["--model.overrides", "{groups: [1, 1, 3, 4]}"],  # raised `from None`: not its cause
                            "stages[2].groups: 3 offset groups do not divide 4 heads")):
         assert cli.main(["train", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), *args]) == 2

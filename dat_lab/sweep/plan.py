@@ -19,7 +19,7 @@ from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
 from ..profile import profile_model
 from ..training.cli import DatLabCLI, config_error
-from ..training.module import ImageClassifier
+from ..training.module import ImageClassifier, check_recipe
 from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
 
@@ -79,6 +79,7 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any],
     config checked once: `data_checked` holds the identities of those done)."""
     try:
         parsed = parse_training_config(config)
+        check_recipe(**vars(parsed.model))
         in_worker(config)
         if spec.metric in (M.VAL_EMA_ACC1, M.VAL_EMA_ACC5) and not parsed.model.ema_decay:
             raise ValueError(f"objective {spec.metric} is logged only with EMA weights: set model.ema_decay "

@@ -29,6 +29,21 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
+def check_recipe(**options: Any) -> None:
+    """Raise a one-line ValueError naming the first training option of ImageClassifier out of its range
+    (others given are not looked at)."""
+    rules = {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+             "betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+             "warmup_epochs": (lambda v: v >= 0, ">= 0"), "warmup_lr": (lambda v: v >= 0, ">= 0"),
+             "min_lr": (lambda v: v >= 0, ">= 0"), "mixup": (lambda v: v >= 0, ">= 0 (0: off)"),
+             "cutmix": (lambda v: v >= 0, ">= 0 (0: off)"), "mix_switch_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+             "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+             "ema_decay": (lambda v: not v or 0 < v < 1, "in (0, 1), or null or 0 for no EMA")}
+    for name, (ok, allowed) in rules.items():
+        if name in options and not ok(options[name]):
+            raise ValueError(f"model.{name}: {options[name]!r} must be {allowed}")
+
+
 class ImageClassifier(L.LightningModule):
     """Train a DAT variant (plus config overrides) as an image classifier.
 
@@ -66,6 +81,9 @@ class ImageClassifier(L.LightningModule):
                  ema_decay: float | None = None, compile: bool = False,
                  model_config: dict[str, Any] | None = None) -> None:
         super().__init__()
+        check_recipe(lr=lr, weight_decay=weight_decay, betas=betas, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
+                     min_lr=min_lr, mixup=mixup, cutmix=cutmix, mix_switch_prob=mix_switch_prob,
+                     label_smoothing=label_smoothing, ema_decay=ema_decay)
         if model_config is not None:  # rebuilding from a checkpoint
             config = DATConfig.from_dict(model_config)
         else:
