@@ -619,6 +619,16 @@ def test_two_workers_on_postgres_run_each_cell_once(tmp_path, postgres_url):
     assert len(workers) == 2, workers
 
 
+def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while torch imports or the cells are planned: no traceback, the shell's status 130."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_sweep", interrupted)
+    assert cli.main(["sweep", DEMO, "--dry-run"]) == 130
+    assert capsys.readouterr().err == "dat-lab: interrupted\n"
+
+
 def test_ctrl_c_leaves_the_storage_consistent(tmp_path):
     storage = f"sqlite:///{tmp_path / 'c.db'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
