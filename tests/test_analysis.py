@@ -279,3 +279,21 @@ def test_learning_curves_put_each_validation_at_its_epoch(tmp_path):
     fig = learning_curves(frame, StudyInfo(name="s", metric=M.VAL_ACC1, direction="maximize", factors={}, seeds=[0]))
     [line] = [line for line in fig.axes[0].lines if len(line.get_xdata()) == 2]
     assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == pytest.approx([50.0, 70.0])
+
+
+def test_params_and_flops_show_three_significant_digits_at_any_scale():
+    """The paper's scale keeps its 2 and 3 decimals; dat_pico's cells differ in the third digit."""
+    from dat_lab.analysis.tables import display
+
+    info = StudyInfo(name="s", metric=M.VAL_ACC1, direction="maximize", seeds=[0],
+                     factors={"p": {"levels": ["a", "b"], "baseline": "a", "paper_table": None}})
+
+    def shown(params, gflops):
+        table = pd.DataFrame({"p": ["a", "b"], "mean": [90.0, 91.0], "std": [math.nan] * 2, "n": [1, 1],
+                              "params_m": params, "gflops": gflops, "images_per_s": [100.0] * 2,
+                              "status": ["done"] * 2, "diff": [0.0, 1.0], "baseline": [True, False]})
+        out = display(table, info)
+        return out["params (M)"].tolist(), out["FLOPs (G)"].tolist()
+
+    assert shown([0.5751, 0.5798], [0.0074, 0.0074]) == (["0.575", "0.580"], ["0.00740", "0.00740"])
+    assert shown([28.3191, 49.7], [4.5889, 8.9]) == (["28.32", "49.70"], ["4.589", "8.900"])

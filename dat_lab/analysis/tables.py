@@ -135,10 +135,19 @@ def display(table: pd.DataFrame, info: StudyInfo, *, latex: bool = False) -> pd.
 
 
 def _cost_columns(out: pd.DataFrame, frame: pd.DataFrame) -> None:
-    """Add params (M), FLOPs (G) and images/s of `frame` to `out`, as strings."""
-    out["params (M)"] = frame["params_m"].map(lambda v: _fmt(v, 2))
-    out["FLOPs (G)"] = frame["gflops"].map(lambda v: _fmt(v, 3))
+    """Add params (M), FLOPs (G) and images/s of `frame` to `out`, as strings: params with 2 decimals and
+    FLOPs with 3 (the paper's scale), or more where the smallest has fewer than 3 significant digits."""
+    for column, name, least in (("params_m", "params (M)", 2), ("gflops", "FLOPs (G)", 3)):
+        digits = _decimals(frame[column], least)
+        out[name] = frame[column].map(lambda v: _fmt(v, digits))
     out["images/s"] = frame["images_per_s"].map(lambda v: _fmt(v, 0))
+
+
+def _decimals(values: pd.Series, least: int, significant: int = 3) -> int:
+    """Decimals that show the column's smallest nonzero magnitude with `significant` digits, at least `least`."""
+    magnitudes = values.dropna().astype(float).abs()
+    smallest = magnitudes[magnitudes > 0].min() if (magnitudes > 0).any() else None
+    return least if smallest is None else max(least, significant - 1 - math.floor(math.log10(smallest)))
 
 
 def display_search(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
