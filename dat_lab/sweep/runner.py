@@ -215,7 +215,9 @@ def _failure(err: BaseException) -> str:
 
 
 def _reproduce(run_dir: Path) -> str:
-    return f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --name {run_dir.name}_again"
+    """The command that trains a trial again, into runs/<study>_trial_<nnnn>_again/."""
+    name = f"{run_dir.parent.name}_{run_dir.name}_again"
+    return f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --name {name}"
 
 
 LAUNCHER_VARIABLES = re.compile(r"TORCHELASTIC_\w+|(LOCAL_|GROUP_|ROLE_)?RANK|(LOCAL_|GROUP_|ROLE_)?WORLD_SIZE|"
