@@ -169,6 +169,9 @@ def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path, monkeypatch,
         train(["validate", *short, "--trainer.default_root_dir", str(tmp_path), "--data.batch_size", "100",
                "--ckpt_path", "last"])
     assert not [w for w in caught if "dirpath has changed" in str(w.message)]  # a new version: no best score to keep
+    assert "no --ckpt_path" not in capsys.readouterr().err
+    train(["validate", *short, "--trainer.default_root_dir", str(tmp_path / "other")])  # untrained weights: said so
+    assert "dat-lab train validate: no --ckpt_path: evaluating the model as the config builds it" in capsys.readouterr().err
     assert not [f for f in warnings.filters if f[1] and "dirpath" in f[1].pattern]  # filtered for the evaluation only
     assert (run / "config.yaml").read_text() == original
     assert yaml.safe_load((run.parent / "version_1" / "config.yaml").read_text())["ckpt_path"] == \

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from .. import metrics as M
 from ..data import DataError, ImageDataModule
@@ -141,6 +142,9 @@ class DatLabCLI(LightningCLI):
 
     def _before_evaluation(self) -> None:
         self._check_checkpoint()
+        if not self.config[self.subcommand].get("ckpt_path") and rank_zero_only.rank == 0:
+            print(f"dat-lab train {self.subcommand}: no --ckpt_path: evaluating the model as the config builds it "
+                  f"(untrained weights); give a checkpoint, or last for the newest run of the name", file=sys.stderr)
         # it logs to a new version: the checkpoint callback would warn that the checkpoint's own folder (and best
         # score) are not taken over, which an evaluation does not need (filtered until after_validate/test)
         self._quiet = warnings.catch_warnings()
