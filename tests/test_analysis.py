@@ -297,3 +297,15 @@ def test_params_and_flops_show_three_significant_digits_at_any_scale():
 
     assert shown([0.5751, 0.5798], [0.0074, 0.0074]) == (["0.575", "0.580"], ["0.00740", "0.00740"])
     assert shown([28.3191, 49.7], [4.5889, 8.9]) == (["28.32", "49.70"], ["4.589", "8.900"])
+
+
+def test_a_numeric_factors_plot_names_the_other_factor_and_ticks_its_levels():
+    from dat_lab.analysis.plots import factor_plot
+
+    rows = [{"r": r, "G": g, "status": "done", "seed": seed, "value": 0.8 + seed / 100}
+            for r in ("1", "2") for g in ("1", "2") for seed in (0, 1)]
+    levels = {"levels": ["1", "2"], "baseline": "1", "paper_table": None}
+    info = StudyInfo(name="t", metric=M.VAL_ACC1, direction="maximize", seeds=[0, 1], factors={"r": levels, "G": levels})
+    ax = factor_plot(pd.DataFrame(rows), info, "r").axes[0]
+    assert ax.get_legend().get_title().get_text() == "G"  # the hue's levels 1 and 2 say of what
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2"]  # not 1.0, 1.2, ... 2.0

@@ -50,7 +50,8 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
         if len(base_cell):  # the table's baseline row, not the level's mean over the other factors
             ax.scatter([float(base)], [base_cell["y"].mean()], s=140, marker="*", color=BASELINE_COLOR, zorder=5,
                        label="baseline (" + ", ".join(f"{f} = {lv}" for f, lv in base_levels.items()) + ")")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, title=hue, title_fontsize=8)  # the hue's levels under its factor's name
+        ax.set_xticks(sorted({float(v) for v in levels}), sorted(levels, key=float))  # the levels, not 1.2, 1.4...
         ax.set_xlabel(factor)
     else:
         done[factor] = done[factor].astype(str)
