@@ -51,7 +51,8 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
             ax.scatter([float(base)], [base_cell["y"].mean()], s=140, marker="*", color=BASELINE_COLOR, zorder=5,
                        label="baseline (" + ", ".join(f"{f} = {lv}" for f, lv in base_levels.items()) + ")")
             ax.legend(fontsize=8, title=hue, title_fontsize=8)  # the hue's levels under its factor's name
-        ax.set_xticks(sorted({float(v) for v in levels}), sorted(levels, key=float))  # the levels, not 1.2, 1.4...
+        if all(float(v).is_integer() for v in levels):  # ticks at the levels, not 1.2, 1.4, ...
+            ax.set_xticks(sorted({float(v) for v in levels}), sorted(levels, key=float))
         ax.set_xlabel(factor)
     else:
         done[factor] = done[factor].astype(str)
