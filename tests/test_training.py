@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -23,7 +24,7 @@ from dat_lab import metrics as M
 from dat_lab.data import (CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, ImageFolderDataModule,
                           SyntheticDataModule)
 from dat_lab.training import ImageClassifier, NonFiniteLossError
-from dat_lab.training.cli import main as train
+from dat_lab.training.cli import default_callbacks, main as train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "digits_quick.yaml")
@@ -84,6 +85,21 @@ def test_the_model_summary_counts_an_images_flops():
     summary = ModelSummary(module, max_depth=1)
     assert summary.total_flops > 0 and summary.in_sizes[0] == [1, 1, 32, 32] and summary.out_sizes[0] == [1, 10]
     assert ImageClassifier(variant="dat_pico", compile=True).example_input_array is None
+    assert module.to(torch.bfloat16).example_input_array.dtype == torch.bfloat16  # as bf16-true casts the weights
+
+
+def test_a_true_precision_run_starts_with_its_model_summary(tmp_path):
+    """The summary's image is in the weights' dtype (a float32 image into bf16 weights failed the run)."""
+    train(["fit", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+           "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
+           "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-true"])
+
+
+def test_the_checkpoint_callbacks_state_keeps_its_name():
+    """Lightning keeps a callback's state under a key made of its class name: a run resumes its best
+    score and checkpoint only if the key is the one it was saved under."""
+    [checkpoint] = [c for c in default_callbacks() if isinstance(c, ModelCheckpoint)]
+    assert checkpoint.state_key.startswith("ModelCheckpoint{'monitor': 'val/acc1'")
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""Callbacks: checkpoints, throughput, offset statistics and sampling-point images for TensorBoard,
-and the final metric in TensorBoard's hparams view."""
+"""Callbacks: throughput, offset statistics and sampling-point images for TensorBoard, and the
+final metric in TensorBoard's hparams view."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .. import metrics as M
@@ -18,15 +17,6 @@ from ..models.geometry import offsets_in_cells
 
 def _tensorboard(trainer: L.Trainer):
     return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, but nothing saved by a fast_dev_run: Lightning 2.6's on_train_end
-    writes last.ckpt even then (into <root>/checkpoints, the run having no logger)."""
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.fast_dev_run:
-            super().on_train_end(trainer, pl_module)
 
 
 class Throughput(L.Callback):

@@ -20,12 +20,13 @@ from typing import Any, Iterator
 
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from .. import metrics as M
 from ..data import DataError, ImageDataModule
-from .callbacks import DeformableMonitor, HparamsMetric, RunCheckpoint, Throughput
+from .callbacks import DeformableMonitor, HparamsMetric, Throughput
 from .module import ImageClassifier
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -38,8 +39,8 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda reco
 def default_callbacks() -> list:
     """What every dat-lab run gets: best and last checkpoints, throughput, DAT monitors, hparams metric."""
     return [
-        RunCheckpoint(monitor=M.VAL_ACC1, mode="max", save_last=True, filename="best-epoch{epoch:03d}",
-                      auto_insert_metric_name=False),
+        ModelCheckpoint(monitor=M.VAL_ACC1, mode="max", save_last=True, filename="best-epoch{epoch:03d}",
+                        auto_insert_metric_name=False),
         Throughput(),
         DeformableMonitor(),
         HparamsMetric(),
@@ -127,6 +128,9 @@ class DatLabCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint()
+        if self.trainer.fast_dev_run:  # Lightning 2.6's on_train_end wrote last.ckpt (into <root>/checkpoints) even then
+            for callback in self.trainer.checkpoint_callbacks:
+                callback.save_last = False
 
     def before_validate(self) -> None:
         self._before_evaluation()
@@ -145,7 +149,7 @@ class DatLabCLI(LightningCLI):
         if not self.config[self.subcommand].get("ckpt_path") and rank_zero_only.rank == 0:
             print(f"dat-lab train {self.subcommand}: no --ckpt_path: evaluating the model as the config builds it "
                   f"(untrained weights); give a checkpoint, or last for the newest run of the name", file=sys.stderr)
-        # it logs to a new version: the checkpoint callback would warn that the checkpoint's own folder (and best
+        # it logs to a new version: ModelCheckpoint would warn that the checkpoint's own folder (and best
         # score) are not taken over, which an evaluation does not need (filtered until after_validate/test)
         self._quiet = warnings.catch_warnings()
         self._quiet.__enter__()

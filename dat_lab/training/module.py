@@ -106,13 +106,19 @@ class ImageClassifier(L.LightningModule):
             "acc5": MulticlassAccuracy(config.num_classes, top_k=top5, average="micro"),
         })
         self.ema_acc = torch.nn.ModuleDict({k: m.clone() for k, m in self.val_acc.items()}) if self.ema else None
-        # one image for Lightning's model summary (its sizes and FLOPs, else 0); none to compile for
-        self.example_input_array = (None if compile else
-                                    torch.zeros(1, config.in_chans, config.img_size, config.img_size))
 
     @property
     def config(self) -> DATConfig:
         return self.model.config
+
+    @property
+    def example_input_array(self) -> torch.Tensor | None:
+        """One image for Lightning's model summary (its sizes and FLOPs, else 0), in the weights' dtype (a
+        "true" precision casts the weights, not this); none when compiling (it would compile for it)."""
+        if self.hparams.compile:
+            return None
+        c = self.config
+        return torch.zeros(1, c.in_chans, c.img_size, c.img_size, dtype=next(self.model.parameters()).dtype)
 
     def configure_model(self) -> None:
         if self.hparams.compile and not getattr(self, "_compiled", False):
