@@ -96,6 +96,11 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     spec = parse_spec(_write(tmp_path, BASE + "objective: {metric: val_ema/acc1}\n"))  # would train, then fail
     with pytest.raises(SpecError, match=r"cell '\(base\)': objective val_ema/acc1 is logged only with EMA weights"):
         plan(spec)
+    ema_search = BASE + "objective: {metric: val_ema/acc1}\n" + TPE.replace("model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}",
+                                                                           "model.ema_decay: {type: float, low: 0.99, high: 0.999}")
+    assert plan(parse_spec(_write(tmp_path, ema_search)))  # each trial samples an EMA decay
+    with pytest.raises(SpecError, match=r"search_space.model.ema_decay = 0.0: objective val_ema/acc1 is logged only"):
+        plan(parse_spec(_write(tmp_path, ema_search.replace("low: 0.99", "low: 0.0"))))
     spec = parse_spec(_write(tmp_path, BASE + "factors: {x: {path: model.learning_rate, values: [1]}}\n"))
     with pytest.raises(SpecError, match=r"cell 'x=1': training config: .*model.learning_rate"):
         plan(spec)

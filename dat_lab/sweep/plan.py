@@ -72,16 +72,18 @@ def model_config(parsed: Any) -> DATConfig:
     return get_config(parsed.model.variant, **{**(parsed.model.overrides or {}), **info})
 
 
-def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any],
-                   data_checked: dict[str, str | None]) -> tuple[DATConfig, str | None]:
+def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_checked: dict[str, str | None],
+                   sampled: Any = ()) -> tuple[DATConfig, str | None]:
     """The model config a trial config builds, and its data's identity (ImageDataModule.check);
     SpecError naming `what` when it does not parse or build, or when its data are not there (each data
-    config checked once: `data_checked` holds the identities of those done)."""
+    config checked once: `data_checked` holds the identities of those done). `sampled`: the config
+    paths a search sets in each trial (not yet in `config`)."""
     try:
         parsed = parse_training_config(config)
         check_recipe(**vars(parsed.model))
         in_worker(config)
-        if spec.metric in (M.VAL_EMA_ACC1, M.VAL_EMA_ACC5) and not parsed.model.ema_decay:
+        ema = parsed.model.ema_decay or "model.ema_decay" in sampled
+        if spec.metric in (M.VAL_EMA_ACC1, M.VAL_EMA_ACC5) and not ema:
             raise ValueError(f"objective {spec.metric} is logged only with EMA weights: set model.ema_decay "
                              f"(e.g. 0.9999), or take {M.VAL_ACC1}")
         args = vars(parsed.data.init_args)
@@ -181,7 +183,8 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
         if cell.name not in models:  # a cell's seeds differ in seed_everything only: parsed once per cell
-            model, data = _checked_model(spec, f"cell {cell.name or M.BASE_CELL!r}", config, data_checked)
+            model, data = _checked_model(spec, f"cell {cell.name or M.BASE_CELL!r}", config, data_checked,
+                                         sampled=spec.search_space)
             found = {data}  # and the data of each search-space choice (a search may choose among datasets)
             for path, dist in spec.search_space.items():
                 for value in dist["choices"] if dist["type"] == "categorical" else (dist["low"], dist["high"]):
