@@ -559,6 +559,8 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     for attr in ("levels", "seed", "best", "final", "params_m", "gflops", "images_per_s", "wall_s", "run_dir"):
         assert t.user_attrs.get(attr) is not None, attr
     assert (Path(t.user_attrs["run_dir"]) / "config.yaml").exists() and Path(t.user_attrs["run_dir"]).is_absolute()
+    planned = {p.cell.key: p for p in plan(parse_spec(DEMO))}[t.user_attrs["cell"]]  # not rounded to 0.0074
+    assert t.user_attrs["gflops"] == pytest.approx(planned.gflops, rel=1e-5) != round(planned.gflops, 4)
     assert list(Path(t.user_attrs["run_dir"]).glob("events.out.tfevents.*"))
     capsys.readouterr()
     # rerunning the same command trains nothing again
