@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", add_help=False,
                    help="train with LightningCLI: dat-lab train [fit|validate|test] --config experiments/X.yaml "
-                        "(see dat-lab train --help)")
+                        "(its options: dat-lab train fit --help)")
 
     p = sub.add_parser("profile", help="parameters and GFLOPs (paper convention) of a model or the paper's rows")
     p.add_argument("variant", nargs="?", help="a named variant, e.g. dat_tiny")

@@ -79,6 +79,10 @@ STUDY_DIRECTION = "direction"
 STUDY_FACTORS = "factors"  # {factor: {"levels": [...], "baseline": level, "paper_table": 6 | 7 | None}}
 STUDY_SEEDS = "seeds"
 STUDY_SAMPLER = "sampler"  # "grid" (cells, maybe no factors: seeds of one config) or "tpe" (a search)
+# Columns of analysis's frames and tables beside the factors' (a factor must be named otherwise).
+TRIAL_COLUMNS = ("cell", "seed", "status", "trial", "value", "params_m", "gflops", "images_per_s", "run_dir",
+                 "failure")  # of a study's trials frame, besides the factors or searched parameters
+TABLE_COLUMNS = ("mean", "std", "n", "diff", "baseline", "seeds", "params (M)", "FLOPs (G)", "images/s", "status")
 
 
 def default_storage(study: str) -> str:

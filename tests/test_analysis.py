@@ -185,7 +185,7 @@ def test_paper_layout_of_table7(tmp_path, capsys):
            values={(r.row,): [0.5 + i / 100] for i, r in enumerate(rows)})
     assert cli.main(["analyze", "t7", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "As in the paper:" in out
+    assert "As in the paper:" in out and "tables: table.md table.csv table.tex paper_table.md;" in out
     layout = (tmp_path / "out" / "paper_table.md").read_text()
     positions = [layout.index(r.row) for r in rows]
     assert positions == sorted(positions)
@@ -213,7 +213,7 @@ def test_search_study_plots(tmp_path):
     assert report.table["val/acc1 (%)"].tolist() == ["83.00", "82.00", "81.00", "80.00"]  # best first, in percent
     assert report.table["model.lr"].tolist() == ["0.01", "0.003", "0.001", "0.0001"] and "failure" not in report.table
     assert "|          83.00 |" in (tmp_path / "out" / "table.md").read_text()  # as written: not 83
-    assert report.tables == (".md", ".csv") and not (tmp_path / "out" / "table.tex").exists()
+    assert report.tables == ("table.md", "table.csv") and not (tmp_path / "out" / "table.tex").exists()
 
 
 def test_a_grid_without_factors_is_one_row_over_its_seeds(tmp_path, capsys):
@@ -222,11 +222,13 @@ def test_a_grid_without_factors_is_one_row_over_its_seeds(tmp_path, capsys):
     _study(storage, name="seeds", values={(): [0.90, 0.92, 0.94]}, factors={}, seeds=(0, 1, 2), sampler="grid")
     assert cli.main(["analyze", "seeds", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "92.00 ± 2.00" in out and "tables: .md .csv .tex;" in out and "history" not in out
+    assert "92.00 ± 2.00" in out and "tables: table.md table.csv table.tex;" in out and "history" not in out
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert len(table) == 1 and table.loc[0, "n"] == 3 and table.loc[0, "mean"] == pytest.approx(92.0)
     assert cli.main(["sweep-status", "seeds", "--storage", storage]) == 0
     assert "(base) | seed=2" in capsys.readouterr().out
+    _study(storage, name="older", values={(): [0.90, 0.92]}, factors={}, seeds=(0, 1))  # made before STUDY_SAMPLER
+    assert len(analyze("older", storage, tmp_path / "older").table) == 1  # its trials are cells: a grid
 
 
 def test_sampling_points_figure_shows_images_on_a_fixed_scale():
@@ -309,3 +311,9 @@ def test_a_numeric_factors_plot_names_the_other_factor_and_ticks_its_levels():
     ax = factor_plot(pd.DataFrame(rows), info, "r").axes[0]
     assert ax.get_legend().get_title().get_text() == "G"  # the hue's levels 1 and 2 say of what
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2"]  # not 1.0, 1.2, ... 2.0
+    # factors named as the plot's own columns were (x, y), or as two names of one number
+    named = {"x": levels, "y": {**levels, "levels": ["1", "1.0"]}}
+    rows = [{"x": a, "y": b, "status": "done", "seed": 0, "value": 0.8} for a in ("1", "2") for b in ("1", "1.0")]
+    for factor in named:
+        factor_plot(pd.DataFrame(rows), StudyInfo(name="t", metric=M.VAL_ACC1, direction="maximize", seeds=[0],
+                                                  factors=named), factor)

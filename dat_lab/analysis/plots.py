@@ -22,6 +22,7 @@ from .study import StudyInfo  # noqa: E402
 from .tables import baseline_levels, metric_label  # noqa: E402
 
 BASELINE_COLOR, OTHER_COLOR = "#d62728", "#4c72b0"
+X, Y = "(x)", "(y)"  # factor_plot's columns beside the factors': names no factor can take
 
 
 def _numeric(levels: list[str]) -> bool:
@@ -36,7 +37,7 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
     levels, shown as hue when there is one other factor); the baseline level highlighted."""
     label, scale = metric_label(info.metric)
     done = frame[frame["status"] == "done"].copy()
-    done["y"] = done["value"].astype(float) * scale
+    done[Y] = done["value"].astype(float) * scale
     levels = info.factors[factor]["levels"]
     base_levels = baseline_levels(info, baseline)
     base = base_levels[factor]
@@ -45,19 +46,22 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
     base_cell = done[(done[list(info.factors)].astype(str) == pd.Series(base_levels)).all(axis=1)]
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(levels) + 2), 3.6))
     if _numeric(levels):
-        done["x"] = done[factor].astype(str).astype(float)
-        sns.lineplot(data=done, x="x", y="y", hue=hue, errorbar="sd", marker="o", ax=ax, color=OTHER_COLOR)
+        done[X] = done[factor].astype(str).astype(float)
+        sns.lineplot(data=done, x=X, y=Y, hue=hue, errorbar="sd", marker="o", ax=ax, color=OTHER_COLOR)
         if len(base_cell):  # the table's baseline row, not the level's mean over the other factors
-            ax.scatter([float(base)], [base_cell["y"].mean()], s=140, marker="*", color=BASELINE_COLOR, zorder=5,
+            ax.scatter([float(base)], [base_cell[Y].mean()], s=140, marker="*", color=BASELINE_COLOR, zorder=5,
                        label="baseline (" + ", ".join(f"{f} = {lv}" for f, lv in base_levels.items()) + ")")
             ax.legend(fontsize=8, title=hue, title_fontsize=8)  # the hue's levels under its factor's name
         if all(float(v).is_integer() for v in levels):  # ticks at the levels, not 1.2, 1.4, ...
-            ax.set_xticks(sorted({float(v) for v in levels}), sorted(levels, key=float))
+            ticks = {}
+            for level in levels:  # one label a position ("1" and "1.0" may both be levels)
+                ticks.setdefault(float(level), level)
+            ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)])
         ax.set_xlabel(factor)
     else:
         done[factor] = done[factor].astype(str)
         palette = None if hue else {lvl: BASELINE_COLOR if lvl == base else OTHER_COLOR for lvl in levels}
-        sns.barplot(data=done, x=factor, y="y", hue=hue or factor, order=[lv for lv in levels if lv in set(done[factor])],
+        sns.barplot(data=done, x=factor, y=Y, hue=hue or factor, order=[lv for lv in levels if lv in set(done[factor])],
                     errorbar="sd", capsize=0.15, palette=palette, legend=bool(hue), ax=ax)
         ax.set_xlabel(f"{factor} (baseline: {base})")
         ax.tick_params(axis="x", rotation=20 if max(len(str(lv)) for lv in levels) > 8 else 0, labelsize=8)
@@ -66,9 +70,9 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
                 tick.set_color(BASELINE_COLOR)
                 tick.set_fontweight("bold")
         if len(base_cell):
-            ax.axhline(base_cell["y"].mean(), color=BASELINE_COLOR, linestyle="--", linewidth=1, label="baseline cell")
-        low = done["y"].min()
-        ax.set_ylim(bottom=max(0.0, low - 0.15 * (done["y"].max() - low + 1e-9) - 1.0) if scale == 100 else None)
+            ax.axhline(base_cell[Y].mean(), color=BASELINE_COLOR, linestyle="--", linewidth=1, label="baseline cell")
+        low = done[Y].min()
+        ax.set_ylim(bottom=max(0.0, low - 0.15 * (done[Y].max() - low + 1e-9) - 1.0) if scale == 100 else None)
     ax.set_ylabel(label)
     ax.set_title(f"{info.name}: {info.metric} by {factor} (mean ± sd over seeds)", fontsize=9)
     return fig

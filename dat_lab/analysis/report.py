@@ -20,7 +20,7 @@ class Report:
     paper: pd.DataFrame | None
     plots: list[Path] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
-    tables: tuple[str, ...] = (".md", ".csv", ".tex")  # the suffixes of the table files written
+    tables: tuple[str, ...] = ()  # the table files written
 
 
 def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None = None) -> Report:
@@ -37,7 +37,7 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
         shown = display_search(done, info)
         (out / "table.md").write_text(markdown(shown) + "\n")
         paths = [p for name, fig in plots.search_plots(study).items() for p in save_figure(fig, out, name)]
-        return _write_report(Report(out / "report.md", shown, None, paths, counts, tables=(".md", ".csv")), info)
+        return _write_report(Report(out / "report.md", shown, None, paths, counts, tables=("table.md", "table.csv")), info)
     table = summarize(frame, info, baseline)
     shown, paper = write_tables(table, info, out)
     paths = []
@@ -46,7 +46,8 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
     curves = plots.learning_curves(frame, info)
     if curves is not None:
         paths += save_figure(curves, out, "learning_curves")
-    report = Report(out / "report.md", shown, paper, paths, counts)
+    tables = ("table.md", "table.csv", "table.tex") + (("paper_table.md",) if paper is not None else ())
+    report = Report(out / "report.md", shown, paper, paths, counts, tables)
     return _write_report(report, info)
 
 

@@ -53,26 +53,30 @@ def load(study_name: str, storage: str) -> tuple[optuna.Study, StudyInfo]:
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
         raise AnalysisError(M.storage_error(storage, err)) from None
     a = study.user_attrs
-    factors = a.get(M.STUDY_FACTORS, {})
     info = StudyInfo(name=study_name, metric=a.get(M.STUDY_METRIC, M.VAL_ACC1),
-                     direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()), factors=factors,
-                     seeds=a.get(M.STUDY_SEEDS, [0]),  # studies from before STUDY_SAMPLER: a grid has factors
-                     grid=a.get(M.STUDY_SAMPLER, "grid" if factors else "tpe") == "grid")
+                     direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()),
+                     factors=a.get(M.STUDY_FACTORS, {}),
+                     seeds=a.get(M.STUDY_SEEDS, [0]), grid=_is_grid(study))
     return study, info
+
+
+def _is_grid(study: optuna.Study) -> bool:
+    """Whether a study's trials are a grid's cells: as the sweep recorded it, or (studies from before it
+    did) it has factors, or trials of cells."""
+    a = study.user_attrs
+    if M.STUDY_SAMPLER in a:
+        return a[M.STUDY_SAMPLER] == "grid"
+    return bool(a.get(M.STUDY_FACTORS)) or any(M.TRIAL_CELL in t.user_attrs for t in study.get_trials(deepcopy=False))
 
 
 STATUS = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.WAITING: "pending",
           TrialState.FAIL: "failed", TrialState.PRUNED: "pruned"}
 
 
-TRIAL_COLUMNS = ("cell", "seed", "status", "trial", "value", "params_m", "gflops", "images_per_s", "run_dir",
-                 "failure")  # of trials_frame, besides the factors or searched parameters
-
-
 def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
     """One row per cell and seed of a grid (its deciding trial, or 'missing'), or per trial of a search.
 
-    Columns: one per factor (grid) or per searched parameter, and TRIAL_COLUMNS.
+    Columns: one per factor (grid) or per searched parameter, and metrics.TRIAL_COLUMNS.
     """
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -98,9 +102,9 @@ def _deciding_trials(frame: pd.DataFrame) -> pd.DataFrame:
     """Per cell: its first COMPLETE trial, else its latest trial (running, pending or failed)."""
     rank = frame["status"].map({"done": 0, "running": 1, "pending": 2, "failed": 3, "pruned": 4})
     order = frame["trial"].where(rank == 0, -frame["trial"])  # the first COMPLETE; otherwise the latest
-    frame = frame.assign(_rank=rank, _order=order).sort_values(["_rank", "_order"])
+    frame = frame.assign(**{"(rank)": rank, "(order)": order}).sort_values(["(rank)", "(order)"])
     frame = frame[frame["status"] != "pruned"].groupby("cell", sort=False).head(1)
-    return frame.drop(columns=["_rank", "_order"])
+    return frame.drop(columns=["(rank)", "(order)"])
 
 
 def _with_missing_cells(frame: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:

@@ -9,11 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..ablations import paper_rows
-from .study import TRIAL_COLUMNS, AnalysisError, StudyInfo
-
-
-TABLE_COLUMNS = ("mean", "std", "n", "diff", "baseline", "seeds", "params (M)", "FLOPs (G)", "images/s", "status")
-"""Columns summarize and display add beside the factors' (a factor must be named otherwise)."""
+from .. import metrics as M
+from .study import AnalysisError, StudyInfo
 
 
 def metric_label(metric: str) -> tuple[str, float]:
@@ -156,7 +153,7 @@ def display_search(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
     done = done.sort_values("value", ascending=info.direction == "minimize")
     label, _ = metric_label(info.metric)
     out = pd.DataFrame({"trial": done["trial"].astype(int).astype(str)})
-    for name in [c for c in done.columns if c not in TRIAL_COLUMNS]:
+    for name in [c for c in done.columns if c not in M.TRIAL_COLUMNS]:
         out[name] = done[name].map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
     out[label] = done["value"].map(lambda v: metric_text(info.metric, v))
     _cost_columns(out, done)

@@ -161,6 +161,8 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         while (not (attrs := study.user_attrs) or spec.is_grid and ENQUEUED not in attrs) and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
         check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # and once stored (and queued)
+        if M.STUDY_SAMPLER not in study.user_attrs:  # made before studies recorded it (analysis reads it)
+            study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
         if FINGERPRINT not in study.user_attrs:  # from before fingerprints, or its creator died: guarded from now on
             study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))
             time.sleep(POLL_SECONDS / 4)  # two workers adopting at once: the fingerprint stored last holds,

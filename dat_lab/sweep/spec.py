@@ -40,8 +40,6 @@ import yaml
 
 from .. import metrics as M
 from ..ablations import paper_rows
-from ..analysis.study import TRIAL_COLUMNS
-from ..analysis.tables import TABLE_COLUMNS
 
 
 class SpecError(ValueError):
@@ -66,7 +64,7 @@ MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_worker
 DATA_IDENTITY = "data"  # the fingerprint's field of what planning found to tell the data apart
 SPACE_TYPES = {"float", "int", "categorical"}
 FACTOR_NAME = re.compile(r"[A-Za-z_][\w.-]*")
-RESERVED_NAMES = tuple(n for n in dict.fromkeys(TRIAL_COLUMNS + TABLE_COLUMNS) if FACTOR_NAME.fullmatch(n))
+RESERVED_NAMES = tuple(n for n in dict.fromkeys(M.TRIAL_COLUMNS + M.TABLE_COLUMNS) if FACTOR_NAME.fullmatch(n))
 """Not factor names: columns of the analysis tables."""
 
 
