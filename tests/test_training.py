@@ -144,7 +144,8 @@ def test_a_wrong_first_word_names_the_subcommands(capsys):
     """predict is not offered (a classifier's predictions are its forward); a config file given as the
     first word is told to be --config."""
     for args, message in ((["predict", "--config", DIGITS], "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')"),
-                          ([DIGITS], f"{DIGITS}: give a config file as --config {DIGITS}")):
+                          ([DIGITS], f"{DIGITS}: give a config file as --config {DIGITS}"),
+                          (["validate", DIGITS], f"{DIGITS}: give a config file as --config {DIGITS}")):
         assert cli.main(["train", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -209,8 +209,10 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
         args = list(args or [])
         if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
             args = ["fit", *args]
-        elif args[0] not in SUBCOMMANDS + ("-h", "--help") and Path(args[0]).suffix in (".yaml", ".yml", ".json"):
-            raise ValueError(f"{args[0]}: give a config file as --config {args[0]} (the first word, if any, is "
+        # a config file where a subcommand or an option belongs (`train x.yaml`, `train fit x.yaml`)
+        word = args[1] if args[0] in SUBCOMMANDS and len(args) > 1 else args[0]
+        if word not in SUBCOMMANDS + ("-h", "--help") and Path(word).suffix in (".yaml", ".yml", ".json"):
+            raise ValueError(f"{word}: give a config file as --config {word} (the first word, if any, is "
                              f"one of {', '.join(SUBCOMMANDS)})")
     argv = sys.argv  # whole for a command line (see DatLabCLI.parse_arguments); a sweep's trial has none
     if isinstance(args, dict):  # of its own (its DDP spawns its ranks: sweep.plan.in_worker)
