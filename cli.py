@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -380,11 +381,22 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `dat-lab` command; `argv` (tests, scripts) instead of the command line. A Ctrl-C is one line
+    and status 130; on the command line by dying of SIGINT (also 130 to the shell), so that a shell
+    loop over dat-lab commands stops too (a process that exits 130 itself tells it the interrupt was
+    handled, and the loop goes on)."""
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:  # before a command's own handling (imports, planning): no traceback
         print("dat-lab: interrupted", file=sys.stderr)
-        return 130
+    except SystemExit as exit_:  # a command's own handling of Ctrl-C (the sweep's) exits 130
+        if exit_.code != 130:
+            raise
+    if argv is None:
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return 130
 
 
 def _main(argv: list[str]) -> int:

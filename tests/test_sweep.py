@@ -635,6 +635,19 @@ def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_sweep", interrupted)
     assert cli.main(["sweep", DEMO, "--dry-run"]) == 130
     assert capsys.readouterr().err == "dat-lab: interrupted\n"
+    # on the command line it dies of SIGINT (still 130 to the shell), so that a shell loop over commands
+    # stops: the Ctrl-C reaches the shell too, which goes on when the command says it handled it (exit 130)
+    command = ("import os, signal, sys, time, cli\n"
+               "def interrupted(args):\n"
+               "    os.killpg(0, signal.SIGINT)  # as a terminal's Ctrl-C: to the shell and to dat-lab\n"
+               "    time.sleep(5)\n"
+               "cli._sweep = interrupted\n"
+               "sys.exit(cli.main())")
+    loop = f'for i in 1 2; do "{sys.executable}" -c "$COMMAND" sweep x.yaml; echo "went on after $i"; done'
+    done = subprocess.run(["bash", "-c", loop], env={**os.environ, "PYTHONPATH": str(ROOT), "COMMAND": command},
+                          start_new_session=True, capture_output=True, text=True, timeout=120)
+    assert done.returncode in (130, -signal.SIGINT) and "went on" not in done.stdout, done.stdout  # the loop stopped
+    assert done.stderr.count("dat-lab: interrupted") == 1, done.stderr
 
 
 def test_ctrl_c_leaves_the_storage_consistent(tmp_path):
@@ -655,7 +668,7 @@ def test_ctrl_c_leaves_the_storage_consistent(tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "run the same command again to resume" in err
+    assert proc.returncode == -signal.SIGINT and "run the same command again to resume" in err  # 130 to a shell
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert [t.user_attrs.get("failure") for t in trials if t.state == TrialState.FAIL] in (["interrupted"], [])
