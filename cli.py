@@ -15,6 +15,7 @@ Bad input ends with one line, `dat-lab: error: ...`, and exit status 2, before a
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import os
@@ -392,7 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # a command's own handling of Ctrl-C (the sweep's) exits 130
         if exit_.code != 130:
             raise
-    if argv is None:
+    if argv is None:  # as Python ends on an uncaught KeyboardInterrupt: exit handlers, then SIGINT
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
         sys.stderr.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
