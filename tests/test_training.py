@@ -68,6 +68,11 @@ def test_digits_run_learns_and_logs_what_deformable_attention_does(tmp_path):
     again = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(again.eval()(x), model.eval()(x))
+    # `test` of it records the offsets as validate does (the same split), into a version of its own
+    train(["test", "--config", DIGITS, "--name", "digits", "--trainer.default_root_dir", str(tmp_path),
+           "--trainer.enable_progress_bar", "false", "--ckpt_path", "last"])
+    tested = _scalars(tmp_path / "digits" / "version_1").Tags()
+    assert M.offset_mean(2) in tested["scalars"] and M.SAMPLING_IMAGE in tested["images"]
 
 
 def test_cpu_run_is_repeatable(tmp_path):

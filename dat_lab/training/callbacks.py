@@ -38,7 +38,7 @@ class Throughput(L.Callback):
 
 
 class DeformableMonitor(L.Callback):
-    """After each validation: per deformable stage, the mean offset length in key-grid cells
+    """After each validation (and test): per deformable stage, the mean offset length in key-grid cells
     (scalar) and the offsets' histogram; every `every_n_epochs`, a figure of the keys sampled on a
     few validation images."""
 
@@ -73,6 +73,10 @@ class DeformableMonitor(L.Callback):
             data = trainer.datamodule
             fig = sampling_points_figure(self.images, out, mean=data.mean, std=data.std)
             writer.add_figure(M.SAMPLING_IMAGE, fig, step, close=True)
+
+    # `test` evaluates the validation split too (there is no third split): the same record
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
 
 
 class MetricTracker(L.Callback):
