@@ -236,10 +236,11 @@ def _print_plan(spec, planned, study: str) -> None:
 
     rows = []
     for p in planned:
-        if rows and rows[-1]["cell"] == (p.cell.name or M.BASE_CELL):
+        name = p.cell.name or M.BASE_CELL
+        if rows and rows[-1]["cell"] == name:
             rows[-1]["seeds"] += f",{p.cell.seed}"
             continue
-        rows.append({"cell": p.cell.name or M.BASE_CELL, "seeds": str(p.cell.seed), "params_m": round(p.params_m, 4),
+        rows.append({"cell": name, "seeds": str(p.cell.seed), "params_m": round(p.params_m, 4),
                      "gflops": round(p.gflops, 4)})
     if spec.is_grid:
         kind, planned_text = "grid", f"{len(planned)} trial(s) planned"

@@ -39,14 +39,13 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
         paths = [p for name, fig in plots.search_plots(study).items() for p in save_figure(fig, out, name)]
         return _write_report(Report(out / "report.md", shown, None, paths, counts, tables=("table.md", "table.csv")), info)
     table = summarize(frame, info, baseline)
-    shown, paper = write_tables(table, info, out)
+    shown, paper, tables = write_tables(table, info, out)
     paths = []
     for factor in info.factors:
         paths += save_figure(plots.factor_plot(frame, info, factor, baseline), out, f"factor_{_slug(factor)}")
     curves = plots.learning_curves(frame, info)
     if curves is not None:
         paths += save_figure(curves, out, "learning_curves")
-    tables = ("table.md", "table.csv", "table.tex") + (("paper_table.md",) if paper is not None else ())
     report = Report(out / "report.md", shown, paper, paths, counts, tables)
     return _write_report(report, info)
 

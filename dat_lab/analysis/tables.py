@@ -188,9 +188,10 @@ def paper_layout(table: pd.DataFrame, info: StudyInfo) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def write_tables(table: pd.DataFrame, info: StudyInfo, out: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def write_tables(table: pd.DataFrame, info: StudyInfo,
+                 out: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, tuple[str, ...]]:
     """Write table.md, table.csv, table.tex (booktabs), and paper_table.md when the study is a paper
-    table; return the displayed table and the paper layout (or None)."""
+    table; return the displayed table, the paper layout (or None) and the names of the files written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "table.md", "csv": out / "table.csv", "tex": out / "table.tex"}
     shown = display(table, info)
@@ -201,5 +202,6 @@ def write_tables(table: pd.DataFrame, info: StudyInfo, out: Path) -> tuple[pd.Da
     paths["tex"].write_text(tex.to_latex(index=False, escape=False))
     paper = paper_layout(table, info)
     if paper is not None:
-        (out / "paper_table.md").write_text(markdown(paper, left=1) + "\n")
-    return shown, paper
+        paths["paper"] = out / "paper_table.md"
+        paths["paper"].write_text(markdown(paper, left=1) + "\n")
+    return shown, paper, tuple(p.name for p in paths.values())

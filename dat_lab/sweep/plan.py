@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from lightning.fabric.accelerators.cuda import num_cuda_devices
 
@@ -73,7 +73,7 @@ def model_config(parsed: Any) -> DATConfig:
 
 
 def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_checked: dict[str, str | None],
-                   sampled: Any = ()) -> tuple[DATConfig, str | None]:
+                   sampled: Collection[str] = ()) -> tuple[DATConfig, str | None]:
     """The model config a trial config builds, and its data's identity (ImageDataModule.check);
     SpecError naming `what` when it does not parse or build, or when its data are not there (each data
     config checked once: `data_checked` holds the identities of those done). `sampled`: the config
