@@ -394,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # a command's own handling of Ctrl-C (the sweep's) exits 130
         if exit_.code != 130:
             raise
-    if argv is None:  # as Python ends on an uncaught KeyboardInterrupt: exit handlers, then SIGINT
+    if argv is None:  # as Python ends on an uncaught KeyboardInterrupt: exit handlers, then SIGINT. Done here, by
+        # hand: once torch._dynamo is imported, an uncaught KeyboardInterrupt ends Python with status 1 (torch 2.14)
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
