@@ -54,8 +54,7 @@ def _profile(args: argparse.Namespace) -> None:
         rows = []
         for row in paper_rows():
             p = profile_model(dat_lab.create_model(row.config()))
-            rows.append({"table": row.table, "row": row.row, "params_m": round(p.params_m, 4),
-                         "gflops": round(p.gflops, 4), "paper_params_m": row.paper_params_m,
+            rows.append({"table": row.table, "row": row.row, **p.shown(), "paper_params_m": row.paper_params_m,
                          "paper_gflops": row.paper_gflops})
     else:
         if not args.variant:
@@ -64,8 +63,7 @@ def _profile(args: argparse.Namespace) -> None:
         if args.img_size is not None:
             config = dat_lab.replace_config(config, img_size=args.img_size)
         p = profile_model(dat_lab.create_model(config))
-        rows = [{"model": args.variant, "img_size": config.img_size, "params_m": round(p.params_m, 4),
-                 "gflops": round(p.gflops, 4)}]
+        rows = [{"model": args.variant, "img_size": config.img_size, **p.shown()}]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -240,8 +238,7 @@ def _print_plan(spec, planned, study: str) -> None:
         if rows and rows[-1]["cell"] == name:
             rows[-1]["seeds"] += f",{p.cell.seed}"
             continue
-        rows.append({"cell": name, "seeds": str(p.cell.seed), "params_m": round(p.params_m, 4),
-                     "gflops": round(p.gflops, 4)})
+        rows.append({"cell": name, "seeds": str(p.cell.seed), **p.cost.shown()})
     if spec.is_grid:
         kind, planned_text = "grid", f"{len(planned)} trial(s) planned"
     else:

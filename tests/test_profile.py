@@ -59,6 +59,8 @@ def test_profile_variant_cli(capsys):
     assert cli.main(["profile", "dat_pico", "--img-size", "64", "--json"]) == 0
     (bigger,) = json.loads(capsys.readouterr().out)
     assert bigger["gflops"] > 3 * row["gflops"]
+    assert cli.main(["profile", "dat_pico", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["gflops"] == 0.00757555  # 6 significant digits, as trials keep
 
 
 @pytest.mark.parametrize("argv,message", [

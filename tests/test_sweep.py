@@ -157,7 +157,8 @@ def test_dry_run_of_every_spec(path, capsys, tmp_path, imagenet_root):
 def test_overrides_may_follow_the_options(tmp_path, capsys):
     assert cli.main(["sweep", DEMO, "--dry-run", "--storage", f"sqlite:///{tmp_path / 'd.db'}", "--runs-root",
                      str(tmp_path), "seeds=[0]", "budget.max_epochs=1"]) == 0  # not ./runs/demo.db: make demo's
-    assert "4 trial(s) planned" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 trial(s) planned" in out and "│  0.0073751 │" in out  # GFLOPs as trials keep them (not 0.0074)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", DEMO, "--dry-run", "--stduy", "x"])
     assert exit_.value.code == 2 and "unrecognized arguments: --stduy x" in capsys.readouterr().err
@@ -526,7 +527,7 @@ def test_table6_dry_run_matches_profile_paper_tables(imagenet_root):
     assert [p.cell.levels["geometry"] for p in planned] == [r.row for r in rows]
     for p, row in zip(planned, rows):
         expected = profile_model(dat_lab.create_model(row.config()))
-        assert (round(p.params_m, 4), round(p.gflops, 4)) == (round(expected.params_m, 4), round(expected.gflops, 4))
+        assert p.cost == expected
 
 
 def _sweep(tmp_path, storage, *extra, study="s"):
@@ -560,7 +561,7 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
         assert t.user_attrs.get(attr) is not None, attr
     assert (Path(t.user_attrs["run_dir"]) / "config.yaml").exists() and Path(t.user_attrs["run_dir"]).is_absolute()
     planned = {p.cell.key: p for p in plan(parse_spec(DEMO))}[t.user_attrs["cell"]]  # not rounded to 0.0074
-    assert t.user_attrs["gflops"] == pytest.approx(planned.gflops, rel=1e-5) != round(planned.gflops, 4)
+    assert t.user_attrs["gflops"] == pytest.approx(planned.cost.gflops, rel=1e-5) != round(planned.cost.gflops, 4)
     assert list(Path(t.user_attrs["run_dir"]).glob("events.out.tfevents.*"))
     capsys.readouterr()
     # rerunning the same command trains nothing again

@@ -17,7 +17,7 @@ from lightning.fabric.accelerators.cuda import num_cuda_devices
 from .. import metrics as M
 from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
-from ..profile import profile_model
+from ..profile import Profile, profile_model
 from ..training.cli import DatLabCLI, config_error
 from ..training.module import ImageClassifier, check_recipe
 from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
@@ -170,8 +170,7 @@ class PlannedCell:
     cell: Cell
     config: dict[str, Any]
     model: DATConfig
-    params_m: float
-    gflops: float
+    cost: Profile  # the model's params and FLOPs
     data: tuple[str, ...] = ()  # what tells its data from others beyond the config (ImageDataModule.check)
 
 
@@ -195,6 +194,5 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
         config = in_worker(config)  # checked with the cell's first seed
         if model not in profiles:
             profiles[model] = profile_model(DAT(config=model))
-        p = profiles[model]
-        out.append(PlannedCell(cell=cell, config=config, model=model, params_m=p.params_m, gflops=p.gflops, data=data))
+        out.append(PlannedCell(cell=cell, config=config, model=model, cost=profiles[model], data=data))
     return out

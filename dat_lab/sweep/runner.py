@@ -49,6 +49,7 @@ from torch.multiprocessing import ProcessRaisedException
 from .. import metrics as M
 from ..data import DataError
 from ..metrics import check_storage_url
+from ..profile import Profile, profile_model
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
@@ -216,11 +217,11 @@ def _failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def _record_cost(trial: optuna.Trial, profile: Any) -> None:
-    """The model's params (M) and FLOPs (G) as trial attributes, to 6 significant digits (4 decimals made
-    dat_pico's 0.007375 and 0.007416 GFLOPs both 0.0074)."""
-    trial.set_user_attr(M.TRIAL_PARAMS_M, float(f"{profile.params_m:.6g}"))
-    trial.set_user_attr(M.TRIAL_GFLOPS, float(f"{profile.gflops:.6g}"))
+def _record_cost(trial: optuna.Trial, profile: Profile) -> None:
+    """The model's params (M) and FLOPs (G) as trial attributes, to 6 significant digits."""
+    shown = profile.shown()
+    trial.set_user_attr(M.TRIAL_PARAMS_M, shown["params_m"])
+    trial.set_user_attr(M.TRIAL_GFLOPS, shown["gflops"])
 
 
 def _reproduce(run_dir: Path) -> str:
@@ -295,7 +296,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
     trial.set_user_attr(M.TRIAL_RUN_DIR, str(run_dir))
     trial.set_user_attr(M.TRIAL_REPRODUCE, _reproduce(run_dir))
     if spec.is_grid:
-        _record_cost(trial, p)
+        _record_cost(trial, p.cost)
     tracker = MetricTracker(spec.metric, spec.direction)
     pruning = None
     if spec.pruner["name"] != "none":
@@ -319,8 +320,6 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
     finally:
         trial.set_user_attr(M.TRIAL_WALL_S, round(time.time() - start, 2))
     if not spec.is_grid:
-        from ..profile import profile_model
-
         _record_cost(trial, profile_model(cli.model.model))
     throughput = cli.trainer.callback_metrics.get(M.THROUGHPUT)
     trial.set_user_attr(M.TRIAL_IMAGES_PER_S, round(float(throughput), 2) if throughput is not None else None)
