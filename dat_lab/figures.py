@@ -34,7 +34,8 @@ def save_figure(fig, out: Path, name: str) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # one laid out by its maker (constrained, a legend outside) stays so
+        fig.tight_layout()
     for path in paths:
         fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -44,7 +45,8 @@ def save_figure(fig, out: Path, name: str) -> list[Path]:
 def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequence[float], std: Sequence[float],
                            max_points: int = 400):
     """A matplotlib figure: one row per image, one column per deformable stage, the keys sampled by
-    that stage's last D block (one colour per offset group) over the image; references as grey dots."""
+    that stage's last D block (one colour per offset group) over the image; references as grey dots;
+    a legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +54,7 @@ def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequenc
 
     stages = last_block_per_stage(out["deformable"])
     n, cols = images.shape[0], max(1, len(stages))
-    fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.6 * n), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.6 * n + 0.4), squeeze=False, layout="constrained")
     pictures = images.detach().float().cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     pictures = pictures.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # matplotlib takes arrays, not tensors
     size = tuple(images.shape[-2:])
@@ -66,7 +68,7 @@ def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequenc
             picture = pictures[row]
             ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
             r = ref[row, 0].reshape(-1, 2)
-            ax.scatter(r[:, 0], r[:, 1], s=3, c="lightgrey", alpha=0.6, linewidths=0)
+            ax.scatter(r[:, 0], r[:, 1], s=3, c="lightgrey", alpha=0.6, linewidths=0, label="reference points")
             for g in range(pos.shape[1]):
                 p = pos[row, g].reshape(-1, 2)[:max_points]
                 ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.8, linewidths=0, label=f"group {g}")
@@ -76,5 +78,14 @@ def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequenc
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(f"stage {stage} ({name.split('.', 2)[-1]})", fontsize=8)
-    fig.tight_layout()
+    legend = {}  # label: handle, over every panel (stages may have different numbers of groups)
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        key = fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncol=min(len(legend), 2 * cols),
+                         fontsize=7, markerscale=2.5, frameon=False, title="sampled keys by offset group",
+                         title_fontsize=7)
+        for handle in key.legend_handles:
+            handle.set_alpha(1)
     return fig

@@ -241,6 +241,8 @@ def test_sampling_points_figure_shows_images_on_a_fixed_scale():
         out = model.forward_intermediates(x)
     fig = sampling_points_figure(x, out, mean=(0.5,), std=(0.25,))
     assert len(fig.axes) == 2 * 2  # 2 images x 2 deformable stages
+    (legend,) = fig.legends  # one for the figure, every group of either stage once (stage 3 has 4)
+    assert [t.get_text() for t in legend.get_texts()] == ["reference points", "group 0", "group 1", "group 2", "group 3"]
     image = fig.axes[0].images[0]
     assert image.get_clim() == (0, 1) and image.get_array().min() == image.get_array().max() == 0.5
 
