@@ -17,8 +17,8 @@ from dat_lab.models.geometry import grid_points
 
 from bias_reference import assert_close, axes, bias_and_gradients, grid_sample_bias, reference_and_fast
 
-if not cpu_kernels.available():
-    pytest.skip(f"no C kernels: {cpu_kernels._state.get('error')}", allow_module_level=True)
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason=f"no C kernels: {cpu_kernels._state.get('error')}")
 
 
 def _case(H, W, Hk, Wk, heads, groups, images, spread, convention="released"):
@@ -34,6 +34,7 @@ def native_bias(table, query_grid, pos, groups):
     return cpu_kernels.relative_bias(table, *axes(query_grid), pos, groups=groups)
 
 
+@needs_kernels
 @pytest.mark.parametrize("H, W, Hk, Wk, heads, groups, spread, convention", [
     (14, 14, 14, 14, 12, 3, 0.1, "released"),  # DAT-T stage 2: 4 heads a group, one vector
     (7, 9, 4, 5, 6, 2, 0.5, "released"),  # 3 heads a group (a spare lane), a smaller key grid (r = 2)
@@ -50,6 +51,7 @@ def test_kernels_equal_grid_sample(H, W, Hk, Wk, heads, groups, spread, conventi
         assert_close(actual, expected, name)
 
 
+@needs_kernels
 def test_any_thread_count_gives_the_same_result():
     """The bias: images cut into one span per thread, each thread's table gradient its own, summed in
     order: the same thread count gives the same bits, another count the same values. The keys: each
@@ -76,12 +78,20 @@ def test_any_thread_count_gives_the_same_result():
         assert cpu_kernels._state["variant"] == "openmp"
 
 
+@needs_kernels
 def test_gradient_of_the_positions_or_the_table_alone():
+    """Where only one input needs a gradient, that one is grid_sample's (the other is not made)."""
     table, query_grid, pos = _case(4, 4, 4, 4, 4, 2, 1, 0.2)
-    for wanted in (table, pos):
-        bias = cpu_kernels.relative_bias(table.detach().requires_grad_(wanted is table), *axes(query_grid),
-                                      pos.detach().requires_grad_(wanted is pos), groups=2)
-        assert bias.requires_grad
+    upstream = torch.randn(pos.shape[0] * 4 // 2, 16, 16)
+    for alone in ("table", "positions"):
+        gradients = []
+        for fn in (grid_sample_bias, native_bias):
+            inputs = {"table": table.detach().requires_grad_(alone == "table"),
+                      "positions": pos.detach().requires_grad_(alone == "positions")}
+            bias = fn(inputs["table"], query_grid, inputs["positions"], 2)
+            (gradient,) = torch.autograd.grad(bias, inputs[alone], upstream)
+            gradients.append(gradient)
+        assert_close(gradients[1], gradients[0], alone)
     with torch.no_grad():
         assert not cpu_kernels.relative_bias(table, *axes(query_grid), pos, groups=2).requires_grad
 
@@ -94,6 +104,7 @@ def _grid_sample_keys(x, pos, groups):
     return samples.reshape(B, C, -1).transpose(1, 2)
 
 
+@needs_kernels
 @pytest.mark.parametrize("B, H, W, C, groups, Hk, Wk, spread", [
     (2, 14, 14, 384, 3, 14, 14, 0.1),  # DAT-T stage 2
     (2, 7, 9, 30, 3, 4, 5, 0.7),  # 10 channels a group: two 4-wide vectors and 2 more
@@ -113,6 +124,7 @@ def test_key_sampling_equals_grid_sample(B, H, W, C, groups, Hk, Wk, spread):
         assert_close(a, e, name)
 
 
+@needs_kernels
 @pytest.mark.parametrize("B, H, W, C, size, stride, padding", [
     (2, 14, 14, 384, 5, 1, 2),  # DAT-T stage 2's offset network
     (2, 9, 7, 70, 3, 2, 1),  # r = 2; channels past a 64-channel slice
@@ -131,6 +143,7 @@ def test_depthwise_conv_equals_conv2d(B, H, W, C, size, stride, padding):
         assert_close(a, e, name)
 
 
+@needs_kernels
 @pytest.mark.parametrize("sampler", ["auto", "native"])
 def test_model_uses_the_kernels_and_equals_the_reference(sampler, monkeypatch):
     calls = []
@@ -146,6 +159,7 @@ def test_model_uses_the_kernels_and_equals_the_reference(sampler, monkeypatch):
         assert_close(passes[1][name], expected, name)
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, "autocast"])
 def test_auto_keeps_other_dtypes_on_the_plain_ops(dtype):
     """The kernels compute in float32: "auto" gives them float32 operands only; a float64 or bfloat16
@@ -166,6 +180,7 @@ def test_auto_keeps_other_dtypes_on_the_plain_ops(dtype):
         assert torch.equal(auto, plain)
 
 
+@needs_kernels
 @pytest.mark.parametrize("op, args", [
     ("relative_bias_cpu", lambda: (torch.randn(4, 7, 7), *axes(grid_points(4, 4)), torch.rand(4, 3, 3, 2) * 2 - 1, 2)),
     ("sample_keys_cpu", lambda: (torch.randn(2, 4, 4, 6), torch.rand(4, 3, 3, 2) * 2 - 1, 2)),
@@ -179,6 +194,7 @@ def test_ops_pass_torch_library_opcheck(op, args):
     torch.library.opcheck(getattr(torch.ops.dat_lab, op).default, tuple(tensors))
 
 
+@needs_kernels
 def test_bad_inputs_are_refused():
     table, query_grid, pos = _case(4, 4, 4, 4, 6, 3, 1, 0.0)
     with pytest.raises(ValueError, match=r"groups 4 must divide the table's heads \(6\)"):
@@ -198,6 +214,7 @@ def test_bad_inputs_are_refused():
         cpu_kernels.sample_keys(x.double(), pos.double(), groups=3)
 
 
+@needs_kernels
 def test_the_build_is_cached_and_whole(tmp_path, monkeypatch):
     """A build writes one library into $DAT_LAB_CACHE (no leftovers); the next process reuses it."""
     monkeypatch.setenv("DAT_LAB_CACHE", str(tmp_path))
@@ -211,6 +228,7 @@ def test_the_build_is_cached_and_whole(tmp_path, monkeypatch):
     assert cpu_kernels.available() and (tmp_path / built[0]).stat().st_mtime_ns == stamp
 
 
+@needs_kernels
 def test_where_the_openmp_build_cannot_load_the_serial_one_runs(tmp_path, monkeypatch):
     """(A torch without a GNU-compatible OpenMP runtime loaded leaves GOMP_parallel unresolved.)"""
     monkeypatch.setenv("DAT_LAB_CACHE", str(tmp_path))

@@ -34,9 +34,11 @@ def test_flops_do_not_depend_on_the_deformable_path(knob):
 
     from dat_lab.models import cpu_kernels
 
+    if not cpu_kernels.available():  # "auto" would be grid_sample too: nothing to compare
+        pytest.skip(f"no C kernels: {cpu_kernels._state.get('error')}")
     model = dat_lab.create_model("dat_pico", **knob)
-    samplers = ("grid_sample", "auto") + (("native",) if cpu_kernels.available() else ())
-    counts = {sampler: count_flops(set_deformable_options(model, sampler=sampler), 32) for sampler in samplers}
+    counts = {sampler: count_flops(set_deformable_options(model, sampler=sampler), 32)
+              for sampler in ("grid_sample", "native")}
     assert len(set(counts.values())) == 1, counts
 
 
@@ -85,8 +87,9 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     import sys
     from pathlib import Path
 
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "profile", "dat_pico", "--json"], cwd=Path(__file__).parents[1],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-W", "ignore::UserWarning", "-m", "cli", "profile", "dat_pico", "--json"],
+                            cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # (without a C compiler, the kernels' fallback warns)
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 1 and err == "", err

@@ -430,6 +430,10 @@ def test_each_worker_process_sees_its_own_gpus(monkeypatch):
     monkeypatch.setattr(runner.subprocess, "Popen", Proc)
     assert runner.spawn_workers(["spec.yaml"], 2, ["0,1", "2,3"]) == 0
     assert started == [("0", "0,1"), ("1", "2,3")]
+    for statuses, worst in (([0, 1], 1), ([1, -9], -9), ([-9, 0], -9), ([0, 0], 0)):  # a kill (<0) is the worst
+        waits = iter(statuses)
+        monkeypatch.setattr(Proc, "wait", lambda self: next(waits))
+        assert runner.spawn_workers(["spec.yaml"], 2) == worst
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     monkeypatch.setattr(runner, "num_cuda_devices", lambda: 2)
     assert runner.visible_gpus() == ["4", "6"]
