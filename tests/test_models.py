@@ -29,7 +29,7 @@ def test_every_variant(name):
     # no drop path here: a block dropped for the whole batch would get no gradient
     model = timm.create_model(name, num_classes=7, drop_path_rate=0.0,
                               img_size=SMALL if name.startswith("dat_base") else None)
-    _check_forward_backward(model, SMALL if VARIANTS[name].img_size > SMALL else VARIANTS[name].img_size)
+    _check_forward_backward(model, SMALL if VARIANTS[name].img_size > SMALL else VARIANTS[name].img_size, num_classes=7)
 
 
 KNOBS = {
@@ -57,7 +57,8 @@ KNOBS = {
 @pytest.mark.parametrize("knob", list(KNOBS))
 def test_every_knob_on_dat_pico(knob):
     model = dat_lab.create_model("dat_pico", **KNOBS[knob])
-    _check_forward_backward(model, 32, in_chans=model.config.in_chans)
+    expected = {"in_chans": 3, "num_classes": 1000} | {k: v for k, v in KNOBS[knob].items() if k in ("in_chans", "num_classes")}
+    _check_forward_backward(model, 32, **expected)
 
 
 @pytest.mark.parametrize("size", [40, (32, 48), 36])

@@ -288,13 +288,15 @@ def test_every_experiment_parses_and_builds_its_model(path, capsys):
         train(["fit", "--config", str(path), "--print_config"])
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    data_args = printed["data"]["init_args"]
-    num_classes = {"ImageFolderDataModule": 1000, "CIFAR100DataModule": 100}.get(
-        printed["data"]["class_path"].rsplit(".", 1)[-1], 10)
-    module = ImageClassifier(**{k: v for k, v in printed["model"].items() if v is not None},
-                             num_classes=num_classes, img_size=data_args["img_size"],
-                             in_chans=data_args.get("channels", 3))
-    assert module.config.num_classes == num_classes and module.config.img_size == data_args["img_size"]
+    data_class = {c.__name__: c for c in (ImageFolderDataModule, CIFAR100DataModule, DigitsDataModule)}[
+        printed["data"]["class_path"].rsplit(".", 1)[-1]]
+    told = data_class.describe(**printed["data"]["init_args"])  # what the data tell the model (linked in `train`)
+    expected = {ImageFolderDataModule: (1000, 3, 224), CIFAR100DataModule: (100, 3, 32), DigitsDataModule: (10, 1, 32)}
+    assert (told["num_classes"], told["in_chans"], told["img_size"]) == expected[data_class]
+    module = ImageClassifier(**{k: v for k, v in printed["model"].items() if v is not None}, **told).eval()
+    with torch.no_grad():
+        logits = module.model(torch.zeros(1, told["in_chans"], told["img_size"], told["img_size"]))
+    assert logits.shape == (1, told["num_classes"])
 
 
 def _help(capsys, *args) -> str:
