@@ -316,6 +316,11 @@ def test_a_numeric_factors_plot_names_the_other_factor_and_ticks_its_levels():
     # factors named as the plot's own columns were (x, y), or as two names of one number
     named = {"x": levels, "y": {**levels, "levels": ["1", "1.0"]}}
     rows = [{"x": a, "y": b, "status": "done", "seed": 0, "value": 0.8} for a in ("1", "2") for b in ("1", "1.0")]
+    shown = {}
     for factor in named:
-        factor_plot(pd.DataFrame(rows), StudyInfo(name="t", metric=M.VAL_ACC1, direction="maximize", seeds=[0],
-                                                  factors=named), factor)
+        ax = factor_plot(pd.DataFrame(rows), StudyInfo(name="t", metric=M.VAL_ACC1, direction="maximize", seeds=[0],
+                                                       factors=named), factor).axes[0]
+        legend = ax.get_legend()
+        shown[factor] = ([t.get_text() for t in ax.get_xticklabels()], legend.get_title().get_text(),
+                         [t.get_text() for t in legend.get_texts()][:2])
+    assert shown == {"x": (["1", "2"], "y", ["1", "1.0"]), "y": (["1", "1.0"], "x", ["1", "2"])}  # 1, 1.0: two bars

@@ -26,10 +26,12 @@ X, Y = "(x)", "(y)"  # factor_plot's columns beside the factors': names no facto
 
 
 def _numeric(levels: list[str]) -> bool:
+    """Levels that are finite numbers, each its own ("1" and "1.0" stay two bars, not one point)."""
     try:
-        return all(math.isfinite(float(v)) for v in levels)
+        numbers = [float(v) for v in levels]
     except ValueError:
         return False
+    return all(math.isfinite(n) for n in numbers) and len(set(numbers)) == len(numbers)
 
 
 def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str | None = None) -> plt.Figure:
@@ -53,10 +55,7 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
                        label="baseline (" + ", ".join(f"{f} = {lv}" for f, lv in base_levels.items()) + ")")
             ax.legend(fontsize=8, title=hue, title_fontsize=8)  # the hue's levels under its factor's name
         if all(float(v).is_integer() for v in levels):  # ticks at the levels, not 1.2, 1.4, ...
-            ticks = {}
-            for level in levels:  # one label a position ("1" and "1.0" may both be levels)
-                ticks.setdefault(float(level), level)
-            ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)])
+            ax.set_xticks([float(v) for v in levels], levels)
         ax.set_xlabel(factor)
     else:
         done[factor] = done[factor].astype(str)
