@@ -47,7 +47,7 @@ def test_configs_are_frozen_and_replace_validates():
     config = dat_lab.get_config("dat_tiny")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.img_size = 32
-    with pytest.raises(ValueError, match="groups"):
+    with pytest.raises(ValueError, match="^groups: 5 offset groups do not divide 12 heads$"):
         dataclasses.replace(config.stages[2], groups=5)
 
 

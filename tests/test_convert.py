@@ -72,15 +72,15 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert " more; unexpected [" in err and len(err) < 1000  # another variant: the first names and a count
     assert cli.main(["convert", str(released), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert "exactly one of --variant" in capsys.readouterr().err
-    assert cli.main(["convert", str(tmp_path / "nope.pth"), "--variant", "dat_tiny", "-o", "x"]) == 2
+    assert cli.main(["convert", str(tmp_path / "nope.pth"), "--variant", "dat_tiny", "-o", str(tmp_path / "x.ckpt")]) == 2
     assert capsys.readouterr().err == f"dat-lab: error: {tmp_path / 'nope.pth'}: no such checkpoint\n"
-    assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "none.yaml"), "-o", "x"]) == 2
+    assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "none.yaml"), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert capsys.readouterr().err == f"dat-lab: error: --official-config: {tmp_path / 'none.yaml'}: no such file or directory\n"
     (tmp_path / "bad.yaml").write_text("MODEL: [")
-    assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", "x"]) == 2
+    assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert f"--official-config: {tmp_path / 'bad.yaml'} is not YAML" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("MODEL: 3")
-    assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", "x"]) == 2
+    assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert "holds no MODEL.DAT keywords" in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists()
 
@@ -121,5 +121,7 @@ def test_convert_a_fine_tuned_head_with_num_classes(golden, golden_input, tmp_pa
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.endswith("(its head has 7 classes: give num_classes=7, or `dat-lab convert --num-classes 7`)\n")
     assert cli.main([*argv, "--num-classes", "7"]) == 0
+    tuned = dat_lab.load_checkpoint(out).eval()
+    assert torch.equal(tuned.cls_head.weight, state["cls_head.weight"]) and torch.equal(tuned.cls_head.bias, state["cls_head.bias"])
     with torch.no_grad():
-        assert dat_lab.load_checkpoint(out).eval()(golden_input).shape == (len(golden_input), 7)
+        assert tuned(golden_input).shape == (len(golden_input), 7)

@@ -93,11 +93,13 @@ def test_the_model_summary_counts_an_images_flops():
     assert module.to(torch.bfloat16).example_input_array.dtype == torch.bfloat16  # as bf16-true casts the weights
 
 
-def test_a_true_precision_run_starts_with_its_model_summary(tmp_path):
+def test_a_true_precision_run_starts_with_its_model_summary(tmp_path, capsys):
     """The summary's image is in the weights' dtype (a float32 image into bf16 weights failed the run)."""
     train(["fit", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
            "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
            "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-true"])
+    flops = re.search(r"Total FLOPs: ([\d.]+) M", capsys.readouterr().out)
+    assert flops and float(flops.group(1)) > 0
 
 
 def test_the_checkpoint_callbacks_state_keeps_its_name():
