@@ -528,7 +528,9 @@ def test_table6_dry_run_matches_profile_paper_tables(imagenet_root):
     from dat_lab.profile import profile_model
     import dat_lab
 
-    assert [p.cell.levels["geometry"] for p in planned] == [r.row for r in rows]
+    assert [p.cell.levels["geometry"] for p in planned] == [r.row for r in rows] == [  # the paper's Table 6, in order
+        "S / no offsets / none", "S / no offsets / relative", "S / offsets / none", "S / offsets / fixed",
+        "S / offsets / dwconv", "P / offsets / relative", "S / offsets / relative (DAT-T)"]
     for p, row in zip(planned, rows):
         expected = profile_model(dat_lab.create_model(row.config()))
         assert p.cost == expected
