@@ -1,6 +1,7 @@
 """Training through `dat-lab train` (LightningCLI) on the CPU: small, real runs."""
 
 import inspect
+import json
 import logging
 import os
 import re
@@ -216,6 +217,27 @@ def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path, monkeypatch,
                                            "groups 2 there, 4 here") and captured.err.count("\n") == 1, captured.err
             assert not captured.out
     assert not (run / "config_resume_2.yaml").exists() and not (run.parent / "version_2").exists()
+
+
+def test_a_runs_own_config_with_its_logger_pinned_writes_beside_that_run(tmp_path):
+    """A sweep trial's config.yaml names its own folder as the logger's: evaluating or training again
+    with it logs to a new version beside the trial, leaving the trial's config and events as they
+    were; resuming the trial's checkpoint keeps its folder, its config saved as config_resume_1.yaml."""
+    short = ["--config", DIGITS, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(tmp_path), "name": "study", "version": "trial_0000"}}
+    _run(tmp_path, *short, "--trainer.max_epochs", "1", "--trainer.logger", json.dumps(logger))
+    trial = tmp_path / "study" / "trial_0000"
+    before = {p.name: p.read_bytes() for p in trial.iterdir() if p.is_file()}
+    config, last = str(trial / "config.yaml"), str(trial / "checkpoints" / "last.ckpt")
+    train(["validate", "--config", config, "--ckpt_path", last])
+    _run(tmp_path, "--config", config, "--trainer.max_epochs", "1")
+    assert {p.name: p.read_bytes() for p in trial.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["trial_0000", "version_0", "version_1"]
+    assert yaml.safe_load((tmp_path / "study" / "version_0" / "config.yaml").read_text())["ckpt_path"] == last
+    _run(tmp_path, "--config", config, "--trainer.max_epochs", "2", "--ckpt_path", last)
+    assert (trial / "config.yaml").read_bytes() == before["config.yaml"]
+    assert yaml.safe_load((trial / "config_resume_1.yaml").read_text())["trainer"]["max_epochs"] == 2
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line():

@@ -108,6 +108,14 @@ class DatLabCLI(LightningCLI):
                 self.save_config_kwargs = {**self.save_config_kwargs,
                                            "config_filename": _resume_config_name(Path(root, name, version))}
             trainer.logger = tensorboard_logger(root, name, version)
+        elif (run := _pinned_run(trainer.logger)) is not None and (run / "config.yaml").exists():
+            # a run's own config.yaml (a sweep trial's names its folder): train or evaluate beside that run,
+            # not over its config and events; resuming its checkpoint keeps its folder, as `--ckpt_path last`
+            if self.subcommand == "fit" and self.checkpoint_file is not None and \
+                    run.resolve() in self.checkpoint_file.resolve().parents:
+                self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": _resume_config_name(run)}
+            else:
+                trainer.logger.init_args.version = None
         if config.get("weights_only") is None and "weights_only" in config:
             config.weights_only = True
 
@@ -154,6 +162,15 @@ class DatLabCLI(LightningCLI):
         self._quiet = warnings.catch_warnings()
         self._quiet.__enter__()
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
+
+
+def _pinned_run(logger: Any) -> Path | None:
+    """The folder a logger config names with its version (<save_dir>/<name>/<version>), else None."""
+    args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if not isinstance(args, Namespace) or args.get("version") is None or args.get("save_dir") is None:
+        return None
+    version = args.version if isinstance(args.version, str) else f"version_{args.version}"
+    return Path(args.save_dir, args.get("name") or "", version)
 
 
 def _resume_config_name(run: Path) -> str:
