@@ -120,7 +120,7 @@ def _convert(args: argparse.Namespace) -> None:
 def _train(argv: list[str]) -> int:
     """LightningCLI takes over: `dat-lab train [fit|validate|test] --config X.yaml [--model.* ...]`."""
     from jsonargparse import ArgumentError
-
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from torch.multiprocessing import ProcessRaisedException
 
     from dat_lab.training.cli import config_error, main as train_main, rank_error
@@ -132,6 +132,8 @@ def _train(argv: list[str]) -> int:
         return _fail(ValueError(config_error(err)))
     except ProcessRaisedException as err:  # in a spawned rank (ddp_spawn): the first line of its exception
         return _fail(ValueError(rank_error(err)))
+    except MisconfigurationException as err:  # the Trainer's options, before the data (e.g. no GPU for `gpu`)
+        return _fail(ValueError(f"trainer: {err}"))
     return 0
 
 

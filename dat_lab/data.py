@@ -28,6 +28,12 @@ class DataError(ValueError):
     """The data cannot be used: missing, empty or unreadable (the message names the path)."""
 
 
+def _check_loader(*, batch_size: int = 1, num_workers: int = 0, img_size: int = 1) -> None:
+    if batch_size < 1 or num_workers < 0 or img_size < 1:
+        raise DataError(f"batch_size {batch_size}, num_workers {num_workers}, img_size {img_size}: "
+                        "need batch_size >= 1, num_workers >= 0, img_size >= 1")
+
+
 class ImageDataModule(L.LightningDataModule):
     """Image data for training and validation: one of the subclasses below (--data.help NAME lists its options).
 
@@ -47,16 +53,16 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, *, batch_size: int = 64, num_workers: int = 0, img_size: int = 224, seed: int = 0) -> None:
         super().__init__()
-        if batch_size < 1 or num_workers < 0 or img_size < 1:
-            raise DataError(f"batch_size {batch_size}, num_workers {num_workers}, img_size {img_size}: "
-                            "need batch_size >= 1, num_workers >= 0, img_size >= 1")
+        _check_loader(batch_size=batch_size, num_workers=num_workers, img_size=img_size)
         self.batch_size, self.num_workers, self.img_size, self.seed = batch_size, num_workers, img_size, seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
     @classmethod
     def describe(cls, **init_args) -> dict[str, int]:
-        """What the model needs to know (num_classes, img_size, in_chans), from init args alone."""
+        """What the model needs to know (num_classes, img_size, in_chans), from init args alone (the
+        loader's checked: a sweep plans with this, before any DataModule is made)."""
+        _check_loader(**{k: init_args[k] for k in ("batch_size", "num_workers", "img_size") if k in init_args})
         return {"num_classes": init_args.get("num_classes") or cls.num_classes, "img_size": init_args["img_size"],
                 "in_chans": init_args.get("channels") or cls.in_chans}
 

@@ -51,6 +51,9 @@ TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.
     ("sampler: random\n", "sampler: 'random' is not one of grid, tpe"),
     ("sampler: tpe\nn_trials: 3\n", "search_space: is required for sampler tpe"),
     ("budget: {epochs: 3}\n", "budget.epochs: unknown key"),
+    ("budget: {max_epochs: 0}\n", "budget.max_epochs: 0 must be >= 1, or -1 for no limit"),
+    ("budget: {max_time: abc}\n", "budget.max_time: 'abc' must be DD:HH:MM:SS"),
+    ("budget: {limit_val_batches: -1}\n", "budget.limit_val_batches: -1 must be a count of batches >= 0"),
     ("objective: {metrc: val/acc5}\n", "objective.metrc: unknown key; allowed: direction, metric, value"),
     ("heartbeat: {interval: 1, grac: 1}\n", "heartbeat.grac: unknown key; allowed: grace, interval"),
     ("sampler: {name: grid, seed: 1}\n", "sampler.seed: unknown key; allowed: name"),
@@ -111,6 +114,11 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     spec = parse_spec(_write(tmp_path, BASE + TPE.replace("1.0e-4", "-1.0e-4")))
     with pytest.raises(SpecError, match=r"search_space.model.lr = -0.0001: model.lr: -0.0001 must be > 0"):
         plan(spec)
+    for delta, message in (("{trainer: {check_val_every_n_epoch: 0}}", "trainer.check_val_every_n_epoch: 0 must be >= 1"),
+                           ("{data: {init_args: {batch_size: 0}}}", "batch_size 0, num_workers 0, img_size 32: need")):
+        spec = parse_spec(_write(tmp_path, BASE + f"delta: {delta}\n"))  # would fail in every trial
+        with pytest.raises(SpecError, match=re.escape(f"cell '(base)': {message}")):
+            plan(spec)
     spec = parse_spec(_write(tmp_path, BASE + "sampler: tpe\nn_trials: 2\n"
                              "search_space: {model.overrides.groups: {type: categorical, choices: [2, 3]}}\n"))
     with pytest.raises(SpecError, match=r"search_space.model.overrides.groups = 3: .*groups: 3 offset groups"):

@@ -142,10 +142,20 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
                           (["--model.lr", "-1"], "model.lr: -1.0 must be > 0"),  # torch's said "Invalid learning rate"
                           (["--model.ema_decay", "1.5"], "model.ema_decay: 1.5 must be in (0, 1)"),
                           (["--model.overrides", "{groups: [1, 1, 3, 4]}"],  # raised `from None`: not its cause
-                           "stages[2].groups: 3 offset groups do not divide 4 heads")):
+                           "stages[2].groups: 3 offset groups do not divide 4 heads"),
+                          (["--model.min_lr", "1"], "model.min_lr: 1.0 must be <= model.lr (0.002)"),
+                          # trainer options Lightning takes, then fails on after the run folder is made
+                          (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch: 0 must be >= 1"),
+                          (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: 0 must be >= 1"),
+                          (["--trainer.max_time", "00:00:00:abc"], "trainer.max_time: '00:00:00:abc' must be DD:HH:MM:SS"),
+                          (["--trainer.limit_train_batches", "1.5"], "trainer.limit_train_batches: 1.5 must be a count"),
+                          (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val: -1 must be >= 0"),
+                          (["--trainer.devices", "0"], "trainer: `Trainer(devices='0')` value is not a valid input"),
+                          (["--data.num_workers", "-1"], "batch_size 64, num_workers -1, img_size 32: need")):
         assert cli.main(["train", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())  # no run folder
 
 
 def test_a_wrong_first_word_names_the_subcommands(capsys):

@@ -18,7 +18,7 @@ from .. import metrics as M
 from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
 from ..profile import Profile, profile_model
-from ..training.cli import DatLabCLI, config_error
+from ..training.cli import DatLabCLI, check_trainer, config_error
 from ..training.module import ImageClassifier, check_recipe
 from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
@@ -81,6 +81,7 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_chec
     try:
         parsed = parse_training_config(config)
         check_recipe(**vars(parsed.model))
+        check_trainer(parsed.trainer)
         in_worker(config)
         ema = parsed.model.ema_decay or "model.ema_decay" in sampled
         if spec.metric in (M.VAL_EMA_ACC1, M.VAL_EMA_ACC5) and not ema:

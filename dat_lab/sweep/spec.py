@@ -40,6 +40,7 @@ import yaml
 
 from .. import metrics as M
 from ..ablations import paper_rows
+from ..training.cli import TRAINER_RULES
 
 
 class SpecError(ValueError):
@@ -362,6 +363,14 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     if set(budget) - BUDGET_KEYS:
         raise _error(path, f"budget.{sorted(set(budget) - BUDGET_KEYS)[0]}",
                      f"unknown key; allowed: {', '.join(sorted(BUDGET_KEYS))}")
+    for key, value in budget.items():  # what the trainer would refuse, or fail on, in every trial
+        ok, allowed = TRAINER_RULES[key]
+        try:
+            fits = not isinstance(value, bool) and bool(ok(value))
+        except TypeError:  # not a number
+            fits = False
+        if not fits:
+            raise _error(path, f"budget.{key}", f"{value!r} must be {allowed}")
     delta = deep_merge(_mapping(path, "delta", raw.get("delta")), {"trainer": budget} if budget else {})
     factors = tuple(_factor(path, name, f) for name, f in _mapping(path, "factors", raw.get("factors")).items())
     seeds = raw.get("seeds", [0])

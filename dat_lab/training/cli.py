@@ -47,6 +47,31 @@ def default_callbacks() -> list:
     ]
 
 
+def _batches(v: Any) -> bool:
+    return v is None or isinstance(v, int) and v >= 0 or isinstance(v, float) and 0 <= v <= 1
+
+
+TRAINER_RULES = {  # what Lightning would take, then fail on (some only after the run folder is made)
+    "max_epochs": (lambda v: v is None or v == -1 or v >= 1, ">= 1, or -1 for no limit"),
+    "max_steps": (lambda v: v == -1 or v >= 1, ">= 1, or -1 for no limit"),
+    "max_time": (lambda v: not isinstance(v, str) or re.fullmatch(r"\d+:\d+:\d+:\d+", v.strip()),
+                 "DD:HH:MM:SS, e.g. 00:12:00:00"),
+    "check_val_every_n_epoch": (lambda v: v is None or v >= 1, ">= 1"),
+    "accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
+    "log_every_n_steps": (lambda v: v is None or v >= 1, ">= 1"),
+    "gradient_clip_val": (lambda v: v is None or v >= 0, ">= 0, or null for none"),
+    **{f"limit_{part}_batches": (_batches, "a count of batches >= 0, or a fraction in [0.0, 1.0]")
+       for part in ("train", "val", "test")},
+}
+
+
+def check_trainer(trainer: Namespace) -> None:
+    """Raise a one-line ValueError naming the first trainer option out of its range."""
+    for name, (ok, allowed) in TRAINER_RULES.items():
+        if name in trainer and not ok(trainer[name]):
+            raise ValueError(f"trainer.{name}: {trainer[name]!r} must be {allowed}")
+
+
 def run_directory(root: str | Path, name: str, resume: bool) -> str | None:
     """The logger version to use: None (a new version_<n>) or, to resume, the newest existing one."""
     if not resume:
@@ -91,6 +116,7 @@ class DatLabCLI(LightningCLI):
         files = config.get("config") or []
         name = config.get("name") or (Path(str(files[-1])).stem if files else "dat")
         trainer = config.trainer
+        check_trainer(trainer)
         root = trainer.default_root_dir or "runs"
         ckpt = config.get("ckpt_path")
         local = ckpt and ckpt not in CKPT_ALIASES and not ckpt.startswith("registry:") and "://" not in ckpt

@@ -42,6 +42,8 @@ def check_recipe(**options: Any) -> None:
     for name, (ok, allowed) in rules.items():
         if name in options and not ok(options[name]):
             raise ValueError(f"model.{name}: {options[name]!r} must be {allowed}")
+    if "lr" in options and options.get("min_lr", 0) > options["lr"]:  # the cosine would climb
+        raise ValueError(f"model.min_lr: {options['min_lr']!r} must be <= model.lr ({options['lr']!r})")
 
 
 class ImageClassifier(L.LightningModule):
