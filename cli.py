@@ -89,6 +89,8 @@ def _read_official_config(path: str) -> dict[str, Any]:
         text = Path(path).read_text()
     except OSError as err:
         raise ValueError(f"--official-config: {path}: {err.strerror.lower()}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--official-config: {path} is not a text file (give the released config YAML)") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -110,6 +112,8 @@ def _convert(args: argparse.Namespace) -> None:
               else dat_lab.config_from_official(_read_official_config(args.official_config)))
     if args.num_classes is not None:
         config = dataclasses.replace(config, num_classes=args.num_classes)
+    if Path(args.output).is_dir():
+        raise ValueError(f"-o: {args.output} is a folder; give the file to write, e.g. {Path(args.output) / 'dat.ckpt'}")
     state = official_state_dict(args.checkpoint)
     model = dat_lab.load_official(dat_lab.create_model(config), state)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """Released checkpoints: config conversion, strict loading, and `dat-lab convert`."""
 
+import argparse
+
 import pytest
 import torch
 import yaml
@@ -27,8 +29,10 @@ def test_config_from_official(golden):
 
 
 def test_config_from_official_rejects_bad_input(golden):
-    with pytest.raises(ValueError, match=r"unknown official key\(s\) \['use_lpus'\]"):
-        dat_lab.config_from_official({**golden["config"], "use_lpus": [True] * 4})
+    with pytest.raises(ValueError, match=r"unknown official key\(s\) \['use_lpu'\]"):
+        dat_lab.config_from_official({**golden["config"], "use_lpu": [True] * 4})
+    with pytest.raises(ValueError, match=r"^a DAT\+\+ config \(its keys \['use_lpus'\]\)"):  # the upstream repo's newer
+        dat_lab.config_from_official({**golden["config"], "use_lpus": [True] * 4})  # configs (dat_tiny.yaml there)
     spec = [["L", "S"], ["L", "S"], ["L", "D", "L"], ["L", "D"]]
     with pytest.raises(ValueError, match=r"stage_spec\[2\]: 3 letters for depth 4"):
         dat_lab.config_from_official({**golden["config"], "stage_spec": spec})
@@ -82,6 +86,26 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("MODEL: 3")
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert "holds no MODEL.DAT keywords" in capsys.readouterr().err
+    for body, message in (({"dims": 8, "depths": [1], "heads": [1], "stage_spec": [["L"]]},
+                           "dims: 8 is not a list (one value per stage)"),
+                          ({"dims": [8], "nat_ksizes": [3]}, "a DAT++ config (its keys ['nat_ksizes']): dat-lab builds "
+                           "DAT (CVPR 2022), the released code's dat.py configs, not DAT++")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"MODEL": {"DAT": body}}))
+        assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o",
+                         str(tmp_path / "x.ckpt")]) == 2
+        assert capsys.readouterr().err == f"dat-lab: error: {message}\n"
+    assert cli.main(["convert", str(released), "--official-config", str(released), "-o", str(tmp_path / "x.ckpt")]) == 2
+    assert f"--official-config: {released} is not a text file" in capsys.readouterr().err
+    torch.save([1, 2], tmp_path / "list.pth")
+    assert cli.main(["convert", str(tmp_path / "list.pth"), "--variant", "dat_tiny", "-o", str(tmp_path / "x.ckpt")]) == 2
+    assert capsys.readouterr().err == f"dat-lab: error: {tmp_path / 'list.pth'}: holds a list, not a checkpoint (a dict of weights)\n"
+    assert cli.main(["convert", str(released), "--variant", "dat_tiny", "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"dat-lab: error: -o: {tmp_path} is a folder; give the file to write, e.g. {tmp_path / 'dat.ckpt'}\n"
+    torch.save({"model": golden["state_dict"], "config": argparse.Namespace(lr=1)}, tmp_path / "trained.pth")  # as the
+    assert cli.main(["convert", str(tmp_path / "trained.pth"), "--variant", "dat_tiny", "-o", str(tmp_path / "x.ckpt")]) == 2
+    err = capsys.readouterr().err  # released training code saves its (yacs) config beside the weights
+    assert "(GLOBAL argparse.Namespace was not an allowed global by default: objects besides weights" in err
+    assert "torch.save(torch.load(FILE, weights_only=False)['model'], 'weights.pth'))\n" in err and err.count("\n") == 1
     assert not (tmp_path / "x.ckpt").exists()
 
 

@@ -92,6 +92,16 @@ def test_a_study_name_that_is_no_folder_name_is_refused(tmp_path, capsys):
     assert "--study: 'a/b': use letters" in capsys.readouterr().err
 
 
+def test_a_spec_or_base_that_is_not_text_is_one_line(tmp_path):
+    binary = tmp_path / "weights.pth"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(SpecError, match=f"^{re.escape(str(binary))}: not a text file"):
+        parse_spec(binary)
+    spec = parse_spec(_write(tmp_path, f"study: t\nbase: {binary}\n"))
+    with pytest.raises(SpecError, match=f"base: {re.escape(str(binary))} is not a text file"):
+        plan(spec)
+
+
 def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     spec = parse_spec(_write(tmp_path, BASE + "factors: {g: {path: model.overrides.groups, values: [3]}}\n"))
     with pytest.raises(SpecError, match=r"cell 'g=3': .*groups: 3 offset groups do not divide \d+ heads"):

@@ -23,19 +23,26 @@ _PER_STAGE = ("dims", "depths", "heads", "window_sizes", "groups", "use_pes", "d
 _MODEL = ("use_conv_patches", "dim_stem", "patch_size", "img_size", "expansion", "drop_path_rate", "drop_rate",
           "attn_drop_rate", "num_classes")
 _REQUIRED = ("dims", "depths", "heads", "stage_spec")
+_DAT_PLUS_PLUS = ("nat_ksizes", "use_lpus", "lower_lr_kvs", "layer_scale_values")  # DAT++'s own keywords
 
 
 def config_from_official(kwargs: Mapping[str, Any]) -> DATConfig:
     """A DATConfig from the released model's keyword dict (DAT_SPEC section 3; -1 = unused here)."""
     unknown = sorted(set(kwargs) - set(_PER_STAGE) - set(_MODEL))
+    if set(unknown) & set(_DAT_PLUS_PLUS):
+        raise ValueError(f"a DAT++ config (its keys {sorted(set(unknown) & set(_DAT_PLUS_PLUS))}): dat-lab builds "
+                         f"DAT (CVPR 2022), the released code's dat.py configs, not DAT++")
     if unknown:
         raise ValueError(f"unknown official key(s) {unknown}; allowed: {', '.join(_PER_STAGE + _MODEL)}")
     missing = [k for k in _REQUIRED if k not in kwargs]
     if missing:
         raise ValueError(f"official config lacks {missing}")
+    for key in _PER_STAGE:
+        if key in kwargs and not isinstance(kwargs[key], (list, tuple)):
+            raise ValueError(f"{key}: {kwargs[key]!r} is not a list (one value per stage)")
     n = len(kwargs["dims"])
     for key in _PER_STAGE:
-        if key in kwargs and len(kwargs[key]) != n:
+        if len(kwargs.get(key, ())) not in (0, n):
             raise ValueError(f"{key}: {len(kwargs[key])} values for {n} stages")
 
     def get(key: str, i: int, default: Any) -> Any:
@@ -84,15 +91,20 @@ def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any
     if not isinstance(checkpoint, (str, os.PathLike)):
         return checkpoint
     try:
-        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+        data = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{checkpoint}: no such checkpoint") from None
     except OSError:  # unreadable: its own message names the file
         raise
     except Exception as err:  # not a checkpoint (the unpickler fails in many ways), or one with foreign objects
-        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
-        raise ValueError(f"{checkpoint}: not a checkpoint that torch.load(weights_only=True) reads"
-                         + (f" ({detail})" if detail else "")) from None
+        found = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+        detail = (f" ({found.split('Unsupported global: ')[-1].split('. ')[0]}: objects besides weights, such as the training config the released "
+                  f"code saves; if you trust the file, keep its weights alone: torch.save(torch.load(FILE, "
+                  f"weights_only=False)['model'], 'weights.pth'))") if found else ""
+        raise ValueError(f"{checkpoint}: not a checkpoint that torch.load(weights_only=True) reads{detail}") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{checkpoint}: holds a {type(data).__name__}, not a checkpoint (a dict of weights)")
+    return data
 
 
 def official_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:

@@ -164,8 +164,16 @@ class SweepSpec:
         return cells if self.is_grid else cells[:1]
 
     def base_config(self) -> dict[str, Any]:
-        with open(self.base) as f:
-            return deep_merge(yaml.safe_load(f) or {}, self.delta)
+        try:
+            with open(self.base) as f:
+                base = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            what = "not valid YAML" if isinstance(err, yaml.YAMLError) else "not a text file"
+            raise SpecError(f"{self.path}: base: {self.base} is {what} (give a training config, e.g. "
+                            f"experiments/digits_quick.yaml)") from None
+        if not isinstance(base, dict):
+            raise SpecError(f"{self.path}: base: {self.base} is not a training config (a mapping of trainer, model, data)")
+        return deep_merge(base, self.delta)
 
     def trial_config(self, delta: Mapping[str, Any], seed: int) -> dict[str, Any]:
         """The full training config of a trial: base, spec delta, cell delta, seed."""
@@ -345,6 +353,8 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
             raw = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
             raise SpecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"{path}: not a text file (give a sweep spec YAML, e.g. sweeps/demo.yaml)") from None
     raw = _mapping(path, "(top level)", raw)
     for key, value in (overrides or {}).items():
         raw = deep_merge(raw, nest(key, value))
