@@ -261,7 +261,7 @@ def _sweep_status(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from dat_lab import metrics as M
-    from dat_lab.analysis.study import load, trials_frame
+    from dat_lab.analysis.study import STALE, load, trials_frame
     from dat_lab.analysis.tables import metric_label, metric_text
 
     study, info = load(args.study, _existing_storage(args.storage, args.study))
@@ -282,6 +282,10 @@ def _sweep_status(args: argparse.Namespace) -> None:
                    label: metric_text(info.metric, r.value)} for r in rows.itertuples()])
     for r in rows[rows["status"] == "failed"].itertuples():
         print(f"failed: trial {int(r.trial)} ({M.cell_shown(r.cell)}): {r.failure if isinstance(r.failure, str) else 'no reason recorded'}")
+    for r in rows[rows["status"] == STALE].itertuples():
+        print(f"stale: trial {int(r.trial)} ({M.cell_shown(r.cell)}): RUNNING, but its worker stopped sending heartbeats "
+              f"(none for over {info.heartbeat[1]} s: killed or crashed); the next `dat-lab sweep` of the study "
+              f"fails it and queues it again")
     print("reproduce a trial: dat-lab sweep-status", args.study, "--trial N")
 
 

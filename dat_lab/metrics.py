@@ -79,6 +79,8 @@ STUDY_DIRECTION = "direction"
 STUDY_FACTORS = "factors"  # {factor: {"levels": [...], "baseline": level, "paper_table": 6 | 7 | None}}
 STUDY_SEEDS = "seeds"
 STUDY_SAMPLER = "sampler"  # "grid" (cells, maybe no factors: seeds of one config) or "tpe" (a search)
+STUDY_HEARTBEAT = "heartbeat"  # [interval, grace] in seconds, the spec's: a RUNNING trial silent for grace is stale
+HEARTBEAT = (10, 30)  # a spec's heartbeat (interval, grace) when it names none, and a study's that recorded none
 # Columns of analysis's frames and tables beside the factors' (a factor must be named otherwise).
 TRIAL_COLUMNS = ("cell", "seed", "status", "trial", "value", "params_m", "gflops", "images_per_s", "run_dir",
                  "failure")  # of a study's trials frame, besides the factors or searched parameters

@@ -2,6 +2,7 @@
 
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import warnings
@@ -134,6 +135,40 @@ def test_sweep_status_shows_values_as_analyze_does(tmp_path, capsys):
            states={(("none", "0"), 0): TrialState.RUNNING})
     assert cli.main(["sweep-status", "started", "--storage", storage]) == 0
     assert "1 running" in capsys.readouterr().out
+
+
+def _heartbeat(storage, trial, age_s):
+    """Record the heartbeat of RUNNING `trial` as `age_s` seconds old, as a worker last sent it."""
+    rdb = optuna.storages.RDBStorage(storage)
+    rdb.record_heartbeat(trial._trial_id)
+    with sqlite3.connect(M.sqlite_path(storage)) as db:
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?) WHERE trial_id = ?",
+                   (f"-{age_s} seconds", trial._trial_id))
+    rdb.remove_session()
+
+
+def test_a_running_trial_whose_worker_stopped_sending_heartbeats_shows_stale_without_a_worker(tmp_path, capsys):
+    """kill -9 leaves a trial RUNNING: status and analysis say it is stale once its heartbeat is older than
+    the study's grace, and read the storage only."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = _study(storage, states={(("none", "2"), 0): TrialState.RUNNING, (("none", "2"), 1): TrialState.RUNNING})
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    _heartbeat(storage, running[0], 120)  # killed two minutes ago; the default grace is 30 s
+    _heartbeat(storage, running[1], 5)  # alive
+    before = (tmp_path / "s.db").read_bytes()
+    assert cli.main(["sweep-status", "known", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert "6 done, 1 running, 0 failed, 0 pending, 1 stale" in out
+    assert (f"stale: trial {running[0].number} (position=none, s=2 | seed=0): RUNNING, but its worker stopped sending "
+            "heartbeats (none for over 30 s: killed or crashed); the next `dat-lab sweep` of the study fails it "
+            "and queues it again") in out
+    assert (tmp_path / "s.db").read_bytes() == before  # nothing written
+    report = analyze("known", storage, tmp_path / "out")
+    status = dict(zip(zip(report.table["position"], report.table["s"]), report.table["status"]))
+    assert status[("none", "2")] == "0/2 done; running, stale" and report.counts["stale"] == 1
+    study.set_user_attr(M.STUDY_HEARTBEAT, [60, 300])  # the grace is the study's: two minutes is not stale
+    assert cli.main(["sweep-status", "known", "--storage", storage]) == 0
+    assert "6 done, 2 running, 0 failed, 0 pending\n" in capsys.readouterr().out
 
 
 def test_partial_and_empty_studies(tmp_path, capsys):

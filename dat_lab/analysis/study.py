@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 import pandas as pd
 import sqlalchemy.exc
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from .. import metrics as M
@@ -29,6 +30,7 @@ class StudyInfo:
     factors: dict[str, dict[str, Any]]  # {factor: {"levels", "baseline", "paper_table"}}
     seeds: list[int]
     grid: bool = True  # cells (factors' levels x seeds; no factors: one config's seeds), else a search
+    heartbeat: tuple[int, int] = M.HEARTBEAT  # the sweep's (interval, grace) in seconds
 
 
 def existing_storage(storage: str | None, study: str) -> str:
@@ -56,7 +58,8 @@ def load(study_name: str, storage: str) -> tuple[optuna.Study, StudyInfo]:
     info = StudyInfo(name=study_name, metric=a.get(M.STUDY_METRIC, M.VAL_ACC1),
                      direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()),
                      factors=a.get(M.STUDY_FACTORS, {}),
-                     seeds=a.get(M.STUDY_SEEDS, [0]), grid=_is_grid(study))
+                     seeds=a.get(M.STUDY_SEEDS, [0]), grid=_is_grid(study),
+                     heartbeat=tuple(a.get(M.STUDY_HEARTBEAT, M.HEARTBEAT)))
     return study, info
 
 
@@ -71,6 +74,18 @@ def _is_grid(study: optuna.Study) -> bool:
 
 STATUS = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.WAITING: "pending",
           TrialState.FAIL: "failed", TrialState.PRUNED: "pruned"}
+STALE = "stale"  # the status of a RUNNING trial whose worker has sent no heartbeat for the grace period
+
+
+def stale_trials(study: optuna.Study, heartbeat: tuple[int, int]) -> set[int]:
+    """Numbers of the RUNNING trials whose worker has sent no heartbeat for the grace period (killed or
+    crashed), as a worker finds them before it fails them; read only."""
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna's cache around its RDBStorage
+    if not isinstance(storage, RDBStorage):
+        return set()
+    storage.heartbeat_interval, storage.grace_period = heartbeat  # this reader's own storage, which runs no trial
+    ids = set(storage._get_stale_trial_ids(study._study_id))
+    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id in ids}
 
 
 def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
@@ -79,12 +94,13 @@ def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
     Columns: one per factor (grid) or per searched parameter, and metrics.TRIAL_COLUMNS.
     """
     rows = []
+    stale = stale_trials(study, info.heartbeat)
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         if info.grid and M.TRIAL_CELL not in a:
             continue
         row = dict(a.get(M.TRIAL_LEVELS) or {}) if info.grid else dict(t.params)
-        row.update(cell=a.get(M.TRIAL_CELL, f"trial {t.number}"), seed=a.get(M.TRIAL_SEED), status=STATUS[t.state],
+        row.update(cell=a.get(M.TRIAL_CELL, f"trial {t.number}"), seed=a.get(M.TRIAL_SEED), status=STALE if t.number in stale else STATUS[t.state],
                    trial=t.number, value=t.value if t.state == TrialState.COMPLETE else None,
                    params_m=a.get(M.TRIAL_PARAMS_M), gflops=a.get(M.TRIAL_GFLOPS),
                    images_per_s=a.get(M.TRIAL_IMAGES_PER_S), run_dir=a.get(M.TRIAL_RUN_DIR),
@@ -99,8 +115,8 @@ def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
 
 
 def _deciding_trials(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: its first COMPLETE trial, else its latest trial (running, pending or failed)."""
-    rank = frame["status"].map({"done": 0, "running": 1, "pending": 2, "failed": 3, "pruned": 4})
+    """Per cell: its first COMPLETE trial, else its latest trial (running, stale, pending or failed)."""
+    rank = frame["status"].map({"done": 0, "running": 1, STALE: 1, "pending": 2, "failed": 3, "pruned": 4})
     order = frame["trial"].where(rank == 0, -frame["trial"])  # the first COMPLETE; otherwise the latest
     frame = frame.assign(**{"(rank)": rank, "(order)": order}).sort_values(["(rank)", "(order)"])
     frame = frame[frame["status"] != "pruned"].groupby("cell", sort=False).head(1)

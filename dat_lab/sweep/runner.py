@@ -164,6 +164,8 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # and once stored (and queued)
         if M.STUDY_SAMPLER not in study.user_attrs:  # made before studies recorded it (analysis reads it)
             study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
+        if study.user_attrs.get(M.STUDY_HEARTBEAT) != list(spec.heartbeat):  # it may change: status reads the latest
+            study.set_user_attr(M.STUDY_HEARTBEAT, list(spec.heartbeat))
         if FINGERPRINT not in study.user_attrs:  # from before fingerprints, or its creator died: guarded from now on
             study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))
             time.sleep(POLL_SECONDS / 4)  # two workers adopting at once: the fingerprint stored last holds,
@@ -178,6 +180,7 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         study.set_user_attr(M.STUDY_DIRECTION, spec.direction)
         study.set_user_attr(M.STUDY_SEEDS, list(spec.seeds))
         study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
+        study.set_user_attr(M.STUDY_HEARTBEAT, list(spec.heartbeat))
         study.set_user_attr(M.STUDY_FACTORS, {f.name: {"levels": list(f.levels), "baseline": f.baseline,
                                                        "paper_table": f.paper_table} for f in spec.factors})
     if spec.is_grid and planned is not None:

@@ -422,7 +422,7 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
             raise _error(path, "seeds", f"sampler tpe takes one seed, got {seeds!r} (run a study per seed)")
     heartbeat = _mapping(path, "heartbeat", raw.get("heartbeat"))
     _check_keys(path, "heartbeat", heartbeat, HEARTBEAT_KEYS)
-    interval, grace = heartbeat.get("interval", 10), heartbeat.get("grace", 30)
+    interval, grace = heartbeat.get("interval", M.HEARTBEAT[0]), heartbeat.get("grace", M.HEARTBEAT[1])
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (interval, grace)) or not 0 < interval < grace:
         raise _error(path, "heartbeat", f"interval {interval!r} and grace {grace!r} must be integers, 0 < interval < grace")
     study = raw["study"]
