@@ -235,6 +235,8 @@ def test_paper_layout_of_table7(tmp_path, capsys):
 
 
 def test_search_study_plots(tmp_path):
+    from dat_lab.analysis import plots
+
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     study = optuna.create_study(storage=storage, study_name="lr", direction="maximize")
     study.set_user_attr(M.STUDY_METRIC, M.VAL_ACC1)
@@ -249,6 +251,12 @@ def test_search_study_plots(tmp_path):
     assert report.table["model.lr"].tolist() == ["0.01", "0.003", "0.001", "0.0001"] and "failure" not in report.table
     assert "|          83.00 |" in (tmp_path / "out" / "table.md").read_text()  # as written: not 83
     assert report.tables == ("table.md", "table.csv") and not (tmp_path / "out" / "table.tex").exists()
+    table = pd.read_csv(tmp_path / "out" / "table.csv")  # best first and in percent too, as table.md
+    assert table["trial"].tolist() == [3, 2, 1, 0] and table["val/acc1 (%)"].tolist() == pytest.approx([83, 82, 81, 80])
+    assert "value" not in table and {"params_m", "gflops", "images_per_s"} <= set(table.columns)  # as a grid's CSV
+    history = plots.search_plots(study, load("lr", storage)[1])["history"].axes[0]
+    assert history.get_ylabel() == "val/acc1 (%)"
+    assert history.yaxis.get_major_formatter()(0.83, 0) == "83"  # its ticks in percent
 
 
 def test_a_grid_without_factors_is_one_row_over_its_seeds(tmp_path, capsys):

@@ -111,13 +111,17 @@ def learning_curves(frame: pd.DataFrame, info: StudyInfo, tag: str | None = None
     return fig
 
 
-def search_plots(study: optuna.Study) -> dict[str, plt.Figure]:
-    """Optuna's optimisation history and (with two or more finished trials) parameter importances."""
+def search_plots(study: optuna.Study, info: StudyInfo) -> dict[str, plt.Figure]:
+    """Optuna's optimisation history, its objective in the tables' units, and (with two or more finished
+    trials) parameter importances."""
     from optuna.visualization import matplotlib as ovm
 
+    label, scale = metric_label(info.metric)
     with warnings.catch_warnings():  # Optuna's matplotlib plots are "experimental": a warning on every call
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        figures = {"history": ovm.plot_optimization_history(study).figure}
+        history = ovm.plot_optimization_history(study, target_name=label)
+        history.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v * scale:g}"))
+        figures = {"history": history.figure}
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(finished) >= 2 and finished[0].params:
             figures["importances"] = ovm.plot_param_importances(study).figure

@@ -10,7 +10,7 @@ import pandas as pd
 from ..figures import save_figure
 from . import plots
 from .study import AnalysisError, load, trials_frame
-from .tables import display_search, markdown, summarize, write_tables
+from .tables import display_search, markdown, search_csv, summarize, write_tables
 
 
 @dataclass
@@ -33,10 +33,10 @@ def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None
         if done.empty:
             raise AnalysisError(f"study {study_name!r} has no finished trials yet")
         out.mkdir(parents=True, exist_ok=True)
-        done.drop(columns=["run_dir", "cell"]).to_csv(out / "table.csv", index=False)  # the values as stored
+        search_csv(done, info).to_csv(out / "table.csv", index=False)
         shown = display_search(done, info)
         (out / "table.md").write_text(markdown(shown) + "\n")
-        paths = [p for name, fig in plots.search_plots(study).items() for p in save_figure(fig, out, name)]
+        paths = [p for name, fig in plots.search_plots(study, info).items() for p in save_figure(fig, out, name)]
         return _write_report(Report(out / "report.md", shown, None, paths, counts, tables=("table.md", "table.csv")), info)
     table = summarize(frame, info, baseline)
     shown, paper, tables = write_tables(table, info, out)

@@ -147,10 +147,23 @@ def _decimals(values: pd.Series, least: int, significant: int = 3) -> int:
     return least if smallest is None else max(least, significant - 1 - math.floor(math.log10(smallest)))
 
 
+def best_first(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
+    """A search's finished trials, best first."""
+    return done.sort_values("value", ascending=info.direction == "minimize", kind="stable")
+
+
+def search_csv(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
+    """A search's finished trials for table.csv, best first as in table.md, the objective in the tables'
+    units under their label (`val/acc1 (%)`), unrounded."""
+    label, scale = metric_label(info.metric)
+    done = best_first(done, info)
+    return done.drop(columns=["run_dir", "cell"]).assign(value=done["value"] * scale).rename(columns={"value": label})
+
+
 def display_search(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
     """A search's finished trials as strings, best first: trial, the sampled parameters (4 significant
     digits), the objective in the tables' units, params, FLOPs and images/s."""
-    done = done.sort_values("value", ascending=info.direction == "minimize")
+    done = best_first(done, info)
     label, _ = metric_label(info.metric)
     out = pd.DataFrame({"trial": done["trial"].astype(int).astype(str)})
     for name in [c for c in done.columns if c not in M.TRIAL_COLUMNS]:
