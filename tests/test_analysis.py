@@ -234,7 +234,7 @@ def test_paper_layout_of_table7(tmp_path, capsys):
     assert out.index("study 't7': 5 done") < out.index("As in the paper:") < out.index("Every cell:")
 
 
-def test_search_study_plots(tmp_path):
+def test_search_study_plots(tmp_path, capsys):
     from dat_lab.analysis import plots
 
     storage = f"sqlite:///{tmp_path / 'search.db'}"
@@ -254,6 +254,9 @@ def test_search_study_plots(tmp_path):
     table = pd.read_csv(tmp_path / "out" / "table.csv")  # best first and in percent too, as table.md
     assert table["trial"].tolist() == [3, 2, 1, 0] and table["val/acc1 (%)"].tolist() == pytest.approx([83, 82, 81, 80])
     assert "value" not in table and {"params_m", "gflops", "images_per_s"} <= set(table.columns)  # as a grid's CSV
+    assert cli.main(["analyze", "lr", "--storage", storage, "--baseline", "x", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == "dat-lab: error: --baseline: study 'lr' is a search (tpe): it has no baseline row\n"
+    assert not (tmp_path / "b").exists()  # refused before anything is written
     history = plots.search_plots(study, load("lr", storage)[1])["history"].axes[0]
     assert history.get_ylabel() == "val/acc1 (%)"
     assert history.yaxis.get_major_formatter()(0.83, 0) == "83"  # its ticks in percent

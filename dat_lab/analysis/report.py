@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import metrics as M
 from ..figures import save_figure
 from . import plots
 from .study import AnalysisError, load, trials_frame
@@ -25,6 +26,9 @@ class Report:
 
 def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None = None) -> Report:
     study, info = load(study_name, storage)
+    if baseline and not info.grid:  # before anything is written
+        raise AnalysisError(f"--baseline: study {study_name!r} is a search "
+                            f"({study.user_attrs.get(M.STUDY_SAMPLER, 'tpe')}): it has no baseline row")
     frame = trials_frame(study, info)
     out = Path(out)
     counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
