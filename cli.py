@@ -280,10 +280,12 @@ def _sweep_status(args: argparse.Namespace) -> None:
     label, _ = metric_label(info.metric)  # in analyze's units
     _print_table([{"cell": M.cell_shown(r.cell), "status": r.status, "trial": "-" if pd.isna(r.trial) else int(r.trial),
                    label: metric_text(info.metric, r.value)} for r in rows.itertuples()])
+    unrecorded = "no reason recorded: its worker stopped before it could record one (killed or crashed)"
+    which = lambda r: f"trial {int(r.trial)}" + ("" if r.cell == f"trial {int(r.trial)}" else f" ({M.cell_shown(r.cell)})")  # noqa: E731
     for r in rows[rows["status"] == "failed"].itertuples():
-        print(f"failed: trial {int(r.trial)} ({M.cell_shown(r.cell)}): {r.failure if isinstance(r.failure, str) else 'no reason recorded'}")
+        print(f"failed: {which(r)}: {r.failure if isinstance(r.failure, str) else unrecorded}")
     for r in rows[rows["status"] == STALE].itertuples():
-        print(f"stale: trial {int(r.trial)} ({M.cell_shown(r.cell)}): RUNNING, but its worker stopped sending heartbeats "
+        print(f"stale: {which(r)}: RUNNING, but its worker stopped sending heartbeats "
               f"(none for over {info.heartbeat[1]} s: killed or crashed); the next `dat-lab sweep` of the study "
               f"fails it and queues it again")
     print("reproduce a trial: dat-lab sweep-status", args.study, "--trial N")

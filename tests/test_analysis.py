@@ -169,6 +169,17 @@ def test_a_running_trial_whose_worker_stopped_sending_heartbeats_shows_stale_wit
     study.set_user_attr(M.STUDY_HEARTBEAT, [60, 300])  # the grace is the study's: two minutes is not stale
     assert cli.main(["sweep-status", "known", "--storage", storage]) == 0
     assert "6 done, 2 running, 0 failed, 0 pending\n" in capsys.readouterr().out
+    # a worker failed it as stale (Optuna records no reason); a search's trial is named once
+    _study(storage, name="reaped", states={(("none", "2"), 0): TrialState.FAIL})
+    search = optuna.create_study(storage=storage, study_name="search", direction="maximize")
+    search.set_user_attr(M.STUDY_SAMPLER, "tpe")
+    search.add_trial(create_trial(state=TrialState.FAIL, params={"lr": 0.1}, user_attrs={M.TRIAL_FAILURE: "boom"},
+                                  distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1.0)}))
+    assert cli.main(["sweep-status", "reaped", "--storage", storage]) == 0
+    assert cli.main(["sweep-status", "search", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert ("failed: trial 2 (position=none, s=2 | seed=0): no reason recorded: its worker stopped before it could "
+            "record one (killed or crashed)\n") in out and "failed: trial 0: boom\n" in out
 
 
 def test_partial_and_empty_studies(tmp_path, capsys):
