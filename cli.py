@@ -144,6 +144,7 @@ def _train(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
+    from dat_lab import metrics as M
     from dat_lab.metrics import check_storage_url, default_storage, sqlite_path
     from dat_lab.sweep.runner import gpu_shares, make_storage, preflight, spawn_workers, visible_gpus
 
@@ -189,12 +190,13 @@ def _sweep(args: argparse.Namespace) -> None:
     else:
         n = _work_with_progress(spec, storage, study, planned, args)
         failed = f"{n} trial(s) of this run FAILED" if n else ""
-    print(f"study {study!r} in {storage}: `dat-lab sweep-status {study} --storage {storage}`; "
+    shown = M.shown_url(storage)
+    print(f"study {study!r} in {shown}: `dat-lab sweep-status {study} --storage {shown}`; "
           f"TensorBoard: `tensorboard --logdir {args.runs_root}/{study}`")
     if failed:
         again = "running the same command again retries failed cells" if spec.is_grid else \
             "a failed trial counts towards n_trials: raise --n-trials to sample more"
-        print(f"dat-lab: {failed}; `dat-lab sweep-status {study} --storage {storage}` says why; {again}",
+        print(f"dat-lab: {failed}; `dat-lab sweep-status {study} --storage {shown}` says why; {again}",
               file=sys.stderr)
         raise SystemExit(1)
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -100,13 +101,18 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///").split("?")[0]) if url.startswith("sqlite:///") else None
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as printed: its password as *** (output and logs may be shared)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
 def check_storage_url(url: str) -> None:
     """Raise ValueError unless `url` names an SQLite file or a PostgreSQL (or MySQL) database."""
     if not url.startswith(STORAGE_SCHEMES):
-        raise ValueError(f"storage: {url!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
+        raise ValueError(f"storage: {shown_url(url)!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
                          "postgresql://user:pass@host/db)")
 
 
 def storage_error(url: str, err: BaseException) -> str:
     """One line for a storage that cannot be opened (an unreachable database, a missing driver)."""
-    return f"--storage: cannot open {url}: {(str(err).splitlines() or [type(err).__name__])[0]}"
+    return f"--storage: cannot open {shown_url(url)}: {(str(err).splitlines() or [type(err).__name__])[0]}"

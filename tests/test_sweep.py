@@ -964,9 +964,13 @@ def test_a_tpe_search_counts_failed_trials_but_not_interrupted_or_stale_ones(tmp
 
 
 def test_a_database_that_cannot_be_opened_is_one_line_and_a_dry_run_writes_nothing(tmp_path, capsys):
-    server = "postgresql://u:p@127.0.0.1:1/db"  # nothing listens there
+    server = "postgresql://u:secret@127.0.0.1:1/db"  # nothing listens there
     assert cli.main(["sweep", DEMO, "--storage", server, "--runs-root", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"dat-lab: error: --storage: cannot open postgresql+psycopg://u:p@127.0.0.1:1/db: ") \
+    err = capsys.readouterr().err  # the password is not printed (output and logs may be shared)
+    assert err.startswith(f"dat-lab: error: --storage: cannot open postgresql+psycopg://u:***@127.0.0.1:1/db: ") \
         and err.count("\n") == 1, err
+    for command in ("sweep-status", "analyze"):
+        assert cli.main([command, "x", "--storage", server]) == 2
+        err = capsys.readouterr().err
+        assert "u:***@127.0.0.1:1/db" in err and "secret" not in err, err
     assert cli.main(["sweep", DEMO, "--storage", server, "--dry-run", "--runs-root", str(tmp_path)]) == 0  # URL only

@@ -51,7 +51,7 @@ def load(study_name: str, storage: str) -> tuple[optuna.Study, StudyInfo]:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
-        raise AnalysisError(f"no study {study_name!r} in {storage}; it holds: {', '.join(names) or 'none'}") from None
+        raise AnalysisError(f"no study {study_name!r} in {M.shown_url(storage)}; it holds: {', '.join(names) or 'none'}") from None
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
         raise AnalysisError(M.storage_error(storage, err)) from None
     a = study.user_attrs

@@ -107,7 +107,7 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
         fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])
         more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
         made = "on other data" if differ == [DATA_IDENTITY] else "by another spec"
-        raise SpecError(f"study {name!r} in {storage} was made {made}, its results would mix: {fields}{more}; "
+        raise SpecError(f"study {name!r} in {M.shown_url(storage)} was made {made}, its results would mix: {fields}{more}; "
                         f"use --study NEW_NAME for a new study, or the original spec and options to resume it")
 
 
@@ -137,7 +137,7 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
     stray = [d for n, d in dirs.items() if n not in numbers]
     if stray:
         more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
-        raise SpecError(f"--runs-root: {stray[0]}{more} holds a run that is no trial of study {name!r} in {url} "
+        raise SpecError(f"--runs-root: {stray[0]}{more} holds a run that is no trial of study {name!r} in {M.shown_url(url)} "
                         f"(the same study name in another storage?); use another --study name or move "
                         f"{stray[0].parent} away")
 
