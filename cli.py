@@ -62,7 +62,13 @@ def _profile(args: argparse.Namespace) -> None:
         config = dat_lab.get_config(args.variant, **_parse_sets(args.set))
         if args.img_size is not None:
             config = dat_lab.replace_config(config, img_size=args.img_size)
-        p = profile_model(dat_lab.create_model(config))
+        try:
+            p = profile_model(dat_lab.create_model(config))
+        except (RuntimeError, MemoryError) as err:  # torch's OutOfMemoryError is a RuntimeError
+            if not isinstance(err, MemoryError) and "memory" not in str(err):
+                raise
+            raise ValueError(f"img_size {config.img_size}: out of memory running one image through {args.variant} "
+                             f"(global attention's maps grow with the 4th power of the size)") from None
         rows = [{"model": args.variant, "img_size": config.img_size, **p.shown()}]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -315,12 +316,16 @@ def test_visualize_a_checkpoint(tmp_path):
     x, mean, std = _from_files([str(tmp_path / "a.png")], model)  # resized, cropped, normalised with 1 channel
     assert x.shape == (1, 1, 32, 32) and mean == (0.485,)
     torch.testing.assert_close(x, torch.full_like(x, (128 / 255 - 0.485) / 0.229), atol=1e-3, rtol=0)
+    for many, message in (({"count": 33}, "--count: 33 must be in [1, 32]"),
+                          ({"images": ["a.png"] * 33}, "--images: 33 files; at most 32 in one figure")):
+        with pytest.raises(AnalysisError, match=re.escape(message)):  # a figure of a row an image: 100000 rows
+            visualize(str(tmp_path / "m.ckpt"), tmp_path / "many", **many)
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(AnalysisError, match="bad.png: unreadable image"):
         visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "bad.png")])
     swin = dat_lab.create_model("dat_pico", blocks="LS")
     dat_lab.save_checkpoint(swin, tmp_path / "swin.ckpt")
-    with pytest.raises(AnalysisError, match="--count: 0 must be >= 1"):
+    with pytest.raises(AnalysisError, match=re.escape("--count: 0 must be in [1, 32]")):
         visualize(str(tmp_path / "m.ckpt"), tmp_path / "vis", count=0)
     with pytest.raises(AnalysisError, match="no deformable"):
         visualize(str(tmp_path / "swin.ckpt"), tmp_path / "vis", data="synthetic")

@@ -108,3 +108,17 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out == f"dat-lab {version('dat-lab')}\n"
+
+
+def test_an_input_too_large_for_memory_is_one_line(monkeypatch, capsys):
+    """(dat_pico at 2048 asks for 64 GiB: its global attention's maps grow with the 4th power of the size.)"""
+    import dat_lab.profile
+
+    def out_of_memory(model, img_size=None):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 68719476736 bytes")
+
+    monkeypatch.setattr(dat_lab.profile, "profile_model", out_of_memory)
+    assert cli.main(["profile", "dat_pico", "--img-size", "2048"]) == 2
+    assert capsys.readouterr().err == ("dat-lab: error: img_size 2048: out of memory running one image through dat_pico "
+                                       "(global attention's maps grow with the 4th power of the size)\n")

@@ -597,7 +597,7 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     assert "8 done, 0 running, 0 failed, 0 pending" in out
     assert cli.main(["sweep-status", "s", "--storage", storage, "--trial", str(t.number)]) == 0
     assert capsys.readouterr().out.strip() == (f"dat-lab train --config {t.user_attrs['run_dir']}/config.yaml "
-                                               f"--trainer.logger true --name s_trial_{t.number:04d}_again")
+                                               f"--trainer.logger true --trainer.enable_progress_bar true --name s_trial_{t.number:04d}_again")
 
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capfd):

@@ -13,6 +13,7 @@ from ..models import load_checkpoint
 from .study import AnalysisError
 
 DATASETS = {"digits": DigitsDataModule, "synthetic": SyntheticDataModule}
+MAX_COUNT = 32  # images in one figure, a row each
 
 
 def _from_files(paths: list[str], model: torch.nn.Module) -> tuple[torch.Tensor, tuple, tuple]:
@@ -40,8 +41,10 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
     """Write sampling_points.png/.pdf under `out`; return their paths."""
     if not Path(checkpoint).is_file():
         raise AnalysisError(f"{checkpoint}: no such checkpoint")
-    if count < 1:
-        raise AnalysisError(f"--count: {count} must be >= 1")
+    if not 1 <= count <= MAX_COUNT:  # a row of panels an image: more would make a figure no one can open
+        raise AnalysisError(f"--count: {count} must be in [1, {MAX_COUNT}]")
+    if images and len(images) > MAX_COUNT:
+        raise AnalysisError(f"--images: {len(images)} files; at most {MAX_COUNT} in one figure")
     model = load_checkpoint(checkpoint).eval()
     cfg = model.config
     if images:

@@ -230,7 +230,8 @@ def _record_cost(trial: optuna.Trial, profile: Profile) -> None:
 def _reproduce(run_dir: Path) -> str:
     """The command that trains a trial again, into runs/<study>_trial_<nnnn>_again/."""
     name = f"{run_dir.parent.name}_{run_dir.name}_again"
-    return f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --name {name}"
+    return (f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --trainer.enable_progress_bar true "
+            f"--name {name}")
 
 
 LAUNCHER_VARIABLES = re.compile(r"TORCHELASTIC_\w+|(LOCAL_|GROUP_|ROLE_)?RANK|(LOCAL_|GROUP_|ROLE_)?WORLD_SIZE|"
