@@ -250,6 +250,34 @@ def test_a_runs_own_config_with_its_logger_pinned_writes_beside_that_run(tmp_pat
     assert yaml.safe_load((trial / "config_resume_1.yaml").read_text())["trainer"]["max_epochs"] == 2
 
 
+def test_start_from_converted_weights(tmp_path, capsys):
+    """`--model.weights` starts from a dat-lab checkpoint (`dat-lab convert` output): every weight of the
+    same model; a head of other classes left new, and said so; another model refused in one line, as
+    is such a file given as --ckpt_path (which takes a training run's checkpoint)."""
+    released = dat_lab.create_model("dat_pico", num_classes=10, img_size=32)
+    path = tmp_path / "converted.ckpt"
+    dat_lab.save_checkpoint(released, path)
+    own = released.state_dict()
+    module = ImageClassifier(variant="dat_pico", num_classes=10, img_size=32, weights=str(path))
+    assert all(torch.equal(v, own[k]) for k, v in module.model.state_dict().items())
+    module = ImageClassifier(variant="dat_pico", num_classes=5, img_size=32, weights=str(path))
+    assert all(torch.equal(v, own[k]) for k, v in module.model.state_dict().items() if not k.startswith("cls_head."))
+    assert module.model.cls_head.weight.shape == (5, released.num_features)
+    assert capsys.readouterr().err == (f"model.weights: {path}: its head (10 classes) is not loaded; this one "
+                                       "(5 classes) starts new\n")
+    with pytest.raises(ValueError, match=r"^model.weights: .* holds another model \(stages\[0\].offset_range 2.0 "
+                                         r"there, 4 here; .*give the variant and overrides it was made with$"):
+        ImageClassifier(variant="dat_pico", num_classes=10, img_size=32, overrides={"offset_range": 4}, weights=str(path))
+    with pytest.raises(ValueError, match=r"^model.weights: .*nope.ckpt: no such checkpoint$"):
+        ImageClassifier(variant="dat_pico", weights=str(tmp_path / "nope.ckpt"))
+    synthetic = ["--model.variant", "dat_pico", "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32",
+                 "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)]
+    assert cli.main(["train", "validate", *synthetic, "--ckpt_path", str(path)]) == 2
+    assert capsys.readouterr().err == (f"dat-lab: error: --ckpt_path: {path} holds a model's weights alone (`dat-lab "
+                                       f"convert` output): start from them with --model.weights {path}; --ckpt_path "
+                                       "takes a training run's checkpoint\n")
+
+
 def test_a_checkpoint_of_another_model_is_refused_in_one_line():
     """What `--ckpt_path last` finds when the newest run of a name trained other model options: one
     line naming the fields that differ, before any weight is loaded; the same model loads."""

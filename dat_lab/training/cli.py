@@ -180,9 +180,11 @@ class DatLabCLI(LightningCLI):
 
     def _before_evaluation(self) -> None:
         self._check_checkpoint()
-        if not self.config[self.subcommand].get("ckpt_path") and rank_zero_only.rank == 0:
+        config = self.config[self.subcommand]
+        if not config.get("ckpt_path") and not config.model.get("weights") and rank_zero_only.rank == 0:
             print(f"dat-lab train {self.subcommand}: no --ckpt_path: evaluating the model as the config builds it "
-                  f"(untrained weights); give a checkpoint, or last for the newest run of the name", file=sys.stderr)
+                  f"(untrained weights); give a checkpoint, or last for the newest run of the name (or start from "
+                  f"converted weights: --model.weights)", file=sys.stderr)
         # it logs to a new version: ModelCheckpoint would warn that the checkpoint's own folder (and best
         # score) are not taken over, which an evaluation does not need (filtered until after_validate/test)
         self._quiet = warnings.catch_warnings()

@@ -8,9 +8,11 @@ The whole model config is saved in the hyper-parameters, so a checkpoint rebuild
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from timm.utils import ModelEmaV3
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import metrics as M
-from ..models import DAT, DATConfig, get_config
+from ..models import DAT, DATConfig, get_config, load_checkpoint
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -72,6 +74,8 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: of the targets, with or without Mixup
         ema_decay: keep an EMA of the weights with this decay, validated as val_ema/* (null: none)
         compile: torch.compile the inner model
+        weights: start from the weights of a dat-lab checkpoint (`dat-lab convert` output, or a run's
+            .ckpt) of the same model; a head of other classes is left new (fine-tuning)
         model_config: a whole model config; set by checkpoints, which rebuild their model from it
     """
 
@@ -80,7 +84,7 @@ class ImageClassifier(L.LightningModule):
                  lr: float = 5e-4, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 0.0, warmup_lr: float = 5e-7, min_lr: float = 5e-6,
                  mixup: float = 0.0, cutmix: float = 0.0, mix_switch_prob: float = 0.5, label_smoothing: float = 0.0,
-                 ema_decay: float | None = None, compile: bool = False,
+                 ema_decay: float | None = None, compile: bool = False, weights: str | None = None,
                  model_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         check_recipe(lr=lr, weight_decay=weight_decay, betas=betas, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
@@ -94,6 +98,8 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["model_config"])
         self.hparams["model_config"] = config.to_dict()
         self.model = DAT(config=config)
+        if weights and model_config is None:  # (a checkpoint rebuilding its module brings its own weights)
+            self._start_from(weights)
         self.mixup = (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=mix_switch_prob,
                             label_smoothing=label_smoothing, num_classes=config.num_classes)
                       if mixup > 0 or cutmix > 0 else None)
@@ -189,10 +195,34 @@ class ImageClassifier(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                                     "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
+    def _start_from(self, path: str) -> None:
+        """Load `path`'s weights into the network; ValueError naming the fields where its model differs
+        (all but the classes: a head of other classes stays as built, and is said so)."""
+        try:
+            source = load_checkpoint(path)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"model.weights: {err}") from None
+        theirs, ours = _fields(source.config.to_dict()), _fields(self.config.to_dict())
+        changed = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(theirs.keys() | ours.keys())
+                   if theirs.get(k) != ours.get(k) and k not in ("num_classes", *HYPER_FIELDS)]
+        if changed:
+            listed = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise ValueError(f"model.weights: {path} holds another model ({listed}); give the variant and "
+                             "overrides it was made with")
+        same_head = source.config.num_classes == self.config.num_classes
+        state = {k: v for k, v in source.state_dict().items() if same_head or not k.startswith("cls_head.")}
+        self.model.load_state_dict(state, strict=same_head)  # every weight but another head's, by name and shape
+        if not same_head and rank_zero_only.rank == 0:
+            print(f"model.weights: {path}: its head ({source.config.num_classes} classes) is not loaded; this one "
+                  f"({self.config.num_classes} classes) starts new", file=sys.stderr)
+
     def refuse_other_models(self, checkpoint: dict[str, Any], source: str = "the checkpoint") -> None:
         """A one-line ValueError, before any weight is loaded, when the checkpoint's weights do not fit
         this module (a run of another model config, e.g. the newest of a name that `--ckpt_path last`
         found), naming the config fields that differ (and `source`, the checkpoint)."""
+        if "model_config" in checkpoint and "hyper_parameters" not in checkpoint:
+            raise ValueError(f"--ckpt_path: {source} holds a model's weights alone (`dat-lab convert` output): start "
+                             f"from them with --model.weights {source}; --ckpt_path takes a training run's checkpoint")
         saved, here = checkpoint.get("state_dict", {}), self.state_dict()
         fits = saved.keys() == here.keys() and all(saved[k].shape == here[k].shape for k in here)
         config = checkpoint.get("hyper_parameters", {}).get("model_config")
@@ -214,6 +244,9 @@ class ImageClassifier(L.LightningModule):
             random.setstate((version, tuple(internal), gauss))
             kind, keys, pos, has_gauss, cached = states["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+HYPER_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate")  # training options: weights fit either way
 
 
 def _fields(config: dict[str, Any]) -> dict[str, Any]:
