@@ -38,8 +38,20 @@ def _check_types(obj: Any, prefix: str) -> None:
         else:
             continue
         if not ok:
-            what = "a finite number" if kind is float else f"a {kind.__name__}"
-            raise ValueError(f"{prefix}{f.name}: {value!r} is not {what}")
+            what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
+            hint = (f" (YAML reads {value} as text: write {_as_yaml_float(value)})"
+                    if kind is float and isinstance(value, str) and _as_yaml_float(value) else "")
+            raise ValueError(f"{prefix}{f.name}: {value!r} is not {what}{hint}")
+
+
+def _as_yaml_float(text: str) -> str | None:
+    """`1e-4` as YAML 1.1 reads a float (`1.0e-4`), where `text` is one YAML read as a string; else None."""
+    try:
+        float(text)
+    except ValueError:
+        return None
+    mantissa, e, exponent = text.lower().partition("e")
+    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}" if e else None
 
 
 def _one_of(prefix: str, name: str, value: Any, allowed: tuple) -> None:
