@@ -149,3 +149,6 @@ def test_convert_a_fine_tuned_head_with_num_classes(golden, golden_input, tmp_pa
     assert torch.equal(tuned.cls_head.weight, state["cls_head.weight"]) and torch.equal(tuned.cls_head.bias, state["cls_head.bias"])
     with torch.no_grad():
         assert tuned(golden_input).shape == (len(golden_input), 7)
+    assert cli.main([*argv, "--num-classes", "0"]) == 0  # no head: features only
+    with torch.no_grad():
+        assert dat_lab.load_checkpoint(out).eval()(golden_input).shape == (len(golden_input), state["cls_head.weight"].shape[1])

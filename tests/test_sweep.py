@@ -92,6 +92,15 @@ def test_a_study_name_that_is_no_folder_name_is_refused(tmp_path, capsys):
     assert "--study: 'a/b': use letters" in capsys.readouterr().err
 
 
+def test_a_runs_root_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    assert cli.main(["sweep", DEMO, "--storage", storage, "--runs-root", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err == (f"dat-lab: error: --runs-root: {tmp_path / 'afile'} is a file, not a folder "
+                                       f"(trials write into {tmp_path / 'afile'}/demo/)\n")
+    assert not (tmp_path / "r.db").exists()
+
+
 def test_a_spec_or_base_that_is_not_text_is_one_line(tmp_path):
     binary = tmp_path / "weights.pth"
     binary.write_bytes(bytes(range(256)))

@@ -122,6 +122,8 @@ def load_official(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str,
     """Load released weights into `model`; raise listing missing, unexpected and mis-shaped names."""
     state = official_state_dict(checkpoint)
     own = model.state_dict()
+    if not any(k.startswith("cls_head.") for k in own):  # a model without a head (num_classes 0): features only
+        state = {k: v for k, v in state.items() if not k.startswith("cls_head.")}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"

@@ -125,6 +125,9 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
     was used in another storage, or its storage was deleted). Trial numbers are never reused within a
     study (a re-queued cell is a new trial), so a resume finds only its own trials' folders. `storage`
     None: the storage does not exist yet."""
+    for folder in (Path(runs_root), Path(runs_root) / name):
+        if folder.exists() and not folder.is_dir():
+            raise SpecError(f"--runs-root: {folder} is a file, not a folder (trials write into {runs_root}/{name}/)")
     dirs = run_dirs(runs_root, name)  # listed before the trials are read: a running worker's trial is known
     numbers: set[int] = set()
     try:
