@@ -103,7 +103,16 @@ def sqlite_path(url: str) -> Path | None:
 
 def shown_url(url: str) -> str:
     """A storage URL as printed: its password as *** (output and logs may be shared)."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # not a URL SQLAlchemy reads: the password between : and @, as a guess
+        return re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
 
 
 def check_storage_url(url: str) -> None:

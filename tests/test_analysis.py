@@ -202,7 +202,7 @@ def test_partial_and_empty_studies(tmp_path, capsys):
 @pytest.mark.parametrize("storage,message", [
     ("foo://bar", "--storage: 'foo://bar' is not an SQLite or PostgreSQL URL"),
     ("sqlite:///{tmp}/none.db", "--storage: sqlite:///{tmp}/none.db does not exist"),
-    ("postgresql://u:p@127.0.0.1:1/db", "--storage: cannot open postgresql://u:p@127.0.0.1:1/db: "),
+    ("postgresql://u:p@127.0.0.1:1/db", "--storage: cannot open postgresql://u:***@127.0.0.1:1/db: "),
 ])
 def test_a_bad_storage_is_one_line_and_creates_nothing(storage, message, tmp_path, capsys):
     storage, message = storage.format(tmp=tmp_path), message.format(tmp=tmp_path)

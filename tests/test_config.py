@@ -23,6 +23,7 @@ BAD = [
     ({"offsets": "yes"}, r"offsets: 'yes' is not true or false"),
     ({"offset_range": "1e-4"}, r"offset_range: '1e-4' is not a finite number \(YAML reads 1e-4 as text: write 1.0e-4\)$"),
     ({"depth": 2.5}, r"depth: 2.5 is not an integer$"),
+    ({"offset_range": "1e5"}, r"offset_range: '1e5' is not a finite number \(YAML reads 1e5 as text: write 1.0e\+5\)$"),
     ({"reference": "centre"}, r"reference: 'centre' is not one of released, aligned"),
     ({"mlp": "glu"}, r"mlp: 'glu' is not one of token, dwconv"),
     ({"offset_kernel": 4}, r"offset_kernel: 4 must be an odd number"),

@@ -88,6 +88,8 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert "holds no MODEL.DAT keywords" in capsys.readouterr().err
     for body, message in (({"dims": 8, "depths": [1], "heads": [1], "stage_spec": [["L"]]},
                            "dims: 8 is not a list (one value per stage)"),
+                          ({"dims": [8], "depths": [1], "heads": [1], "stage_spec": [["L"]], "groups": []},
+                           "groups: 0 values for 1 stages"),
                           ({"dims": [8], "nat_ksizes": [3]}, "a DAT++ config (its keys ['nat_ksizes']): dat-lab builds "
                            "DAT (CVPR 2022), the released code's dat.py configs, not DAT++")):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"MODEL": {"DAT": body}}))

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 import cli
+import dat_lab
 from dat_lab import metrics as M
 from dat_lab.ablations import paper_rows
 from dat_lab.data import DataError
@@ -132,6 +134,15 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
         plan(spec)
     spec = parse_spec(_write(tmp_path, BASE + TPE.replace("1.0e-4", "-1.0e-4")))
     with pytest.raises(SpecError, match=r"search_space.model.lr = -0.0001: model.lr: -0.0001 must be > 0"):
+        plan(spec)
+    weights = tmp_path / "w.ckpt"
+    dat_lab.save_checkpoint(dat_lab.create_model("dat_pico", num_classes=10, img_size=32, in_chans=1), weights)
+    spec = parse_spec(_write(tmp_path, BASE + f"delta: {{model: {{weights: {weights}}}}}\n"
+                             "factors: {s: {path: model.overrides.offset_range, values: [2, 4]}}\n"))
+    with pytest.raises(SpecError, match=r"cell 's=4': model.weights: .* holds another model \(stages\[0\].offset_range"):
+        plan(spec)  # trials start from these weights: they must be there, and of each cell's model
+    spec = parse_spec(_write(tmp_path, BASE + f"delta: {{model: {{weights: {tmp_path / 'none.ckpt'}}}}}\n"))
+    with pytest.raises(SpecError, match=r"cell '\(base\)': model.weights: .*none.ckpt: no such checkpoint"):
         plan(spec)
     for delta, message in (("{trainer: {check_val_every_n_epoch: 0}}", "trainer.check_val_every_n_epoch: 0 must be >= 1"),
                            ("{data: {init_args: {batch_size: 0}}}", "batch_size 0, num_workers 0, img_size 32: need")):
@@ -593,6 +604,8 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     for attr in ("levels", "seed", "best", "final", "params_m", "gflops", "images_per_s", "wall_s", "run_dir"):
         assert t.user_attrs.get(attr) is not None, attr
     assert (Path(t.user_attrs["run_dir"]) / "config.yaml").exists() and Path(t.user_attrs["run_dir"]).is_absolute()
+    logger = yaml.safe_load((Path(t.user_attrs["run_dir"]) / "config.yaml").read_text())["trainer"]["logger"]
+    assert Path(logger["init_args"]["save_dir"]).is_absolute()  # its config names its folder from any directory
     planned = {p.cell.key: p for p in plan(parse_spec(DEMO))}[t.user_attrs["cell"]]  # not rounded to 0.0074
     gflops = t.user_attrs["gflops"]
     assert gflops == pytest.approx(planned.cost.gflops, rel=1e-5) and gflops != round(gflops, 4)
@@ -982,4 +995,6 @@ def test_a_database_that_cannot_be_opened_is_one_line_and_a_dry_run_writes_nothi
         assert cli.main([command, "x", "--storage", server]) == 2
         err = capsys.readouterr().err
         assert "u:***@127.0.0.1:1/db" in err and "secret" not in err, err
+    for url in ("postgresql://u:se/cret@h/db", "postgresql://h/db?password=secret"):  # as SQLAlchemy reads them
+        assert "secret" not in M.shown_url(url)
     assert cli.main(["sweep", DEMO, "--storage", server, "--dry-run", "--runs-root", str(tmp_path)]) == 0  # URL only

@@ -158,6 +158,19 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # no run folder
 
 
+def test_trainer_ranges_take_what_lightning_takes():
+    from dat_lab.training.cli import check_trainer
+
+    for options in ({"max_epochs": -1, "max_steps": -1, "limit_val_batches": 0, "limit_train_batches": 2.0,
+                     "log_every_n_steps": 0, "gradient_clip_val": 0, "check_val_every_n_epoch": None,
+                     "max_time": {"hours": 1}}, {"max_time": "00:12:00:00", "limit_test_batches": 0.25}):
+        check_trainer(options)
+    with pytest.raises(ValueError, match=r"^trainer.max_time: '00:1:00:00' must be DD:HH:MM:SS"):  # Lightning's
+        check_trainer({"max_time": "00:1:00:00"})  # Timer reads two digits
+    with pytest.raises(ValueError, match=r"^budget.max_epochs: 'abc' must be >= 1"):
+        check_trainer({"max_epochs": "abc"}, "budget")
+
+
 def test_a_wrong_first_word_names_the_subcommands(capsys):
     """predict is not offered (a classifier's predictions are its forward); a config file given as the
     first word is told to be --config."""
@@ -248,6 +261,17 @@ def test_a_runs_own_config_with_its_logger_pinned_writes_beside_that_run(tmp_pat
     _run(tmp_path, "--config", config, "--trainer.max_epochs", "2", "--ckpt_path", last)
     assert (trial / "config.yaml").read_bytes() == before["config.yaml"]
     assert yaml.safe_load((trial / "config_resume_1.yaml").read_text())["trainer"]["max_epochs"] == 2
+    # `--ckpt_path last` with it: that run's last.ckpt (Lightning would look in a new folder, find none and
+    # start afresh), evaluated beside it or resumed in it
+    train(["validate", "--config", config, "--ckpt_path", "last"])
+    assert yaml.safe_load((tmp_path / "study" / "version_2" / "config.yaml").read_text())["ckpt_path"] == last
+    _run(tmp_path, "--config", config, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    assert torch.load(last, weights_only=True)["epoch"] == 3 and (trial / "config_resume_2.yaml").exists()
+    # a run of its own (its logger names no version): `last` is the newest run of the logger's folder
+    own = tmp_path / "study" / "version_1"
+    _run(tmp_path, "--config", str(own / "config.yaml"), "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert torch.load(own / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2  # (1 before)
+    assert (own / "config_resume_1.yaml").exists() and not (tmp_path / "study" / "version_3").exists()
 
 
 def test_start_from_converted_weights(tmp_path, capsys):
@@ -270,6 +294,9 @@ def test_start_from_converted_weights(tmp_path, capsys):
         ImageClassifier(variant="dat_pico", num_classes=10, img_size=32, overrides={"offset_range": 4}, weights=str(path))
     with pytest.raises(ValueError, match=r"^model.weights: .*nope.ckpt: no such checkpoint$"):
         ImageClassifier(variant="dat_pico", weights=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ValueError, match=r"holds another model \(img_size 32 there, 64 here\); give --data options "
+                                         r"that give the same img_size$"):
+        ImageClassifier(variant="dat_pico", num_classes=10, img_size=64, weights=str(path))
     synthetic = ["--model.variant", "dat_pico", "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32",
                  "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)]
     assert cli.main(["train", "validate", *synthetic, "--ckpt_path", str(path)]) == 2

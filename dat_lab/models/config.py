@@ -51,7 +51,8 @@ def _as_yaml_float(text: str) -> str | None:
     except ValueError:
         return None
     mantissa, e, exponent = text.lower().partition("e")
-    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}" if e else None
+    sign = "" if exponent[:1] in "+-" else "+"  # YAML 1.1 reads 1.0e5 as text too
+    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign}{exponent}" if e else None
 
 
 def _one_of(prefix: str, name: str, value: Any, allowed: tuple) -> None:

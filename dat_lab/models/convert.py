@@ -42,7 +42,7 @@ def config_from_official(kwargs: Mapping[str, Any]) -> DATConfig:
             raise ValueError(f"{key}: {kwargs[key]!r} is not a list (one value per stage)")
     n = len(kwargs["dims"])
     for key in _PER_STAGE:
-        if len(kwargs.get(key, ())) not in (0, n):
+        if key in kwargs and len(kwargs[key]) != n:
             raise ValueError(f"{key}: {len(kwargs[key])} values for {n} stages")
 
     def get(key: str, i: int, default: Any) -> Any:

@@ -19,7 +19,7 @@ from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
 from ..profile import Profile, profile_model
 from ..training.cli import DatLabCLI, check_trainer, config_error
-from ..training.module import ImageClassifier, check_recipe
+from ..training.module import ImageClassifier, check_recipe, weights_for
 from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
 
@@ -91,7 +91,10 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_chec
         data = repr((parsed.data.class_path, {k: v for k, v in args.items() if k not in LOADER_ARGS}))
         if data not in data_checked:
             data_checked[data] = _data_class(parsed).check(**args)
-        return model_config(parsed), data_checked[data]
+        model = model_config(parsed)
+        if parsed.model.get("weights"):  # a run starts from them: there, and of this model
+            weights_for(parsed.model.weights, model)
+        return model, data_checked[data]
     except (SpecError, ValueError, OSError) as err:  # OSError: a data folder that cannot be listed
         raise SpecError(f"{spec.path}: {what}: {err}") from None
 

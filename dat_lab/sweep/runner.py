@@ -64,7 +64,7 @@ CELL = M.TRIAL_CELL  # the cell key ("factor=level, ... | seed=s"); retries inhe
 POLL_SECONDS = 2.0
 
 
-def make_storage(url: str, heartbeat: tuple[int, int] = (10, 30)) -> RDBStorage:
+def make_storage(url: str, heartbeat: tuple[int, int] = M.HEARTBEAT) -> RDBStorage:
     """An RDB storage (SQLite file or PostgreSQL) with heartbeats and retry of stale trials."""
     check_storage_url(url)
     if (file := M.sqlite_path(url)) is not None:
@@ -296,7 +296,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         trial.set_user_attr(M.TRIAL_FAILURE, reason)
         raise RuntimeError(reason)
     config = deep_merge(config, {"trainer": {
-        "logger": tensorboard_logger(runs_root, study.study_name, run_dir.name).as_dict(),
+        "logger": tensorboard_logger(str(run_dir.parent.parent), study.study_name, run_dir.name).as_dict(),  # any cwd
         "enable_progress_bar": False, "enable_model_summary": False}})
     trial.set_user_attr(M.TRIAL_SEED, seed)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

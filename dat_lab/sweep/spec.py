@@ -40,7 +40,7 @@ import yaml
 
 from .. import metrics as M
 from ..ablations import paper_rows
-from ..training.cli import TRAINER_RULES
+from ..training.cli import check_trainer
 
 
 class SpecError(ValueError):
@@ -61,7 +61,8 @@ TPE_DEFAULTS = {"seed": 0, "n_startup_trials": 10, "n_ei_candidates": 24, "multi
 PRUNER_CLASSES = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
                   "hyperband": optuna.pruners.HyperbandPruner}
 PRUNERS = set(PRUNER_CLASSES)
-MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_workers"}  # not in a fingerprint
+MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_workers",
+                 "config.model.weights"}  # not in a fingerprint: where a file lies on this machine
 DATA_IDENTITY = "data"  # the fingerprint's field of what planning found to tell the data apart
 SPACE_TYPES = {"float", "int", "categorical"}
 FACTOR_NAME = re.compile(r"[A-Za-z_][\w.-]*")
@@ -373,14 +374,10 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     if set(budget) - BUDGET_KEYS:
         raise _error(path, f"budget.{sorted(set(budget) - BUDGET_KEYS)[0]}",
                      f"unknown key; allowed: {', '.join(sorted(BUDGET_KEYS))}")
-    for key, value in budget.items():  # what the trainer would refuse, or fail on, in every trial
-        ok, allowed = TRAINER_RULES[key]
-        try:
-            fits = not isinstance(value, bool) and bool(ok(value))
-        except TypeError:  # not a number
-            fits = False
-        if not fits:
-            raise _error(path, f"budget.{key}", f"{value!r} must be {allowed}")
+    try:  # what the trainer would refuse, or fail on, in every trial
+        check_trainer(budget, "budget")
+    except ValueError as err:
+        raise SpecError(f"{path}: {err}") from None
     delta = deep_merge(_mapping(path, "delta", raw.get("delta")), {"trainer": budget} if budget else {})
     factors = tuple(_factor(path, name, f) for name, f in _mapping(path, "factors", raw.get("factors")).items())
     seeds = raw.get("seeds", [0])

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from .. import metrics as M
 from ..data import DataError, ImageDataModule
 from .callbacks import DeformableMonitor, HparamsMetric, Throughput
-from .module import ImageClassifier
+from .module import ImageClassifier, check_options
 
 SUBCOMMANDS = ("fit", "validate", "test")
 CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file (and registry:...)
@@ -48,28 +48,28 @@ def default_callbacks() -> list:
 
 
 def _batches(v: Any) -> bool:
-    return v is None or isinstance(v, int) and v >= 0 or isinstance(v, float) and 0 <= v <= 1
+    """A count of batches, or a fraction of them (Lightning reads 2.0 as 2)."""
+    return v is None or v >= 0 and (isinstance(v, int) or v <= 1 or v % 1 == 0)
 
 
 TRAINER_RULES = {  # what Lightning would take, then fail on (some only after the run folder is made)
     "max_epochs": (lambda v: v is None or v == -1 or v >= 1, ">= 1, or -1 for no limit"),
     "max_steps": (lambda v: v == -1 or v >= 1, ">= 1, or -1 for no limit"),
-    "max_time": (lambda v: not isinstance(v, str) or re.fullmatch(r"\d+:\d+:\d+:\d+", v.strip()),
+    "max_time": (lambda v: not isinstance(v, str) or re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v.strip()),  # Lightning's
                  "DD:HH:MM:SS, e.g. 00:12:00:00"),
     "check_val_every_n_epoch": (lambda v: v is None or v >= 1, ">= 1"),
     "accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
-    "log_every_n_steps": (lambda v: v is None or v >= 1, ">= 1"),
+    "log_every_n_steps": (lambda v: v is None or v >= 0, ">= 0 (0: never)"),
     "gradient_clip_val": (lambda v: v is None or v >= 0, ">= 0, or null for none"),
     **{f"limit_{part}_batches": (_batches, "a count of batches >= 0, or a fraction in [0.0, 1.0]")
        for part in ("train", "val", "test")},
 }
 
 
-def check_trainer(trainer: Namespace) -> None:
-    """Raise a one-line ValueError naming the first trainer option out of its range."""
-    for name, (ok, allowed) in TRAINER_RULES.items():
-        if name in trainer and not ok(trainer[name]):
-            raise ValueError(f"trainer.{name}: {trainer[name]!r} must be {allowed}")
+def check_trainer(options: Any, prefix: str = "trainer") -> None:
+    """Raise a one-line ValueError naming the first trainer option of `options` (the trainer's config,
+    or a sweep's budget) out of its range."""
+    check_options(options, TRAINER_RULES, prefix)
 
 
 def run_directory(root: str | Path, name: str, resume: bool) -> str | None:
@@ -134,17 +134,35 @@ class DatLabCLI(LightningCLI):
                 self.save_config_kwargs = {**self.save_config_kwargs,
                                            "config_filename": _resume_config_name(Path(root, name, version))}
             trainer.logger = tensorboard_logger(root, name, version)
-        elif (run := _pinned_run(trainer.logger)) is not None and (run / "config.yaml").exists():
-            # a run's own config.yaml (a sweep trial's names its folder): train or evaluate beside that run,
-            # not over its config and events; resuming its checkpoint keeps its folder, as `--ckpt_path last`
-            if self.subcommand == "fit" and self.checkpoint_file is not None and \
-                    run.resolve() in self.checkpoint_file.resolve().parents:
-                self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": _resume_config_name(run)}
-            else:
-                trainer.logger.init_args.version = None
+        elif (args := _logger_args(trainer.logger)) is not None:
+            self._beside_its_run(config, args, ckpt)
+        if ckpt and config.model.get("weights"):  # the checkpoint's weights replace them: not read (nor needed)
+            config.model.weights = None
         if config.get("weights_only") is None and "weights_only" in config:
             config.weights_only = True
 
+
+    def _beside_its_run(self, config: Namespace, args: Namespace, ckpt: str | None) -> None:
+        """A config whose logger names its folder (a run's own config.yaml; a sweep trial's names its
+        version too): `--ckpt_path last` is that run's last.ckpt, or the newest of the folder's runs where
+        it names no version; training or evaluating logs beside that run, not over its config and events;
+        resuming its checkpoint keeps its folder, the config saved as config_resume_<k>.yaml."""
+        name = args.get("name") or ""
+        run = _run_folder(args)
+        if ckpt == "last":
+            run = run or Path(args.save_dir, name, run_directory(args.save_dir, name, resume=True))
+            last = run / "checkpoints" / "last.ckpt"
+            if not last.is_file():
+                raise DataError(f"--ckpt_path last: nothing to resume, no {last}")
+            self.checkpoint_file, config.ckpt_path = last, str(last)
+        if run is None or not (run / "config.yaml").exists():
+            return
+        if self.subcommand == "fit" and self.checkpoint_file is not None and \
+                run.resolve() in self.checkpoint_file.resolve().parents:
+            args.version = run.name
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": _resume_config_name(run)}
+        else:
+            args.version = None
 
     def _check_checkpoint(self) -> None:
         """Refuse a checkpoint of another model now, in one line: Lightning loads it only after the
@@ -192,10 +210,15 @@ class DatLabCLI(LightningCLI):
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
-def _pinned_run(logger: Any) -> Path | None:
-    """The folder a logger config names with its version (<save_dir>/<name>/<version>), else None."""
+def _logger_args(logger: Any) -> Namespace | None:
+    """The init args of a logger config that names its folder (its save_dir), else None."""
     args = logger.get("init_args") if isinstance(logger, Namespace) else None
-    if not isinstance(args, Namespace) or args.get("version") is None or args.get("save_dir") is None:
+    return args if isinstance(args, Namespace) and args.get("save_dir") is not None else None
+
+
+def _run_folder(args: Namespace) -> Path | None:
+    """The run folder a logger's init args name with their version (<save_dir>/<name>/<version>), else None."""
+    if args.get("version") is None:
         return None
     version = args.version if isinstance(args.version, str) else f"version_{args.version}"
     return Path(args.save_dir, args.get("name") or "", version)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
@@ -31,6 +31,58 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
+HYPER_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate")  # training options: weights fit either way
+DATA_FIELDS = ("img_size", "in_chans")  # what the data set (the position tables' and the stem's shapes)
+
+
+def _fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config's fields by name, the stages' as stages[i].field; sequences as lists (a saved
+    config may hold tuples where a rebuilt one holds lists)."""
+    fields = {}
+    for key, value in config.items():
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+            fields |= {f"{key}[{i}].{name}": x for i, stage in enumerate(value) for name, x in stage.items()}
+        else:
+            fields[key] = value
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+def weights_for(path: str, config: DATConfig) -> tuple[dict[str, torch.Tensor], int]:
+    """The weights of the dat-lab checkpoint `path` for a model of `config` (without its head where the
+    classes differ), and its number of classes; ValueError naming the fields where its model differs."""
+    try:
+        source = load_checkpoint(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"model.weights: {err}") from None
+    theirs, ours = _fields(source.config.to_dict()), _fields(config.to_dict())
+    changed = [k for k in sorted(theirs.keys() | ours.keys())
+               if theirs.get(k) != ours.get(k) and k not in ("num_classes", *HYPER_FIELDS)]
+    if changed:
+        listed = "; ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in changed[:4])
+        listed += f"; {len(changed) - 4} more" if len(changed) > 4 else ""
+        data = [k for k in changed if k in DATA_FIELDS]
+        give = (f"--data options that give the same {' and '.join(data)}" if data else
+                "the variant and overrides it was made with")
+        raise ValueError(f"model.weights: {path} holds another model ({listed}); give {give}")
+    same_head = source.config.num_classes == config.num_classes
+    state = {k: v for k, v in source.state_dict().items() if same_head or not k.startswith("cls_head.")}
+    return state, source.config.num_classes
+
+
+def check_options(options: Any, rules: dict[str, tuple[Callable[[Any], Any], str]], prefix: str) -> None:
+    """Raise a one-line ValueError naming the first of `options` (a mapping or Namespace) that breaks its
+    rule ({name: (ok, what is allowed)}); a value not of the rule's type (text for a number) breaks it."""
+    for name, (ok, allowed) in rules.items():
+        if name not in options:
+            continue
+        try:
+            holds = not isinstance(options[name], bool) and bool(ok(options[name]))
+        except TypeError:
+            holds = False
+        if not holds:
+            raise ValueError(f"{prefix}.{name}: {options[name]!r} must be {allowed}")
+
+
 def check_recipe(**options: Any) -> None:
     """Raise a one-line ValueError naming the first training option of ImageClassifier out of its range
     (others given are not looked at)."""
@@ -41,9 +93,7 @@ def check_recipe(**options: Any) -> None:
              "cutmix": (lambda v: v >= 0, ">= 0 (0: off)"), "mix_switch_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
              "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
              "ema_decay": (lambda v: not v or 0 < v < 1, "in (0, 1), or null or 0 for no EMA")}
-    for name, (ok, allowed) in rules.items():
-        if name in options and not ok(options[name]):
-            raise ValueError(f"model.{name}: {options[name]!r} must be {allowed}")
+    check_options(options, rules, "model")
     if "lr" in options and options.get("min_lr", 0) > options["lr"]:  # the cosine would climb
         raise ValueError(f"model.min_lr: {options['min_lr']!r} must be <= model.lr ({options['lr']!r})")
 
@@ -196,25 +246,15 @@ class ImageClassifier(L.LightningModule):
                                     "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
     def _start_from(self, path: str) -> None:
-        """Load `path`'s weights into the network; ValueError naming the fields where its model differs
-        (all but the classes: a head of other classes stays as built, and is said so)."""
-        try:
-            source = load_checkpoint(path)
-        except (ValueError, OSError) as err:
-            raise ValueError(f"model.weights: {err}") from None
-        theirs, ours = _fields(source.config.to_dict()), _fields(self.config.to_dict())
-        changed = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(theirs.keys() | ours.keys())
-                   if theirs.get(k) != ours.get(k) and k not in ("num_classes", *HYPER_FIELDS)]
-        if changed:
-            listed = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
-            raise ValueError(f"model.weights: {path} holds another model ({listed}); give the variant and "
-                             "overrides it was made with")
-        same_head = source.config.num_classes == self.config.num_classes
-        state = {k: v for k, v in source.state_dict().items() if same_head or not k.startswith("cls_head.")}
+        """Load `path`'s weights into the network (weights_for); a head of other classes stays as built,
+        and is said so."""
+        state, classes = weights_for(path, self.config)
+        same_head = classes == self.config.num_classes
         self.model.load_state_dict(state, strict=same_head)  # every weight but another head's, by name and shape
         if not same_head and rank_zero_only.rank == 0:
-            print(f"model.weights: {path}: its head ({source.config.num_classes} classes) is not loaded; this one "
-                  f"({self.config.num_classes} classes) starts new", file=sys.stderr)
+            had = f"its head ({classes} classes) is not loaded" if classes else "it has no head"
+            print(f"model.weights: {path}: {had}; this one ({self.config.num_classes} classes) starts new",
+                  file=sys.stderr)
 
     def refuse_other_models(self, checkpoint: dict[str, Any], source: str = "the checkpoint") -> None:
         """A one-line ValueError, before any weight is loaded, when the checkpoint's weights do not fit
@@ -244,18 +284,3 @@ class ImageClassifier(L.LightningModule):
             random.setstate((version, tuple(internal), gauss))
             kind, keys, pos, has_gauss, cached = states["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-HYPER_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate")  # training options: weights fit either way
-
-
-def _fields(config: dict[str, Any]) -> dict[str, Any]:
-    """A model config's fields by name, the stages' as stages[i].field; sequences as lists (a saved
-    config may hold tuples where a rebuilt one holds lists)."""
-    fields = {}
-    for key, value in config.items():
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
-            fields |= {f"{key}[{i}].{name}": x for i, stage in enumerate(value) for name, x in stage.items()}
-        else:
-            fields[key] = value
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
