@@ -998,3 +998,6 @@ def test_a_database_that_cannot_be_opened_is_one_line_and_a_dry_run_writes_nothi
     for url in ("postgresql://u:se/cret@h/db", "postgresql://h/db?password=secret"):  # as SQLAlchemy reads them
         assert "secret" not in M.shown_url(url)
     assert cli.main(["sweep", DEMO, "--storage", server, "--dry-run", "--runs-root", str(tmp_path)]) == 0  # URL only
+    (tmp_path / "demo" / "trial_0000").mkdir(parents=True)  # a trial of the server's study, perhaps: not known
+    (tmp_path / "demo" / "trial_0000" / "config.yaml").write_text("")  # without opening it, so not refused
+    assert cli.main(["sweep", DEMO, "--storage", server, "--dry-run", "--runs-root", str(tmp_path)]) == 0

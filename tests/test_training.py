@@ -150,7 +150,11 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
                           (["--trainer.max_time", "00:00:00:abc"], "trainer.max_time: '00:00:00:abc' must be DD:HH:MM:SS"),
                           (["--trainer.limit_train_batches", "1.5"], "trainer.limit_train_batches: 1.5 must be a count"),
                           (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val: -1 must be >= 0"),
-                          (["--trainer.devices", "0"], "trainer: `Trainer(devices='0')` value is not a valid input"),
+                          (["--trainer.devices", "0"], "trainer.devices: '0' must be >= 1, -1 for all, a list, or auto"),
+                          (["--trainer.accelerator", "mps"], "trainer: `MPSAccelerator` can not run on your system"),
+                          (["--trainer.devices", "-2"], "trainer.devices: '-2' must be >= 1, -1 for all, a list, or auto"),
+                          (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: 0 must be > 0"),
+                          (["--trainer.max_epochs", "-1"], "trainer.max_epochs: -1 (no limit) needs trainer.max_steps"),
                           (["--data.num_workers", "-1"], "batch_size 64, num_workers -1, img_size 32: need")):
         assert cli.main(["train", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
@@ -161,7 +165,7 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
 def test_trainer_ranges_take_what_lightning_takes():
     from dat_lab.training.cli import check_trainer
 
-    for options in ({"max_epochs": -1, "max_steps": -1, "limit_val_batches": 0, "limit_train_batches": 2.0,
+    for options in ({"max_epochs": -1, "max_steps": 2, "limit_val_batches": 0, "limit_train_batches": 2.0,
                      "log_every_n_steps": 0, "gradient_clip_val": 0, "check_val_every_n_epoch": None,
                      "max_time": {"hours": 1}}, {"max_time": "00:12:00:00", "limit_test_batches": 0.25}):
         check_trainer(options)
@@ -303,6 +307,10 @@ def test_start_from_converted_weights(tmp_path, capsys):
     assert capsys.readouterr().err == (f"dat-lab: error: --ckpt_path: {path} holds a model's weights alone (`dat-lab "
                                        f"convert` output): start from them with --model.weights {path}; --ckpt_path "
                                        "takes a training run's checkpoint\n")
+    torch.save({"model": own}, tmp_path / "released.pth")  # the released code's format
+    assert cli.main(["train", "validate", *synthetic, "--ckpt_path", str(tmp_path / "released.pth")]) == 2
+    assert capsys.readouterr().err.startswith(f"dat-lab: error: --ckpt_path: {tmp_path / 'released.pth'} is no training "
+                                              "run's checkpoint (released weights?): convert it (`dat-lab convert")
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line():

@@ -137,6 +137,8 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
     if study_id is not None:
         check_fingerprint(spec, storage.get_study_user_attrs(study_id).get(FINGERPRINT), name, url, planned)
         numbers = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
+    if storage is None and M.sqlite_path(url) is None:  # a database server not opened (a dry run): its trials unknown
+        dirs = {}
     stray = [d for n, d in dirs.items() if n not in numbers]
     if stray:
         more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""

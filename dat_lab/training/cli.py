@@ -61,6 +61,10 @@ TRAINER_RULES = {  # what Lightning would take, then fail on (some only after th
     "accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
     "log_every_n_steps": (lambda v: v is None or v >= 0, ">= 0 (0: never)"),
     "gradient_clip_val": (lambda v: v is None or v >= 0, ">= 0, or null for none"),
+    "val_check_interval": (lambda v: v is None or v > 0, "> 0 (batches, or a fraction of an epoch)"),
+    "num_sanity_val_steps": (lambda v: v is None or v >= -1, ">= 0, or -1 for all"),
+    "devices": (lambda v: not re.fullmatch(r"-?\d+", str(v)) or int(v) == -1 or int(v) >= 1,
+                ">= 1, -1 for all, a list, or auto"),
     **{f"limit_{part}_batches": (_batches, "a count of batches >= 0, or a fraction in [0.0, 1.0]")
        for part in ("train", "val", "test")},
 }
@@ -70,6 +74,9 @@ def check_trainer(options: Any, prefix: str = "trainer") -> None:
     """Raise a one-line ValueError naming the first trainer option of `options` (the trainer's config,
     or a sweep's budget) out of its range."""
     check_options(options, TRAINER_RULES, prefix)
+    if prefix == "trainer" and options.get("max_epochs") == -1 and options.get("max_steps", -1) == -1:
+        raise ValueError("trainer.max_epochs: -1 (no limit) needs trainer.max_steps: the learning-rate schedule "
+                         "is as long as the run")
 
 
 def run_directory(root: str | Path, name: str, resume: bool) -> str | None:

@@ -263,6 +263,10 @@ class ImageClassifier(L.LightningModule):
         if "model_config" in checkpoint and "hyper_parameters" not in checkpoint:
             raise ValueError(f"--ckpt_path: {source} holds a model's weights alone (`dat-lab convert` output): start "
                              f"from them with --model.weights {source}; --ckpt_path takes a training run's checkpoint")
+        if "hyper_parameters" not in checkpoint and "state_dict" not in checkpoint:  # the released code's
+            raise ValueError(f"--ckpt_path: {source} is no training run's checkpoint (released weights?): convert it "
+                             f"(`dat-lab convert {source} --variant NAME -o W.ckpt`), then start from it with "
+                             "--model.weights W.ckpt")
         saved, here = checkpoint.get("state_dict", {}), self.state_dict()
         fits = saved.keys() == here.keys() and all(saved[k].shape == here[k].shape for k in here)
         config = checkpoint.get("hyper_parameters", {}).get("model_config")
