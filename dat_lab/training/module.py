@@ -47,6 +47,15 @@ def _fields(config: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
+def _differences(theirs: dict[str, Any], ours: dict[str, Any], ignore: tuple[str, ...] = ()) -> tuple[list[str], str]:
+    """The fields in which two model configs (as dicts) differ, and them listed in a line: the first
+    four as "field X there, Y here", then how many more."""
+    theirs, ours = _fields(theirs), _fields(ours)
+    changed = [k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k) and k not in ignore]
+    listed = "; ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in changed[:4])
+    return changed, listed + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
 def weights_for(path: str, config: DATConfig) -> tuple[dict[str, torch.Tensor], int]:
     """The weights of the dat-lab checkpoint `path` for a model of `config` (without its head where the
     classes differ), and its number of classes; ValueError naming the fields where its model differs."""
@@ -54,12 +63,8 @@ def weights_for(path: str, config: DATConfig) -> tuple[dict[str, torch.Tensor], 
         source = load_checkpoint(path)
     except (ValueError, OSError) as err:
         raise ValueError(f"model.weights: {err}") from None
-    theirs, ours = _fields(source.config.to_dict()), _fields(config.to_dict())
-    changed = [k for k in sorted(theirs.keys() | ours.keys())
-               if theirs.get(k) != ours.get(k) and k not in ("num_classes", *HYPER_FIELDS)]
+    changed, listed = _differences(source.config.to_dict(), config.to_dict(), ignore=("num_classes", *HYPER_FIELDS))
     if changed:
-        listed = "; ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in changed[:4])
-        listed += f"; {len(changed) - 4} more" if len(changed) > 4 else ""
         data = [k for k in changed if k in DATA_FIELDS]
         give = (f"--data options that give the same {' and '.join(data)}" if data else
                 "the variant and overrides it was made with")
@@ -270,12 +275,9 @@ class ImageClassifier(L.LightningModule):
         saved, here = checkpoint.get("state_dict", {}), self.state_dict()
         fits = saved.keys() == here.keys() and all(saved[k].shape == here[k].shape for k in here)
         config = checkpoint.get("hyper_parameters", {}).get("model_config")
-        theirs, ours = _fields(config or {}), _fields(self.hparams["model_config"])
-        changed = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(theirs.keys() | ours.keys())
-                   if theirs.get(k) != ours.get(k)] if config or not fits else []
+        changed, listed = _differences(config or {}, self.hparams["model_config"]) if config or not fits else ([], "")
         if fits and not changed:  # an option that keeps the shapes (the offset range s, say) counts too
             return
-        listed = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ValueError(f"--ckpt_path: {source} holds another model ({listed or 'other weights'}); give the "
                          "options it was trained with (its run's config.yaml), or start a new run")
 
