@@ -150,8 +150,7 @@ def _train(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
-    from dat_lab import metrics as M
-    from dat_lab.metrics import check_storage_url, default_storage, sqlite_path
+    from dat_lab.metrics import check_storage_url, default_storage, shown_url, sqlite_path
     from dat_lab.sweep.runner import gpu_shares, make_storage, preflight, spawn_workers, visible_gpus
 
     overrides = _parse_sets(args.overrides, "sweep override")
@@ -196,7 +195,7 @@ def _sweep(args: argparse.Namespace) -> None:
     else:
         n = _work_with_progress(spec, storage, study, planned, args)
         failed = f"{n} trial(s) of this run FAILED" if n else ""
-    shown = M.shown_url(storage)
+    shown = shown_url(storage)
     print(f"study {study!r} in {shown}: `dat-lab sweep-status {study} --storage {shown}`; "
           f"TensorBoard: `tensorboard --logdir {args.runs_root}/{study}`")
     if failed:
@@ -289,7 +288,11 @@ def _sweep_status(args: argparse.Namespace) -> None:
     _print_table([{"cell": M.cell_shown(r.cell), "status": r.status, "trial": "-" if pd.isna(r.trial) else int(r.trial),
                    label: metric_text(info.metric, r.value)} for r in rows.itertuples()])
     unrecorded = "no reason recorded: its worker stopped before it could record one (killed or crashed)"
-    which = lambda r: f"trial {int(r.trial)}" + ("" if r.cell == f"trial {int(r.trial)}" else f" ({M.cell_shown(r.cell)})")  # noqa: E731
+
+    def which(r) -> str:  # a search's trial is its own cell: named once
+        name = f"trial {int(r.trial)}"
+        return name if r.cell == name else f"{name} ({M.cell_shown(r.cell)})"
+
     for r in rows[rows["status"] == "failed"].itertuples():
         print(f"failed: {which(r)}: {r.failure if isinstance(r.failure, str) else unrecorded}")
     for r in rows[rows["status"] == STALE].itertuples():

@@ -128,7 +128,9 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
     for folder in (Path(runs_root), Path(runs_root) / name):
         if folder.exists() and not folder.is_dir():
             raise SpecError(f"--runs-root: {folder} is a file, not a folder (trials write into {runs_root}/{name}/)")
-    dirs = run_dirs(runs_root, name)  # listed before the trials are read: a running worker's trial is known
+    known = storage is not None or M.sqlite_path(url) is not None  # else a database server not opened (a dry run)
+    dirs = run_dirs(runs_root, name) if known else {}  # listed before the trials are read: a running worker's
+    # trial is known; a server's trials unknown, no folder is called a stray
     numbers: set[int] = set()
     try:
         study_id = storage.get_study_id_from_name(name) if storage is not None else None
@@ -137,8 +139,6 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
     if study_id is not None:
         check_fingerprint(spec, storage.get_study_user_attrs(study_id).get(FINGERPRINT), name, url, planned)
         numbers = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
-    if storage is None and M.sqlite_path(url) is None:  # a database server not opened (a dry run): its trials unknown
-        dirs = {}
     stray = [d for n, d in dirs.items() if n not in numbers]
     if stray:
         more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
