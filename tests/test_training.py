@@ -127,6 +127,13 @@ def test_bad_model_config_is_one_line_before_training(tmp_path, capsys):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_refusal_is_all_that_is_printed(tmp_path):
+    """Lightning's own lines (its seed's, printed on its logger, not sys.stderr) do not come before it."""
+    done = subprocess.run([sys.executable, "-m", "cli", "train", "--config", DIGITS, "--model.lr", "-1",
+                           "--trainer.default_root_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", "dat-lab: error: model.lr: -1.0 must be > 0\n")
+
+
 def test_resume_last_needs_a_run(tmp_path):
     with pytest.raises(dat_lab.data.DataError, match="nothing to resume"):
         _run(tmp_path, "--config", DIGITS, "--ckpt_path", "last")
@@ -205,6 +212,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
                            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "MEMBER: 2/2" in done.stderr + done.stdout, done.stderr[-2000:]
+    assert "Seed set to 0" in done.stderr  # held back while the classes are built, then printed
     assert [p.name for p in (tmp_path / "digits_quick").iterdir()] == ["version_0"]
     assert (tmp_path / "digits_quick" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 

@@ -113,6 +113,27 @@ class DatLabCLI(LightningCLI):
         finally:
             sys.argv = argv
 
+    def _set_seed(self) -> None:
+        """LightningCLI's, its "Seed set to N" line held back until the classes are built (printed by
+        after_instantiate_classes), so that a refused option's line is the only one printed."""
+        self._held_seed_lines = []
+        seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+
+        def hold(record: logging.LogRecord) -> bool:
+            self._held_seed_lines.append(record)
+            return False
+
+        seed_log.addFilter(hold)
+        try:
+            super()._set_seed()
+        finally:
+            seed_log.removeFilter(hold)
+
+    def after_instantiate_classes(self) -> None:
+        for record in getattr(self, "_held_seed_lines", ()):
+            logging.getLogger(record.name).handle(record)
+        self._held_seed_lines = []
+
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the config's model options with a checkpoint file's hyper-parameters,
         silently dropping those given; here the config builds the module, as for `--ckpt_path last`,
