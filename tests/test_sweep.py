@@ -983,6 +983,8 @@ def test_a_tpe_search_counts_failed_trials_but_not_interrupted_or_stale_ones(tmp
         assert runner._finished(study, spec, {}) == (0, 1, True)
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"failure": "ValueError: bad"}))
     assert runner._finished(study, spec, {}) == (1, 1, False)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5))  # n_trials lowered since
+    assert runner._finished(study, spec, {}) == (2, 2, False)
 
 
 def test_a_database_that_cannot_be_opened_is_one_line_and_a_dry_run_writes_nothing(tmp_path, capsys):

@@ -365,7 +365,8 @@ def _finished(study: optuna.Study, spec: SweepSpec, planned: dict[str, PlannedCe
     # interrupted or left stale by a dead worker (no reason recorded) is not: a rerun samples it again
     trials = [t for t in trials if t.state != TrialState.FAIL
               or t.user_attrs.get(M.TRIAL_FAILURE, "interrupted") != "interrupted"]
-    return len(trials), spec.n_trials, len(trials) < spec.n_trials
+    # a rerun with a lower n_trials than the study already holds: all done, not "4/2"
+    return len(trials), max(spec.n_trials, len(trials)), len(trials) < spec.n_trials
 
 
 def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "runs",
