@@ -2,7 +2,8 @@
 
     study: demo                               # default study name
     base: ../experiments/digits_quick.yaml    # training config, relative to the spec file
-    delta: {trainer: {accelerator: cpu}}      # config delta for every cell (nested, merged into base)
+    delta: {trainer: {accelerator: cpu}}      # config delta for every cell (nested, merged into base); paths
+                                              # in configs (data root, model.weights) from the working directory
     budget: {max_epochs: 3}                   # trainer limits: max_epochs, max_steps, max_time, limit_*_batches
     factors:                                  # every combination of levels is a cell
       position:                               # named levels, each a config delta
