@@ -72,6 +72,7 @@ TRIAL_GFLOPS = "gflops"
 TRIAL_IMAGES_PER_S = "images_per_s"
 TRIAL_WALL_S = "wall_s"
 TRIAL_RUN_DIR = "run_dir"
+TRIAL_LAST_STEP = "last_step"  # the step its last validation was logged at: its learning curve ends there
 TRIAL_FAILURE = "failure"
 TRIAL_REPRODUCE = "reproduce"
 # Study user attributes.
@@ -84,7 +85,7 @@ STUDY_HEARTBEAT = "heartbeat"  # [interval, grace] in seconds, the spec's: a RUN
 HEARTBEAT = (10, 30)  # a spec's heartbeat (interval, grace) when it names none, and a study's that recorded none
 # Columns of analysis's frames and tables beside the factors' (a factor must be named otherwise).
 TRIAL_COLUMNS = ("cell", "seed", "status", "trial", "value", "params_m", "gflops", "images_per_s", "run_dir",
-                 "failure")  # of a study's trials frame, besides the factors or searched parameters
+                 "last_step", "failure")  # of a study's trials frame, besides the factors or searched parameters
 TABLE_COLUMNS = ("mean", "std", "n", "diff", "baseline", "seeds", "params (M)", "FLOPs (G)", "images/s", "status")
 
 

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
 import dat_lab
@@ -336,13 +338,15 @@ def test_the_tracked_values_come_back_from_a_spawned_run_as_callback_metrics():
     from dat_lab.training.callbacks import MetricTracker
 
     ranks, parent = MetricTracker("train/loss", "minimize"), MetricTracker("train/loss", "minimize")
-    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={})
-    for value in (2.0, 1.0, 1.5):  # validations; then training goes on and logs another train/loss
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={},
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0)))
+    for step, value in ((3, 2.0), (5, 1.0), (7, 1.5)):  # validations; then training goes on and logs another train/loss
+        trainer.fit_loop.epoch_loop._batches_that_stepped = step
         trainer.callback_metrics["train/loss"] = torch.tensor(value)
         ranks.on_validation_epoch_end(trainer, None)
     trainer.callback_metrics["train/loss"] = torch.tensor(1.7)
-    assert ranks.results(trainer) == (1.0, 1.5) == parent.results(trainer)  # the parent read them from the metrics
-    assert MetricTracker().results(SimpleNamespace(callback_metrics={})) == (None, None)
+    assert ranks.results(trainer) == (1.0, 1.5, 7) == parent.results(trainer)  # the parent read them from the metrics
+    assert MetricTracker().results(SimpleNamespace(callback_metrics={})) == (None, None, None)
 
 
 def test_a_trial_its_ddp_ranks_pruned_ends_pruned_and_a_retry_starts_unpruned(tmp_path, monkeypatch):
@@ -536,6 +540,7 @@ def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_b
     assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["best"] > 0
     assert trial.intermediate_values == {0: trial.value}  # reported by the pruning callback on rank 0
     assert trial.user_attrs["final"] == trial.value and trial.user_attrs["images_per_s"] > 0
+    assert trial.user_attrs[M.TRIAL_LAST_STEP] == 2  # 3 batches; Lightning logs the epoch's validation at step 2
     run = Path(trial.user_attrs["run_dir"])
     assert [d.name for d in run.parent.iterdir()] == [run.name]
     assert "strategy: ddp_spawn" in (run / "config.yaml").read_text()
@@ -620,6 +625,25 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     assert cli.main(["sweep-status", "s", "--storage", storage, "--trial", str(t.number)]) == 0
     assert capsys.readouterr().out.strip() == (f"dat-lab train --config {t.user_attrs['run_dir']}/config.yaml "
                                                f"--trainer.logger true --trainer.enable_progress_bar true --name s_trial_{t.number:04d}_again")
+    # resumed in its folder for another epoch: analysis draws the trial's own validations, as the table does
+    from dat_lab.analysis.plots import learning_curves
+    from dat_lab.analysis.study import load, trials_frame
+    from dat_lab.training.cli import main as train
+
+    run = Path(t.user_attrs["run_dir"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert not [w for w in caught if "callbacks used to create the checkpoint" in str(w.message)]  # the sweep's own
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars(M.VAL_ACC1)]
+    assert len(steps) == 2 and steps[0] == t.user_attrs[M.TRIAL_LAST_STEP] < steps[1]
+    study, info = load("s", storage)
+    frame = trials_frame(study, info)
+    fig = learning_curves(frame[frame["cell"] == t.user_attrs["cell"]], info)
+    [line] = [line for line in fig.axes[0].lines if len(line.get_xdata())]
+    assert list(line.get_xdata()) == [1]
 
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capfd):

@@ -96,8 +96,10 @@ def learning_curves(frame: pd.DataFrame, info: StudyInfo, tag: str | None = None
         cell = (", ".join(str(trial[f]) for f in factors) or M.BASE_CELL) if info.grid else trial["cell"]
         # the epoch Lightning logged at the same step (validation need not run every epoch), counted from 1
         epochs = {e.step: e.value for e in events.Scalars("epoch")} if "epoch" in events.Tags()["scalars"] else {}
+        end = trial.get("last_step")  # the trial's last validation: a run resumed in its folder logs on after it
         for i, event in enumerate(events.Scalars(tag)):
-            rows.append({"epoch": int(epochs.get(event.step, i)) + 1, "y": event.value * scale, "cell": cell})
+            if end is None or pd.isna(end) or event.step <= end:
+                rows.append({"epoch": int(epochs.get(event.step, i)) + 1, "y": event.value * scale, "cell": cell})
     if not rows:
         return None
     data = pd.DataFrame(rows)

@@ -104,7 +104,7 @@ def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
                    trial=t.number, value=t.value if t.state == TrialState.COMPLETE else None,
                    params_m=a.get(M.TRIAL_PARAMS_M), gflops=a.get(M.TRIAL_GFLOPS),
                    images_per_s=a.get(M.TRIAL_IMAGES_PER_S), run_dir=a.get(M.TRIAL_RUN_DIR),
-                   failure=a.get(M.TRIAL_FAILURE))
+                   last_step=a.get(M.TRIAL_LAST_STEP), failure=a.get(M.TRIAL_FAILURE))
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not info.grid:

@@ -157,7 +157,7 @@ def search_csv(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
     units under their label (`val/acc1 (%)`), unrounded."""
     label, scale = metric_label(info.metric)
     done = best_first(done, info)
-    return done.drop(columns=["run_dir", "cell"]).assign(value=done["value"] * scale).rename(columns={"value": label})
+    return done.drop(columns=["run_dir", "last_step", "cell"]).assign(value=done["value"] * scale).rename(columns={"value": label})
 
 
 def display_search(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:

@@ -332,11 +332,12 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         _record_cost(trial, profile_model(cli.model.model))
     throughput = cli.trainer.callback_metrics.get(M.THROUGHPUT)
     trial.set_user_attr(M.TRIAL_IMAGES_PER_S, round(float(throughput), 2) if throughput is not None else None)
-    best, last = tracker.results(cli.trainer)
+    best, last, step = tracker.results(cli.trainer)
     if best is None:
         raise RuntimeError(f"no {spec.metric} was logged: does the run validate?")
     trial.set_user_attr(M.TRIAL_BEST, best)
     trial.set_user_attr(M.TRIAL_FINAL, last)
+    trial.set_user_attr(M.TRIAL_LAST_STEP, step)
     value = best if spec.value == "best" else last
     if not math.isfinite(value):  # Optuna would fail the trial with no reason recorded
         raise RuntimeError(f"{spec.metric} ({spec.value}) is {value}")

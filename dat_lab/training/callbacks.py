@@ -80,14 +80,15 @@ class DeformableMonitor(L.Callback):
 
 
 class MetricTracker(L.Callback):
-    """The best and the last value of a logged metric over the run's validations, also put in
-    `trainer.callback_metrics` (M.tracked), which Lightning brings back from the ranks of a spawned run
-    (`results` reads them there)."""
+    """The best and the last value of a logged metric over the run's validations, and the step the last
+    was logged at, also put in `trainer.callback_metrics` (M.tracked), which Lightning brings back from
+    the ranks of a spawned run (`results` reads them there)."""
 
     def __init__(self, metric: str = M.VAL_ACC1, direction: str = "maximize") -> None:
         self.metric, self.direction = metric, direction
         self.best: float | None = None
         self.last: float | None = None
+        self.step: int | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.metric)
@@ -96,25 +97,34 @@ class MetricTracker(L.Callback):
         self.last = float(value)
         if self.best is None or (self.last > self.best if self.direction == "maximize" else self.last < self.best):
             self.best = self.last
-        for which, kept in (("best", self.best), ("last", self.last)):
+        # the step Lightning's loggers log this validation's metrics at (its count of optimizer steps,
+        # which it raises after an epoch's last validation)
+        self.step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for which, kept in (("best", self.best), ("last", self.last), ("step", self.step)):
             trainer.callback_metrics[M.tracked(self.metric, which)] = torch.tensor(kept)
 
-    def results(self, trainer: L.Trainer) -> tuple[float | None, float | None]:
-        """(best, last) of the run `trainer` ran, in this process or in spawned ranks."""
+    def results(self, trainer: L.Trainer) -> tuple[float | None, float | None, int | None]:
+        """(best, last, the step the last was logged at) of the run `trainer` ran, in this process or in
+        spawned ranks."""
         if self.best is not None:
-            return self.best, self.last
-        best, last = (trainer.callback_metrics.get(M.tracked(self.metric, w)) for w in ("best", "last"))
-        return (float(best), float(last)) if best is not None and last is not None else (None, None)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "last": self.last}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best, self.last = state_dict.get("best"), state_dict.get("last")
+            return self.best, self.last, self.step
+        best, last, step = (trainer.callback_metrics.get(M.tracked(self.metric, w)) for w in ("best", "last", "step"))
+        if best is None or last is None:
+            return None, None, None
+        return float(best), float(last), int(step) if step is not None else None
 
 
 class HparamsMetric(MetricTracker):
-    """Write the run's hyper-parameters to TensorBoard with the real best `val/acc1` (no -1 placeholder)."""
+    """Write the run's hyper-parameters to TensorBoard with the real best `val/acc1` (no -1 placeholder);
+    kept in checkpoints, so that a resumed run's best counts the validations before it. (A sweep's
+    MetricTracker keeps nothing there: a sweep never resumes a trial, and a run resumed from a trial's
+    checkpoint has no MetricTracker, which Lightning would warn of.)"""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "last": self.last, "step": self.step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.last, self.step = state_dict.get("best"), state_dict.get("last"), state_dict.get("step")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.best is None:
