@@ -386,7 +386,7 @@ def test_a_trial_whose_objective_is_nan_fails_with_its_reason(tmp_path, monkeypa
     spec = parse_spec(_write(tmp_path, BASE + "objective: {metric: val/loss, direction: minimize}\n"))
     trainer = SimpleNamespace(callback_metrics={})
     monkeypatch.setattr(runner, "train", lambda args, extra_callbacks: SimpleNamespace(trainer=trainer))
-    monkeypatch.setattr(MetricTracker, "results", lambda self, trainer: (float("nan"), float("nan")))
+    monkeypatch.setattr(MetricTracker, "results", lambda self, trainer: (float("nan"), float("nan"), 3))
     study = work(spec, storage=f"sqlite:///{tmp_path / 'n.db'}", study_name="t", runs_root=str(tmp_path / "runs"))
     [trial] = study.get_trials()
     assert trial.state == TrialState.FAIL and trial.user_attrs["failure"] == "RuntimeError: val/loss (best) is nan"
