@@ -1,9 +1,12 @@
 """DataModules: synthetic, digits (scikit-learn's bundled 8x8 digits, the embedded default),
 cifar10 / cifar100 (torchvision), imagefolder (the ImageNet layout, with the paper's augmentation).
 
-Every DataModule tells the model its `num_classes`, `in_chans` and `img_size`, keeps a fixed, seeded
-train/val split, and shuffles the training set by (seed, epoch) with its own generator, so that a run
-resumed from a checkpoint sees the same batches as an uninterrupted one. Problems with the data
+Every DataModule tells the model its `num_classes`, `in_chans` and `img_size`, keeps a fixed train/val
+split (seeded by `split_seed` where it draws one), and shuffles the training set by (seed, epoch) with its
+own generator, so that a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+`seed` (the shuffling, and the loader workers' random streams: their augmentation) is the run's
+`seed_everything` unless given, so that runs of other seeds (a sweep's) see other batches and
+augmentations of the same split. Problems with the data
 raise `DataError` (one line naming the path) before training starts.
 """
 
@@ -43,7 +46,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: images per device and step
         num_workers: DataLoader worker processes
         img_size: the side of the (square) images the model sees
-        seed: of the train/val split and the shuffling
+        seed: of the shuffling and the loader workers' augmentation (null: the run's seed_everything)
     """
 
     num_classes: int
@@ -51,7 +54,8 @@ class ImageDataModule(L.LightningDataModule):
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
-    def __init__(self, *, batch_size: int = 64, num_workers: int = 0, img_size: int = 224, seed: int = 0) -> None:
+    def __init__(self, *, batch_size: int = 64, num_workers: int = 0, img_size: int = 224,
+                 seed: int | None = None) -> None:
         super().__init__()
         _check_loader(batch_size=batch_size, num_workers=num_workers, img_size=img_size)
         self.batch_size, self.num_workers, self.img_size, self.seed = batch_size, num_workers, img_size, seed
@@ -74,14 +78,19 @@ class ImageDataModule(L.LightningDataModule):
         or None where the init args say it all. Default: nothing to check, nothing to tell."""
         return None
 
+    def loader_seed(self) -> int:
+        """`seed`, else the run's (Lightning's seed_everything sets PL_GLOBAL_SEED; `dat-lab train` writes
+        it into the config), else 0."""
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
-        trainer = self.trainer
+        trainer, seed = self.trainer, self.loader_seed()
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
-                                     rank=trainer.global_rank if trainer else 0, shuffle=train, seed=self.seed,
+                                     rank=trainer.global_rank if trainer else 0, shuffle=train, seed=seed,
                                      drop_last=train) if train else None
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -108,17 +117,19 @@ class SyntheticDataModule(ImageDataModule):
         channels: image channels
         train_samples: training images
         val_samples: validation images
+        split_seed: of the images and labels drawn
     """
 
     def __init__(self, *, num_classes: int = 10, channels: int = 3, train_samples: int = 256, val_samples: int = 64,
-                 batch_size: int = 32, num_workers: int = 0, img_size: int = 224, seed: int = 0) -> None:
+                 batch_size: int = 32, num_workers: int = 0, img_size: int = 224, seed: int | None = None,
+                 split_seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
-        self.num_classes, self.in_chans = num_classes, channels
+        self.num_classes, self.in_chans, self.split_seed = num_classes, channels, split_seed
         self.mean, self.std = (0.0,) * channels, (1.0,) * channels
         self.sizes = (train_samples, val_samples)
 
     def setup(self, stage: str | None = None) -> None:
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.split_seed)
         n = sum(self.sizes)
         x = torch.randn(n, self.in_chans, self.img_size, self.img_size, generator=g)
         y = torch.randint(0, self.num_classes, (n,), generator=g)
@@ -134,14 +145,15 @@ class DigitsDataModule(ImageDataModule):
     Args:
         val_fraction: share of the images held out for validation, in (0, 1)
         channels: the gray image repeated over this many channels
+        split_seed: of the train/val split (the same for every run seed: a sweep's seeds validate alike)
     """
 
     num_classes = 10
 
     def __init__(self, *, val_fraction: float = 0.2, channels: int = 1, batch_size: int = 64, num_workers: int = 0,
-                 img_size: int = 32, seed: int = 0) -> None:
+                 img_size: int = 32, seed: int | None = None, split_seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
-        self.val_fraction, self.in_chans = val_fraction, channels
+        self.val_fraction, self.in_chans, self.split_seed = val_fraction, channels, split_seed
         self.mean, self.std = (0.3,) * channels, (0.4,) * channels
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction: {val_fraction} must be in (0, 1)")
@@ -154,7 +166,7 @@ class DigitsDataModule(ImageDataModule):
         x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         x = ((x - self.mean[0]) / self.std[0]).expand(-1, self.in_chans, -1, -1).contiguous()
         y = torch.tensor(digits.target, dtype=torch.long)
-        train, val = _split(len(y), self.val_fraction, self.seed)
+        train, val = _split(len(y), self.val_fraction, self.split_seed)
         self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
 
 
@@ -171,7 +183,7 @@ class CIFAR10DataModule(ImageDataModule):
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def __init__(self, *, root: str = "data", download: bool = True, batch_size: int = 128, num_workers: int = 2,
-                 img_size: int = 32, seed: int = 0) -> None:
+                 img_size: int = 32, seed: int | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)
         self.root, self.download = root, download
 
@@ -244,7 +256,7 @@ class ImageFolderDataModule(ImageDataModule):
 
     def __init__(self, *, root: str, num_classes: int | None = None, batch_size: int = 128, num_workers: int = 8,
                  img_size: int = 224,
-                 seed: int = 0, auto_augment: str | None = "rand-m9-mstd0.5-inc1", color_jitter: float = 0.4,
+                 seed: int | None = None, auto_augment: str | None = "rand-m9-mstd0.5-inc1", color_jitter: float = 0.4,
                  re_prob: float = 0.25, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  verify_images: bool = True) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, img_size=img_size, seed=seed)

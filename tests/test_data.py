@@ -8,13 +8,20 @@ from dat_lab.data import (CIFAR100DataModule, DataError, DigitsDataModule, Image
                           SyntheticDataModule)
 
 
-def test_digits_split_is_fixed_and_seeded():
-    a, b, c = DigitsDataModule(seed=0), DigitsDataModule(seed=0), DigitsDataModule(seed=1, img_size=16, channels=3)
+def test_digits_split_is_fixed_and_seeded(monkeypatch):
+    """The split by split_seed; the shuffling by seed, else the run's seed_everything (PL_GLOBAL_SEED)."""
+    a, b, c = DigitsDataModule(seed=0), DigitsDataModule(seed=1), DigitsDataModule(split_seed=1, img_size=16, channels=3)
     for dm in (a, b, c):
         dm.setup("fit")
     assert len(a.train_set) + len(a.val_set) == 1797 and len(a.val_set) == 359
     assert torch.equal(a.val_set.tensors[1], b.val_set.tensors[1])
     assert not torch.equal(a.val_set.tensors[1], c.val_set.tensors[1])
+    first = lambda dm: next(iter(dm.train_dataloader()))[1]  # noqa: E731
+    assert not torch.equal(first(a), first(b))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    unset = DigitsDataModule()
+    unset.setup("fit")
+    assert unset.loader_seed() == 1 and torch.equal(first(unset), first(b))
     assert a.train_set.tensors[0].shape[1:] == (1, 32, 32) and c.train_set.tensors[0].shape[1:] == (3, 16, 16)
     x, y = next(iter(a.train_dataloader()))
     assert x.shape == (64, 1, 32, 32) and y.dtype == torch.long

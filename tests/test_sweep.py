@@ -611,6 +611,9 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     assert (Path(t.user_attrs["run_dir"]) / "config.yaml").exists() and Path(t.user_attrs["run_dir"]).is_absolute()
     logger = yaml.safe_load((Path(t.user_attrs["run_dir"]) / "config.yaml").read_text())["trainer"]["logger"]
     assert Path(logger["init_args"]["save_dir"]).is_absolute()  # its config names its folder from any directory
+    for trial in trials:  # the data's shuffling follows the trial's seed; the split stays
+        data = yaml.safe_load((Path(trial.user_attrs["run_dir"]) / "config.yaml").read_text())["data"]["init_args"]
+        assert (data["seed"], data["split_seed"]) == (trial.user_attrs["seed"], 0)
     planned = {p.cell.key: p for p in plan(parse_spec(DEMO))}[t.user_attrs["cell"]]  # not rounded to 0.0074
     gflops = t.user_attrs["gflops"]
     assert gflops == pytest.approx(planned.cost.gflops, rel=1e-5) and gflops != round(gflops, 4)

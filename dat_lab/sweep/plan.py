@@ -23,7 +23,7 @@ from ..training.module import ImageClassifier, check_recipe, weights_for
 from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
 
-LOADER_ARGS = {"batch_size", "num_workers", "seed", "img_size"}  # DataModule options that do not move the data
+LOADER_ARGS = {"batch_size", "num_workers", "seed", "split_seed", "img_size"}  # DataModule options that do not move the data
 GPU_ACCELERATORS = ("auto", "gpu", "cuda")
 DDP_NAMES = re.compile(r"ddp(?:_spawn|_fork|_notebook)?(_find_unused_parameters_(?:true|false))?")  # Lightning's
 IN_PROCESS = re.compile(r"auto|single_device|single_xla|xla(_.*)?|([\w.]+\.)?(SingleDevice|SingleDeviceXLA|XLA)Strategy",

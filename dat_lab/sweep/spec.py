@@ -13,7 +13,8 @@
         path: model.overrides.offset_range
         values: [0, 1, 2, 4]
       rows: {paper_table: 7}                  # the paper's rows (dat_lab.ablations) as levels
-    seeds: [0, 1]                             # each cell once per seed (seed_everything)
+    seeds: [0, 1]                             # each cell once per seed (seed_everything: the weights, and the
+                                              # data's shuffling and augmentation; not the digits' split)
     objective: {metric: val/acc1, direction: maximize, value: best}
     sampler: grid                             # or {name: tpe, seed: 0, n_startup_trials: 8, multivariate: true}
     search_space: {model.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}}   # tpe only

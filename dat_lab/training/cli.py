@@ -164,6 +164,9 @@ class DatLabCLI(LightningCLI):
             trainer.logger = tensorboard_logger(root, name, version)
         elif (args := _logger_args(trainer.logger)) is not None:
             self._beside_its_run(config, args, ckpt)
+        data = config.data.get("init_args") if isinstance(config.get("data"), Namespace) else None
+        if data is not None and "seed" in data and data.seed is None and type(config.get("seed_everything")) is int:
+            data.seed = config.seed_everything  # the data's shuffling and augmentation follow the run's seed, as saved
         if ckpt and config.model.get("weights"):  # the checkpoint's weights replace them: not read (nor needed)
             config.model.weights = None
         if config.get("weights_only") is None and "weights_only" in config:
