@@ -777,6 +777,17 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
     assert FINGERPRINT not in optuna.load_study(study_name="old", storage=storage).user_attrs  # a dry run wrote nothing
 
 
+def test_a_rerun_may_change_a_factors_baseline_which_analysis_alone_reads(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'b.db'}"
+    factor = "factors: {f: {levels: {a: {}, b: {model: {lr: 0.001}}}, baseline: %s}}\n"
+    first, second = (parse_spec(_write(tmp_path, BASE + factor % level)) for level in ("a", "b"))
+    open_study(first, storage, "t")  # (no cells queued: the loads below need not wait for them)
+    assert open_study(second, storage, "t", wait_s=0).user_attrs[M.STUDY_FACTORS]["f"]["baseline"] == "b"
+    study = optuna.load_study(study_name="t", storage=storage)  # fingerprints stored with the baseline: accepted
+    study.set_user_attr(FINGERPRINT, {**first.fingerprint(), "factors.f.baseline": "a"})
+    assert open_study(first, storage, "t", wait_s=0).user_attrs[M.STUDY_FACTORS]["f"]["baseline"] == "a"
+
+
 def test_a_worker_that_loads_a_study_being_created_waits_for_its_fingerprint(tmp_path, monkeypatch, capsys):
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     search = parse_spec(_write(tmp_path, BASE + TPE))

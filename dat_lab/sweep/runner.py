@@ -88,6 +88,7 @@ def _fingerprint(spec: SweepSpec, planned: Iterable[PlannedCell] | None) -> dict
 ENQUEUED = "enqueued"  # study user attribute: the creating worker has queued every cell
 FINGERPRINT = "fingerprint"  # study user attribute: SweepSpec.fingerprint() of the spec that created it
 RUN_DIR = re.compile(r"trial_(\d+)")
+BASELINE_FIELD = re.compile(r"factors\.(?:(?!\.levels\.).)+\.baseline")  # a factor's baseline in a fingerprint
 
 
 def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str, storage: str,
@@ -97,7 +98,8 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
     that created study `name` (its stored fingerprint; a study from before fingerprints passes)."""
     if stored is None:
         return
-    stored = {k: v for k, v in stored.items() if k not in MACHINE_LOCAL}  # fingerprints stored before MACHINE_LOCAL hold them
+    # fingerprints stored before MACHINE_LOCAL, or before baselines were left out, hold them
+    stored = {k: v for k, v in stored.items() if k not in MACHINE_LOCAL and not BASELINE_FIELD.fullmatch(k)}
     current = _fingerprint(spec, planned)
     if planned is None or DATA_IDENTITY not in stored:  # stored before fingerprints held the data's identity
         current.pop(DATA_IDENTITY, None)
@@ -171,6 +173,8 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
             study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
         if study.user_attrs.get(M.STUDY_HEARTBEAT) != list(spec.heartbeat):  # it may change: status reads the latest
             study.set_user_attr(M.STUDY_HEARTBEAT, list(spec.heartbeat))
+        if study.user_attrs.get(M.STUDY_FACTORS) != (factors := _factors(spec)):  # baselines may change: analysis's
+            study.set_user_attr(M.STUDY_FACTORS, factors)
         if FINGERPRINT not in study.user_attrs:  # from before fingerprints, or its creator died: guarded from now on
             study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))
             time.sleep(POLL_SECONDS / 4)  # two workers adopting at once: the fingerprint stored last holds,
@@ -186,12 +190,17 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         study.set_user_attr(M.STUDY_SEEDS, list(spec.seeds))
         study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
         study.set_user_attr(M.STUDY_HEARTBEAT, list(spec.heartbeat))
-        study.set_user_attr(M.STUDY_FACTORS, {f.name: {"levels": list(f.levels), "baseline": f.baseline,
-                                                       "paper_table": f.paper_table} for f in spec.factors})
+        study.set_user_attr(M.STUDY_FACTORS, _factors(spec))
     if spec.is_grid and planned is not None:
         enqueue_missing(study, planned)
         study.set_user_attr(ENQUEUED, True)
     return study
+
+
+def _factors(spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """The study's record of its factors, which analysis reads (M.STUDY_FACTORS)."""
+    return {f.name: {"levels": list(f.levels), "baseline": f.baseline, "paper_table": f.paper_table}
+            for f in spec.factors}
 
 
 def cell_trials(study: optuna.Study) -> dict[str, list[FrozenTrial]]:

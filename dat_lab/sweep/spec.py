@@ -185,14 +185,15 @@ class SweepSpec:
     def fingerprint(self, data: Iterable[str] = ()) -> dict[str, Any]:
         """What defines a study's results, as {dotted field: value} (JSON values): objective, sampler, seeds,
         factors, search space and the resolved training config (base, delta, budget). Not the run-time
-        options (storage, heartbeat, workers, n_trials, pruner), nor where the files are (MACHINE_LOCAL:
+        options (storage, heartbeat, workers, n_trials, pruner) or the factors' baselines (which analysis
+        alone reads: a rerun may change them), nor where the files are (MACHINE_LOCAL:
         workers on several machines may find the data elsewhere, and load them with other worker counts).
         `data`: what planning found to tell the cells' data apart from others (PlannedCell.data), the
         same wherever they lie (an ImageFolder's class names): a DATA_IDENTITY field where there is any."""
         tree = {"objective": {"metric": self.metric, "direction": self.direction, "value": self.value},
                 "sampler": {**TPE_DEFAULTS, **self.sampler} if self.sampler["name"] == "tpe" else self.sampler,
                 "seeds": list(self.seeds),
-                "factors": {f.name: {"levels": f.levels, "baseline": f.baseline} for f in self.factors},
+                "factors": {f.name: {"levels": f.levels} for f in self.factors},
                 "search_space": self.search_space, "config": self.base_config()}
         if identities := sorted({d for d in data if d}):
             tree[DATA_IDENTITY] = identities
