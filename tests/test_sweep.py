@@ -56,6 +56,7 @@ TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.
     ("sampler: tpe\nn_trials: 3\n", "search_space: is required for sampler tpe"),
     ("budget: {epochs: 3}\n", "budget.epochs: unknown key"),
     ("budget: {max_epochs: 0}\n", "budget.max_epochs: 0 must be >= 1, or -1 for no limit"),
+    ("budget: {max_epochs: abc}\n", "budget.max_epochs: 'abc' is not a number: it must be >= 1, or -1 for no limit"),
     ("budget: {max_time: abc}\n", "budget.max_time: 'abc' must be DD:HH:MM:SS"),
     ("budget: {limit_val_batches: -1}\n", "budget.limit_val_batches: -1 must be a count of batches >= 0"),
     ("objective: {metrc: val/acc5}\n", "objective.metrc: unknown key; allowed: direction, metric, value"),

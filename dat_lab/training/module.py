@@ -80,12 +80,13 @@ def check_options(options: Any, rules: dict[str, tuple[Callable[[Any], Any], str
     for name, (ok, allowed) in rules.items():
         if name not in options:
             continue
+        value, kind = options[name], ""
         try:
-            holds = not isinstance(options[name], bool) and bool(ok(options[name]))
-        except TypeError:
-            holds = False
+            holds = not isinstance(value, bool) and bool(ok(value))
+        except TypeError:  # text where a number belongs (a sweep override, budget.max_epochs=abc)
+            holds, kind = False, "is not a number: it " if isinstance(value, str) else ""
         if not holds:
-            raise ValueError(f"{prefix}.{name}: {options[name]!r} must be {allowed}")
+            raise ValueError(f"{prefix}.{name}: {value!r} {kind}must be {allowed}")
 
 
 def check_recipe(**options: Any) -> None:
