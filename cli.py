@@ -268,7 +268,7 @@ def _sweep_status(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from dat_lab import metrics as M
-    from dat_lab.analysis.study import STALE, load, trials_frame
+    from dat_lab.analysis.study import STALE, counts_text, load, trials_frame
     from dat_lab.analysis.tables import metric_label, metric_text
 
     study, info = load(args.study, _existing_storage(args.storage, args.study))
@@ -280,8 +280,7 @@ def _sweep_status(args: argparse.Namespace) -> None:
         return
     rows = trials_frame(study, info)
     statuses = Counter(rows["status"]) if not rows.empty else Counter()
-    print(f"study {args.study!r}: " + ", ".join(f"{statuses[k]} {k}" for k in ("done", "running", "failed", "pending"))
-          + "".join(f", {n} {k}" for k, n in statuses.items() if k not in ("done", "running", "failed", "pending")))
+    print(f"study {args.study!r}: {counts_text(statuses)}")
     if rows.empty:
         return
     label, _ = metric_label(info.metric)  # in analyze's units
@@ -304,11 +303,12 @@ def _sweep_status(args: argparse.Namespace) -> None:
 
 def _analyze(args: argparse.Namespace) -> None:
     from dat_lab.analysis import analyze
+    from dat_lab.analysis.study import counts_text
 
     storage = _existing_storage(args.storage, args.study)
     out = args.out or f"runs/{args.study}/analysis"
     report = analyze(args.study, storage, out, baseline=args.baseline)
-    print(f"study {args.study!r}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
+    print(f"study {args.study!r}: {counts_text(report.counts)}")
     if report.paper is not None:
         print("As in the paper:")
         _print_table(report.paper.to_dict(orient="records"))

@@ -190,6 +190,11 @@ def test_partial_and_empty_studies(tmp_path, capsys):
     report = analyze("known", storage, tmp_path / "out")
     status = dict(zip(zip(report.table["position"], report.table["s"]), report.table["status"]))
     assert status[("none", "0")] == "0/2 done; missing" and status[("none", "2")] == "1/2 done; running"
+    # counted as sweep-status counts: done, running, failed, pending always, in that order, then the others
+    assert "Trials: 5 done, 1 running, 0 failed, 0 pending, 2 missing." in report.path.read_text()
+    assert "## Table (mean ± sd over seeds; diff: to the baseline)" in report.path.read_text()
+    assert cli.main(["analyze", "known", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith("study 'known': 5 done, 1 running, 0 failed, 0 pending, 2 missing\n")
     optuna.create_study(storage=storage, study_name="empty")
     with pytest.raises(AnalysisError, match="study 'empty' has no finished trials yet"):
         analyze("empty", storage, tmp_path / "empty")
@@ -345,6 +350,7 @@ def test_learning_curves_put_each_validation_at_its_epoch(tmp_path):
     fig = learning_curves(frame, StudyInfo(name="s", metric=M.VAL_ACC1, direction="maximize", factors={}, seeds=[0]))
     [line] = [line for line in fig.axes[0].lines if len(line.get_xdata()) == 2]
     assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == pytest.approx([50.0, 70.0])
+    assert list(fig.axes[0].get_xticks()) == [2, 4] and fig.axes[0].get_title() == "s: learning curves (one seed)"
 
 
 def test_params_and_flops_show_three_significant_digits_at_any_scale():
@@ -386,3 +392,12 @@ def test_a_numeric_factors_plot_names_the_other_factor_and_ticks_its_levels():
         shown[factor] = ([t.get_text() for t in ax.get_xticklabels()], legend.get_title().get_text(),
                          [t.get_text() for t in legend.get_texts()][:2])
     assert shown == {"x": (["1", "2"], "y", ["1", "1.0"]), "y": (["1", "1.0"], "x", ["1", "2"])}  # 1, 1.0: two bars
+
+
+def test_titles_say_what_the_spread_is_over():
+    from dat_lab.analysis.tables import spread_text
+
+    one, two = (StudyInfo(name="s", metric=M.VAL_ACC1, direction="maximize", factors={}, seeds=s) for s in ([0], [0, 1]))
+    assert (spread_text(one), spread_text(two)) == ("one seed", "mean ± sd over seeds")
+    assert spread_text(one, other_factors=True) == "mean ± sd over the other factors' levels; one seed"
+    assert spread_text(two, other_factors=True) == "mean ± sd over seeds and the other factors' levels"

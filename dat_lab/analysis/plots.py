@@ -19,7 +19,7 @@ import seaborn as sns  # noqa: E402
 
 from .. import metrics as M  # noqa: E402
 from .study import StudyInfo  # noqa: E402
-from .tables import baseline_levels, metric_label  # noqa: E402
+from .tables import baseline_levels, metric_label, spread_text  # noqa: E402
 
 BASELINE_COLOR, OTHER_COLOR = "#d62728", "#4c72b0"
 X, Y = "(x)", "(y)"  # factor_plot's columns beside the factors': names no factor can take
@@ -73,7 +73,7 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
         low = done[Y].min()
         ax.set_ylim(bottom=max(0.0, low - 0.15 * (done[Y].max() - low + 1e-9) - 1.0) if scale == 100 else None)
     ax.set_ylabel(label)
-    ax.set_title(f"{info.name}: {info.metric} by {factor} (mean ± sd over seeds)", fontsize=9)
+    ax.set_title(f"{info.name}: {info.metric} by {factor} ({spread_text(info, len(others) > 1)})", fontsize=9)
     return fig
 
 
@@ -106,9 +106,13 @@ def learning_curves(frame: pd.DataFrame, info: StudyInfo, tag: str | None = None
     fig, ax = plt.subplots(figsize=(6, 3.8))
     sns.lineplot(data=data, x="epoch", y="y", hue="cell", errorbar="sd", marker="o", ax=ax)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    epochs = sorted(data["epoch"].unique())
+    if len(epochs) <= 12:  # a tick at each epoch (one epoch alone got ticks at 0.95, 1.0, 1.05)
+        ax.set_xticks(epochs)
+    else:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(label)
-    ax.set_title(f"{info.name}: learning curves (mean ± sd over seeds)", fontsize=9)
+    ax.set_title(f"{info.name}: learning curves ({spread_text(info)})", fontsize=9)
     ax.legend(fontsize=7, title=", ".join(factors) or None, title_fontsize=7)
     return fig
 

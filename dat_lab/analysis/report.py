@@ -10,8 +10,8 @@ import pandas as pd
 from .. import metrics as M
 from ..figures import save_figure
 from . import plots
-from .study import AnalysisError, load, trials_frame
-from .tables import display_search, markdown, search_csv, summarize, write_tables
+from .study import AnalysisError, counts_text, load, trials_frame
+from .tables import display_search, markdown, search_csv, spread_text, summarize, write_tables
 
 
 @dataclass
@@ -60,12 +60,11 @@ def _slug(name: str) -> str:
 
 def _write_report(report: Report, info) -> Report:
     lines = [f"# Study `{info.name}`", "",
-             f"Objective: `{info.metric}` ({info.direction}). Trials: "
-             + ", ".join(f"{v} {k}" for k, v in report.counts.items()) + ".", ""]
+             f"Objective: `{info.metric}` ({info.direction}). Trials: {counts_text(report.counts)}.", ""]
     if report.paper is not None:
         lines += ["## As in the paper", "", markdown(report.paper, left=1), ""]
     table = markdown(report.table, left=len(info.factors))
-    lines += ["## Table (mean ± std over seeds; diff: to the baseline)" if info.grid else "## Trials", "",
+    lines += [f"## Table ({spread_text(info)}; diff: to the baseline)" if info.grid else "## Trials", "",
               table, "",
               "Also as [CSV](table.csv)" + (" and [LaTeX](table.tex)." if info.grid else "."), "", "## Plots", ""]
     for png in [p for p in report.plots if p.suffix == ".png"]:

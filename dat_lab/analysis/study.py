@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import optuna
 import pandas as pd
@@ -75,6 +75,14 @@ def _is_grid(study: optuna.Study) -> bool:
 STATUS = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.WAITING: "pending",
           TrialState.FAIL: "failed", TrialState.PRUNED: "pruned"}
 STALE = "stale"  # the status of a RUNNING trial whose worker has sent no heartbeat for the grace period
+COUNTED = ("done", "running", "failed", "pending")  # always counted, in this order; other statuses after them
+
+
+def counts_text(statuses: Mapping[str, int]) -> str:
+    """How many rows of each status, as sweep-status, analyze and report.md say it:
+    "1 done, 1 running, 0 failed, 6 pending" (then stale, missing, pruned, where there are any)."""
+    return ", ".join([f"{statuses.get(k, 0)} {k}" for k in COUNTED]
+                     + [f"{n} {k}" for k, n in statuses.items() if k not in COUNTED])
 
 
 def stale_trials(study: optuna.Study, heartbeat: tuple[int, int]) -> set[int]:

@@ -26,6 +26,16 @@ def metric_text(metric: str, value: float) -> str:
     return _fmt(value * scale if value is not None else None, _digits(metric))
 
 
+def spread_text(info: StudyInfo, other_factors: bool = False) -> str:
+    """What a table's or plot's value and spread are over: its seeds (one: the value itself) and, where
+    `other_factors`, the other factors' levels, pooled."""
+    seeds = len(info.seeds) > 1
+    over = (["seeds"] if seeds else []) + (["the other factors' levels"] if other_factors else [])
+    if not over:
+        return "one seed"
+    return f"mean ± sd over {' and '.join(over)}" + ("" if seeds else "; one seed")
+
+
 def _digits(metric: str) -> int:
     """Decimals a metric's values are shown with: 2 in percent, else 4."""
     return 2 if metric_label(metric)[1] != 1.0 else 4
