@@ -122,6 +122,7 @@ def test_analyze_writes_every_output(tmp_path):
     assert "95.00 ± 1.41" in text and "baseline" in text and "![factor_s](factor_s.png)" in text
     tex = (tmp_path / "out" / "table.tex").read_text()
     assert r"\toprule" in tex and r"95.00 $\pm$ 1.41" in tex and r"val/acc1 (\%)" in tex
+    assert r"\begin{tabular}{llrrrrrr}" in tex  # the two factors left, the numbers right
     assert "-7.00" in (tmp_path / "out" / "table.md").read_text()
 
 

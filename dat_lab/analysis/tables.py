@@ -222,7 +222,8 @@ def write_tables(table: pd.DataFrame, info: StudyInfo,
     table.drop(columns=["baseline"]).to_csv(paths["csv"], index=False)
     tex = display(table, info, latex=True)
     tex.columns = [c.replace("%", r"\%").replace("_", r"\_") for c in tex.columns]
-    paths["tex"].write_text(tex.to_latex(index=False, escape=False))
+    left = len(info.factors)  # the factors' levels left, the numbers right, as in table.md
+    paths["tex"].write_text(tex.to_latex(index=False, escape=False, column_format="l" * left + "r" * (tex.shape[1] - left)))
     paper = paper_layout(table, info)
     if paper is not None:
         paths["paper"] = out / "paper_table.md"
