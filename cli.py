@@ -150,7 +150,7 @@ def _train(argv: list[str]) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from dat_lab.sweep import parse_spec, plan
+    from dat_lab.sweep import SpecError, parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
     from dat_lab.metrics import check_storage_url, default_storage, shown_url, sqlite_path
     from dat_lab.sweep.runner import gpu_shares, make_storage, preflight, spawn_workers, visible_gpus
@@ -176,7 +176,14 @@ def _sweep(args: argparse.Namespace) -> None:
     file = sqlite_path(storage)
     new_file = file is not None and not file.exists()
     opened = make_storage(storage, spec.heartbeat) if not new_file and (file is not None or not args.dry_run) else None
-    preflight(spec, opened, storage, study, args.runs_root)  # another spec's study: refused at once,
+    try:
+        preflight(spec, opened, storage, study, args.runs_root)  # another spec's study: refused at once,
+        other_spec = None
+    except SpecError as err:
+        other_spec = err
+    if other_spec is not None:  # unless a cell does not build: a typo in a key reads as another spec too
+        plan(spec, spec.planned_cells())  # (outside the except: its error is not read as one of this)
+        raise other_spec
     planned = plan(spec, spec.planned_cells())
     if args.dry_run:
         preflight(spec, opened, storage, study, args.runs_root, planned)  # and on other data once they are found

@@ -129,8 +129,13 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     with pytest.raises(SpecError, match=r"search_space.model.ema_decay = 0.0: objective val_ema/acc1 is logged only"):
         plan(parse_spec(_write(tmp_path, ema_search.replace("low: 0.99", "low: 0.0"))))
     spec = parse_spec(_write(tmp_path, BASE + "factors: {x: {path: model.learning_rate, values: [1]}}\n"))
-    with pytest.raises(SpecError, match=r"cell 'x=1': training config: .*model.learning_rate"):
+    with pytest.raises(SpecError, match=r"cell 'x=1': training config: .*model.learning_rate' \(model options: "
+                                        r"variant, overrides, .*, weights\)$"):
         plan(spec)
+    for delta, meant in (("{trainer: {max_epochz: 1}}", "trainer.max_epochs"), ("{modell: {lr: 1}}", "model"),
+                         ("{data: {init_args: {batch_sizee: 8}}}", "data.init_args.batch_size")):
+        with pytest.raises(SpecError, match=re.escape(f"(did you mean {meant}?)")):
+            plan(parse_spec(_write(tmp_path, BASE + f"delta: {delta}\n")))
     # a search: each search-space path at its bounds and choices, before any trial samples it
     spec = parse_spec(_write(tmp_path, BASE + TPE.replace("model.lr:", "model.lrr:")))
     with pytest.raises(SpecError, match=r"search_space.model.lrr = 0.0001: training config: .*model.lrr"):
@@ -768,6 +773,9 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"study 't' in {storage} was made by another spec" in err, err
         assert field in err and "use --study NEW_NAME" in err, err
+    # a typo in a key differs from the study's spec too: the typo is what is said
+    assert _dry_run(spec, storage, tmp_path, "delta.model.lrr=0.1") == 2
+    assert "does not accept option 'model.lrr' (did you mean model.lr?)" in capsys.readouterr().err
     argv = ["sweep", str(spec), "seeds=[0,1,2]", "--storage", storage, "--runs-root", str(tmp_path / "runs")]
     assert cli.main(argv) == 2  # a real run too, before any trial
     assert optuna.load_study(study_name="t", storage=storage).get_trials() == []

@@ -11,6 +11,8 @@ and channels.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import re
 import sys
@@ -280,7 +282,43 @@ def config_error(err: BaseException) -> str:
         inner = cause if lines else inner
     lines = [line.strip() for line in str(inner).strip().splitlines() if not line.strip().startswith("Parser key")]
     text = lines[0] if lines else type(inner).__name__
-    return f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
+    text = f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
+    return text + _did_you_mean(text)
+
+
+def _init_args(cls: type) -> list[str]:
+    return [n for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _did_you_mean(text: str) -> str:
+    """For an option jsonargparse does not know (`model.lrr` in a config, `--model.lrr` on the command
+    line, `batch_sizee` of --data): the options it may have meant, or (of the model) those there are."""
+    from lightning.pytorch import Trainer  # (imported by LightningCLI already)
+
+    found = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", text)
+    data = re.match(r"--data: Option '(\w+)' is not accepted", text)
+    if data:
+        group, name = "data.init_args", data.group(1)
+    elif found:
+        group, _, name = (found.group(1) or found.group(2)).rpartition(".")
+    else:
+        return ""
+    groups = {"": ["model", "data", "trainer", "seed_everything", "ckpt_path", "name"],
+              "model": [n for n in _init_args(ImageClassifier) if n != "model_config"],  # (checkpoints set it)
+              "trainer": _init_args(Trainer), "data.init_args": sorted({n for c in _data_classes() for n in _init_args(c)})}
+    if group not in groups:  # the group itself (`modell.lr`)
+        group, name = "", group.partition(".")[0]
+    prefix = f"{group}." if group else ""
+    if close := difflib.get_close_matches(name, groups[group], n=2, cutoff=0.75):
+        return f" (did you mean {' or '.join(prefix + c for c in close)}?)"
+    return f" (model options: {', '.join(groups[group])})" if group == "model" else ""
+
+
+def _data_classes() -> list[type]:
+    from .. import data
+
+    return [c for c in vars(data).values() if isinstance(c, type) and issubclass(c, ImageDataModule)]
 
 
 def rank_error(err: BaseException) -> str:
