@@ -655,6 +655,17 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     assert list(line.get_xdata()) == [1]
 
 
+def test_cells_not_run_yet_show_their_params_and_flops(tmp_path):
+    from dat_lab.analysis import analyze
+
+    spec = parse_spec(DEMO)
+    study = open_study(spec, f"sqlite:///{tmp_path / 'p.db'}", "p", plan(spec))
+    study.tell(study.ask(), 0.9)  # one cell done (analysis needs one), the others queued
+    table = analyze("p", f"sqlite:///{tmp_path / 'p.db'}", tmp_path / "out").table
+    assert list(table["params (M)"]) == ["0.575", "0.576", "0.574", "0.576"]  # as in the README's demo table
+    assert list(table["FLOPs (G)"]) == ["0.00738", "0.00742", "0.00737", "0.00741"]
+
+
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capfd):
     storage = f"sqlite:///{tmp_path / 'f.db'}"
     spec = _write(tmp_path, BASE + "budget: {max_epochs: 1, limit_train_batches: 6, limit_val_batches: 1}\n"

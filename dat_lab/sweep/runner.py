@@ -213,13 +213,16 @@ def cell_trials(study: optuna.Study) -> dict[str, list[FrozenTrial]]:
 
 
 def enqueue_missing(study: optuna.Study, planned: list[PlannedCell]) -> int:
-    """Queue every cell with no COMPLETE, RUNNING or WAITING trial; how many were queued."""
+    """Queue every cell with no COMPLETE, RUNNING or WAITING trial, with its params and FLOPs (analysis shows
+    them for cells not run yet); how many were queued."""
     by_cell = cell_trials(study)
     queued = 0
     for p in planned:
         states = {t.state for t in by_cell.get(p.cell.key, [])}
         if not states & {TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING}:
-            study.enqueue_trial({}, user_attrs={CELL: p.cell.key})
+            cost = p.cost.shown()
+            study.enqueue_trial({}, user_attrs={CELL: p.cell.key, M.TRIAL_PARAMS_M: cost["params_m"],
+                                                M.TRIAL_GFLOPS: cost["gflops"]})
             queued += 1
     return queued
 
