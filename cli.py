@@ -70,7 +70,7 @@ def _profile(args: argparse.Namespace) -> None:
             raise ValueError(f"img_size {config.img_size}: out of memory running one image through {args.variant} "
                              f"(global attention's maps grow with the 4th power of the size)") from None
         # what the counts depend on beside the variant: a sweep's cells count their data's classes and channels
-        rows = [{"model": args.variant, "set": ", ".join(args.set or []) or "-", "img_size": config.img_size,
+        rows = [{"model": args.variant, "set": "; ".join(args.set or []) or "-", "img_size": config.img_size,
                  "in_chans": config.in_chans, "num_classes": config.num_classes, **p.shown()}]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -193,7 +193,7 @@ def test_partial_and_empty_studies(tmp_path, capsys):
     assert status[("none", "0")] == "0/2 done; missing" and status[("none", "2")] == "1/2 done; running"
     # counted as sweep-status counts: done, running, failed, pending always, in that order, then the others
     assert "Trials: 5 done, 1 running, 0 failed, 0 pending, 2 missing." in report.path.read_text()
-    assert "## Table (mean ± sd over seeds; diff: to the baseline)" in report.path.read_text()
+    assert "## Table (mean ± std over seeds; diff: to the baseline)" in report.path.read_text()
     assert cli.main(["analyze", "known", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.startswith("study 'known': 5 done, 1 running, 0 failed, 0 pending, 2 missing\n")
     optuna.create_study(storage=storage, study_name="empty")
@@ -399,6 +399,6 @@ def test_titles_say_what_the_spread_is_over():
     from dat_lab.analysis.tables import spread_text
 
     one, two = (StudyInfo(name="s", metric=M.VAL_ACC1, direction="maximize", factors={}, seeds=s) for s in ([0], [0, 1]))
-    assert (spread_text(one), spread_text(two)) == ("one seed", "mean ± sd over seeds")
-    assert spread_text(one, other_factors=True) == "mean ± sd over the other factors' levels; one seed"
-    assert spread_text(two, other_factors=True) == "mean ± sd over seeds and the other factors' levels"
+    assert (spread_text(one), spread_text(two)) == ("one seed", "mean ± std over seeds")
+    assert spread_text(one, other_factors=True) == "mean ± std over the other factors' levels; one seed"
+    assert spread_text(two, other_factors=True) == "mean ± std over seeds and the other factors' levels"

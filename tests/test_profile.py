@@ -58,7 +58,7 @@ def test_profile_variant_cli(capsys):
     assert cli.main(["profile", "dat_pico", "--set", "offset_range=4", "--set", "groups=[1,1,4,8]", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["model"] == "dat_pico" and row["img_size"] == 32 and row["params_m"] > 0.5
-    assert (row["set"], row["in_chans"], row["num_classes"]) == ("offset_range=4, groups=[1,1,4,8]", 3, 1000)
+    assert (row["set"], row["in_chans"], row["num_classes"]) == ("offset_range=4; groups=[1,1,4,8]", 3, 1000)
     assert cli.main(["profile", "dat_pico", "--img-size", "64", "--json"]) == 0
     (bigger,) = json.loads(capsys.readouterr().out)
     assert bigger["gflops"] > 3 * row["gflops"]

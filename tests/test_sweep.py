@@ -136,6 +136,8 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
                          ("{data: {init_args: {batch_sizee: 8}}}", "data.init_args.batch_size")):
         with pytest.raises(SpecError, match=re.escape(f"(did you mean {meant}?)")):
             plan(parse_spec(_write(tmp_path, BASE + f"delta: {delta}\n")))
+    from dat_lab.training.cli import _did_you_mean  # inside a known group's option: not "did you mean trainer?"
+    assert _did_you_mean("Subcommand 'fit' does not accept option 'trainer.logger.save_dirr'") == ""
     # a search: each search-space path at its bounds and choices, before any trial samples it
     spec = parse_spec(_write(tmp_path, BASE + TPE.replace("model.lr:", "model.lrr:")))
     with pytest.raises(SpecError, match=r"search_space.model.lrr = 0.0001: training config: .*model.lrr"):
@@ -171,6 +173,19 @@ def test_grid_cells_are_the_product_times_seeds():
     assert len(cells) == 2 * 2 * 2 and len({c.key for c in cells}) == 8
     assert cells[0].levels == {"position": "relative", "s": "0"}
     assert spec.trial_config(cells[-1].delta, 1)["model"]["overrides"] == {"position": "none", "offset_range": 2}
+
+
+def test_a_trials_seed_is_its_datas_too_over_a_base_that_names_one(tmp_path):
+    """A run's config.yaml names its data's seed: as a spec's base, each seed still sees its own batches;
+    a factor (or the spec's delta) on the data's seed is taken as given."""
+    run = yaml.safe_load((ROOT / "experiments" / "digits_quick.yaml").read_text())
+    run["data"]["init_args"]["seed"] = 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(run))
+    spec = parse_spec(_write(tmp_path, f"study: t\nbase: {tmp_path / 'config.yaml'}\nseeds: [0, 1]\n"))
+    assert [spec.trial_config(c.delta, c.seed)["data"]["init_args"]["seed"] for c in spec.cells()] == [0, 1]
+    spec = parse_spec(_write(tmp_path, f"study: t\nbase: {tmp_path / 'config.yaml'}\nseeds: [0, 1]\n"
+                                       "factors: {d: {path: data.init_args.seed, values: [5]}}\n"))
+    assert [spec.trial_config(c.delta, c.seed)["data"]["init_args"]["seed"] for c in spec.cells()] == [5, 5]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def spread_text(info: StudyInfo, other_factors: bool = False) -> str:
     over = (["seeds"] if seeds else []) + (["the other factors' levels"] if other_factors else [])
     if not over:
         return "one seed"
-    return f"mean ± sd over {' and '.join(over)}" + ("" if seeds else "; one seed")
+    return f"mean ± std over {' and '.join(over)}" + ("" if seeds else "; one seed")
 
 
 def _digits(metric: str) -> int:

@@ -23,7 +23,7 @@ from ..training.module import ImageClassifier, check_recipe, weights_for
 from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
 
-LOADER_ARGS = {"batch_size", "num_workers", "seed", "split_seed", "img_size"}  # DataModule options that do not move the data
+LOADER_ARGS = {"batch_size", "num_workers", "seed", "split_seed", "img_size"}  # DataModule options check() ignores
 GPU_ACCELERATORS = ("auto", "gpu", "cuda")
 DDP_NAMES = re.compile(r"ddp(?:_spawn|_fork|_notebook)?(_find_unused_parameters_(?:true|false))?")  # Lightning's
 IN_PROCESS = re.compile(r"auto|single_device|single_xla|xla(_.*)?|([\w.]+\.)?(SingleDevice|SingleDeviceXLA|XLA)Strategy",
@@ -185,7 +185,7 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     out, models, profiles, data_checked = [], {}, {}, {}
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
-        if cell.name not in models:  # a cell's seeds differ in seed_everything only: parsed once per cell
+        if cell.name not in models:  # a cell's seeds differ in their seeds only (run's, data's): parsed once per cell
             model, data = _checked_model(spec, f"cell {cell.name or M.BASE_CELL!r}", config, data_checked,
                                          sampled=spec.search_space)
             found = {data}  # and the data of each search-space choice (a search may choose among datasets)

@@ -173,8 +173,6 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
             study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
         if study.user_attrs.get(M.STUDY_HEARTBEAT) != list(spec.heartbeat):  # it may change: status reads the latest
             study.set_user_attr(M.STUDY_HEARTBEAT, list(spec.heartbeat))
-        if study.user_attrs.get(M.STUDY_FACTORS) != (factors := _factors(spec)):  # baselines may change: analysis's
-            study.set_user_attr(M.STUDY_FACTORS, factors)
         if FINGERPRINT not in study.user_attrs:  # from before fingerprints, or its creator died: guarded from now on
             study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))
             time.sleep(POLL_SECONDS / 4)  # two workers adopting at once: the fingerprint stored last holds,
@@ -182,6 +180,8 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         elif DATA_IDENTITY not in study.user_attrs[FINGERPRINT]:  # stored before it held the data (else the same):
             if DATA_IDENTITY in (ours := _fingerprint(spec, planned)):  # the data are guarded from now on
                 study.set_user_attr(FINGERPRINT, ours)
+        if study.user_attrs.get(M.STUDY_FACTORS) != (factors := _factors(spec)):  # baselines may change: analysis's
+            study.set_user_attr(M.STUDY_FACTORS, factors)
     else:
         study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))  # first: what a loading worker checks
         study.set_user_attr("spec", str(spec.path))

@@ -13,8 +13,8 @@
         path: model.overrides.offset_range
         values: [0, 1, 2, 4]
       rows: {paper_table: 7}                  # the paper's rows (dat_lab.ablations) as levels
-    seeds: [0, 1]                             # each cell once per seed (seed_everything: the weights, and the
-                                              # data's shuffling and augmentation; not the digits' split)
+    seeds: [0, 1]                             # each cell once per seed (seed_everything, and the data's seed:
+                                              # their shuffling and augmentation; not the digits' split)
     objective: {metric: val/acc1, direction: maximize, value: best}
     sampler: grid                             # or {name: tpe, seed: 0, n_startup_trials: 8, multivariate: true}
     search_space: {model.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}}   # tpe only
@@ -167,6 +167,10 @@ class SweepSpec:
         return cells if self.is_grid else cells[:1]
 
     def base_config(self) -> dict[str, Any]:
+        """The base training config with the spec's delta (and budget) merged in."""
+        return deep_merge(self._base_file(), self.delta)
+
+    def _base_file(self) -> dict[str, Any]:
         try:
             with open(self.base) as f:
                 base = yaml.safe_load(f) or {}
@@ -176,11 +180,16 @@ class SweepSpec:
                             f"experiments/digits_quick.yaml)") from None
         if not isinstance(base, dict):
             raise SpecError(f"{self.path}: base: {self.base} is not a training config (a mapping of trainer, model, data)")
-        return deep_merge(base, self.delta)
+        return base
 
     def trial_config(self, delta: Mapping[str, Any], seed: int) -> dict[str, Any]:
-        """The full training config of a trial: base, spec delta, cell delta, seed."""
-        return deep_merge(deep_merge(self.base_config(), delta), {"seed_everything": seed})
+        """The full training config of a trial: base, spec delta, cell delta, seed. The seed is the data's
+        too (their shuffling and augmentation), over a base that names one (a run's config.yaml does): only
+        the spec's delta or a factor may set the data's seed otherwise."""
+        base = self._base_file()
+        if isinstance(data := base.get("data"), Mapping) and "class_path" in data:
+            base = deep_merge(base, {"data": {"init_args": {"seed": seed}}})
+        return deep_merge(deep_merge(deep_merge(base, self.delta), delta), {"seed_everything": seed})
 
     def fingerprint(self, data: Iterable[str] = ()) -> dict[str, Any]:
         """What defines a study's results, as {dotted field: value} (JSON values): objective, sampler, seeds,

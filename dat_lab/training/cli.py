@@ -307,7 +307,9 @@ def _did_you_mean(text: str) -> str:
     groups = {"": ["model", "data", "trainer", "seed_everything", "ckpt_path", "name"],
               "model": [n for n in _init_args(ImageClassifier) if n != "model_config"],  # (checkpoints set it)
               "trainer": _init_args(Trainer), "data.init_args": sorted({n for c in _data_classes() for n in _init_args(c)})}
-    if group not in groups:  # the group itself (`modell.lr`)
+    if group not in groups:  # the group itself (`modell.lr`), not an option inside a known one's (`trainer.logger.x`)
+        if group.partition(".")[0] in groups:
+            return ""
         group, name = "", group.partition(".")[0]
     prefix = f"{group}." if group else ""
     if close := difflib.get_close_matches(name, groups[group], n=2, cutoff=0.75):
