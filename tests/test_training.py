@@ -179,7 +179,7 @@ def test_trainer_ranges_take_what_lightning_takes():
         check_trainer(options)
     with pytest.raises(ValueError, match=r"^trainer.max_time: '00:1:00:00' must be DD:HH:MM:SS"):  # Lightning's
         check_trainer({"max_time": "00:1:00:00"})  # Timer reads two digits
-    with pytest.raises(ValueError, match=r"^budget.max_epochs: 'abc' must be >= 1"):
+    with pytest.raises(ValueError, match=r"^budget.max_epochs: 'abc' is not a number: it must be >= 1"):
         check_trainer({"max_epochs": "abc"}, "budget")
 
 
