@@ -99,7 +99,8 @@ class MetricTracker(L.Callback):
             self.best = self.last
         # the step Lightning's loggers log this validation's metrics at (its count of optimizer steps,
         # which it raises after an epoch's last validation; private: the global step, should it go)
-        self.step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        loop = trainer.fit_loop.epoch_loop
+        self.step = loop._batches_that_stepped if hasattr(loop, "_batches_that_stepped") else trainer.global_step
         for which, kept in (("best", self.best), ("last", self.last), ("step", self.step)):
             trainer.callback_metrics[M.tracked(self.metric, which)] = torch.tensor(kept)
 
