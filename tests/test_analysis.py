@@ -402,3 +402,15 @@ def test_titles_say_what_the_spread_is_over():
     assert (spread_text(one), spread_text(two)) == ("one seed", "mean ± std over seeds")
     assert spread_text(one, other_factors=True) == "mean ± std over the other factors' levels; one seed"
     assert spread_text(two, other_factors=True) == "mean ± std over seeds and the other factors' levels"
+
+
+def test_a_bar_plot_of_accuracies_spans_its_bars_and_error_bars():
+    """Not 0 to 100, nor (the autoscale from 0) up to 100: the figures' differences are a point or two."""
+    from dat_lab.analysis.plots import factor_plot
+
+    rows = [{"p": p, "status": "done", "seed": s, "value": v} for p, (a, b) in (("a", (0.92, 0.94)), ("b", (0.95, 0.96)))
+            for s, v in enumerate((a, b))]
+    info = StudyInfo(name="t", metric=M.VAL_ACC1, direction="maximize", seeds=[0, 1],
+                     factors={"p": {"levels": ["a", "b"], "baseline": "a", "paper_table": None}})
+    low, high = factor_plot(pd.DataFrame(rows), info, "p").axes[0].get_ylim()
+    assert 89 < low < 92 and 96.2 < high < 98  # the top error bar: 95.5 + 0.71

@@ -70,8 +70,12 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
                 tick.set_fontweight("bold")
         if len(base_cell):
             ax.axhline(base_cell[Y].mean(), color=BASELINE_COLOR, linestyle="--", linewidth=1, label="baseline cell")
-        low = done[Y].min()
-        ax.set_ylim(bottom=max(0.0, low - 0.15 * (done[Y].max() - low + 1e-9) - 1.0) if scale == 100 else None)
+        if scale == 100:  # accuracies: the bars' tops and error bars fill the axes (not up to 100)
+            low = done[Y].min()
+            drawn = [float(v) for line in ax.lines for v in line.get_ydata() if math.isfinite(float(v))]  # error bars
+            high = max([done[Y].max(), *drawn])
+            pad = 0.15 * (high - low + 1e-9)
+            ax.set_ylim(max(0.0, low - pad - 1.0), min(100.0 + pad, high + pad + 0.5))
     ax.set_ylabel(label)
     ax.set_title(f"{info.name}: {info.metric} by {factor} ({spread_text(info, len(others) > 1)})", fontsize=9)
     return fig
