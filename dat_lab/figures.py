@@ -56,7 +56,9 @@ def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequenc
     n, cols = images.shape[0], max(1, len(stages))
     fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.6 * n + 0.4), squeeze=False, layout="constrained")
     pictures = images.detach().float().cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-    pictures = pictures.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # matplotlib takes arrays, not tensors
+    if pictures.shape[1] != 3:  # RGB as it is; any other count of channels (1, 2, 4, ...) as their mean, in gray
+        pictures = pictures.mean(dim=1, keepdim=True)
+    pictures = pictures.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3 or 1): matplotlib takes arrays
     size = tuple(images.shape[-2:])
     for col, (stage, name) in enumerate(sorted(stages.items())):
         info = out["deformable"][name]

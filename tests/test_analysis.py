@@ -309,6 +309,14 @@ def test_sampling_points_figure_shows_images_on_a_fixed_scale():
     assert [t.get_text() for t in legend.get_texts()] == ["reference points", "group 0", "group 1", "group 2", "group 3"]
     image = fig.axes[0].images[0]
     assert image.get_clim() == (0, 1) and image.get_array().min() == image.get_array().max() == 0.5
+    for channels in (2, 4):  # not RGB: their mean, in gray (2 failed in matplotlib; 4 was drawn as RGBA)
+        model = dat_lab.create_model("dat_pico", in_chans=channels).eval()
+        x = torch.zeros(1, channels, 32, 32)
+        x[:, 0] = 1.0  # one channel brighter: the mean of (0.75, 0.5, ...)
+        with torch.no_grad():
+            fig = sampling_points_figure(x, model.forward_intermediates(x), mean=(0.5,) * channels, std=(0.25,) * channels)
+        shown = fig.axes[0].images[0].get_array()
+        assert shown.ndim == 2 and float(shown.mean()) == pytest.approx((0.75 + 0.5 * (channels - 1)) / channels)
 
 
 def test_visualize_a_checkpoint(tmp_path):
