@@ -128,10 +128,17 @@ def test_bad_model_config_is_one_line_before_training(tmp_path, capsys):
 
 
 def test_a_refusal_is_all_that_is_printed(tmp_path):
-    """Lightning's own lines (its seed's, printed on its logger, not sys.stderr) do not come before it."""
-    done = subprocess.run([sys.executable, "-m", "cli", "train", "--config", DIGITS, "--model.lr", "-1",
-                           "--trainer.default_root_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
-    assert (done.returncode, done.stdout, done.stderr) == (2, "", "dat-lab: error: model.lr: -1.0 must be > 0\n")
+    """Lightning's own lines (its seed's, its Trainer's "GPU available: ...", printed on its loggers, not
+    sys.stderr) do not come before it, whether an option or (checked once the Trainer is made) a checkpoint
+    is refused."""
+    weights = tmp_path / "converted.ckpt"
+    dat_lab.save_checkpoint(dat_lab.create_model("dat_pico", num_classes=10, in_chans=1), weights)
+    for args, message in ((["--model.lr", "-1"], "model.lr: -1.0 must be > 0"),
+                          (["--ckpt_path", str(weights)], f"--ckpt_path: {weights} holds a model's weights alone")):
+        done = subprocess.run([sys.executable, "-m", "cli", "train", "--config", DIGITS, *args,
+                               "--trainer.default_root_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+        assert (done.returncode, done.stdout) == (2, "") and done.stderr.startswith(f"dat-lab: error: {message}")
+        assert done.stderr.count("\n") == 1, done.stderr
 
 
 def test_resume_last_needs_a_run(tmp_path):

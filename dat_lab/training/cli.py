@@ -115,27 +115,6 @@ class DatLabCLI(LightningCLI):
         finally:
             sys.argv = argv
 
-    def _set_seed(self) -> None:
-        """LightningCLI's, its "Seed set to N" line held back until the classes are built (printed by
-        after_instantiate_classes), so that a refused option's line is the only one printed."""
-        self._held_seed_lines = []
-        seed_log = logging.getLogger("lightning.fabric.utilities.seed")
-
-        def hold(record: logging.LogRecord) -> bool:
-            self._held_seed_lines.append(record)
-            return False
-
-        seed_log.addFilter(hold)
-        try:
-            super()._set_seed()
-        finally:
-            seed_log.removeFilter(hold)
-
-    def after_instantiate_classes(self) -> None:
-        for record in getattr(self, "_held_seed_lines", ()):
-            logging.getLogger(record.name).handle(record)
-        self._held_seed_lines = []
-
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the config's model options with a checkpoint file's hyper-parameters,
         silently dropping those given; here the config builds the module, as for `--ckpt_path last`,
@@ -213,6 +192,7 @@ class DatLabCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint()
+        _HELD.release()
         if self.trainer.fast_dev_run:  # Lightning 2.6's on_train_end wrote last.ckpt (into <root>/checkpoints) even then
             for callback in self.trainer.checkpoint_callbacks:
                 callback.save_last = False
@@ -231,6 +211,7 @@ class DatLabCLI(LightningCLI):
 
     def _before_evaluation(self) -> None:
         self._check_checkpoint()
+        _HELD.release()
         config = self.config[self.subcommand]
         if not config.get("ckpt_path") and not config.model.get("weights") and rank_zero_only.rank == 0:
             print(f"dat-lab train {self.subcommand}: no --ckpt_path: evaluating the model as the config builds it "
@@ -241,6 +222,43 @@ class DatLabCLI(LightningCLI):
         self._quiet = warnings.catch_warnings()
         self._quiet.__enter__()
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
+
+
+class _HeldLines(logging.Filter):
+    """Lightning's lines as a run starts ("Seed set to 0", "GPU available: ..."), held back until its
+    options and checkpoint have been checked, so that a refusal is the only line printed."""
+
+    LOGGERS = ("lightning.fabric.utilities.seed", "lightning.pytorch.utilities.rank_zero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] | None = None  # None: not holding
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.records is None:
+            return True
+        self.records.append(record)
+        return False
+
+    def hold(self) -> None:
+        self.records = []
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def release(self) -> None:
+        """Print what was held (the checks passed), and hold no more."""
+        records, self.records = self.records or [], None
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+
+    def drop(self) -> None:
+        """Hold no more, printing nothing (the run was refused, or it ended)."""
+        self.records = None
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
+_HELD = _HeldLines()
 
 
 def _logger_args(logger: Any) -> Namespace | None:
@@ -356,6 +374,7 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
     argv = sys.argv  # whole for a command line (see DatLabCLI.parse_arguments); a sweep's trial has none
     if isinstance(args, dict):  # of its own (its DDP spawns its ranks: sweep.plan.in_worker)
         sys.argv = sys.argv[:1]
+    _HELD.hold()
     try:
         return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
                          trainer_defaults={"default_root_dir": "runs",
@@ -364,4 +383,5 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
                          parser_kwargs={name: {"exit_on_error": False} for name in SUBCOMMANDS}
                          | {"exit_on_error": False, "prog": "dat-lab train"})
     finally:
+        _HELD.drop()
         sys.argv = argv
