@@ -133,7 +133,7 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
                                         r"variant, overrides, .*, weights\)$"):
         plan(spec)
     for delta, meant in (("{trainer: {max_epochz: 1}}", "trainer.max_epochs"), ("{modell: {lr: 1}}", "model"),
-                         ("{data: {init_args: {batch_sizee: 8}}}", "data.init_args.batch_size")):
+                         ("{data: {init_args: {batch_sizee: 8}}}", "batch_size")):
         with pytest.raises(SpecError, match=re.escape(f"(did you mean {meant}?)")):
             plan(parse_spec(_write(tmp_path, BASE + f"delta: {delta}\n")))
     from dat_lab.training.cli import _did_you_mean  # inside a known group's option: not "did you mean trainer?"

@@ -101,7 +101,7 @@ class DatLabCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--name", type=str | None, default=None,
+        parser.add_argument("--name", type=str | None, default=None,  # checked in before_instantiate_classes
                             help="run name: runs go to <default_root_dir>/<name>/version_<n> (default: config file stem)")
         for key in ("num_classes", "img_size", "in_chans"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
@@ -124,6 +124,9 @@ class DatLabCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         files = config.get("config") or []
         name = config.get("name") or (Path(str(files[-1])).stem if files else "dat")
+        if set(name) & {"/", "\\"} or name in ("", ".", ".."):  # a folder under default_root_dir, not a path
+            raise ValueError(f"--name: {name!r} must be a folder name (no / or \\, not . or ..): runs go to "
+                             f"<default_root_dir>/<name>/version_<n>")
         trainer = config.trainer
         check_trainer(trainer)
         root = trainer.default_root_dir or "runs"
@@ -329,7 +332,9 @@ def _did_you_mean(text: str) -> str:
         if group.partition(".")[0] in groups:
             return ""
         group, name = "", group.partition(".")[0]
-    prefix = f"{group}." if group else ""
+    if group == "data.init_args" and name in groups[group]:  # another DataModule's option: none of this one's
+        return ""
+    prefix = {"": "", "data.init_args": ""}.get(group, f"{group}.")  # data: --data.X on the command line, init_args.X in a file
     if close := difflib.get_close_matches(name, groups[group], n=2, cutoff=0.75):
         return f" (did you mean {' or '.join(prefix + c for c in close)}?)"
     return f" (model options: {', '.join(groups[group])})" if group == "model" else ""
