@@ -172,7 +172,8 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
                           (["--data.num_workers", "-1"], "batch_size 64, num_workers -1, img_size 32: need"),
                           (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1 (did you mean model.lr?)"),
                           (["--data.batch_sizee", "8"], "--data: Option 'batch_sizee' is not accepted (did you mean batch_size?)"),
-                          (["--name", "../escape"], "--name: '../escape' must be a folder name (no / or \\, not . or ..)")):
+                          (["--name", "../escape"], "--name: '../escape' must be a folder name (no / or \\, not . or ..)"),
+                          (["--config", str(ROOT / "README.md")], f"--config: {ROOT / 'README.md'} is not valid YAML (")):
         assert cli.main(["train", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err

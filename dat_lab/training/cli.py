@@ -357,6 +357,24 @@ def rank_error(err: BaseException) -> str:
     return re.sub(r"^(?:\w+\.)+(?=\w+(?::|$))", "", first)
 
 
+def _check_yaml(path: str) -> None:
+    """A --config file that is there but no YAML, in one line naming it and where (jsonargparse's own
+    error names neither: "while parsing a block mapping")."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            yaml.safe_load(f)
+    except OSError:  # not there: jsonargparse says so
+        return
+    except UnicodeDecodeError:
+        raise ValueError(f"--config: {path} is not a text file (give a YAML training config)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"--config: {path} is not valid YAML ({getattr(err, 'problem', None) or err}{where})") from None
+
+
 def tensorboard_logger(save_dir: str, name: str, version: str | int) -> Namespace:
     """The run's logger as a config: TensorBoard events under <save_dir>/<name>/<version>, no hp_metric
     placeholder (HparamsMetric writes the real one)."""
@@ -376,6 +394,9 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
         if word not in SUBCOMMANDS + ("-h", "--help") and Path(word).suffix in (".yaml", ".yml", ".json"):
             raise ValueError(f"{word}: give a config file as --config {word} (the first word, if any, is "
                              f"one of {', '.join(SUBCOMMANDS)})")
+        for before, word in zip(args, args[1:]):
+            if before == "--config":
+                _check_yaml(word)
     argv = sys.argv  # whole for a command line (see DatLabCLI.parse_arguments); a sweep's trial has none
     if isinstance(args, dict):  # of its own (its DDP spawns its ranks: sweep.plan.in_worker)
         sys.argv = sys.argv[:1]
