@@ -1,6 +1,7 @@
 """Released checkpoints: config conversion, strict loading, and `dat-lab convert`."""
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -109,6 +110,8 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert "(GLOBAL argparse.Namespace was not an allowed global by default: objects besides weights" in err
     assert "torch.save(torch.load(FILE, weights_only=False)['model'], 'weights.pth'))\n" in err and err.count("\n") == 1
     assert not (tmp_path / "x.ckpt").exists()
+    with pytest.raises(ValueError, match=f"^{re.escape(str(released))}: carries no model_config"):  # named, as
+        dat_lab.load_checkpoint(released)  # by --model.weights and visualize, which read it so
 
 
 def test_convert_names_a_dat_lab_checkpoint_in_one_line(tmp_path, capsys):

@@ -151,11 +151,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> 
     torch.save({"model_config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, path)
 
 
-def config_from_checkpoint(data: Mapping[str, Any]) -> DATConfig:
-    """The model config a dat-lab (or Lightning, via its hyper-parameters) checkpoint carries."""
+def config_from_checkpoint(data: Mapping[str, Any], source: str = "checkpoint") -> DATConfig:
+    """The model config a dat-lab (or Lightning, via its hyper-parameters) checkpoint carries; `source`
+    names the file in the error where there is none."""
     config = data.get("model_config") or data.get("hyper_parameters", {}).get("model_config")
     if config is None:
-        raise ValueError("checkpoint carries no model_config; convert released weights with `dat-lab convert`")
+        raise ValueError(f"{source}: carries no model_config (released weights?); convert them with `dat-lab convert`")
     return config if isinstance(config, DATConfig) else DATConfig.from_dict(config)
 
 
@@ -164,7 +165,7 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module:
     from .dat import DAT
 
     data = _read(path)
-    model = DAT(config=config_from_checkpoint(data))
+    model = DAT(config=config_from_checkpoint(data, source=str(path)))
     state = data["state_dict"]
     if "hyper_parameters" in data:  # a Lightning checkpoint: the network is the `model` attribute
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

@@ -402,7 +402,8 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
         sys.argv = sys.argv[:1]
     _HELD.hold()
     try:
-        return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
+        # seed 0 unless given (Lightning's default, True, also comes to 0 where no seed was set, with a warning)
+        return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args, seed_everything_default=0,
                          trainer_defaults={"default_root_dir": "runs",
                                            "callbacks": default_callbacks() + list(extra_callbacks or [])},
                          save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
