@@ -102,7 +102,7 @@ def learning_curves(frame: pd.DataFrame, info: StudyInfo, tag: str | None = None
         epochs = {e.step: e.value for e in events.Scalars("epoch")} if "epoch" in events.Tags()["scalars"] else {}
         end = trial.get("last_step")  # the trial's last validation: a run resumed in its folder logs on after it
         for i, event in enumerate(events.Scalars(tag)):
-            if end is None or pd.isna(end) or event.step <= end:
+            if pd.isna(end) or event.step <= end:  # (None too)
                 rows.append({"epoch": int(epochs.get(event.step, i)) + 1, "y": event.value * scale, "cell": cell})
     if not rows:
         return None

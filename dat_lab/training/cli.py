@@ -334,7 +334,7 @@ def _did_you_mean(text: str) -> str:
         group, name = "", group.partition(".")[0]
     if group == "data.init_args" and name in groups[group]:  # another DataModule's option: none of this one's
         return ""
-    prefix = {"": "", "data.init_args": ""}.get(group, f"{group}.")  # data: --data.X on the command line, init_args.X in a file
+    prefix = f"{group}." if group in ("model", "trainer") else ""  # data: --data.X on a command line, init_args.X in a file
     if close := difflib.get_close_matches(name, groups[group], n=2, cutoff=0.75):
         return f" (did you mean {' or '.join(prefix + c for c in close)}?)"
     return f" (model options: {', '.join(groups[group])})" if group == "model" else ""
