@@ -93,16 +93,14 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _read_official_config(path: str) -> dict[str, Any]:
     """The model keywords of a released config YAML (MODEL: DAT: {...}) or of a flat YAML dict."""
+    from dat_lab.yaml_files import read_yaml
+
     try:
-        text = Path(path).read_text()
+        data = read_yaml(path, expected="the released config YAML") or {}
     except OSError as err:
         raise ValueError(f"--official-config: {path}: {err.strerror.lower()}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--official-config: {path} is not a text file (give the released config YAML)") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"--official-config: {path} is not YAML ({str(err).splitlines()[0]})") from None
+    except ValueError as err:
+        raise ValueError(f"--official-config: {err}") from None
     if isinstance(data, dict) and "MODEL" in data:
         data = data["MODEL"].get("DAT", {}) if isinstance(data["MODEL"], dict) else {}
     if not isinstance(data, dict) or not data:

@@ -83,7 +83,7 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert capsys.readouterr().err == f"dat-lab: error: --official-config: {tmp_path / 'none.yaml'}: no such file or directory\n"
     (tmp_path / "bad.yaml").write_text("MODEL: [")
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "x.ckpt")]) == 2
-    assert f"--official-config: {tmp_path / 'bad.yaml'} is not YAML" in capsys.readouterr().err
+    assert f"--official-config: {tmp_path / 'bad.yaml'} is not valid YAML (expected ',' or ']', but got '<stream end>' at line 1, column 9)" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("MODEL: 3")
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert "holds no MODEL.DAT keywords" in capsys.readouterr().err

@@ -106,13 +106,21 @@ def test_a_runs_root_that_is_a_file_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "r.db").exists()
 
 
-def test_a_spec_or_base_that_is_not_text_is_one_line(tmp_path):
+def test_a_spec_or_base_that_is_not_text_or_yaml_is_one_line(tmp_path):
     binary = tmp_path / "weights.pth"
     binary.write_bytes(bytes(range(256)))
-    with pytest.raises(SpecError, match=f"^{re.escape(str(binary))}: not a text file"):
+    with pytest.raises(SpecError, match=f"^{re.escape(str(binary))} is not a text file \\(give a sweep spec YAML"):
         parse_spec(binary)
     spec = parse_spec(_write(tmp_path, f"study: t\nbase: {binary}\n"))
     with pytest.raises(SpecError, match=f"base: {re.escape(str(binary))} is not a text file"):
+        plan(spec)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epochs: [1\n")
+    with pytest.raises(SpecError, match=f"^{re.escape(str(bad))} is not valid YAML \\(.* at line 3, column 1\\)$"):
+        parse_spec(bad)
+    spec = parse_spec(_write(tmp_path, f"study: t\nbase: {bad}\n"))
+    with pytest.raises(SpecError, match=f"^{re.escape(str(tmp_path / 'spec.yaml'))}: base: {re.escape(str(bad))} is not "
+                                        f"valid YAML \\(.* at line 3, column 1\\)$"):
         plan(spec)
 
 

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import optuna
-import yaml
 
 from .. import metrics as M
 from ..ablations import paper_rows
 from ..training.cli import check_trainer
+from ..yaml_files import read_yaml
 
 
 class SpecError(ValueError):
@@ -172,12 +172,9 @@ class SweepSpec:
 
     def _base_file(self) -> dict[str, Any]:
         try:
-            with open(self.base) as f:
-                base = yaml.safe_load(f) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            what = "not valid YAML" if isinstance(err, yaml.YAMLError) else "not a text file"
-            raise SpecError(f"{self.path}: base: {self.base} is {what} (give a training config, e.g. "
-                            f"experiments/digits_quick.yaml)") from None
+            base = read_yaml(self.base, expected="a training config, e.g. experiments/digits_quick.yaml") or {}
+        except ValueError as err:
+            raise SpecError(f"{self.path}: base: {err}") from None
         if not isinstance(base, dict):
             raise SpecError(f"{self.path}: base: {self.base} is not a training config (a mapping of trainer, model, data)")
         return base
@@ -361,13 +358,10 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such sweep spec")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise SpecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        except UnicodeDecodeError:
-            raise SpecError(f"{path}: not a text file (give a sweep spec YAML, e.g. sweeps/demo.yaml)") from None
+    try:
+        raw = read_yaml(path, expected="a sweep spec YAML, e.g. sweeps/demo.yaml") or {}
+    except ValueError as err:
+        raise SpecError(str(err)) from None
     raw = _mapping(path, "(top level)", raw)
     for key, value in (overrides or {}).items():
         raw = deep_merge(raw, nest(key, value))

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from .. import metrics as M
 from ..data import DataError, ImageDataModule
+from ..yaml_files import read_yaml
 from .callbacks import DeformableMonitor, HparamsMetric, Throughput
 from .module import ImageClassifier, check_options
 
@@ -360,19 +361,12 @@ def rank_error(err: BaseException) -> str:
 def _check_yaml(path: str) -> None:
     """A --config file that is there but no YAML, in one line naming it and where (jsonargparse's own
     error names neither: "while parsing a block mapping")."""
-    import yaml
-
     try:
-        with open(path) as f:
-            yaml.safe_load(f)
+        read_yaml(path, expected="a YAML training config")
     except OSError:  # not there: jsonargparse says so
         return
-    except UnicodeDecodeError:
-        raise ValueError(f"--config: {path} is not a text file (give a YAML training config)") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ValueError(f"--config: {path} is not valid YAML ({getattr(err, 'problem', None) or err}{where})") from None
+    except ValueError as err:
+        raise ValueError(f"--config: {err}") from None
 
 
 def tensorboard_logger(save_dir: str, name: str, version: str | int) -> Namespace:
