@@ -56,7 +56,18 @@ KNOBS = {
 
 @pytest.mark.parametrize("knob", list(KNOBS))
 def test_every_knob_on_dat_pico(knob):
+    torch.manual_seed(0)
     model = dat_lab.create_model("dat_pico", **KNOBS[knob])
+    torch.manual_seed(0)
+    plain = dat_lab.create_model("dat_pico")
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (model, plain)]
+    if shapes[0] == shapes[1]:  # the same weights: the knob must change what the network computes
+        x = torch.randn(2, 3, 32, 32)
+        outputs = []
+        for m in (model, plain):
+            torch.manual_seed(1)  # the same dropout and drop-path draws
+            outputs.append(m.train()(x))
+        assert not torch.allclose(*outputs), f"{knob} did not change the network"
     expected = {"in_chans": 3, "num_classes": 1000} | {k: v for k, v in KNOBS[knob].items() if k in ("in_chans", "num_classes")}
     _check_forward_backward(model, 32, **expected)
 

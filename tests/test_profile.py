@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cli
-from dat_lab.profile import count_flops
+from dat_lab.profile import FlopCounter, count_flops
 
 PARAMS_TOL, FLOPS_TOL = 0.015, 0.02
 
@@ -36,10 +36,14 @@ def test_flops_do_not_depend_on_the_deformable_path(knob):
 
     if not cpu_kernels.available():  # "auto" would be grid_sample too: nothing to compare
         pytest.skip(f"no C kernels: {cpu_kernels._state.get('error')}")
-    model = dat_lab.create_model("dat_pico", **knob)
-    counts = {sampler: count_flops(set_deformable_options(model, sampler=sampler), 32)
-              for sampler in ("grid_sample", "native")}
-    assert len(set(counts.values())) == 1, counts
+    model = dat_lab.create_model("dat_pico", **knob).eval()
+    counts = {}
+    for sampler in ("grid_sample", "native"):
+        with torch.no_grad(), FlopCounter() as counts[sampler]:
+            set_deformable_options(model, sampler=sampler)(torch.zeros(1, 3, 32, 32))
+    kernels = {"relative_bias_cpu", "sample_keys_cpu", "depthwise_conv_cpu"}
+    assert kernels <= set(counts["native"].by_op) and not kernels & set(counts["grid_sample"].by_op)  # both paths ran
+    assert counts["native"].total == counts["grid_sample"].total == count_flops(model, 32), counts
 
 
 def test_paper_tables_within_tolerance(capsys):

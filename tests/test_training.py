@@ -44,8 +44,9 @@ def _scalars(run_dir):
 
 @pytest.mark.parametrize("variant", ["dat_pico", "dat_nano", "dat_tiny"])
 def test_fast_dev_run_on_synthetic_data(tmp_path, variant):
-    _run(tmp_path, "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
-         "--model.variant", variant, "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu")
+    cli_obj = _run(tmp_path, "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size",
+                   "4", "--model.variant", variant, "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu")
+    assert cli_obj.trainer.global_step == 1 and M.VAL_ACC1 in cli_obj.trainer.callback_metrics  # a step, a validation
     assert not list(tmp_path.rglob("*.ckpt"))  # a smoke run leaves no checkpoint (Lightning 2.6 wrote last.ckpt)
 
 
