@@ -270,24 +270,21 @@ def _print_plan(spec, planned, study: str) -> None:
 
 
 def _sweep_status(args: argparse.Namespace) -> None:
-    from collections import Counter
-
     import pandas as pd
 
     from dat_lab import metrics as M
-    from dat_lab.analysis.study import STALE, counts_text, load, trials_frame
+    from dat_lab.analysis.study import STALE, counts_text, load, status_counts, trials_frame
     from dat_lab.analysis.tables import metric_label, metric_text
 
-    study, info = load(args.study, _existing_storage(args.storage, args.study))
+    study, info = load(args.study, args.storage)
     if args.trial is not None:
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == args.trial), None)
         if trial is None:
             raise ValueError(f"--trial: study {args.study!r} has no trial {args.trial}")
-        print(trial.user_attrs.get("reproduce") or f"trial {args.trial} has no recorded training run")
+        print(trial.user_attrs.get(M.TRIAL_REPRODUCE) or f"trial {args.trial} has no recorded training run")
         return
     rows = trials_frame(study, info)
-    statuses = Counter(rows["status"]) if not rows.empty else Counter()
-    print(f"study {args.study!r}: {counts_text(statuses)}")
+    print(f"study {args.study!r}: {counts_text(status_counts(rows))}")
     if rows.empty:
         return
     label, _ = metric_label(info.metric)  # in analyze's units
@@ -312,9 +309,8 @@ def _analyze(args: argparse.Namespace) -> None:
     from dat_lab.analysis import analyze
     from dat_lab.analysis.study import counts_text
 
-    storage = _existing_storage(args.storage, args.study)
     out = args.out or f"runs/{args.study}/analysis"
-    report = analyze(args.study, storage, out, baseline=args.baseline)
+    report = analyze(args.study, args.storage, out, baseline=args.baseline)
     print(f"study {args.study!r}: {counts_text(report.counts)}")
     if report.paper is not None:
         print("As in the paper:")
@@ -323,12 +319,6 @@ def _analyze(args: argparse.Namespace) -> None:
     _print_table(report.table.astype(str).to_dict(orient="records"))
     print(f"report: {report.path} (tables: {' '.join(report.tables)}; plots: " +
           ", ".join(p.name for p in report.plots if p.suffix == ".png") + ", each also as PDF)")
-
-
-def _existing_storage(storage: str | None, study: str) -> str:
-    from dat_lab.analysis.study import existing_storage
-
-    return existing_storage(storage, study)
 
 
 def _visualize(args: argparse.Namespace) -> None:
@@ -377,15 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
     w.set_defaults(run=_sweep)
 
-    st = sub.add_parser("sweep-status", help="cells done, running, failed and pending, with their values as analyze shows them; how to reproduce a trial")
-    st.add_argument("study")
-    st.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
+    st = _study_parser(sub, "sweep-status", "cells done, running, failed and pending, with their values as analyze "
+                                            "shows them; how to reproduce a trial")
     st.add_argument("--trial", type=int, help="print the `dat-lab train` command that reproduces trial N")
     st.set_defaults(run=_sweep_status)
 
-    a = sub.add_parser("analyze", help="table (Markdown, CSV, LaTeX), plots (PNG, PDF) and report.md of a study")
-    a.add_argument("study")
-    a.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
+    a = _study_parser(sub, "analyze", "table (Markdown, CSV, LaTeX), plots (PNG, PDF) and report.md of a study")
     a.add_argument("--baseline", help="the row to compare against: a level, or factor=level, factor=level (default: the spec's)")
     a.add_argument("--out", help="output folder (default: runs/<study>/analysis)")
     a.set_defaults(run=_analyze)
@@ -397,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--count", type=int, default=4, help="how many validation images, at most 32 (default: 4)")
     v.add_argument("--out", default="runs/visualize", help="output folder (default: runs/visualize)")
     v.set_defaults(run=_visualize)
+    return parser
+
+
+def _study_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that reads a study: its name and storage."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("study", help="the study's name (the spec's study: or the sweep's --study), e.g. demo")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
     return parser
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dat_lab.analysis.plots import factor_plot
 from dat_lab.figures import save_figure
-from dat_lab.analysis.study import existing_storage, load, trials_frame
+from dat_lab.analysis.study import load, trials_frame
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--out", help="default: runs/<study>/analysis")
     args = parser.parse_args()
     try:
-        study, info = load(args.study, existing_storage(args.storage, args.study))
+        study, info = load(args.study, args.storage)
     except ValueError as err:
         parser.error(str(err))
     if args.factor not in info.factors:

@@ -7,7 +7,7 @@ The study must come from sweeps/table6_geometry.yaml or sweeps/table7_stages.yam
 
 import argparse
 
-from dat_lab.analysis.study import existing_storage, load, trials_frame
+from dat_lab.analysis.study import load, trials_frame
 from dat_lab.analysis.tables import markdown, paper_layout, summarize
 
 
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--storage", help="default: sqlite:///runs/<study>.db")
     args = parser.parse_args()
     try:
-        study, info = load(args.study, existing_storage(args.storage, args.study))
+        study, info = load(args.study, args.storage)
     except ValueError as err:
         parser.error(str(err))
     layout = paper_layout(summarize(trials_frame(study, info), info), info)

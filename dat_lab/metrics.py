@@ -28,6 +28,9 @@ VAL_ACC5 = "val/acc5"
 VAL_EMA_ACC1 = "val_ema/acc1"
 VAL_EMA_ACC5 = "val_ema/acc5"
 HP_METRIC = "hp/best_val_acc1"
+ACCURACIES = frozenset({TRAIN_ACC1, VAL_ACC1, VAL_ACC5, VAL_EMA_ACC1, VAL_EMA_ACC5, HP_METRIC})  # fractions: shown in %
+OBJECTIVES = {VAL_ACC1: "maximize", VAL_ACC5: "maximize", VAL_LOSS: "minimize", VAL_EMA_ACC1: "maximize",
+              VAL_EMA_ACC5: "maximize"}  # what a sweep may optimise, and its direction unless the spec says
 OFFSET_HISTOGRAM = "offsets/stage{stage}"
 SAMPLING_IMAGE = "offsets/sampling_points"
 
@@ -75,6 +78,9 @@ TRIAL_RUN_DIR = "run_dir"
 TRIAL_LAST_STEP = "last_step"  # the step its last validation was logged at: its learning curve ends there
 TRIAL_FAILURE = "failure"
 TRIAL_REPRODUCE = "reproduce"
+TRIAL_WORKER = "worker"  # host:pid of the worker that ran it
+TRIAL_DUPLICATE_OF = "duplicate_of"  # pruned: the trial number that runs its cell
+STUDY_SPEC = "spec"  # the spec's path, as the first run gave it
 # Study user attributes.
 STUDY_METRIC = "metric"
 STUDY_DIRECTION = "direction"

@@ -1,5 +1,6 @@
 """Reading the YAML files users give (training configs, sweep specs, released configs), with one-line
-errors that name the file and, for bad YAML, the place: the bottom floor, imported by every layer."""
+errors that name the file and, for bad YAML, the place; and the hint for numbers YAML read as text. The
+bottom floor, imported by every layer."""
 
 from __future__ import annotations
 
@@ -23,3 +24,19 @@ def read_yaml(path: str | Path, *, expected: str) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ValueError(f"{path} is not valid YAML ({problem}{where})") from None
+
+
+def float_hint(value: Any) -> str:
+    """" (YAML reads 1e-4 as text: write 1.0e-4)" where `value` is a number that YAML 1.1 read as a string
+    for want of a dot or an exponent's sign; else ""."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    mantissa, e, exponent = value.lower().partition("e")
+    if not e:
+        return ""
+    sign = "" if exponent[:1] in "+-" else "+"  # YAML 1.1 reads 1.0e5 as text too
+    return f" (YAML reads {value} as text: write {mantissa if '.' in mantissa else mantissa + '.0'}e{sign}{exponent})"

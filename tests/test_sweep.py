@@ -67,8 +67,8 @@ TPE = "sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.
     ("pruner: {name: median, n_startup_trials: -1}\n", "pruner: median: Number of startup trials cannot be negative"),
     (TPE + "factors: {s: {path: model.overrides.offset_range, values: [1, 2]}}\n", "factors: only for sampler grid"),
     (TPE + "seeds: [0, 1]\n", "seeds: sampler tpe takes one seed, got [0, 1]"),
-    (TPE.replace("1.0e-4", "1e-4"), "search_space.model.lr.low: must be a number, got '1e-4'; YAML reads 1e-4 as a "
-     "string: write 1.0e-4"),
+    (TPE.replace("1.0e-4", "1e-4"), "search_space.model.lr.low: must be a number, got '1e-4' (YAML reads 1e-4 as text: "
+     "write 1.0e-4)$"),
     (TPE.replace("1.0e-2", "a"), "search_space.model.lr.high: must be a number, got 'a'$"),
     ("sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: categorical, choices: 3}}\n",
      "search_space.model.lr.choices: must be a non-empty list, got 3"),
@@ -367,7 +367,7 @@ def test_the_tracked_values_come_back_from_a_spawned_run_as_callback_metrics():
 
     from dat_lab.training.callbacks import MetricTracker
 
-    ranks, parent = MetricTracker("train/loss", "minimize"), MetricTracker("train/loss", "minimize")
+    ranks, parent = MetricTracker(metric="train/loss", direction="minimize"), MetricTracker(metric="train/loss", direction="minimize")
     trainer = SimpleNamespace(sanity_checking=False, callback_metrics={},
                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0)))
     for step, value in ((3, 2.0), (5, 1.0), (7, 1.5)):  # validations; then training goes on and logs another train/loss
@@ -739,7 +739,7 @@ def test_two_workers_on_postgres_run_each_cell_once(tmp_path, postgres_url):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     _run(_sweep(tmp_path, postgres_url, "seeds=[0]", "--workers", "2", study="pg"), env)
     trials = _assert_every_cell_once(postgres_url, study="pg", cells=4)
-    workers = {t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}
+    workers = {t.user_attrs[M.TRIAL_WORKER] for t in trials if t.state == TrialState.COMPLETE}
     assert len(workers) == 2, workers
 
 
@@ -848,7 +848,7 @@ def test_a_worker_that_loads_a_study_being_created_waits_for_its_fingerprint(tmp
         open_study(search, storage, "new", wait_s=60)  # a TPE worker, which has no grid to wait for
     assert stored_while and "study 'new' has no fingerprint yet: waiting up to 60 s" in capsys.readouterr().err
     # a study from before fingerprints (attributes, none of them a fingerprint) takes the spec's at once
-    optuna.create_study(study_name="old", storage=storage).set_user_attr("spec", "sweeps/x.yaml")
+    optuna.create_study(study_name="old", storage=storage).set_user_attr(M.STUDY_SPEC, "sweeps/x.yaml")
     old = optuna.load_study(study_name="old", storage=storage)
     monkeypatch.setattr(runner.time, "sleep", lambda s: FINGERPRINT in old.user_attrs or pytest.fail(
         "waited for a fingerprint of an old study"))  # only after storing its own (two adopting at once)

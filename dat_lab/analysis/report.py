@@ -10,7 +10,7 @@ import pandas as pd
 from .. import metrics as M
 from ..figures import save_figure
 from . import plots
-from .study import AnalysisError, counts_text, load, trials_frame
+from .study import AnalysisError, counts_text, finished, load, status_counts, trials_frame
 from .tables import display_search, markdown, search_csv, spread_text, summarize, write_tables
 
 
@@ -24,18 +24,16 @@ class Report:
     tables: tuple[str, ...] = ()  # the table files written
 
 
-def analyze(study_name: str, storage: str, out: str | Path, baseline: str | None = None) -> Report:
+def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str | None = None) -> Report:
     study, info = load(study_name, storage)
     if baseline and not info.grid:  # before anything is written
         raise AnalysisError(f"--baseline: study {study_name!r} is a search "
                             f"({study.user_attrs.get(M.STUDY_SAMPLER, 'tpe')}): it has no baseline row")
     frame = trials_frame(study, info)
     out = Path(out)
-    counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
+    counts = status_counts(frame)
     if not info.grid:  # a search: history and importances, trials as the table
-        done = frame[frame["status"] == "done"] if not frame.empty else frame
-        if done.empty:
-            raise AnalysisError(f"study {study_name!r} has no finished trials yet")
+        done = finished(frame, study_name)
         out.mkdir(parents=True, exist_ok=True)
         search_csv(done, info).to_csv(out / "table.csv", index=False)
         shown = display_search(done, info)

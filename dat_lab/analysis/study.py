@@ -46,7 +46,10 @@ def existing_storage(storage: str | None, study: str) -> str:
     return storage
 
 
-def load(study_name: str, storage: str) -> tuple[optuna.Study, StudyInfo]:
+def load(study_name: str, storage: str | None = None) -> tuple[optuna.Study, StudyInfo]:
+    """A study and what analysis needs of it, from `storage` (default: the sweep's default) as
+    existing_storage checks it; AnalysisError where there is none."""
+    storage = existing_storage(storage, study_name)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
@@ -83,6 +86,19 @@ def counts_text(statuses: Mapping[str, int]) -> str:
     "1 done, 1 running, 0 failed, 6 pending" (then stale, missing, pruned, where there are any)."""
     return ", ".join([f"{statuses.get(k, 0)} {k}" for k in COUNTED]
                      + [f"{n} {k}" for k, n in statuses.items() if k not in COUNTED])
+
+
+def status_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Rows of a trials_frame by status."""
+    return frame["status"].value_counts().to_dict() if not frame.empty else {}
+
+
+def finished(frame: pd.DataFrame, study_name: str) -> pd.DataFrame:
+    """The done rows of a trials_frame; AnalysisError, with the counts, where there are none."""
+    done = frame[frame["status"] == "done"] if not frame.empty else frame
+    if done.empty:
+        raise AnalysisError(f"study {study_name!r} has no finished trials yet ({counts_text(status_counts(frame))})")
+    return done
 
 
 def stale_trials(study: optuna.Study, heartbeat: tuple[int, int]) -> set[int]:

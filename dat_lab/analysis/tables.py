@@ -10,12 +10,12 @@ import pandas as pd
 
 from ..ablations import paper_rows
 from .. import metrics as M
-from .study import AnalysisError, StudyInfo
+from .study import AnalysisError, StudyInfo, finished
 
 
 def metric_label(metric: str) -> tuple[str, float]:
     """Column label and display scale of a metric: accuracies in percent."""
-    if "acc" in metric:
+    if metric in M.ACCURACIES:
         return f"{metric} (%)", 100.0
     return metric, 1.0
 
@@ -88,10 +88,7 @@ def _baseline_parts(baseline: str, factors: list[str]) -> list[tuple[str | None,
 def summarize(frame: pd.DataFrame, info: StudyInfo, baseline: str | None = None) -> pd.DataFrame:
     """One row per cell (levels): mean, std, n, params_m, gflops, images_per_s, diff, status."""
     factors = list(info.factors)
-    if frame.empty or not (frame["status"] == "done").any():
-        counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
-        raise AnalysisError(f"study {info.name!r} has no finished trials yet "
-                            f"({', '.join(f'{v} {k}' for k, v in counts.items()) or 'no trials'})")
+    finished(frame, info.name)
     _, scale = metric_label(info.metric)
     rows = []
     for levels, group in frame.groupby(factors, observed=True, sort=True) if factors else [((), frame)]:

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from ..yaml_files import float_hint
+
 BLOCK_LETTERS = ("L", "S", "D", "P")
 """L: window attention, S: shifted window, D: deformable, P: PVT spatial-reduction attention."""
 POSITIONS = ("none", "relative", "fixed", "dwconv", "log_cpb")
@@ -39,20 +41,7 @@ def _check_types(obj: Any, prefix: str) -> None:
             continue
         if not ok:
             what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
-            hint = (f" (YAML reads {value} as text: write {_as_yaml_float(value)})"
-                    if kind is float and isinstance(value, str) and _as_yaml_float(value) else "")
-            raise ValueError(f"{prefix}{f.name}: {value!r} is not {what}{hint}")
-
-
-def _as_yaml_float(text: str) -> str | None:
-    """`1e-4` as YAML 1.1 reads a float (`1.0e-4`), where `text` is one YAML read as a string; else None."""
-    try:
-        float(text)
-    except ValueError:
-        return None
-    mantissa, e, exponent = text.lower().partition("e")
-    sign = "" if exponent[:1] in "+-" else "+"  # YAML 1.1 reads 1.0e5 as text too
-    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign}{exponent}" if e else None
+            raise ValueError(f"{prefix}{f.name}: {value!r} is not {what}{float_hint(value) if kind is float else ''}")
 
 
 def _one_of(prefix: str, name: str, value: Any, allowed: tuple) -> None:

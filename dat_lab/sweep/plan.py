@@ -8,7 +8,6 @@ import copy
 import importlib
 import logging
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
@@ -18,7 +17,7 @@ from .. import metrics as M
 from ..data import ImageDataModule
 from ..models import DAT, DATConfig, get_config
 from ..profile import Profile, profile_model
-from ..training.cli import DatLabCLI, check_trainer, config_error
+from ..training.cli import DatLabCLI, argv_set_aside, check_trainer, config_error
 from ..training.module import ImageClassifier, check_recipe, weights_for
 from .spec import Cell, SpecError, SweepSpec, deep_merge, nest
 
@@ -48,16 +47,14 @@ def parse_training_config(config: Mapping[str, Any]) -> Any:
     """The LightningCLI namespace of a training config; a bad one raises SpecError (one line). The config
     is not changed (the parser would make the mappings in its lists namespaces)."""
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # no "Seed set" per cell
-    argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        _ParseOnly(ImageClassifier, ImageDataModule, subclass_mode_data=True, args={"fit": copy.deepcopy(dict(config))},
-                   parser_kwargs={"exit_on_error": False}, seed_everything_default=False)
+        with argv_set_aside():
+            _ParseOnly(ImageClassifier, ImageDataModule, subclass_mode_data=True, args={"fit": copy.deepcopy(dict(config))},
+                       parser_kwargs={"exit_on_error": False}, seed_everything_default=False)
     except _Parsed as parsed:
         return parsed.config
     except Exception as err:  # jsonargparse's ArgumentError and friends
         raise SpecError(f"training config: {config_error(err)}") from None
-    finally:
-        sys.argv = argv
     raise SpecError("training config: the parser did not stop before instantiation")
 
 

@@ -184,7 +184,7 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
             study.set_user_attr(M.STUDY_FACTORS, factors)
     else:
         study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))  # first: what a loading worker checks
-        study.set_user_attr("spec", str(spec.path))
+        study.set_user_attr(M.STUDY_SPEC, str(spec.path))
         study.set_user_attr(M.STUDY_METRIC, spec.metric)
         study.set_user_attr(M.STUDY_DIRECTION, spec.direction)
         study.set_user_attr(M.STUDY_SEEDS, list(spec.seeds))
@@ -220,9 +220,7 @@ def enqueue_missing(study: optuna.Study, planned: list[PlannedCell]) -> int:
     for p in planned:
         states = {t.state for t in by_cell.get(p.cell.key, [])}
         if not states & {TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING}:
-            cost = p.cost.shown()
-            study.enqueue_trial({}, user_attrs={CELL: p.cell.key, M.TRIAL_PARAMS_M: cost["params_m"],
-                                                M.TRIAL_GFLOPS: cost["gflops"]})
+            study.enqueue_trial({}, user_attrs={CELL: p.cell.key, **_cost_attrs(p.cost)})
             queued += 1
     return queued
 
@@ -237,11 +235,15 @@ def _failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def _record_cost(trial: optuna.Trial, profile: Profile) -> None:
+def _cost_attrs(profile: Profile) -> dict[str, float]:
     """The model's params (M) and FLOPs (G) as trial attributes, to 6 significant digits."""
     shown = profile.shown()
-    trial.set_user_attr(M.TRIAL_PARAMS_M, shown["params_m"])
-    trial.set_user_attr(M.TRIAL_GFLOPS, shown["gflops"])
+    return {M.TRIAL_PARAMS_M: shown["params_m"], M.TRIAL_GFLOPS: shown["gflops"]}
+
+
+def _record_cost(trial: optuna.Trial, profile: Profile) -> None:
+    for name, value in _cost_attrs(profile).items():
+        trial.set_user_attr(name, value)
 
 
 def _reproduce(run_dir: Path) -> str:
@@ -292,7 +294,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         first = next((t for t in others if t.state == TrialState.COMPLETE
                       or (t.state == TrialState.RUNNING and t.number < trial.number)), None)
         if first is not None:
-            trial.set_user_attr("duplicate_of", first.number)
+            trial.set_user_attr(M.TRIAL_DUPLICATE_OF, first.number)
             raise optuna.TrialPruned(f"duplicate: cell {key!r} is trial {first.number}'s")
         p = planned[key]
         config, seed = p.config, p.cell.seed
@@ -313,12 +315,12 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         "logger": tensorboard_logger(str(run_dir.parent.parent), study.study_name, run_dir.name).as_dict(),  # any cwd
         "enable_progress_bar": False, "enable_model_summary": False}})
     trial.set_user_attr(M.TRIAL_SEED, seed)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr(M.TRIAL_WORKER, f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr(M.TRIAL_RUN_DIR, str(run_dir))
     trial.set_user_attr(M.TRIAL_REPRODUCE, _reproduce(run_dir))
     if spec.is_grid:
         _record_cost(trial, p.cost)
-    tracker = MetricTracker(spec.metric, spec.direction)
+    tracker = MetricTracker(metric=spec.metric, direction=spec.direction)
     pruning = None
     if spec.pruner["name"] != "none":
         from optuna_integration import PyTorchLightningPruningCallback

@@ -42,7 +42,7 @@ import optuna
 from .. import metrics as M
 from ..ablations import paper_rows
 from ..training.cli import check_trainer
-from ..yaml_files import read_yaml
+from ..yaml_files import float_hint, read_yaml
 
 
 class SpecError(ValueError):
@@ -54,7 +54,6 @@ TOP_KEYS = {"study", "base", "delta", "budget", "factors", "seeds", "objective",
 BUDGET_KEYS = {"max_epochs", "max_steps", "max_time", "limit_train_batches", "limit_val_batches"}
 # validation metrics: what a trial's result is read from at each validation (train/loss was then only
 # the last batch's loss, its epoch mean not yet made)
-OBJECTIVE_METRICS = {M.VAL_ACC1, M.VAL_ACC5, M.VAL_LOSS, M.VAL_EMA_ACC1, M.VAL_EMA_ACC5}
 OBJECTIVE_KEYS = {"metric", "direction", "value"}
 HEARTBEAT_KEYS = {"interval", "grace"}
 SAMPLERS = {"grid", "tpe"}
@@ -231,10 +230,11 @@ def valid_study_name(name: str) -> bool:
 
 
 def _check_keys(path: Path, key: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
-    """Raise SpecError naming the first key of `raw` not in `allowed`."""
+    """Raise SpecError naming the first key of `raw` (at `key`; "" the top level) not in `allowed`."""
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise _error(path, f"{key}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(allowed)) or 'none'}")
+        raise _error(path, f"{key}.{unknown[0]}" if key else unknown[0],
+                     f"unknown key; allowed: {', '.join(sorted(allowed)) or 'none'}")
 
 
 def _error(path: Path, key: str, message: str) -> SpecError:
@@ -315,20 +315,12 @@ def _named(path: Path, key: str, raw: Any, options: Mapping[str, set[str]], defa
     return spec
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _number(path: Path, key: str, value: Any, kind: str) -> int | float:
-    """`value` if it is a number of the search space's type; YAML reads 1e-4 as a string."""
+    """`value` if it is a number of the search space's type."""
     ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
     if not ok or isinstance(value, bool):
-        hint = "; YAML reads 1e-4 as a string: write 1.0e-4" if isinstance(value, str) and _is_float(value) else ""
-        raise _error(path, key, f"must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}{hint}")
+        raise _error(path, key, f"must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}"
+                                f"{float_hint(value) if kind != 'int' else ''}")
     return value
 
 
@@ -365,9 +357,7 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     raw = _mapping(path, "(top level)", raw)
     for key, value in (overrides or {}).items():
         raw = deep_merge(raw, nest(key, value))
-    unknown = sorted(set(raw) - TOP_KEYS)
-    if unknown:
-        raise _error(path, unknown[0], f"unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    _check_keys(path, "", raw, TOP_KEYS)
     for key in ("study", "base"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise _error(path, key, "is required (a string)")
@@ -377,9 +367,7 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     if not base.is_file():
         raise _error(path, "base", f"{raw['base']} does not exist (relative to {path.parent})")
     budget = _mapping(path, "budget", raw.get("budget"))
-    if set(budget) - BUDGET_KEYS:
-        raise _error(path, f"budget.{sorted(set(budget) - BUDGET_KEYS)[0]}",
-                     f"unknown key; allowed: {', '.join(sorted(BUDGET_KEYS))}")
+    _check_keys(path, "budget", budget, BUDGET_KEYS)
     try:  # what the trainer would refuse, or fail on, in every trial
         check_trainer(budget, "budget")
     except ValueError as err:
@@ -393,9 +381,9 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     objective = _mapping(path, "objective", raw.get("objective"))
     _check_keys(path, "objective", objective, OBJECTIVE_KEYS)
     metric = objective.get("metric", M.VAL_ACC1)
-    if metric not in OBJECTIVE_METRICS:
-        raise _error(path, "objective.metric", f"{metric!r} is not one of {', '.join(sorted(OBJECTIVE_METRICS))}")
-    direction = objective.get("direction", "minimize" if "loss" in metric else "maximize")
+    if metric not in M.OBJECTIVES:
+        raise _error(path, "objective.metric", f"{metric!r} is not one of {', '.join(sorted(M.OBJECTIVES))}")
+    direction = objective.get("direction", M.OBJECTIVES[metric])
     if direction not in ("maximize", "minimize"):
         raise _error(path, "objective.direction", f"{direction!r} is not one of maximize, minimize")
     value = objective.get("value", "best")

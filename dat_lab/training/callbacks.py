@@ -84,7 +84,7 @@ class MetricTracker(L.Callback):
     was logged at, also put in `trainer.callback_metrics` (M.tracked), which Lightning brings back from
     the ranks of a spawned run (`results` reads them there)."""
 
-    def __init__(self, metric: str = M.VAL_ACC1, direction: str = "maximize") -> None:
+    def __init__(self, *, metric: str = M.VAL_ACC1, direction: str = "maximize") -> None:
         self.metric, self.direction = metric, direction
         self.best: float | None = None
         self.last: float | None = None

@@ -11,6 +11,7 @@ and channels.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import logging
@@ -93,6 +94,16 @@ def run_directory(root: str | Path, name: str, resume: bool) -> str | None:
     return versions[-1][1]
 
 
+@contextlib.contextmanager
+def argv_set_aside() -> Iterator[None]:
+    """sys.argv without its arguments inside (LightningCLI given `args` reads sys.argv too: it warns of both)."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
 class DatLabCLI(LightningCLI):
     checkpoint_file: Path | None = None  # what --ckpt_path names on this machine, checked before the data
 
@@ -110,11 +121,8 @@ class DatLabCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """LightningCLI's, sys.argv set aside while `args` are parsed (else it warns of both); the rest of
         the run keeps sys.argv whole: Lightning's DDP launcher starts the other ranks with it."""
-        argv, sys.argv = sys.argv, sys.argv[:1]
-        try:
+        with argv_set_aside():
             super().parse_arguments(parser, args)
-        finally:
-            sys.argv = argv
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the config's model options with a checkpoint file's hyper-parameters,
@@ -391,18 +399,17 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
         for before, word in zip(args, args[1:]):
             if before == "--config":
                 _check_yaml(word)
-    argv = sys.argv  # whole for a command line (see DatLabCLI.parse_arguments); a sweep's trial has none
-    if isinstance(args, dict):  # of its own (its DDP spawns its ranks: sweep.plan.in_worker)
-        sys.argv = sys.argv[:1]
+    # sys.argv whole for a command line (see DatLabCLI.parse_arguments); a sweep's trial has none of its
+    # own (its DDP spawns its ranks: sweep.plan.in_worker)
     _HELD.hold()
     try:
-        # seed 0 unless given (Lightning's default, True, also comes to 0 where no seed was set, with a warning)
-        return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args, seed_everything_default=0,
-                         trainer_defaults={"default_root_dir": "runs",
-                                           "callbacks": default_callbacks() + list(extra_callbacks or [])},
-                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                         parser_kwargs={name: {"exit_on_error": False} for name in SUBCOMMANDS}
-                         | {"exit_on_error": False, "prog": "dat-lab train"})
+        with argv_set_aside() if isinstance(args, dict) else contextlib.nullcontext():
+            # seed 0 unless given (Lightning's default, True, also comes to 0 where no seed was set, with a warning)
+            return DatLabCLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
+                             seed_everything_default=0, trainer_defaults={
+                                 "default_root_dir": "runs", "callbacks": default_callbacks() + list(extra_callbacks or [])},
+                             save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                             parser_kwargs={name: {"exit_on_error": False} for name in SUBCOMMANDS}
+                             | {"exit_on_error": False, "prog": "dat-lab train"})
     finally:
         _HELD.drop()
-        sys.argv = argv

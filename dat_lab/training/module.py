@@ -89,17 +89,20 @@ def check_options(options: Any, rules: dict[str, tuple[Callable[[Any], Any], str
             raise ValueError(f"{prefix}.{name}: {value!r} {kind}must be {allowed}")
 
 
+RECIPE_RULES = {  # ImageClassifier's training options: (ok, what is allowed)
+    "lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"), "warmup_lr": (lambda v: v >= 0, ">= 0"),
+    "min_lr": (lambda v: v >= 0, ">= 0"), "mixup": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "cutmix": (lambda v: v >= 0, ">= 0 (0: off)"), "mix_switch_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "ema_decay": (lambda v: not v or 0 < v < 1, "in (0, 1), or null or 0 for no EMA")}
+
+
 def check_recipe(**options: Any) -> None:
     """Raise a one-line ValueError naming the first training option of ImageClassifier out of its range
     (others given are not looked at)."""
-    rules = {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-             "betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-             "warmup_epochs": (lambda v: v >= 0, ">= 0"), "warmup_lr": (lambda v: v >= 0, ">= 0"),
-             "min_lr": (lambda v: v >= 0, ">= 0"), "mixup": (lambda v: v >= 0, ">= 0 (0: off)"),
-             "cutmix": (lambda v: v >= 0, ">= 0 (0: off)"), "mix_switch_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-             "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
-             "ema_decay": (lambda v: not v or 0 < v < 1, "in (0, 1), or null or 0 for no EMA")}
-    check_options(options, rules, "model")
+    check_options(options, RECIPE_RULES, "model")
     if "lr" in options and options.get("min_lr", 0) > options["lr"]:  # the cosine would climb
         raise ValueError(f"model.min_lr: {options['min_lr']!r} must be <= model.lr ({options['lr']!r})")
 
