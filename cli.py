@@ -111,6 +111,7 @@ def _read_official_config(path: str) -> dict[str, Any]:
 def _convert(args: argparse.Namespace) -> None:
     import dat_lab
     from dat_lab.models.convert import official_state_dict
+    from dat_lab.outputs import check_output_file, make_folder
 
     if bool(args.variant) == bool(args.official_config):
         raise ValueError("convert: give exactly one of --variant NAME or --official-config FILE.yaml")
@@ -118,11 +119,10 @@ def _convert(args: argparse.Namespace) -> None:
               else dat_lab.config_from_official(_read_official_config(args.official_config)))
     if args.num_classes is not None:
         config = dataclasses.replace(config, num_classes=args.num_classes)
-    if Path(args.output).is_dir():
-        raise ValueError(f"-o: {args.output} is a folder; give the file to write, e.g. {Path(args.output) / 'dat.ckpt'}")
+    output = check_output_file(args.output, option="-o", example="dat.ckpt")
     state = official_state_dict(args.checkpoint)
     model = dat_lab.load_official(dat_lab.create_model(config), state)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(output.parent, option="-o")
     dat_lab.save_checkpoint(model, args.output, source=str(args.checkpoint))
     print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 

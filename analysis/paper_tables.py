@@ -12,17 +12,17 @@ from dat_lab.analysis.tables import markdown, paper_layout, summarize
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study")
     parser.add_argument("--storage", help="default: sqlite:///runs/<study>.db")
     args = parser.parse_args()
-    try:
+    try:  # one line, as dat-lab's errors
         study, info = load(args.study, args.storage)
+        layout = paper_layout(summarize(trials_frame(study, info), info), info)
+        if layout is None:
+            raise ValueError(f"study {args.study!r} is not one of the paper's tables (a factor with paper_table: 6 or 7)")
     except ValueError as err:
-        parser.error(str(err))
-    layout = paper_layout(summarize(trials_frame(study, info), info), info)
-    if layout is None:
-        parser.error(f"study {args.study!r} is not one of the paper's tables (a factor with paper_table: 6 or 7)")
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(markdown(layout, left=1))  # as `dat-lab analyze` writes paper_table.md
 
 

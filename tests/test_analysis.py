@@ -227,7 +227,7 @@ def test_analysis_scripts_run(script, tmp_path):
     done = subprocess.run([sys.executable, str(script), "nosuch"], env=env, cwd=tmp_path, capture_output=True, text=True)
     refusal = {"visualize_offsets.py": "nosuch: no such checkpoint"}.get(
         script.name, "sqlite:///runs/nosuch.db does not exist (run the sweep first, or name its storage)")
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(refusal), done.stderr
+    assert done.returncode == 2 and done.stderr.endswith(refusal + "\n") and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "runs").exists()
 
 

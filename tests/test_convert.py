@@ -83,7 +83,7 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert capsys.readouterr().err == f"dat-lab: error: --official-config: {tmp_path / 'none.yaml'}: no such file or directory\n"
     (tmp_path / "bad.yaml").write_text("MODEL: [")
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "x.ckpt")]) == 2
-    assert f"--official-config: {tmp_path / 'bad.yaml'} is not valid YAML (expected ',' or ']', but got '<stream end>' at line 1, column 9)" in capsys.readouterr().err
+    assert f"--official-config: {tmp_path / 'bad.yaml'} is not valid YAML (expected the node content, but found '<stream end>' at line 1, column 9)" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("MODEL: 3")
     assert cli.main(["convert", str(released), "--official-config", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "x.ckpt")]) == 2
     assert "holds no MODEL.DAT keywords" in capsys.readouterr().err
@@ -104,6 +104,11 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert capsys.readouterr().err == f"dat-lab: error: {tmp_path / 'list.pth'}: holds a list, not a checkpoint (a dict of weights)\n"
     assert cli.main(["convert", str(released), "--variant", "dat_tiny", "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"dat-lab: error: -o: {tmp_path} is a folder; give the file to write, e.g. {tmp_path / 'dat.ckpt'}\n"
+    out = tmp_path / "list.pth" / "x.ckpt"  # refused before the conversion
+    assert cli.main(["convert", str(tmp_path / "nope.pth"), "--variant", "dat_tiny", "-o", str(out)]) == 2
+    assert capsys.readouterr().err == f"dat-lab: error: -o: {out}: {tmp_path / 'list.pth'} is a file, not a folder\n"
+    assert cli.main(["convert", str(tmp_path), "--variant", "dat_tiny", "-o", str(tmp_path / "x.ckpt")]) == 2
+    assert capsys.readouterr().err == f"dat-lab: error: {tmp_path}: a folder, not a checkpoint file\n"
     torch.save({"model": golden["state_dict"], "config": argparse.Namespace(lr=1)}, tmp_path / "trained.pth")  # as the
     assert cli.main(["convert", str(tmp_path / "trained.pth"), "--variant", "dat_tiny", "-o", str(tmp_path / "x.ckpt")]) == 2
     err = capsys.readouterr().err  # released training code saves its (yacs) config beside the weights

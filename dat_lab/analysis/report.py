@@ -9,6 +9,7 @@ import pandas as pd
 
 from .. import metrics as M
 from ..figures import save_figure
+from ..outputs import check_output_folder
 from . import plots
 from .study import AnalysisError, counts_text, finished, load, status_counts, trials_frame
 from .tables import display_search, markdown, search_csv, spread_text, summarize, write_tables
@@ -25,12 +26,12 @@ class Report:
 
 
 def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str | None = None) -> Report:
+    out = check_output_folder(out, option="--out")
     study, info = load(study_name, storage)
     if baseline and not info.grid:  # before anything is written
         raise AnalysisError(f"--baseline: study {study_name!r} is a search "
                             f"({study.user_attrs.get(M.STUDY_SAMPLER, 'tpe')}): it has no baseline row")
     frame = trials_frame(study, info)
-    out = Path(out)
     counts = status_counts(frame)
     if not info.grid:  # a search: history and importances, trials as the table
         done = finished(frame, study_name)

@@ -10,6 +10,7 @@ import torch
 from ..data import IMAGENET_MEAN, IMAGENET_STD, DigitsDataModule, SyntheticDataModule
 from ..figures import sampling_points_figure, save_figure
 from ..models import load_checkpoint
+from ..outputs import check_output_folder
 from .study import AnalysisError
 
 DATASETS = {"digits": DigitsDataModule, "synthetic": SyntheticDataModule}
@@ -41,6 +42,7 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
     """Write sampling_points.png/.pdf under `out`; return their paths."""
     if not Path(checkpoint).is_file():
         raise AnalysisError(f"{checkpoint}: no such checkpoint")
+    out = check_output_folder(out, option="--out")
     if not 1 <= count <= MAX_COUNT:  # a row of panels an image: more would make a figure no one can open
         raise AnalysisError(f"--count: {count} must be in [1, {MAX_COUNT}]")
     if images and len(images) > MAX_COUNT:
@@ -60,4 +62,4 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
         result = model.forward_intermediates(x)
     if not result["deformable"]:
         raise AnalysisError(f"{checkpoint}: the model has no deformable (D) blocks to show")
-    return save_figure(sampling_points_figure(x, result, mean=mean, std=std), Path(out), "sampling_points")
+    return save_figure(sampling_points_figure(x, result, mean=mean, std=std), out, "sampling_points")

@@ -94,8 +94,10 @@ def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any
         data = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{checkpoint}: no such checkpoint") from None
-    except OSError:  # unreadable: its own message names the file
-        raise
+    except IsADirectoryError:
+        raise ValueError(f"{checkpoint}: a folder, not a checkpoint file") from None
+    except OSError as err:  # unreadable
+        raise ValueError(f"{checkpoint}: {(err.strerror or str(err)).lower()}") from None
     except Exception as err:  # not a checkpoint (the unpickler fails in many ways), or one with foreign objects
         found = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
         detail = (f" ({found.split('Unsupported global: ')[-1].split('. ')[0]}: objects besides weights, such as the training config the released "
