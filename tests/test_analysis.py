@@ -120,6 +120,7 @@ def test_analyze_writes_every_output(tmp_path):
     assert all(p.read_bytes().startswith(b"%PDF") for p in (tmp_path / "out").glob("*.pdf"))
     text = report.path.read_text()
     assert "95.00 ± 1.41" in text and "baseline" in text and "![factor_s](factor_s.png)" in text
+    assert "images/s: training throughput as each trial measured it" in text  # what it is worth
     tex = (tmp_path / "out" / "table.tex").read_text()
     assert r"\toprule" in tex and r"95.00 $\pm$ 1.41" in tex and r"val/acc1 (\%)" in tex
     assert r"\begin{tabular}{llrrrrrr}" in tex  # the two factors left, the numbers right
@@ -413,13 +414,19 @@ def test_titles_say_what_the_spread_is_over():
     assert spread_text(two, other_factors=True) == "mean ± std over seeds and the other factors' levels"
 
 
-def test_a_bar_plot_of_accuracies_spans_its_bars_and_error_bars():
-    """Not 0 to 100, nor (the autoscale from 0) up to 100: the figures' differences are a point or two."""
+def test_a_plot_of_levels_draws_points_and_error_bars_on_an_axis_that_spans_them():
+    """Not bars: on an axis that spans the values (the figures' differences are a point or two), a bar's
+    length would overstate them; not 0 to 100 either."""
     from dat_lab.analysis.plots import factor_plot
 
     rows = [{"p": p, "status": "done", "seed": s, "value": v} for p, (a, b) in (("a", (0.92, 0.94)), ("b", (0.95, 0.96)))
             for s, v in enumerate((a, b))]
     info = StudyInfo(name="t", metric=M.VAL_ACC1, direction="maximize", seeds=[0, 1],
                      factors={"p": {"levels": ["a", "b"], "baseline": "a", "paper_table": None}})
-    low, high = factor_plot(pd.DataFrame(rows), info, "p").axes[0].get_ylim()
-    assert 89 < low < 92 and 96.2 < high < 98  # the top error bar: 95.5 + 0.71
+    ax = factor_plot(pd.DataFrame(rows), info, "p").axes[0]
+    assert not ax.patches  # no bars
+    points = sorted(float(y) for line in ax.lines if line.get_marker() not in (None, "None", "")
+                    for y in line.get_ydata() if math.isfinite(float(y)))
+    assert points == pytest.approx([93.0, 95.5])  # the means
+    low, high = ax.get_ylim()
+    assert 85 < low < 93 - 1.414 and 95.5 + 0.707 < high < 100  # the error bars: sd over the two seeds

@@ -60,8 +60,10 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
     else:
         done[factor] = done[factor].astype(str)
         palette = None if hue else {lvl: BASELINE_COLOR if lvl == base else OTHER_COLOR for lvl in levels}
-        sns.barplot(data=done, x=factor, y=Y, hue=hue or factor, order=[lv for lv in levels if lv in set(done[factor])],
-                    errorbar="sd", capsize=0.15, palette=palette, legend=bool(hue), ax=ax)
+        # points, not bars: a bar's length reads as its value, and the axis spans only the values (a point or two)
+        sns.pointplot(data=done, x=factor, y=Y, hue=hue or factor, order=[lv for lv in levels if lv in set(done[factor])],
+                      errorbar="sd", capsize=0.1, palette=palette, legend=bool(hue), linestyle="none",
+                      dodge=0.3 if hue else False, ax=ax)
         ax.set_xlabel(f"{factor} (baseline: {base})")
         ax.tick_params(axis="x", rotation=20 if max(len(str(lv)) for lv in levels) > 8 else 0, labelsize=8)
         for tick in ax.get_xticklabels():
@@ -70,12 +72,6 @@ def factor_plot(frame: pd.DataFrame, info: StudyInfo, factor: str, baseline: str
                 tick.set_fontweight("bold")
         if len(base_cell):
             ax.axhline(base_cell[Y].mean(), color=BASELINE_COLOR, linestyle="--", linewidth=1, label="baseline cell")
-        if scale == 100:  # accuracies: the bars' tops and error bars fill the axes (not up to 100)
-            low = done[Y].min()
-            drawn = [float(v) for line in ax.lines for v in line.get_ydata() if math.isfinite(float(v))]  # error bars
-            high = max([done[Y].max(), *drawn])
-            pad = 0.15 * (high - low + 1e-9)
-            ax.set_ylim(max(0.0, low - pad - 1.0), min(100.0 + pad, high + pad + 0.5))
     ax.set_ylabel(label)
     ax.set_title(f"{info.name}: {info.metric} by {factor} ({spread_text(info, len(others) > 1)})", fontsize=9)
     return fig

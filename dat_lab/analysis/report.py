@@ -57,6 +57,11 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
+IMAGES_PER_S_NOTE = ("images/s: training throughput as each trial measured it, on a machine shared with whatever "
+                     "else ran there (other workers, other jobs): compare it only between trials run alone on one "
+                     "machine, and measure speed for a paper apart, on an idle one.")
+
+
 def _write_report(report: Report, info) -> Report:
     lines = [f"# Study `{info.name}`", "",
              f"Objective: `{info.metric}` ({info.direction}). Trials: {counts_text(report.counts)}.", ""]
@@ -65,7 +70,8 @@ def _write_report(report: Report, info) -> Report:
     table = markdown(report.table, left=len(info.factors))
     lines += [f"## Table ({spread_text(info)}; diff: to the baseline)" if info.grid else "## Trials", "",
               table, "",
-              "Also as [CSV](table.csv)" + (" and [LaTeX](table.tex)." if info.grid else "."), "", "## Plots", ""]
+              "Also as [CSV](table.csv)" + (" and [LaTeX](table.tex)." if info.grid else "."), "",
+              IMAGES_PER_S_NOTE, "", "## Plots", ""]
     for png in [p for p in report.plots if p.suffix == ".png"]:
         lines += [f"![{png.stem}]({png.name})", "", f"([PDF]({png.stem}.pdf))", ""]
     report.path.write_text("\n".join(lines))
