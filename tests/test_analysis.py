@@ -23,7 +23,7 @@ from dat_lab import metrics as M
 from dat_lab.ablations import paper_rows
 from dat_lab.analysis import AnalysisError, analyze
 from dat_lab.analysis.study import StudyInfo, load, trials_frame
-from dat_lab.analysis.tables import baseline_levels, summarize
+from dat_lab.analysis.tables import baseline_levels, paper_layout, summarize
 from dat_lab.analysis.visualize import _from_files, visualize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +252,13 @@ def test_paper_layout_of_table7(tmp_path, capsys):
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=True)
     assert script.stdout == layout  # the paper's script prints what analyze writes
     assert out.index("study 't7': 5 done") < out.index("As in the paper:") < out.index("Every cell:")
+    assert "status" not in layout  # all done
+    _study(storage, name="t7_running", factors=factors, seeds=(0,), states={((rows[1].row,), 0): TrialState.RUNNING},
+           values={(r.row,): [0.5 + i / 100] for i, r in enumerate(rows)})
+    study, info = load("t7_running", storage)
+    running = paper_layout(summarize(trials_frame(study, info), info), info)
+    assert list(running["status"]) == ["done", "0/1 done; running", "done", "done", "done"]  # as in table.md
+    assert running.loc[1, "val/acc1 (%)"] == "-"
 
 
 def test_search_study_plots(tmp_path, capsys):

@@ -189,7 +189,8 @@ def markdown(shown: pd.DataFrame, left: int = 0) -> str:
 
 def paper_layout(table: pd.DataFrame, info: StudyInfo) -> pd.DataFrame | None:
     """For a factor made of a paper table's rows: the rows in the paper's order, the paper's FLOPs,
-    params and top-1 beside this study's numbers. None for other studies."""
+    params and top-1 beside this study's numbers (and each row's status while any is not done). None
+    for other studies."""
     tables = [(f, d["paper_table"]) for f, d in info.factors.items() if d.get("paper_table")]
     if len(info.factors) != 1 or not tables:
         return None
@@ -205,6 +206,8 @@ def paper_layout(table: pd.DataFrame, info: StudyInfo) -> pd.DataFrame | None:
                      "params (M)": ours["params (M)"] if ours is not None else "-",
                      label: ours[label] if ours is not None else "-",
                      "diff": ours["diff"] if ours is not None else "-"})
+        if "status" in shown.columns:  # a study not finished: which rows wait, as in table.md
+            rows[-1]["status"] = ours["status"] if ours is not None else "-"
     return pd.DataFrame(rows)
 
 
