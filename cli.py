@@ -380,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("visualize", help="sampled key positions of a checkpoint on a few images (Figs. 5-7)")
     v.add_argument("checkpoint", help="a dat-lab checkpoint (training run or `dat-lab convert` output)")
     v.add_argument("--images", nargs="+", help="image files (default: validation images of --data)")
-    v.add_argument("--data", default="digits", help="digits or synthetic, when no --images (default: digits)")
-    v.add_argument("--count", type=int, default=4, help="how many validation images, at most 32 (default: 4)")
+    v.add_argument("--data", help="digits or synthetic, when no --images (default: digits)")
+    v.add_argument("--count", type=int, help="how many validation images, at most 32, when no --images (default: 4)")
     v.add_argument("--out", default="runs/visualize", help="output folder (default: runs/visualize)")
     v.set_defaults(run=_visualize)
     return parser

@@ -42,6 +42,19 @@ def save_figure(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
+def row_major(handles: list, labels: list[str], ncol: int) -> tuple[list, list[str]]:
+    """Legend entries reordered so that they read across the rows in their order (matplotlib fills a
+    legend's columns first): the last row padded with blank entries, the grid transposed."""
+    from matplotlib.lines import Line2D
+
+    nrow = -(-len(labels) // ncol)
+    blank = nrow * ncol - len(labels)
+    handles = handles + [Line2D([], [], linestyle="none") for _ in range(blank)]
+    labels = labels + [""] * blank
+    order = [r * ncol + c for c in range(ncol) for r in range(nrow)]  # column by column, as matplotlib places them
+    return [handles[i] for i in order], [labels[i] for i in order]
+
+
 def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequence[float], std: Sequence[float],
                            max_points: int = 400):
     """A matplotlib figure: one row per image, one column per deformable stage, the keys sampled by
@@ -85,9 +98,10 @@ def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequenc
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     if legend:
-        key = fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncol=min(len(legend), 2 * cols),
-                         fontsize=7, markerscale=2.5, frameon=False, title="sampled keys by offset group",
-                         title_fontsize=7)
+        ncol = min(len(legend), 2 * cols)
+        handles, labels = row_major(list(legend.values()), list(legend.keys()), ncol)
+        key = fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=7, markerscale=2.5,
+                         frameon=False, title="sampled keys by offset group", title_fontsize=7)
         for handle in key.legend_handles:
             handle.set_alpha(1)
     return fig

@@ -340,7 +340,9 @@ def test_visualize_a_checkpoint(tmp_path):
     assert x.shape == (1, 1, 32, 32) and mean == (0.485,)
     torch.testing.assert_close(x, torch.full_like(x, (128 / 255 - 0.485) / 0.229), atol=1e-3, rtol=0)
     for many, message in (({"count": 33}, "--count: 33 must be in [1, 32]"),
-                          ({"images": ["a.png"] * 33}, "--images: 33 files; at most 32 in one figure")):
+                          ({"images": ["a.png"] * 33}, "--images: 33 files; at most 32 in one figure"),
+                          ({"images": ["a.png"], "count": 2}, "--count: only without --images (the figure shows"),
+                          ({"images": ["a.png"], "data": "digits"}, "--data: only without --images")):
         with pytest.raises(AnalysisError, match=re.escape(message)):  # a figure of a row an image: 100000 rows
             visualize(str(tmp_path / "m.ckpt"), tmp_path / "many", **many)
     (tmp_path / "bad.png").write_text("not an image")
@@ -437,3 +439,18 @@ def test_a_plot_of_levels_draws_points_and_error_bars_on_an_axis_that_spans_them
     assert points == pytest.approx([93.0, 95.5])  # the means
     low, high = ax.get_ylim()
     assert 85 < low < 93 - 1.414 and 95.5 + 0.707 < high < 100  # the error bars: sd over the two seeds
+
+
+def test_a_legend_reads_across_its_rows_in_order():
+    import matplotlib.pyplot as plt
+
+    from dat_lab.figures import row_major
+
+    fig, ax = plt.subplots()
+    labels = ["reference points", *(f"group {g}" for g in range(6))]
+    handles = [ax.scatter([0], [0]) for _ in labels]
+    legend = fig.legend(*row_major(handles, labels, 4), ncol=4)
+    fig.canvas.draw()
+    placed = sorted((-round(t.get_window_extent().y0), t.get_window_extent().x0, t.get_text()) for t in legend.get_texts())
+    assert [text for *_, text in placed if text] == labels  # top row left to right, then the next
+    plt.close(fig)

@@ -37,12 +37,17 @@ def _from_files(paths: list[str], model: torch.nn.Module) -> tuple[torch.Tensor,
     return torch.stack(images), mean, std
 
 
-def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = None, data: str = "digits",
-              count: int = 4) -> list[Path]:
-    """Write sampling_points.png/.pdf under `out`; return their paths."""
+def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = None, data: str | None = None,
+              count: int | None = None) -> list[Path]:
+    """Write sampling_points.png/.pdf under `out`; return their paths. The images: `images`, or the
+    first `count` (default 4) validation images of `data` (default digits)."""
     if not Path(checkpoint).is_file():
         raise AnalysisError(f"{checkpoint}: no such checkpoint")
     out = check_output_folder(out, option="--out")
+    if images and (data is not None or count is not None):
+        raise AnalysisError(f"--{'data' if data is not None else 'count'}: only without --images (the figure shows "
+                            "the images given)")
+    data, count = data or "digits", 4 if count is None else count
     if not 1 <= count <= MAX_COUNT:  # a row of panels an image: more would make a figure no one can open
         raise AnalysisError(f"--count: {count} must be in [1, {MAX_COUNT}]")
     if images and len(images) > MAX_COUNT:
