@@ -75,7 +75,8 @@ def _profile(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    _print_table(rows)
+    paper = ("paper_params_m", "paper_gflops")  # as the paper prints them: 4.60, not 4.6
+    _print_table([{k: f"{v:.2f}" if k in paper else v for k, v in row.items()} for row in rows])
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
