@@ -315,7 +315,7 @@ def test_sampling_points_figure_shows_images_on_a_fixed_scale():
     fig = sampling_points_figure(x, out, mean=(0.5,), std=(0.25,))
     assert len(fig.axes) == 2 * 2  # 2 images x 2 deformable stages
     (legend,) = fig.legends  # one for the figure, every group of either stage once (stage 3 has 4)
-    assert [t.get_text() for t in legend.get_texts()] == ["reference points", "group 0", "group 1", "group 2", "group 3"]
+    assert _reading_order(legend) == ["reference points", "group 0", "group 1", "group 2", "group 3"]
     image = fig.axes[0].images[0]
     assert image.get_clim() == (0, 1) and image.get_array().min() == image.get_array().max() == 0.5
     for channels in (2, 4):  # not RGB: their mean, in gray (2 failed in matplotlib; 4 was drawn as RGBA)
@@ -450,7 +450,12 @@ def test_a_legend_reads_across_its_rows_in_order():
     labels = ["reference points", *(f"group {g}" for g in range(6))]
     handles = [ax.scatter([0], [0]) for _ in labels]
     legend = fig.legend(*row_major(handles, labels, 4), ncol=4)
-    fig.canvas.draw()
-    placed = sorted((-round(t.get_window_extent().y0), t.get_window_extent().x0, t.get_text()) for t in legend.get_texts())
-    assert [text for *_, text in placed if text] == labels  # top row left to right, then the next
+    assert _reading_order(legend) == labels  # top row left to right, then the next
     plt.close(fig)
+
+
+def _reading_order(legend) -> list[str]:
+    """A drawn legend's texts as one reads them: row by row, left to right (blank padding left out)."""
+    legend.figure.canvas.draw()
+    placed = sorted((-round(t.get_window_extent().y0), t.get_window_extent().x0, t.get_text()) for t in legend.get_texts())
+    return [text for *_, text in placed if text]
