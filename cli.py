@@ -23,7 +23,6 @@ import pickle
 import re
 import signal
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import yaml

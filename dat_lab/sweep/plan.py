@@ -137,7 +137,7 @@ def in_worker(config: Mapping[str, Any]) -> dict[str, Any]:
     if (nodes := int(trainer.get("num_nodes") or 1)) > 1:
         raise SpecError(f"trainer.num_nodes: {nodes}; a sweep's trial trains on its worker's machine (num_nodes 1): "
                         f"scale a sweep over machines by workers sharing a database")
-    strategy = given = trainer.get("strategy", "auto")
+    strategy = trainer.get("strategy", "auto")
     given_plugins = plugins(trainer)
     given_env = (strategy.get("init_args") or {}).get("cluster_environment") if isinstance(strategy, Mapping) else None
     named = [*(("trainer.plugins", class_name(p)) for p in given_plugins), ("trainer.strategy", class_name(given_env))]
