@@ -56,10 +56,10 @@ def row_major(handles: list, labels: list[str], ncol: int) -> tuple[list, list[s
 
 
 def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequence[float], std: Sequence[float],
-                           max_points: int = 400):
-    """A matplotlib figure: one row per image, one column per deformable stage, the keys sampled by
-    that stage's last D block (one colour per offset group) over the image; references as grey dots;
-    a legend below."""
+                           max_points: int = 400, names: Sequence[str] | None = None):
+    """A matplotlib figure: one row per image (labelled with `names`, where given), one column per
+    deformable stage, the keys sampled by that stage's last D block (one colour per offset group) over
+    the image; references as grey dots; a legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,6 +93,8 @@ def sampling_points_figure(images: Tensor, out: dict[str, Any], *, mean: Sequenc
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(f"stage {stage} ({name.split('.', 2)[-1]})", fontsize=8)
+            if col == 0 and names is not None:
+                ax.set_ylabel(names[row], fontsize=7)
     legend = {}  # label: handle, over every panel (stages may have different numbers of groups)
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):

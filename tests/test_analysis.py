@@ -356,6 +356,26 @@ def test_visualize_a_checkpoint(tmp_path):
         visualize(str(tmp_path / "swin.ckpt"), tmp_path / "vis", data="synthetic")
 
 
+def test_visualize_labels_each_row_with_its_image_and_what_the_model_took_it_for(tmp_path, monkeypatch):
+    import dat_lab.analysis.visualize as vis
+
+    model = dat_lab.create_model("dat_pico", in_chans=1, num_classes=10).eval()
+    dat_lab.save_checkpoint(model, tmp_path / "m.ckpt")
+    figures = []
+    monkeypatch.setattr(vis, "save_figure", lambda fig, out, name: figures.append(fig) or [])
+    visualize(str(tmp_path / "m.ckpt"), tmp_path / "vis", count=2)
+    dm = vis.DigitsDataModule(img_size=32, channels=1)
+    dm.setup("validate")
+    x = torch.stack([dm.val_set[i][0] for i in range(2)])
+    with torch.no_grad():
+        predicted = model(x).argmax(-1)
+    rows = [ax.get_ylabel() for ax in figures[0].axes[::2]]  # the first of each row's two stages
+    assert rows == [f"digits val {i}: class {int(dm.val_set[i][1])}, predicted {int(predicted[i])}" for i in range(2)]
+    Image.new("L", (40, 30), color=128).save(tmp_path / "a.png")
+    visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "a.png")])
+    assert figures[1].axes[0].get_ylabel().startswith("a.png, predicted ")
+
+
 def test_learning_curves_put_each_validation_at_its_epoch(tmp_path):
     """Validation every second epoch: the points are epochs 2 and 4, not the 1st and 2nd validation."""
     from torch.utils.tensorboard import SummaryWriter

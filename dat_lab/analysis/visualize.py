@@ -56,15 +56,20 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
     cfg = model.config
     if images:
         x, mean, std = _from_files(images, model)
+        names = [Path(p).name for p in images]
     else:
         if data not in DATASETS:
             raise AnalysisError(f"--data: {data!r} is not one of {', '.join(DATASETS)} (or give --images FILE ...)")
         dm = DATASETS[data](img_size=cfg.img_size, channels=cfg.in_chans)
         dm.setup("validate")
-        x = torch.stack([dm.val_set[i][0] for i in range(min(count, len(dm.val_set)))])
+        samples = [dm.val_set[i] for i in range(min(count, len(dm.val_set)))]
+        x = torch.stack([image for image, _ in samples])
+        names = [f"{data} val {i}: class {int(label)}" for i, (_, label) in enumerate(samples)]
         mean, std = dm.mean, dm.std
     with torch.no_grad():
         result = model.forward_intermediates(x)
     if not result["deformable"]:
         raise AnalysisError(f"{checkpoint}: the model has no deformable (D) blocks to show")
-    return save_figure(sampling_points_figure(x, result, mean=mean, std=std), out, "sampling_points")
+    if result["logits"].shape[-1]:  # a head: what the model took each image for
+        names = [f"{n}, predicted {int(c)}" for n, c in zip(names, result["logits"].argmax(-1))]
+    return save_figure(sampling_points_figure(x, result, mean=mean, std=std, names=names), out, "sampling_points")
