@@ -45,6 +45,24 @@ from sweep_common import BASE, DEMO, ROOT, TPE, write_spec
     (TPE.replace("1.0e-4", "1e-4"), "search_space.model.lr.low: must be a number, got '1e-4' (YAML reads 1e-4 as text: "
      "write 1.0e-4)$"),
     (TPE.replace("1.0e-2", "a"), "search_space.model.lr.high: must be a number, got 'a'$"),
+    (TPE.replace("high: 1.0e-2", "high: 1.0e-2, lgo: true"), "search_space.model.lr.lgo: unknown key; allowed: high, "
+     "log, low, step, type"),
+    (TPE.replace("high: 1.0e-2", "high: 1.0e-2, log: 'yes'"), "search_space.model.lr.log: must be true or false, got 'yes'"),
+    (TPE.replace("low: 1.0e-4", "low: 0.0").replace("high: 1.0e-2", "high: 1.0e-2, log: true"),
+     "search_space.model.lr: log: true needs low > 0, got low 0.0"),
+    (TPE.replace("high: 1.0e-2", "high: 1.0e-2, log: true, step: 1.0e-4"), "search_space.model.lr.step: takes no log: true"),
+    (TPE.replace("high: 1.0e-2", "high: 1.0e-2, step: 0.0"), "search_space.model.lr.step: must be > 0, got 0.0"),
+    (TPE.replace("{type: float, low: 1.0e-4, high: 1.0e-2}", "{type: categorical, choices: [1, 2], low: 0}"),
+     "search_space.model.lr.low: unknown key; allowed: choices, type"),
+    (TPE.replace("model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}",
+                 "model.overrides.offset_range: {type: categorical, choices: [[0, 0, 2, 2], [1, 1, 2, 2]]}"),
+     "search_space.model.overrides.offset_range.choices: [0, 0, 2, 2] is not a plain value"),
+    (TPE.replace("{type: float, low: 1.0e-4, high: 1.0e-2}", "{type: categorical, choices: [1, 1, 2]}"),
+     "search_space.model.lr.choices: [1, 1, 2] names a choice twice"),
+    (TPE.replace("model.lr:", "seed_everything:").replace("float, low: 1.0e-4, high: 1.0e-2", "int, low: 0, high: 4"),
+     "search_space.seed_everything: the sweep sets the seeds"),
+    (TPE.replace("model.lr:", "trainer.max_epochs:").replace("float, low: 1.0e-4, high: 1.0e-2", "int, low: 1, high: 3")
+     + "budget: {max_epochs: 1}\n", "search_space.trainer.max_epochs: budget.max_epochs sets it"),
     ("sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: categorical, choices: 3}}\n",
      "search_space.model.lr.choices: must be a non-empty list, got 3"),
     ("factors:\n  a: {path: model.lr, values: [0.1]}\n  b: {path: model.lr, values: [0.2]}\n",
@@ -197,6 +215,23 @@ def test_dry_run_of_every_spec(path, capsys, tmp_path, imagenet_root):
     assert not storage.exists()  # a dry run writes nothing
     out = capsys.readouterr().out
     assert "nothing trained (--dry-run)" in out and f"{path}: study 'named', " in out
+
+
+def test_an_override_sets_the_value_at_its_key(tmp_path):
+    """A mapping given whole replaces the spec's (as an option given again does); a deeper key changes
+    that key alone; a search_space path, dots and all, is one key."""
+    spec = write_spec(tmp_path, BASE + TPE.replace("high: 1.0e-2", "high: 1.0e-2, log: true")
+                      + "pruner: {name: median, n_startup_trials: 2}\n")
+    hyperband = parse_spec(spec, {"pruner": {"name": "hyperband", "min_resource": 1}})
+    assert hyperband.pruner == {"name": "hyperband", "min_resource": 1}  # not median's n_startup_trials too
+    assert parse_spec(spec, {"search_space.model.lr.low": 1.0e-3}).search_space == {
+        "model.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}
+    assert parse_spec(spec, {"search_space.model.lr": {"type": "float", "low": 0.1, "high": 0.2}}).search_space == {
+        "model.lr": {"type": "float", "low": 0.1, "high": 0.2}}
+    space = parse_spec(spec, {"search_space.model.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}}).search_space
+    assert list(space) == ["model.lr", "model.weight_decay"]
+    assert list(parse_spec(spec, {"search_space": {"model.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}}})
+                .search_space) == ["model.weight_decay"]
 
 
 def test_overrides_may_follow_the_options(tmp_path, capsys):

@@ -360,9 +360,9 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
 
 def _suggest(trial: optuna.Trial, name: str, dist: dict[str, Any]) -> Any:
     if dist["type"] == "float":
-        return trial.suggest_float(name, dist["low"], dist["high"], log=dist.get("log", False))
+        return trial.suggest_float(name, dist["low"], dist["high"], log=dist.get("log", False), step=dist.get("step"))
     if dist["type"] == "int":
-        return trial.suggest_int(name, dist["low"], dist["high"], log=dist.get("log", False))
+        return trial.suggest_int(name, dist["low"], dist["high"], log=dist.get("log", False), step=dist.get("step", 1))
     return trial.suggest_categorical(name, dist["choices"])
 
 

@@ -17,7 +17,8 @@
                                               # their shuffling and augmentation; not the digits' split)
     objective: {metric: val/acc1, direction: maximize, value: best}
     sampler: grid                             # or {name: tpe, seed: 0, n_startup_trials: 8, multivariate: true}
-    search_space: {model.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}}   # tpe only
+    search_space: {model.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}}   # tpe only; also step, and
+                                              # {type: categorical, choices: [...]}
     n_trials: 20                              # tpe only
     pruner: none                              # tpe only: {name: median, ...} / {name: hyperband, ...}
     storage: sqlite:///runs/demo.db           # default: sqlite:///runs/<study>.db (the study run, --study included)
@@ -66,6 +67,9 @@ MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_worker
                  "config.model.weights"}  # not in a fingerprint: where a file lies on this machine
 DATA_IDENTITY = "data"  # the fingerprint's field of what planning found to tell the data apart
 SPACE_TYPES = {"float", "int", "categorical"}
+SPACE_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
+              "categorical": {"type", "choices"}}
+SEED_PATHS = ("seed_everything", "data.init_args.seed")  # what the spec's seeds set
 FACTOR_NAME = re.compile(r"[A-Za-z_][\w.-]*")
 RESERVED_NAMES = tuple(n for n in dict.fromkeys(M.TRIAL_COLUMNS + M.TABLE_COLUMNS) if FACTOR_NAME.fullmatch(n))
 """Not factor names: columns of the analysis tables."""
@@ -80,6 +84,25 @@ def deep_merge(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, A
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def set_override(raw: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """`raw` (a spec) with the value at the dotted spec key `key` set to `value`: a mapping given whole
+    replaces the one there, as an option given again does (`pruner={name: hyperband}`), a deeper key
+    changes that key alone (`budget.max_epochs=1`). A search_space path holds dots itself: the longest
+    run of parts that names a key there is that key (`search_space.model.lr.low=1.0e-4`), and a new
+    one takes the rest (`search_space.model.lr={type: float, ...}`)."""
+    out = copy.deepcopy(dict(raw))
+    node, parts, dotted = out, key.split("."), False
+    while True:
+        n = next((n for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in node), len(parts) if dotted else 1)
+        head = ".".join(parts[:n])
+        if n == len(parts):
+            node[head] = copy.deepcopy(value)
+            return out
+        if not isinstance(node.get(head), dict):
+            node[head] = {}
+        node, parts, dotted = node[head], parts[n:], node is out and head == "search_space"
 
 
 def nest(path: str, value: Any) -> dict[str, Any]:
@@ -324,25 +347,51 @@ def _number(path: Path, key: str, value: Any, kind: str) -> int | float:
     return value
 
 
-def _search_space(path: Path, raw: Any) -> dict[str, dict[str, Any]]:
+def _search_space(path: Path, raw: Any, budget: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     space = _mapping(path, "search_space", raw)
     for name, dist in space.items():
         key = f"search_space.{name}"
         dist = _mapping(path, key, dist)
         if dist.get("type") not in SPACE_TYPES:
             raise _error(path, f"{key}.type", f"{dist.get('type')!r} is not one of {', '.join(sorted(SPACE_TYPES))}")
-        needed = ("choices",) if dist["type"] == "categorical" else ("low", "high")
-        for k in needed:
+        _check_keys(path, key, dist, SPACE_KEYS[dist["type"]])
+        if name in SEED_PATHS:
+            raise _error(path, key, "the sweep sets the seeds (the spec's seeds: a search's one seed); not a search parameter")
+        if name.startswith("trainer.") and name.removeprefix("trainer.") in budget:
+            raise _error(path, key, f"budget.{name.removeprefix('trainer.')} sets it; search it with no budget for it")
+        for k in ("choices",) if dist["type"] == "categorical" else ("low", "high"):
             if k not in dist:
                 raise _error(path, f"{key}.{k}", "is missing")
         if dist["type"] == "categorical":
-            if not isinstance(dist["choices"], list) or not dist["choices"]:
-                raise _error(path, f"{key}.choices", f"must be a non-empty list, got {dist['choices']!r}")
-        elif not _number(path, f"{key}.low", dist["low"], dist["type"]) < \
-                _number(path, f"{key}.high", dist["high"], dist["type"]):
-            raise _error(path, key, f"low {dist['low']} must be below high {dist['high']}")
-        space[name] = dist
+            _choices(path, f"{key}.choices", dist["choices"])
+            continue
+        low, high = (_number(path, f"{key}.{k}", dist[k], dist["type"]) for k in ("low", "high"))
+        if not low < high:
+            raise _error(path, key, f"low {low} must be below high {high}")
+        log = dist.get("log", False)
+        if not isinstance(log, bool):
+            raise _error(path, f"{key}.log", f"must be true or false, got {log!r}")
+        if log and low <= 0:
+            raise _error(path, key, f"log: true needs low > 0, got low {low}")
+        if "step" in dist:
+            if log:
+                raise _error(path, f"{key}.step", "takes no log: true (a log scale has no fixed step)")
+            if _number(path, f"{key}.step", dist["step"], dist["type"]) <= 0:
+                raise _error(path, f"{key}.step", f"must be > 0, got {dist['step']}")
     return space
+
+
+def _choices(path: Path, key: str, choices: Any) -> None:
+    """A categorical's choices: a non-empty list of distinct plain values (what Optuna stores and analysis
+    groups by: none, true/false, numbers, text)."""
+    if not isinstance(choices, list) or not choices:
+        raise _error(path, key, f"must be a non-empty list, got {choices!r}")
+    for choice in choices:
+        if choice is not None and not isinstance(choice, (bool, int, float, str)):
+            raise _error(path, key, f"{choice!r} is not a plain value (null, true/false, a number or text); a list "
+                                    "of values is a factor's level in a grid")
+    if len({(type(c), c) for c in choices}) < len(choices):
+        raise _error(path, key, f"{choices!r} names a choice twice")
 
 
 def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
@@ -356,7 +405,7 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         raise SpecError(str(err)) from None
     raw = _mapping(path, "(top level)", raw)
     for key, value in (overrides or {}).items():
-        raw = deep_merge(raw, nest(key, value))
+        raw = set_override(raw, key, value)
     _check_keys(path, "", raw, TOP_KEYS)
     for key in ("study", "base"):
         if not isinstance(raw.get(key), str) or not raw[key]:
@@ -394,7 +443,7 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     pruner = _named(path, "pruner", raw.get("pruner"),
                     {name: set(inspect.signature(cls).parameters) for name, cls in PRUNER_CLASSES.items()}, "none",
                     build_pruner)
-    space = _search_space(path, raw.get("search_space"))
+    space = _search_space(path, raw.get("search_space"), budget)
     n_trials = raw.get("n_trials")
     if sampler["name"] == "grid":
         if space or n_trials is not None:
