@@ -284,9 +284,14 @@ def test_search_study_plots(tmp_path, capsys):
     assert cli.main(["analyze", "lr", "--storage", storage, "--baseline", "x", "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err == "dat-lab: error: --baseline: study 'lr' is a search (tpe): it has no baseline row\n"
     assert not (tmp_path / "b").exists()  # refused before anything is written
-    history = plots.search_plots(study, load("lr", storage)[1])["history"].axes[0]
-    assert history.get_ylabel() == "val/acc1 (%)"
-    assert history.yaxis.get_major_formatter()(0.83, 0) == "83"  # its ticks in percent
+    figures = plots.search_plots(study, load("lr", storage)[1])
+    history = figures["history"].axes[0]
+    assert history.get_ylabel() == "val/acc1 (%)" and history.get_title() == "lr: val/acc1 (%) by trial (4 finished of 4)"
+    figures["history"].canvas.draw()
+    ticks = [t.get_text() for t in history.get_yticklabels()]
+    assert len({len(t.split(".")[-1]) for t in ticks if "." in t}) <= 1 and all(79 <= float(t) <= 84 for t in ticks)
+    assert all(float(t.get_text().replace("\u2212", "-")).is_integer() for t in history.get_xticklabels())  # trials
+    assert "from 4 finished trials" in figures["importances"].axes[0].get_title()
 
 
 def test_a_grid_without_factors_is_one_row_over_its_seeds(tmp_path, capsys):

@@ -126,9 +126,24 @@ def search_plots(study: optuna.Study, info: StudyInfo) -> dict[str, plt.Figure]:
     with warnings.catch_warnings():  # Optuna's matplotlib plots are "experimental": a warning on every call
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         history = ovm.plot_optimization_history(study, target_name=label)
-        history.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v * scale:g}"))
-        figures = {"history": history.figure}
+        history.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_scaled_ticks(history.yaxis, scale)))
+        history.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # trials: no 0.5
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        history.set_title(f"{info.name}: {label} by trial ({len(finished)} finished of {len(study.trials)})", fontsize=9)
+        figures = {"history": history.figure}
         if len(finished) >= 2 and finished[0].params:
-            figures["importances"] = ovm.plot_param_importances(study).figure
+            importances = ovm.plot_param_importances(study)
+            importances.set_title(f"{info.name}: parameter importances from {len(finished)} finished trials",
+                                  fontsize=9)
+            figures["importances"] = importances.figure
     return figures
+
+
+def _scaled_ticks(axis, scale: float):
+    """Tick labels of values shown times `scale`, all with the decimals their spacing needs (not 2.1
+    beside 2.08)."""
+    def label(value: float, _) -> str:
+        ticks = axis.get_majorticklocs()
+        step = abs(ticks[1] - ticks[0]) * scale if len(ticks) > 1 else 1.0
+        return f"{value * scale:.{max(0, -math.floor(math.log10(step)) if step > 0 else 0)}f}"
+    return label
