@@ -284,9 +284,14 @@ def test_search_study_plots(tmp_path, capsys):
     assert cli.main(["analyze", "lr", "--storage", storage, "--baseline", "x", "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err == "dat-lab: error: --baseline: study 'lr' is a search (tpe): it has no baseline row\n"
     assert not (tmp_path / "b").exists()  # refused before anything is written
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"model.lr": 0.05}, intermediate_values={0: 0.7, 1: 0.79},
+                                 distributions={"model.lr": FloatDistribution(1e-5, 1e-1, log=True)}))
+    pruned = analyze("lr", storage, tmp_path / "pruned").table  # after the finished, at the last value it reported
+    assert pruned["trial"].tolist() == ["3", "2", "1", "0", "4"] and pruned["val/acc1 (%)"].tolist()[-1] == "79.00"
+    assert pruned["status"].tolist() == ["done"] * 4 + ["pruned (its last value)"]
     figures = plots.search_plots(study, load("lr", storage)[1])
     history = figures["history"].axes[0]
-    assert history.get_ylabel() == "val/acc1 (%)" and history.get_title() == "lr: val/acc1 (%) by trial (4 finished of 4)"
+    assert history.get_ylabel() == "val/acc1 (%)" and history.get_title() == "lr: val/acc1 (%) by trial (4 finished of 5)"
     figures["history"].canvas.draw()
     ticks = [t.get_text() for t in history.get_yticklabels()]
     assert len({len(t.split(".")[-1]) for t in ticks if "." in t}) <= 1 and all(79 <= float(t) <= 84 for t in ticks)

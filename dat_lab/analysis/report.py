@@ -34,7 +34,8 @@ def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str
     frame = trials_frame(study, info)
     counts = status_counts(frame)
     if not info.grid:  # a search: history and importances, trials as the table
-        done = finished(frame, study_name)
+        finished(frame, study_name)
+        done = frame[frame["status"].isin(["done", "pruned"])]  # the pruned after the finished, so marked
         out.mkdir(parents=True, exist_ok=True)
         search_csv(done, info).to_csv(out / "table.csv", index=False)
         shown = display_search(done, info)

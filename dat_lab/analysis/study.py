@@ -113,7 +113,8 @@ def stale_trials(study: optuna.Study, heartbeat: tuple[int, int]) -> set[int]:
 
 
 def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
-    """One row per cell and seed of a grid (its deciding trial, or 'missing'), or per trial of a search.
+    """One row per cell and seed of a grid (its deciding trial, or 'missing'), or per trial of a search
+    (a pruned one's value: the last it reported before it was stopped).
 
     Columns: one per factor (grid) or per searched parameter, and metrics.TRIAL_COLUMNS.
     """
@@ -129,6 +130,8 @@ def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:
                    params_m=a.get(M.TRIAL_PARAMS_M), gflops=a.get(M.TRIAL_GFLOPS),
                    images_per_s=a.get(M.TRIAL_IMAGES_PER_S), run_dir=a.get(M.TRIAL_RUN_DIR),
                    last_step=a.get(M.TRIAL_LAST_STEP), failure=a.get(M.TRIAL_FAILURE))
+        if not info.grid and t.state == TrialState.PRUNED and t.intermediate_values:  # what it reached: its last report
+            row["value"] = t.intermediate_values[max(t.intermediate_values)]
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not info.grid:

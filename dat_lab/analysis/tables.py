@@ -155,8 +155,10 @@ def _decimals(values: pd.Series, least: int, significant: int = 3) -> int:
 
 
 def best_first(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
-    """A search's finished trials, best first."""
-    return done.sort_values("value", ascending=info.direction == "minimize", kind="stable")
+    """A search's finished trials, best first; then its pruned ones (by the last value they reported)."""
+    order = done.assign(**{"(pruned)": done["status"] != "done"})
+    order = order.sort_values(["(pruned)", "value"], ascending=[True, info.direction == "minimize"], kind="stable")
+    return order.drop(columns=["(pruned)"])
 
 
 def search_csv(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
@@ -168,8 +170,8 @@ def search_csv(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
 
 
 def display_search(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
-    """A search's finished trials as strings, best first: trial, the sampled parameters (4 significant
-    digits), the objective in the tables' units, params, FLOPs and images/s."""
+    """A search's finished trials as strings, best first (then its pruned ones, marked): trial, the sampled
+    parameters (4 significant digits), the objective in the tables' units, params, FLOPs and images/s."""
     done = best_first(done, info)
     label, _ = metric_label(info.metric)
     out = pd.DataFrame({"trial": done["trial"].astype(int).astype(str)})
@@ -177,6 +179,8 @@ def display_search(done: pd.DataFrame, info: StudyInfo) -> pd.DataFrame:
         out[name] = done[name].map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
     out[label] = done["value"].map(lambda v: metric_text(info.metric, v))
     _cost_columns(out, done)
+    if (done["status"] != "done").any():  # a pruned trial's value: the last it reported
+        out["status"] = done["status"].map(lambda s: "pruned (its last value)" if s == "pruned" else s)
     return out
 
 
