@@ -243,8 +243,8 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
                  progress=lambda done, total: bar.update(task, completed=done, total=total), on_trial=on_trial)
         except KeyboardInterrupt:
             bar.stop()
-            print("interrupted: finished cells are stored and the interrupted trial is marked FAILED; "
-                  "run the same command again to resume", file=sys.stderr)
+            print(f"interrupted: finished {'cells' if spec.is_grid else 'trials'} are stored and the interrupted "
+                  "trial is marked FAILED; run the same command again to resume", file=sys.stderr)
             raise SystemExit(130) from None
     return len(failed)
 
@@ -288,8 +288,12 @@ def _sweep_status(args: argparse.Namespace) -> None:
     if rows.empty:
         return
     label, _ = metric_label(info.metric)  # in analyze's units
-    _print_table([{"cell": M.cell_shown(r.cell), "status": r.status, "trial": "-" if pd.isna(r.trial) else int(r.trial),
-                   label: metric_text(info.metric, r.value)} for r in rows.itertuples()])
+    searched = [c for c in rows.columns if c not in M.TRIAL_COLUMNS] if not info.grid else []
+    _print_table([({"cell": M.cell_shown(r["cell"])} if info.grid else {})  # a search's trial is its own cell
+                  | {"trial": "-" if pd.isna(r["trial"]) else int(r["trial"])}
+                  | {name: f"{r[name]:.4g}" if isinstance(r[name], float) else str(r[name]) for name in searched}
+                  | {"status": r["status"], label: metric_text(info.metric, r["value"])}
+                  for _, r in rows.iterrows()])
     unrecorded = "no reason recorded: its worker stopped before it could record one (killed or crashed)"
 
     def which(r) -> str:  # a search's trial is its own cell: named once

@@ -183,6 +183,7 @@ def test_a_running_trial_whose_worker_stopped_sending_heartbeats_shows_stale_wit
     out = capsys.readouterr().out
     assert ("failed: trial 2 (position=none, s=2 | seed=0): no reason recorded: its worker stopped before it could "
             "record one (killed or crashed)\n") in out and "failed: trial 0: boom\n" in out
+    assert "┃ trial ┃  lr ┃ status ┃ val/acc1 (%) ┃" in out and "│ 0     │ 0.1 │ failed │" in out  # its parameters
 
 
 def test_partial_and_empty_studies(tmp_path, capsys):
