@@ -59,6 +59,7 @@ from sweep_common import BASE, DEMO, ROOT, TPE, write_spec
      "search_space.model.overrides.offset_range.choices: [0, 0, 2, 2] is not a plain value"),
     (TPE.replace("{type: float, low: 1.0e-4, high: 1.0e-2}", "{type: categorical, choices: [1, 1, 2]}"),
      "search_space.model.lr.choices: [1, 1, 2] names a choice twice"),
+    (TPE.replace("model.lr:", "model:"), "search_space.model: names the whole 'model' group; give one option of it"),
     (TPE.replace("model.lr:", "seed_everything:").replace("float, low: 1.0e-4, high: 1.0e-2", "int, low: 0, high: 4"),
      "search_space.seed_everything: the sweep sets the seeds"),
     (TPE.replace("model.lr:", "trainer.max_epochs:").replace("float, low: 1.0e-4, high: 1.0e-2", "int, low: 1, high: 3")
