@@ -297,7 +297,9 @@ def test_search_study_plots(tmp_path, capsys):
     ticks = [t.get_text() for t in history.get_yticklabels()]
     assert len({len(t.split(".")[-1]) for t in ticks if "." in t}) <= 1 and all(79 <= float(t) <= 84 for t in ticks)
     assert all(float(t.get_text().replace("\u2212", "-")).is_integer() for t in history.get_xticklabels())  # trials
-    assert "from 4 finished trials" in figures["importances"].axes[0].get_title()
+    importances = figures["importances"].axes[0]
+    assert "from 4 finished trials" in importances.get_title() and importances.get_title(loc="left") == ""  # not two
+    assert history.get_legend() is not None and importances.get_legend() is None  # "Objective Value" said nothing
 
 
 def test_a_grid_without_factors_is_one_row_over_its_seeds(tmp_path, capsys):

@@ -136,6 +136,12 @@ def search_plots(study: optuna.Study, info: StudyInfo) -> dict[str, plt.Figure]:
             importances.set_title(f"{info.name}: parameter importances from {len(finished)} finished trials",
                                   fontsize=9)
             figures["importances"] = importances.figure
+    for ax in (fig.axes[0] for fig in figures.values()):  # as the other figures: white, the legend inside
+        ax.set_title("", loc="left")  # Optuna's own title, beside ours
+        ax.set_facecolor("white")
+        ax.grid(True, color="0.9")
+        if ax.get_legend() is not None:
+            ax.legend(loc="best", fontsize=8) if ax is history else ax.get_legend().remove()
     return figures
 
 
@@ -145,5 +151,6 @@ def _scaled_ticks(axis, scale: float):
     def label(value: float, _) -> str:
         ticks = axis.get_majorticklocs()
         step = abs(ticks[1] - ticks[0]) * scale if len(ticks) > 1 else 1.0
-        return f"{value * scale:.{max(0, -math.floor(math.log10(step)) if step > 0 else 0)}f}"
+        decimals = next((d for d in range(7) if abs(step * 10**d - round(step * 10**d)) < 1e-6 * 10**d), 6)
+        return f"{value * scale:.{decimals}f}"
     return label
