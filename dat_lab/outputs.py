@@ -10,8 +10,9 @@ from pathlib import Path
 def check_output_folder(path: str | Path, *, option: str) -> Path:
     """`path` if it is a folder, or can be made one, to write into; nothing is made. ValueError naming
     `option` where a file lies on the way or the nearest folder there is not writable."""
-    _check_folder(Path(path), Path(path), option)
-    return Path(path)
+    path = Path(path)
+    _check_folder(path, path, option)
+    return path
 
 
 def check_output_file(path: str | Path, *, option: str, example: str) -> Path:

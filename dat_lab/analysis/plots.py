@@ -140,8 +140,10 @@ def search_plots(study: optuna.Study, info: StudyInfo) -> dict[str, plt.Figure]:
         ax.set_title("", loc="left")  # Optuna's own title, beside ours
         ax.set_facecolor("white")
         ax.grid(True, color="0.9")
-        if ax.get_legend() is not None:
-            ax.legend(loc="best", fontsize=8) if ax is history else ax.get_legend().remove()
+        if ax is history:
+            ax.legend(loc="best", fontsize=8)
+        elif ax.get_legend() is not None:  # the importances' "Objective Value" says nothing
+            ax.get_legend().remove()
     return figures
 
 

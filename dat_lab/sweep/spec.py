@@ -355,10 +355,10 @@ def _search_space(path: Path, raw: Any, budget: Mapping[str, Any]) -> dict[str, 
         if dist.get("type") not in SPACE_TYPES:
             raise _error(path, f"{key}.type", f"{dist.get('type')!r} is not one of {', '.join(sorted(SPACE_TYPES))}")
         _check_keys(path, key, dist, SPACE_KEYS[dist["type"]])
-        if "." not in name and name not in SEED_PATHS:
-            raise _error(path, key, f"names the whole {name!r} group; give one option of it, e.g. model.lr")
         if name in SEED_PATHS:
             raise _error(path, key, "the sweep sets the seeds (the spec's seeds: a search's one seed); not a search parameter")
+        if "." not in name:
+            raise _error(path, key, f"names the whole {name!r} group; give one option of it, e.g. model.lr")
         if name.startswith("trainer.") and name.removeprefix("trainer.") in budget:
             raise _error(path, key, f"budget.{name.removeprefix('trainer.')} sets it; search it with no budget for it")
         for k in ("choices",) if dist["type"] == "categorical" else ("low", "high"):
