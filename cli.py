@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="run (or resume) an ablation sweep on an Optuna study")
     w.add_argument("spec", help="a sweep spec, e.g. sweeps/demo.yaml")
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="spec overrides, e.g. budget.max_epochs=1 seeds=[0,1,2]")
+                   help="spec overrides, each setting the value at KEY (a mapping replaces the spec's whole), "
+                        "e.g. budget.max_epochs=1 seeds=[0,1,2]")
     w.add_argument("--storage", help="Optuna storage URL (default: the spec's, else sqlite:///runs/<study>.db)")
     w.add_argument("--study", help="study name (default: the spec's)")
     w.add_argument("--workers", type=int, default=1,
