@@ -262,11 +262,18 @@ def _print_plan(spec, planned, study: str) -> None:
     if spec.is_grid:
         kind, planned_text = "grid", f"{len(planned)} trial(s) planned"
     else:
-        kind = f"tpe, {spec.n_trials} trials over {', '.join(spec.search_space)}"
+        kind = (f"{_component(spec.sampler)}, {spec.n_trials} trials over {', '.join(spec.search_space)}, "
+                f"pruner {_component(spec.pruner)}")
         planned_text = "the base config checked, and each search-space path at its bounds or choices"
     print(f"{spec.path}: study {study!r}, {kind}, objective {spec.direction} {spec.metric} ({spec.value}); "
           f"{planned_text}, nothing trained (--dry-run)")
     _print_table(rows)
+
+
+def _component(given: dict) -> str:
+    """A spec's sampler or pruner as written: `median (n_startup_trials=3, n_warmup_steps=1)`."""
+    options = ", ".join(f"{k}={v}" for k, v in given.items() if k != "name")
+    return f"{given['name']} ({options})" if options else given["name"]
 
 
 def _sweep_status(args: argparse.Namespace) -> None:
@@ -281,7 +288,11 @@ def _sweep_status(args: argparse.Namespace) -> None:
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == args.trial), None)
         if trial is None:
             raise ValueError(f"--trial: study {args.study!r} has no trial {args.trial}")
-        print(trial.user_attrs.get(M.TRIAL_REPRODUCE) or f"trial {args.trial} has no recorded training run")
+        if M.TRIAL_REPRODUCE not in trial.user_attrs:  # waiting to start, or failed before its run began
+            failure = trial.user_attrs.get(M.TRIAL_FAILURE)
+            raise ValueError(f"--trial: trial {args.trial} of study {args.study!r} has no training run to reproduce "
+                             f"(it is {trial.state.name}{': ' + failure if failure else ''})")
+        print(trial.user_attrs[M.TRIAL_REPRODUCE])
         return
     rows = trials_frame(study, info)
     print(f"study {args.study!r}: {counts_text(status_counts(rows))}")

@@ -184,6 +184,10 @@ def test_a_running_trial_whose_worker_stopped_sending_heartbeats_shows_stale_wit
     assert ("failed: trial 2 (position=none, s=2 | seed=0): no reason recorded: its worker stopped before it could "
             "record one (killed or crashed)\n") in out and "failed: trial 0: boom\n" in out
     assert "┃ trial ┃  lr ┃ status ┃ val/acc1 (%) ┃" in out and "│ 0     │ 0.1 │ failed │" in out  # its parameters
+    # a trial that failed before its training run began has no command to reproduce it
+    assert cli.main(["sweep-status", "search", "--storage", storage, "--trial", "0"]) == 2
+    assert capsys.readouterr().err == ("dat-lab: error: --trial: trial 0 of study 'search' has no training run to "
+                                       "reproduce (it is FAIL: boom)\n")
 
 
 def test_partial_and_empty_studies(tmp_path, capsys):

@@ -39,7 +39,17 @@ from sweep_common import BASE, DEMO, ROOT, TPE, write_spec
     ("sampler: {name: grid, seed: 1}\n", "sampler.seed: unknown key; allowed: name"),
     (TPE.replace("sampler: tpe", "sampler: {name: tpe, n_startup: 3}"), "sampler.n_startup: unknown key; allowed:"),
     ("pruner: {name: median, n_startup: 3}\n", "pruner.n_startup: unknown key; allowed: interval_steps,"),
-    ("pruner: {name: median, n_startup_trials: -1}\n", "pruner: median: Number of startup trials cannot be negative"),
+    ("pruner: {name: median, n_startup_trials: -1}\n", "pruner.n_startup_trials: must be an integer >= 0, got -1"),
+    ("pruner: {min_resource: 1}\n", "pruner: needs a name, one of hyperband, median, none"),
+    # what Optuna itself takes silently
+    (TPE.replace("sampler: tpe", "sampler: {name: tpe, n_startup_trials: -1}"),
+     "sampler.n_startup_trials: must be an integer >= 0, got -1"),
+    (TPE.replace("sampler: tpe", "sampler: {name: tpe, multivariate: maybe}"),
+     "sampler.multivariate: must be true or false, got 'maybe'"),
+    (TPE.replace("sampler: tpe", "sampler: {name: tpe, seed: null}"), "sampler.seed: must be an integer, got None"),
+    (TPE + "pruner: {name: hyperband, reduction_factor: 1}\n", "pruner.reduction_factor: must be an integer >= 2, got 1"),
+    (TPE + "pruner: {name: hyperband, max_resource: all}\n", "pruner.max_resource: must be an integer >= 1 or auto, got 'all'"),
+    (TPE + "pruner: {name: median, n_warmup_steps: 1.5}\n", "pruner.n_warmup_steps: must be an integer >= 0, got 1.5"),
     (TPE + "factors: {s: {path: model.overrides.offset_range, values: [1, 2]}}\n", "factors: only for sampler grid"),
     (TPE + "seeds: [0, 1]\n", "seeds: sampler tpe takes one seed, got [0, 1]"),
     (TPE.replace("1.0e-4", "1e-4"), "search_space.model.lr.low: must be a number, got '1e-4' (YAML reads 1e-4 as text: "
@@ -225,6 +235,12 @@ def test_an_override_sets_the_value_at_its_key(tmp_path):
                       + "pruner: {name: median, n_startup_trials: 2}\n")
     hyperband = parse_spec(spec, {"pruner": {"name": "hyperband", "min_resource": 1}})
     assert hyperband.pruner == {"name": "hyperband", "min_resource": 1}  # not median's n_startup_trials too
+    for overrides in ({"pruner.name": "hyperband", "pruner.min_resource": 1},  # the spec's options were median's
+                      {"pruner.min_resource": 1, "pruner.name": "hyperband"},
+                      {"pruner": "hyperband", "pruner.min_resource": 1}):  # a name alone, then an option of it
+        assert parse_spec(spec, overrides).pruner == {"name": "hyperband", "min_resource": 1}, overrides
+    assert parse_spec(spec, {"pruner.name": "median", "pruner.n_warmup_steps": 1}).pruner == {
+        "name": "median", "n_startup_trials": 2, "n_warmup_steps": 1}  # the same name keeps the spec's options
     assert parse_spec(spec, {"search_space.model.lr.low": 1.0e-3}).search_space == {
         "model.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}
     assert parse_spec(spec, {"search_space.model.lr": {"type": "float", "low": 0.1, "high": 0.2}}).search_space == {

@@ -30,7 +30,6 @@ A bad spec raises SpecError naming the key, before anything runs.
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 import itertools
 import json
@@ -62,6 +61,18 @@ TPE_DEFAULTS = {"seed": 0, "n_startup_trials": 10, "n_ei_candidates": 24, "multi
                 "constant_liar": True}  # optuna 5 changed TPE defaults: every option explicit
 PRUNER_CLASSES = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
                   "hyperband": optuna.pruners.HyperbandPruner}
+# each sampler's and pruner's options: (kind, least value); Optuna takes some bad values silently
+# (n_startup_trials=-1, multivariate="yes", reduction_factor=1)
+OPTION_RULES: dict[str, dict[str, tuple[str, int | None]]] = {
+    "grid": {}, "none": {},
+    "tpe": {"seed": ("int", None), "n_startup_trials": ("int", 0), "n_ei_candidates": ("int", 1),
+            "multivariate": ("bool", None), "group": ("bool", None), "constant_liar": ("bool", None)},
+    "median": {"n_startup_trials": ("int", 0), "n_warmup_steps": ("int", 0), "interval_steps": ("int", 1),
+               "n_min_trials": ("int", 1)},
+    "hyperband": {"min_resource": ("int", 1), "max_resource": ("int or auto", 1), "reduction_factor": ("int", 2),
+                  "bootstrap_count": ("int", 0)},
+}
+COMPONENTS = {"sampler": "grid", "pruner": "none"}  # given as a name or as {name: ..., options...}; default
 PRUNERS = set(PRUNER_CLASSES)
 MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_workers",
                  "config.model.weights"}  # not in a fingerprint: where a file lies on this machine
@@ -264,6 +275,11 @@ def _error(path: Path, key: str, message: str) -> SpecError:
     return SpecError(f"{path}: {key}: {message}")
 
 
+def _as_mapping(component: Any) -> Any:
+    """A sampler or pruner given by its name alone as {"name": name}, so that an override can add options."""
+    return {"name": component} if isinstance(component, str) else component
+
+
 def _mapping(path: Path, key: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -321,21 +337,38 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
     return Factor(name=str(name), levels=levels, baseline=baseline, paper_table=raw.get("paper_table"))
 
 
-def _named(path: Path, key: str, raw: Any, options: Mapping[str, set[str]], default: str,
-           build: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
-    """A component given as a name or as {name: ..., options...}; `options` maps each name to its option
-    keys, and `build` makes the Optuna object now, so that a bad option fails here."""
-    if raw is None:
-        raw = default
-    spec = {"name": raw} if isinstance(raw, str) else _mapping(path, key, raw)
-    if spec.get("name") not in options:
-        raise _error(path, key, f"{spec.get('name')!r} is not one of {', '.join(sorted(options))}")
-    _check_keys(path, key, spec, options[spec["name"]] | {"name"})
+def _named(path: Path, key: str, raw: Any, names: set[str], build: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """A component given as a name or as {name: ..., options...}, one of `names`, its options checked by
+    OPTION_RULES; `build` makes the Optuna object now, so that whatever else Optuna refuses fails here."""
+    spec = {"name": COMPONENTS[key] if raw is None else raw} if raw is None or isinstance(raw, str) \
+        else _mapping(path, key, raw)
+    if "name" not in spec:
+        raise _error(path, key, f"needs a name, one of {', '.join(sorted(names))}")
+    if spec["name"] not in names:
+        raise _error(path, key, f"{spec['name']!r} is not one of {', '.join(sorted(names))}")
+    rules = OPTION_RULES[spec["name"]]
+    _check_keys(path, key, spec, set(rules) | {"name"})
+    for option, value in spec.items():
+        if option != "name":
+            _option(path, f"{key}.{option}", value, *rules[option])
     try:
         build(spec)
     except (TypeError, ValueError) as err:
         raise _error(path, key, f"{spec['name']}: {str(err).splitlines()[0]}") from None
     return spec
+
+
+def _option(path: Path, key: str, value: Any, kind: str, least: int | None) -> None:
+    """Raise SpecError unless `value` is of `kind` ("int", "int or auto", "bool") and at least `least`."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _error(path, key, f"must be true or false, got {value!r}")
+        return
+    if kind == "int or auto" and value == "auto":
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or (least is not None and value < least):
+        wanted = "an integer" + (f" >= {least}" if least is not None else "") + (" or auto" if "auto" in kind else "")
+        raise _error(path, key, f"must be {wanted}, got {value!r}")
 
 
 def _number(path: Path, key: str, value: Any, kind: str) -> int | float:
@@ -406,8 +439,13 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     except ValueError as err:
         raise SpecError(str(err)) from None
     raw = _mapping(path, "(top level)", raw)
-    for key, value in (overrides or {}).items():
-        raw = set_override(raw, key, value)
+    overrides = dict(overrides or {})
+    for key in COMPONENTS:  # the spec's options were another component's: `pruner.name=hyperband` drops median's
+        given = _as_mapping(raw.get(key))
+        if f"{key}.name" in overrides and not (isinstance(given, Mapping) and given.get("name") == overrides[f"{key}.name"]):
+            raw[key] = {}
+    for key, value in overrides.items():
+        raw = set_override({k: _as_mapping(v) if k in COMPONENTS else v for k, v in raw.items()}, key, value)
     _check_keys(path, "", raw, TOP_KEYS)
     for key in ("study", "base"):
         if not isinstance(raw.get(key), str) or not raw[key]:
@@ -440,11 +478,8 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     value = objective.get("value", "best")
     if value not in ("best", "last"):
         raise _error(path, "objective.value", f"{value!r} is not one of best, last")
-    sampler = _named(path, "sampler", raw.get("sampler"), {"grid": set(), "tpe": set(TPE_DEFAULTS)}, "grid",
-                     build_sampler)
-    pruner = _named(path, "pruner", raw.get("pruner"),
-                    {name: set(inspect.signature(cls).parameters) for name, cls in PRUNER_CLASSES.items()}, "none",
-                    build_pruner)
+    sampler = _named(path, "sampler", raw.get("sampler"), SAMPLERS, build_sampler)
+    pruner = _named(path, "pruner", raw.get("pruner"), PRUNERS, build_pruner)
     space = _search_space(path, raw.get("search_space"), budget)
     n_trials = raw.get("n_trials")
     if sampler["name"] == "grid":
