@@ -6,7 +6,7 @@ import cli
 from dat_lab.outputs import check_output_file, check_output_folder, make_folder
 
 
-def test_output_folders_and_files(tmp_path):
+def test_output_folders_and_files(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
     assert check_output_folder(tmp_path / "new" / "deeper", option="--out") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # checked, not made
@@ -18,6 +18,11 @@ def test_output_folders_and_files(tmp_path):
         check_output_file(tmp_path, option="-o", example="a.ckpt")
     with pytest.raises(ValueError, match=f"^-o: {tmp_path / 'afile' / 'x.ckpt'}: {tmp_path / 'afile'} is a file"):
         check_output_file(tmp_path / "afile" / "x.ckpt", option="-o", example="a.ckpt")
+    writable = lambda path, mode: path != tmp_path  # noqa: E731  (as a user's read-only folder; root writes anywhere)
+    monkeypatch.setattr("dat_lab.outputs.os.access", writable)
+    with pytest.raises(ValueError, match=f"^--out: {tmp_path / 'new'}: {tmp_path} is not writable$"):
+        check_output_folder(tmp_path / "new", option="--out")
+    monkeypatch.undo()
     assert make_folder(tmp_path / "made" / "here", option="--out").is_dir()
     with pytest.raises(ValueError, match=f"^--out: cannot make {tmp_path / 'afile' / 'x'} \\("):
         make_folder(tmp_path / "afile" / "x", option="--out")

@@ -106,8 +106,8 @@ def test_a_runs_root_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     assert cli.main(["sweep", DEMO, "--storage", storage, "--runs-root", str(tmp_path / "afile")]) == 2
-    assert capsys.readouterr().err == (f"dat-lab: error: --runs-root: {tmp_path / 'afile'} is a file, not a folder "
-                                       f"(trials write into {tmp_path / 'afile'}/demo/)\n")
+    assert capsys.readouterr().err == (f"dat-lab: error: --runs-root: {tmp_path / 'afile' / 'demo'}: "
+                                       f"{tmp_path / 'afile'} is a file, not a folder\n")
     assert not (tmp_path / "r.db").exists()
 
 
@@ -116,17 +116,27 @@ def test_a_spec_or_base_that_is_not_text_or_yaml_is_one_line(tmp_path):
     binary.write_bytes(bytes(range(256)))
     with pytest.raises(SpecError, match=f"^{re.escape(str(binary))} is not a text file \\(give a sweep spec YAML"):
         parse_spec(binary)
-    spec = parse_spec(write_spec(tmp_path, f"study: t\nbase: {binary}\n"))
     with pytest.raises(SpecError, match=f"base: {re.escape(str(binary))} is not a text file"):
-        plan(spec)
+        parse_spec(write_spec(tmp_path, f"study: t\nbase: {binary}\n"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_epochs: [1\n")
     with pytest.raises(SpecError, match=f"^{re.escape(str(bad))} is not valid YAML \\(.* at line 3, column 1\\)$"):
         parse_spec(bad)
-    spec = parse_spec(write_spec(tmp_path, f"study: t\nbase: {bad}\n"))
     with pytest.raises(SpecError, match=f"^{re.escape(str(tmp_path / 'spec.yaml'))}: base: {re.escape(str(bad))} is not "
                                         f"valid YAML \\(.* at line 3, column 1\\)$"):
-        plan(spec)
+        parse_spec(write_spec(tmp_path, f"study: t\nbase: {bad}\n"))
+    bad.write_text("- a list\n")
+    with pytest.raises(SpecError, match=f"base: {re.escape(str(bad))} is not a training config"):
+        parse_spec(write_spec(tmp_path, f"study: t\nbase: {bad}\n"))
+
+
+def test_the_base_is_read_once(tmp_path):
+    """A base file edited while a sweep runs does not change the trials still to come."""
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  lr: 0.1\n")
+    spec = parse_spec(write_spec(tmp_path, f"study: t\nbase: {base}\n"))
+    base.write_text("model:\n  lr: 0.5\n")
+    assert spec.trial_config({}, 0)["model"]["lr"] == spec.base_config()["model"]["lr"] == 0.1
 
 
 def test_bad_cell_configs_fail_before_anything_runs(tmp_path):

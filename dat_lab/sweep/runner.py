@@ -49,6 +49,7 @@ from torch.multiprocessing import ProcessRaisedException
 from .. import metrics as M
 from ..data import DataError
 from ..metrics import check_storage_url
+from ..outputs import check_output_folder
 from ..profile import Profile, profile_model
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
@@ -127,9 +128,7 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
     was used in another storage, or its storage was deleted). Trial numbers are never reused within a
     study (a re-queued cell is a new trial), so a resume finds only its own trials' folders. `storage`
     None: the storage does not exist yet."""
-    for folder in (Path(runs_root), Path(runs_root) / name):
-        if folder.exists() and not folder.is_dir():
-            raise SpecError(f"--runs-root: {folder} is a file, not a folder (trials write into {runs_root}/{name}/)")
+    check_output_folder(Path(runs_root) / name, option="--runs-root")  # trials write into runs_root/<study>/
     known = storage is not None or M.sqlite_path(url) is not None  # else a database server not opened (a dry run)
     dirs = run_dirs(runs_root, name) if known else {}  # listed before the trials are read: a running worker's
     # trial is known; a server's trials unknown, no folder is called a stray

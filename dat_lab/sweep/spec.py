@@ -176,6 +176,7 @@ class SweepSpec:
     pruner: dict[str, Any]
     storage: str | None  # None: sqlite:///runs/<study>.db of the study actually run
     heartbeat: tuple[int, int]
+    base_file: dict[str, Any] = field(repr=False)  # read once: every trial of this run trains the same base
 
     @property
     def is_grid(self) -> bool:
@@ -201,22 +202,13 @@ class SweepSpec:
 
     def base_config(self) -> dict[str, Any]:
         """The base training config with the spec's delta (and budget) merged in."""
-        return deep_merge(self._base_file(), self.delta)
-
-    def _base_file(self) -> dict[str, Any]:
-        try:
-            base = read_yaml(self.base, expected="a training config, e.g. experiments/digits_quick.yaml") or {}
-        except ValueError as err:
-            raise SpecError(f"{self.path}: base: {err}") from None
-        if not isinstance(base, dict):
-            raise SpecError(f"{self.path}: base: {self.base} is not a training config (a mapping of trainer, model, data)")
-        return base
+        return deep_merge(self.base_file, self.delta)
 
     def trial_config(self, delta: Mapping[str, Any], seed: int) -> dict[str, Any]:
         """The full training config of a trial: base, spec delta, cell delta, seed. The seed is the data's
         too (their shuffling and augmentation), over a base that names one (a run's config.yaml does): only
         the spec's delta or a factor may set the data's seed otherwise."""
-        base = self._base_file()
+        base = self.base_file
         if isinstance(data := base.get("data"), Mapping) and "class_path" in data:
             base = deep_merge(base, {"data": {"init_args": {"seed": seed}}})
         return deep_merge(deep_merge(deep_merge(base, self.delta), delta), {"seed_everything": seed})
@@ -506,9 +498,20 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     spec = SweepSpec(path=path, study=study, base=base, delta=delta, factors=factors, seeds=tuple(seeds),
                      metric=metric, direction=direction, value=value, sampler=sampler, search_space=space,
                      n_trials=n_trials, pruner=pruner, storage=raw.get("storage") or None,
-                     heartbeat=(interval, grace))
+                     heartbeat=(interval, grace), base_file=_read_base(path, base))
     _check_conflicts(spec)
     return spec
+
+
+def _read_base(path: Path, base: Path) -> dict[str, Any]:
+    """The base training config file of the spec at `path`, as a mapping."""
+    try:
+        config = read_yaml(base, expected="a training config, e.g. experiments/digits_quick.yaml") or {}
+    except ValueError as err:
+        raise SpecError(f"{path}: base: {err}") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"{path}: base: {base} is not a training config (a mapping of trainer, model, data)")
+    return config
 
 
 def _check_conflicts(spec: SweepSpec) -> None:
