@@ -66,8 +66,10 @@ def _profile(args: argparse.Namespace) -> None:
         except (RuntimeError, MemoryError) as err:  # torch's OutOfMemoryError is a RuntimeError
             if not isinstance(err, MemoryError) and "memory" not in str(err):
                 raise
+            asked = re.search(r"allocate (\d+) bytes", str(err))  # torch's CPU allocator says how much
+            asked = f"; one array alone asked for {int(asked.group(1)) / 2**30:.1f} GiB" if asked else ""
             raise ValueError(f"img_size {config.img_size}: out of memory running one image through {args.variant} "
-                             f"(global attention's maps grow with the 4th power of the size)") from None
+                             f"(global attention's maps grow with the 4th power of the size{asked})") from None
         # what the counts depend on beside the variant: a sweep's cells count their data's classes and channels
         rows = [{"model": args.variant, "set": "; ".join(args.set or []) or "-", "img_size": config.img_size,
                  "in_chans": config.in_chans, "num_classes": config.num_classes, **p.shown()}]
@@ -143,6 +145,10 @@ def _train(argv: list[str]) -> int:
     except ProcessRaisedException as err:  # in a spawned rank (ddp_spawn): the first line of its exception
         return _fail(ValueError(rank_error(err)))
     except MisconfigurationException as err:  # the Trainer's options, before the data (e.g. no GPU for `gpu`)
+        return _fail(ValueError(f"trainer: {err}"))
+    except ModuleNotFoundError as err:  # an accelerator's package that is not installed (`tpu`: torch_xla)
+        if not str(err).startswith("Requirement "):  # Lightning's words for one; anything else is a bug
+            raise
         return _fail(ValueError(f"trainer: {err}"))
     return 0
 

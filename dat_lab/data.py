@@ -32,9 +32,10 @@ class DataError(ValueError):
 
 
 def _check_loader(*, batch_size: int = 1, num_workers: int = 0, img_size: int = 1) -> None:
-    if batch_size < 1 or num_workers < 0 or img_size < 1:
-        raise DataError(f"batch_size {batch_size}, num_workers {num_workers}, img_size {img_size}: "
-                        "need batch_size >= 1, num_workers >= 0, img_size >= 1")
+    """DataError naming the first of the loader's options out of its range."""
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("img_size", img_size, 1)):
+        if value < least:
+            raise DataError(f"data.{name}: {value} must be >= {least}")
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -303,8 +304,11 @@ def _layout(root: Path, num_classes: int | None) -> list[str]:
     images, as many as num_classes (when given); else DataError naming the path (absolute)."""
     root = Path(os.path.abspath(root))
     classes = _class_folders(root / "train")
-    if _class_folders(root / "val") != classes:
-        raise DataError(f"{root / 'val'}: class folders differ from {root / 'train'}'s")
+    if (val := _class_folders(root / "val")) != classes:
+        only = lambda a, b, where: [f"{c} only in {where}" for c in sorted(set(a) - set(b))]  # noqa: E731
+        differ = only(val, classes, "val") + only(classes, val, "train")
+        raise DataError(f"{root / 'val'}: class folders differ from {root / 'train'}'s ({', '.join(differ[:3])}"
+                        f"{f', {len(differ) - 3} more' if len(differ) > 3 else ''})")
     if num_classes is not None and num_classes != len(classes):
         raise DataError(f"{root / 'train'}: {len(classes)} class folders, but num_classes is {num_classes}")
     return classes

@@ -1,7 +1,6 @@
 """Bad configs fail when built, in well under a second, with one line naming the field."""
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -34,15 +33,15 @@ BAD = [
     ({"blocks": ["P", "LS", "LD", "LD"], "sr_ratio": [64, 1, 1, 1]},
      r"stages\[0\]\.sr_ratio: 64 is larger than the 56x56 map of stage 0 \(allowed: 1\.\.56\)"),
     ({"stages": [{"dim": 8}]}, r"stages\[0\]: .*missing 2 required positional arguments: 'depth' and 'heads'"),
+    ({"stages": [1]}, r"stages\[0\]: 1 is not a stage \(a mapping of StageConfig fields: dim, depth, heads,"),
 ]
 
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
-def test_bad_config_fails_fast_with_one_line(overrides, message):
-    start = time.perf_counter()
+def test_bad_config_fails_before_building_with_one_line(overrides, message, monkeypatch):
+    monkeypatch.setattr(dat_lab.models.dat.DAT, "__init__", lambda self, **kw: pytest.fail("a model was built"))
     with pytest.raises(ValueError, match=message) as err:
         dat_lab.create_model("dat_tiny", **overrides)
-    assert time.perf_counter() - start < 1.0
     assert "\n" not in str(err.value)
 
 

@@ -64,7 +64,7 @@ def test_imagefolder_errors_name_the_path(tmp_path):
     _image_folder(tmp_path / "a")
     (tmp_path / "a" / "val" / "bird").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "val" / "bird" / "0.png")
-    with pytest.raises(DataError, match="val: class folders differ"):
+    with pytest.raises(DataError, match=r"val: class folders differ from .*train's \(bird only in val\)$"):
         ImageFolderDataModule(root=str(tmp_path / "a"))
     _image_folder(tmp_path / "b")
     for f in (tmp_path / "b" / "train" / "dog").iterdir():

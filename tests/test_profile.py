@@ -126,4 +126,5 @@ def test_an_input_too_large_for_memory_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(dat_lab.profile, "profile_model", out_of_memory)
     assert cli.main(["profile", "dat_pico", "--img-size", "2048"]) == 2
     assert capsys.readouterr().err == ("dat-lab: error: img_size 2048: out of memory running one image through dat_pico "
-                                       "(global attention's maps grow with the 4th power of the size)\n")
+                                       "(global attention's maps grow with the 4th power of the size; one array alone "
+                                       "asked for 64.0 GiB)\n")

@@ -178,7 +178,7 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     with pytest.raises(SpecError, match=r"cell '\(base\)': model.weights: .*none.ckpt: no such checkpoint"):
         plan(spec)
     for delta, message in (("{trainer: {check_val_every_n_epoch: 0}}", "trainer.check_val_every_n_epoch: 0 must be >= 1"),
-                           ("{data: {init_args: {batch_size: 0}}}", "batch_size 0, num_workers 0, img_size 32: need")):
+                           ("{data: {init_args: {batch_size: 0}}}", "data.batch_size: 0 must be >= 1")):
         spec = parse_spec(write_spec(tmp_path, BASE + f"delta: {delta}\n"))  # would fail in every trial
         with pytest.raises(SpecError, match=re.escape(f"cell '(base)': {message}")):
             plan(spec)

@@ -18,6 +18,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import cli
 import dat_lab
@@ -64,6 +65,10 @@ def test_digits_run_learns_and_logs_what_deformable_attention_does(tmp_path):
     assert M.SAMPLING_IMAGE in tags["images"] and M.OFFSET_HISTOGRAM.format(stage=2) in tags["histograms"]
     assert events.Scalars(M.HP_METRIC)[-1].value == pytest.approx(max(e.value for e in events.Scalars(M.VAL_ACC1)))
     assert all(e.value > 0 for e in events.Scalars(M.offset_mean(2)))
+    hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    shown = dict(hparams.session_start_info.hparams)  # TensorBoard's HPARAMS view: no internals, the data's seed
+    assert {"lr", "variant", "data", "data.batch_size", "data.seed"} <= shown.keys() and not [k for k in shown if k[0] == "_"]
+    assert (shown["data"].string_value, shown["data.seed"].number_value) == ("DigitsDataModule", 0)
     # the checkpoint rebuilds its model from the config it carries
     model = dat_lab.load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert model.config == cli_obj.model.config and model.config.in_chans == 1
@@ -167,10 +172,11 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
                           (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val: -1 must be >= 0"),
                           (["--trainer.devices", "0"], "trainer.devices: '0' must be >= 1, -1 for all, a list, or auto"),
                           (["--trainer.accelerator", "mps"], "trainer: `MPSAccelerator` can not run on your system"),
+                          (["--trainer.accelerator", "tpu"], "trainer: Requirement 'torch_xla>=1.13' not met"),
                           (["--trainer.devices", "-2"], "trainer.devices: '-2' must be >= 1, -1 for all, a list, or auto"),
                           (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: 0 must be > 0"),
                           (["--trainer.max_epochs", "-1"], "trainer.max_epochs: -1 (no limit) needs trainer.max_steps"),
-                          (["--data.num_workers", "-1"], "batch_size 64, num_workers -1, img_size 32: need"),
+                          (["--data.num_workers", "-1"], "data.num_workers: -1 must be >= 0"),
                           (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1 (did you mean model.lr?)"),
                           (["--data.batch_sizee", "8"], "--data: Option 'batch_sizee' is not accepted (did you mean batch_size?)"),
                           (["--name", "../escape"], "--name: '../escape' must be a folder name (no / or \\, not . or ..)"),
@@ -196,10 +202,12 @@ def test_trainer_ranges_take_what_lightning_takes():
 
 def test_a_wrong_first_word_names_the_subcommands(capsys):
     """predict is not offered (a classifier's predictions are its forward); a config file given as the
-    first word is told to be --config."""
+    first word is told to be --config; no config at all is told how to give one."""
     for args, message in ((["predict", "--config", DIGITS], "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')"),
                           ([DIGITS], f"{DIGITS}: give a config file as --config {DIGITS}"),
-                          (["validate", DIGITS], f"{DIGITS}: give a config file as --config {DIGITS}")):
+                          (["validate", DIGITS], f"{DIGITS}: give a config file as --config {DIGITS}"),
+                          (["validate"], "the following arguments are required: validate.data (give a config, e.g. "
+                                         "--config experiments/digits_quick.yaml, or --data CLASS)")):
         assert cli.main(["train", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
@@ -263,6 +271,22 @@ def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path, monkeypatch,
             assert captured.err.startswith(f"dat-lab: error: --ckpt_path: {last} holds another model (stages[2]."
                                            "groups 2 there, 4 here") and captured.err.count("\n") == 1, captured.err
             assert not captured.out
+    # resuming restores the optimizer and its schedule: a new lr would be recorded, not used
+    assert cli.main(["train", "fit", *short, "--trainer.default_root_dir", str(tmp_path), "--model.lr", "0.5",
+                     "--model.betas", "[0.8, 0.999]", "--trainer.max_epochs", "3", "--ckpt_path", "last"]) == 2
+    assert capsys.readouterr().err == (f"dat-lab: error: --ckpt_path: resuming {last} restores its optimizer and "
+                                       "learning-rate schedule, so other model options would not take effect (betas "
+                                       "[0.9, 0.999] there, [0.8, 0.999] here; lr 0.002 there, 0.5 here); resume with its "
+                                       "values, or start a new run from its weights (--model.weights)\n")
+    # a checkpoint cut short (killed while saving) or a file that is none: one line, not Lightning's traceback
+    (tmp_path / "cut.ckpt").write_bytes(last.read_bytes()[:100_000])
+    (tmp_path / "text.ckpt").write_text("hello\n")
+    for command in ("fit", "validate"):
+        for bad in (tmp_path / "cut.ckpt", tmp_path / "text.ckpt", run / "config.yaml"):
+            assert cli.main(["train", command, *short, "--trainer.default_root_dir", str(tmp_path),
+                             "--ckpt_path", str(bad)]) == 2
+            assert capsys.readouterr().err == (f"dat-lab: error: --ckpt_path: {bad}: not a checkpoint that "
+                                               "torch.load(weights_only=True) reads\n")
     assert not (run / "config_resume_2.yaml").exists() and not (run.parent / "version_2").exists()
 
 
@@ -321,6 +345,9 @@ def test_start_from_converted_weights(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"holds another model \(img_size 32 there, 64 here\); give --data options "
                                          r"that give the same img_size$"):
         ImageClassifier(variant="dat_pico", num_classes=10, img_size=64, weights=str(path))
+    with pytest.raises(ValueError, match=r"holds another model \(img_size 32 there, 64 here; .*\); give --data options "
+                                         r"that give the same img_size and the variant and overrides it was made with$"):
+        ImageClassifier(variant="dat_pico", num_classes=10, img_size=64, overrides={"offset_range": 4}, weights=str(path))
     synthetic = ["--model.variant", "dat_pico", "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32",
                  "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)]
     assert cli.main(["train", "validate", *synthetic, "--ckpt_path", str(path)]) == 2

@@ -181,8 +181,10 @@ def _names(cls: type) -> str:
 
 def _stage(i: int, stage: Any) -> Any:
     """stages[i] as a StageConfig when given as a mapping; unknown or missing fields in one line."""
-    if not isinstance(stage, Mapping):
+    if isinstance(stage, StageConfig):
         return stage
+    if not isinstance(stage, Mapping):
+        raise ValueError(f"stages[{i}]: {stage!r} is not a stage (a mapping of StageConfig fields: {_names(StageConfig)})")
     unknown = sorted(set(stage) - {f.name for f in fields(StageConfig)})
     if unknown:
         raise ValueError(f"stages[{i}]: unknown StageConfig field(s) {unknown}; allowed: {_names(StageConfig)}")
@@ -226,8 +228,6 @@ def replace_config(config: DATConfig, **overrides: Any) -> DATConfig:
             stages[i] = dataclasses.replace(base, **delta)
         except ValueError as err:
             raise ValueError(f"stages[{i}].{err}") from None
-        except TypeError as err:  # neither a StageConfig nor a mapping
-            raise ValueError(f"stages[{i}]: {err}") from None
     model = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
     return dataclasses.replace(config, stages=tuple(stages), **model)
 

@@ -88,10 +88,19 @@ def _position(kwargs: Mapping[str, Any], i: int) -> str:
 
 
 def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        return checkpoint
+    return read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+
+
+def read_checkpoint(checkpoint: str | os.PathLike, *, mmap: bool = False) -> Mapping[str, Any]:
+    """What the file `checkpoint` holds, read by torch.load(weights_only=True) (memory-mapped with `mmap`,
+    where its format allows); a one-line ValueError where it is missing, unreadable or no checkpoint."""
     try:
-        data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            data = torch.load(checkpoint, map_location="cpu", weights_only=True)  # torch's legacy format: no mmap
     except FileNotFoundError:
         raise ValueError(f"{checkpoint}: no such checkpoint") from None
     except IsADirectoryError:

@@ -116,7 +116,8 @@ class MetricTracker(L.Callback):
 
 
 class HparamsMetric(MetricTracker):
-    """Write the run's hyper-parameters to TensorBoard with the real best `val/acc1` (no -1 placeholder);
+    """Write the run's hyper-parameters (the model's training options, the data's class, batch size and
+    seed) to TensorBoard with the real best `val/acc1` (no -1 placeholder);
     kept in checkpoints, so that a resumed run's best counts the validations before it. (A sweep's
     MetricTracker keeps nothing there: a sweep never resumes a trial, and a run resumed from a trial's
     checkpoint has no MetricTracker, which Lightning would warn of.)"""
@@ -130,7 +131,9 @@ class HparamsMetric(MetricTracker):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.best is None:
             return
-        params = {k: v for k, v in pl_module.hparams.items() if k != "model_config"}
+        params = {k: v for k, v in pl_module.hparams.items() if k != "model_config" and not k.startswith("_")}
+        if (data := trainer.datamodule) is not None:  # what tells runs of one model apart: their data and seed
+            params |= {"data": type(data).__name__, "data.batch_size": data.batch_size, "data.seed": data.seed}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(params, metrics={M.HP_METRIC: self.best})

@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from .. import metrics as M
 from ..data import DataError, ImageDataModule
+from ..models.convert import read_checkpoint
 from ..yaml_files import read_yaml
 from .callbacks import DeformableMonitor, HparamsMetric, Throughput
 from .module import ImageClassifier, check_options
@@ -195,12 +195,12 @@ class DatLabCLI(LightningCLI):
         if self.checkpoint_file is None:
             return
         try:
-            checkpoint = torch.load(self.checkpoint_file, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # saved before torch's zip format: no memory map, read whole
-            checkpoint = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
-        except Exception:  # not a checkpoint: Lightning's own load says what is wrong
-            return
+            checkpoint = read_checkpoint(self.checkpoint_file, mmap=True)
+        except ValueError as err:  # a file cut short by a kill, or no checkpoint: Lightning's load said it in a traceback
+            raise ValueError(f"--ckpt_path: {err}") from None
         self.model.refuse_other_models(checkpoint, source=str(self.checkpoint_file))
+        if self.subcommand == "fit":
+            self.model.refuse_changed_schedule(checkpoint, source=str(self.checkpoint_file))
 
     def before_fit(self) -> None:
         self._check_checkpoint()
@@ -313,6 +313,8 @@ def config_error(err: BaseException) -> str:
     lines = [line.strip() for line in str(inner).strip().splitlines() if not line.strip().startswith("Parser key")]
     text = lines[0] if lines else type(inner).__name__
     text = f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
+    if re.fullmatch(r"the following arguments are required: \w+\.data", text):  # no --config (nor --data)
+        return f"{text} (give a config, e.g. --config experiments/digits_quick.yaml, or --data CLASS)"
     return text + _did_you_mean(text)
 
 

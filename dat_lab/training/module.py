@@ -31,6 +31,8 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
+SCHEDULE_OPTIONS = ("lr", "weight_decay", "betas", "warmup_epochs", "warmup_lr", "min_lr")
+"""What a resumed run keeps as saved (the optimizer's and the learning-rate schedule's state)."""
 HYPER_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate")  # training options: weights fit either way
 DATA_FIELDS = ("img_size", "in_chans")  # what the data set (the position tables' and the stem's shapes)
 
@@ -66,8 +68,9 @@ def weights_for(path: str, config: DATConfig) -> tuple[dict[str, torch.Tensor], 
     changed, listed = _differences(source.config.to_dict(), config.to_dict(), ignore=("num_classes", *HYPER_FIELDS))
     if changed:
         data = [k for k in changed if k in DATA_FIELDS]
-        give = (f"--data options that give the same {' and '.join(data)}" if data else
-                "the variant and overrides it was made with")
+        give = " and ".join(
+            ([f"--data options that give the same {' and '.join(data)}"] if data else [])
+            + (["the variant and overrides it was made with"] if len(data) < len(changed) else []))
         raise ValueError(f"model.weights: {path} holds another model ({listed}); give {give}")
     same_head = source.config.num_classes == config.num_classes
     state = {k: v for k, v in source.state_dict().items() if same_head or not k.startswith("cls_head.")}
@@ -284,6 +287,17 @@ class ImageClassifier(L.LightningModule):
             return
         raise ValueError(f"--ckpt_path: {source} holds another model ({listed or 'other weights'}); give the "
                          "options it was trained with (its run's config.yaml), or start a new run")
+
+    def refuse_changed_schedule(self, checkpoint: dict[str, Any], source: str = "the checkpoint") -> None:
+        """A one-line ValueError where resuming `checkpoint` would keep its SCHEDULE_OPTIONS (restored with
+        the optimizer and the schedule) over other values given now, which would be recorded but not used."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        changed, listed = _differences({k: saved[k] for k in SCHEDULE_OPTIONS if k in saved},
+                                       {k: self.hparams[k] for k in SCHEDULE_OPTIONS if k in saved})
+        if changed:
+            raise ValueError(f"--ckpt_path: resuming {source} restores its optimizer and learning-rate schedule, "
+                             f"so other model options would not take effect ({listed}); resume with its values, or "
+                             f"start a new run from its weights (--model.weights)")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.refuse_other_models(checkpoint)
