@@ -332,8 +332,7 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
 def _named(path: Path, key: str, raw: Any, names: set[str], build: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     """A component given as a name or as {name: ..., options...}, one of `names`, its options checked by
     OPTION_RULES; `build` makes the Optuna object now, so that whatever else Optuna refuses fails here."""
-    spec = {"name": COMPONENTS[key] if raw is None else raw} if raw is None or isinstance(raw, str) \
-        else _mapping(path, key, raw)
+    spec = _mapping(path, key, _as_mapping(COMPONENTS[key] if raw is None else raw))
     if "name" not in spec:
         raise _error(path, key, f"needs a name, one of {', '.join(sorted(names))}")
     if spec["name"] not in names:
