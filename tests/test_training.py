@@ -256,7 +256,14 @@ def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path, monkeypatch,
     assert (run / "config.yaml").read_text() == original
     assert yaml.safe_load((run.parent / "version_1" / "config.yaml").read_text())["ckpt_path"] == \
         str(run / "checkpoints" / "last.ckpt")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run)) as killed:  # what a run killed in its second epoch had logged after the checkpoint
+        for step in (2, 3):
+            killed.add_scalar(M.VAL_ACC1, 99.0, step)
     _run(tmp_path, *short, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    logged = [(e.step, e.value) for e in _scalars(run).Scalars(M.VAL_ACC1)]
+    assert [step for step, _ in logged] == [1, 3] and 99.0 not in [value for _, value in logged]  # each step once
     assert (run / "config.yaml").read_text() == original
     assert yaml.safe_load((run / "config_resume_1.yaml").read_text())["trainer"]["max_epochs"] == 2
     # the newest run of the name trained another model: refused before the data are touched

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -188,12 +189,12 @@ class DatLabCLI(LightningCLI):
         else:
             args.version = None
 
-    def _check_checkpoint(self) -> None:
+    def _check_checkpoint(self) -> dict[str, Any] | None:
         """Refuse a checkpoint of another model now, in one line: Lightning loads it only after the
         DataModule's prepare_data and setup (a download, every image verified). Read memory-mapped:
-        only the weights' names and shapes are looked at."""
+        only the weights' names and shapes are looked at. The checkpoint, if any."""
         if self.checkpoint_file is None:
-            return
+            return None
         try:
             checkpoint = read_checkpoint(self.checkpoint_file, mmap=True)
         except ValueError as err:  # a file cut short by a kill, or no checkpoint: Lightning's load said it in a traceback
@@ -201,9 +202,20 @@ class DatLabCLI(LightningCLI):
         self.model.refuse_other_models(checkpoint, source=str(self.checkpoint_file))
         if self.subcommand == "fit":
             self.model.refuse_changed_schedule(checkpoint, source=str(self.checkpoint_file))
+        return checkpoint
+
+    def _purge_logged_after(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming in the checkpoint's own run folder: TensorBoard drops the steps logged after it (a killed
+        epoch's), which the resumed run logs again, so that no step shows twice. (Everything of an epoch
+        the checkpoint finished is logged at steps below its global_step.)"""
+        logger = self.trainer.logger
+        if (isinstance(logger, TensorBoardLogger) and logger._experiment is None  # its writer not made yet
+                and self.checkpoint_file.resolve().parent.parent == Path(logger.log_dir).resolve()):
+            logger._kwargs["purge_step"] = int(checkpoint.get("global_step", 0))
 
     def before_fit(self) -> None:
-        self._check_checkpoint()
+        if (checkpoint := self._check_checkpoint()) is not None:
+            self._purge_logged_after(checkpoint)
         _HELD.release()
         if self.trainer.fast_dev_run:  # Lightning 2.6's on_train_end wrote last.ckpt (into <root>/checkpoints) even then
             for callback in self.trainer.checkpoint_callbacks:
