@@ -213,6 +213,7 @@ def test_partial_and_empty_studies(tmp_path, capsys):
 
 @pytest.mark.parametrize("storage,message", [
     ("foo://bar", "--storage: 'foo://bar' is not an SQLite or PostgreSQL URL"),
+    ("sqlite:///:memory:", "--storage: sqlite:///:memory: keeps the study in memory, lost when the sweep ends; give a file"),
     ("sqlite:///{tmp}/none.db", "--storage: sqlite:///{tmp}/none.db does not exist"),
     ("postgresql://u:p@127.0.0.1:1/db", "--storage: cannot open postgresql://u:***@127.0.0.1:1/db: "),
 ])

@@ -31,6 +31,8 @@ from sweep_common import BASE, DEMO, ROOT, TPE, write_spec
     ("sampler: tpe\nn_trials: 3\n", "search_space: is required for sampler tpe"),
     ("budget: {epochs: 3}\n", "budget.epochs: unknown key"),
     ("budget: {max_epochs: 0}\n", "budget.max_epochs: 0 must be >= 1, or -1 for no limit"),
+    ("budget: {max_epochs: null}\n", "budget.max_epochs: null: give a value, or leave the key out for the base config's"),
+    ("storage: {sqlite:///x.db: null}\n", "storage: must be a URL, got {'sqlite:///x.db': None} (quote one that holds ': ')"),
     ("budget: {max_epochs: abc}\n", "budget.max_epochs: 'abc' is not a number: it must be >= 1, or -1 for no limit"),
     ("budget: {max_time: abc}\n", "budget.max_time: 'abc' must be DD:HH:MM:SS"),
     ("budget: {limit_val_batches: -1}\n", "budget.limit_val_batches: -1 must be a count of batches >= 0"),
@@ -178,7 +180,12 @@ def test_bad_cell_configs_fail_before_anything_runs(tmp_path):
     with pytest.raises(SpecError, match=r"cell '\(base\)': model.weights: .*none.ckpt: no such checkpoint"):
         plan(spec)
     for delta, message in (("{trainer: {check_val_every_n_epoch: 0}}", "trainer.check_val_every_n_epoch: 0 must be >= 1"),
-                           ("{data: {init_args: {batch_size: 0}}}", "data.batch_size: 0 must be >= 1")):
+                           ("{data: {init_args: {batch_size: 0}}}", "data.batch_size: 0 must be >= 1"),
+                           # runs that never validate: each trial would train, then fail for want of its result
+                           ("{trainer: {limit_val_batches: 0}}", "trainer.limit_val_batches: 0 validates nothing"),
+                           ("{trainer: {limit_train_batches: 0.0}}", "trainer.limit_train_batches: 0 trains nothing"),
+                           ("{trainer: {check_val_every_n_epoch: 3, max_epochs: 2}}",
+                            "trainer.check_val_every_n_epoch: 3 is more than max_epochs 2, so no epoch validates")):
         spec = parse_spec(write_spec(tmp_path, BASE + f"delta: {delta}\n"))  # would fail in every trial
         with pytest.raises(SpecError, match=re.escape(f"cell '(base)': {message}")):
             plan(spec)

@@ -69,6 +69,19 @@ def model_config(parsed: Any) -> DATConfig:
     return get_config(parsed.model.variant, **{**(parsed.model.overrides or {}), **info})
 
 
+def _check_validates(trainer: Any) -> None:
+    """A one-line ValueError where a trial's run would never validate: its result is a validation metric."""
+    why = "a trial's result is its objective, a validation metric"
+    if trainer.get("limit_train_batches") == 0:
+        raise ValueError(f"trainer.limit_train_batches: 0 trains nothing, so nothing validates ({why})")
+    if trainer.get("limit_val_batches") == 0:
+        raise ValueError(f"trainer.limit_val_batches: 0 validates nothing ({why})")
+    every, epochs = trainer.get("check_val_every_n_epoch"), trainer.get("max_epochs")
+    if every is not None and epochs not in (None, -1) and every > epochs:
+        raise ValueError(f"trainer.check_val_every_n_epoch: {every} is more than max_epochs {epochs}, so no epoch "
+                         f"validates ({why})")
+
+
 def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_checked: dict[str, str | None],
                    sampled: Collection[str] = ()) -> tuple[DATConfig, str | None]:
     """The model config a trial config builds, and its data's identity (ImageDataModule.check);
@@ -79,6 +92,7 @@ def _checked_model(spec: SweepSpec, what: str, config: dict[str, Any], data_chec
         parsed = parse_training_config(config)
         check_recipe(**vars(parsed.model))
         check_trainer(parsed.trainer)
+        _check_validates(parsed.trainer)
         in_worker(config)
         ema = parsed.model.ema_decay or "model.ema_decay" in sampled
         if spec.metric in (M.VAL_EMA_ACC1, M.VAL_EMA_ACC5) and not ema:

@@ -448,6 +448,8 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         raise _error(path, "base", f"{raw['base']} does not exist (relative to {path.parent})")
     budget = _mapping(path, "budget", raw.get("budget"))
     _check_keys(path, "budget", budget, BUDGET_KEYS)
+    if (unset := next((k for k, v in budget.items() if v is None), None)) is not None:  # Lightning's default then
+        raise _error(path, f"budget.{unset}", "null: give a value, or leave the key out for the base config's")
     try:  # what the trainer would refuse, or fail on, in every trial
         check_trainer(budget, "budget")
     except ValueError as err:
@@ -488,6 +490,8 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
             raise _error(path, "factors", "only for sampler grid (a tpe search samples search_space instead)")
         if len(seeds) > 1:
             raise _error(path, "seeds", f"sampler tpe takes one seed, got {seeds!r} (run a study per seed)")
+    if raw.get("storage") is not None and not isinstance(raw["storage"], str):
+        raise _error(path, "storage", f"must be a URL, got {raw['storage']!r} (quote one that holds ': ')")
     heartbeat = _mapping(path, "heartbeat", raw.get("heartbeat"))
     _check_keys(path, "heartbeat", heartbeat, HEARTBEAT_KEYS)
     interval, grace = heartbeat.get("interval", M.HEARTBEAT[0]), heartbeat.get("grace", M.HEARTBEAT[1])
