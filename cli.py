@@ -340,6 +340,8 @@ def _analyze(args: argparse.Namespace) -> None:
     _print_table(report.table.astype(str).to_dict(orient="records"))
     print(f"report: {report.path} (tables: {' '.join(report.tables)}; plots: " +
           ", ".join(p.name for p in report.plots if p.suffix == ".png") + ", each also as PDF)")
+    for note in report.notes:
+        print(f"note: {note}")
 
 
 def _visualize(args: argparse.Namespace) -> None:

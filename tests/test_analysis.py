@@ -201,7 +201,11 @@ def test_partial_and_empty_studies(tmp_path, capsys):
     assert "Trials: 5 done, 1 running, 0 failed, 0 pending, 2 missing." in report.path.read_text()
     assert "## Table (mean ± std over seeds; diff: to the baseline)" in report.path.read_text()
     assert cli.main(["analyze", "known", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
-    assert capsys.readouterr().out.startswith("study 'known': 5 done, 1 running, 0 failed, 0 pending, 2 missing\n")
+    out = capsys.readouterr().out
+    assert out.startswith("study 'known': 5 done, 1 running, 0 failed, 0 pending, 2 missing\n")
+    # these trials record no run folder: no learning curves, and said so, not left out silently
+    assert out.endswith("note: learning curves: no finished trial's run folder is here; none are drawn\n")
+    assert "Note: learning curves: no finished trial's run folder is here" in report.path.read_text()
     optuna.create_study(storage=storage, study_name="empty")
     with pytest.raises(AnalysisError, match="study 'empty' has no finished trials yet"):
         analyze("empty", storage, tmp_path / "empty")
@@ -497,3 +501,13 @@ def _reading_order(legend) -> list[str]:
     legend.figure.canvas.draw()
     placed = sorted((-round(t.get_window_extent().y0), t.get_window_extent().x0, t.get_text()) for t in legend.get_texts())
     return [text for *_, text in placed if text]
+
+
+def test_run_folders_not_here_are_noted(tmp_path):
+    """Analysis on another machine, or after runs/ moved: the curves it cannot draw are named, not dropped silently."""
+    from dat_lab.analysis.report import _missing_runs
+
+    frame = pd.DataFrame({"status": ["done", "done", "failed"], "run_dir": [str(tmp_path), str(tmp_path / "gone"), None]})
+    assert _missing_runs(frame) == (f"learning curves: 1 of 2 finished trials' run folders are not here (e.g. "
+                                    f"{tmp_path / 'gone'}: moved, or on another machine); their curves are left out",)
+    assert _missing_runs(frame.iloc[:1]) == ()

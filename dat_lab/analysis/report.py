@@ -9,7 +9,7 @@ import pandas as pd
 
 from .. import metrics as M
 from ..figures import save_figure
-from ..outputs import check_output_folder
+from ..outputs import check_output_folder, make_folder
 from . import plots
 from .study import AnalysisError, counts_text, finished, load, status_counts, trials_frame
 from .tables import display_search, markdown, search_csv, spread_text, summarize, write_tables
@@ -23,6 +23,7 @@ class Report:
     plots: list[Path] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     tables: tuple[str, ...] = ()  # the table files written
+    notes: tuple[str, ...] = ()  # what was left out, and why
 
 
 def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str | None = None) -> Report:
@@ -36,22 +37,35 @@ def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str
     if not info.grid:  # a search: history and importances, trials as the table
         finished(frame, study_name)
         done = frame[frame["status"].isin(["done", "pruned"])]  # the pruned after the finished, so marked
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, option="--out")
         search_csv(done, info).to_csv(out / "table.csv", index=False)
         shown = display_search(done, info)
         (out / "table.md").write_text(markdown(shown) + "\n")
         paths = [p for name, fig in plots.search_plots(study, info).items() for p in save_figure(fig, out, name)]
         return _write_report(Report(out / "report.md", shown, None, paths, counts, tables=("table.md", "table.csv")), info)
     table = summarize(frame, info, baseline)
-    shown, paper, tables = write_tables(table, info, out)
+    shown, paper, tables = write_tables(table, info, make_folder(out, option="--out"))
     paths = []
     for factor in info.factors:
         paths += save_figure(plots.factor_plot(frame, info, factor, baseline), out, f"factor_{_slug(factor)}")
     curves = plots.learning_curves(frame, info)
     if curves is not None:
         paths += save_figure(curves, out, "learning_curves")
-    report = Report(out / "report.md", shown, paper, paths, counts, tables)
+    report = Report(out / "report.md", shown, paper, paths, counts, tables, notes=_missing_runs(frame))
     return _write_report(report, info)
+
+
+def _missing_runs(frame: pd.DataFrame) -> tuple[str, ...]:
+    """A note where finished trials' run folders (their TensorBoard events) are not on this machine."""
+    runs = frame.loc[frame["status"] == "done", "run_dir"]
+    gone = [r for r in runs if not isinstance(r, str) or not Path(r).is_dir()]
+    if not gone:
+        return ()
+    where = next((f" (e.g. {r}: moved, or on another machine)" for r in gone if isinstance(r, str)), "")
+    if len(gone) == len(runs):
+        return (f"learning curves: no finished trial's run folder is here{where}; none are drawn",)
+    return (f"learning curves: {len(gone)} of {len(runs)} finished trials' run folders are not here{where}; "
+            "their curves are left out",)
 
 
 def _slug(name: str) -> str:
@@ -75,5 +89,6 @@ def _write_report(report: Report, info) -> Report:
               IMAGES_PER_S_NOTE, "", "## Plots", ""]
     for png in [p for p in report.plots if p.suffix == ".png"]:
         lines += [f"![{png.stem}]({png.name})", "", f"([PDF]({png.stem}.pdf))", ""]
+    lines += [line for note in report.notes for line in (f"Note: {note}.", "")]
     report.path.write_text("\n".join(lines))
     return report
