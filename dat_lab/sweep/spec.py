@@ -375,6 +375,10 @@ def _search_space(path: Path, raw: Any, budget: Mapping[str, Any]) -> dict[str, 
     space = _mapping(path, "search_space", raw)
     for name, dist in space.items():
         key = f"search_space.{name}"
+        entry, _, option = name.rpartition(".")
+        if not isinstance(dist, Mapping) and option in SPACE_KEYS["float"] | SPACE_KEYS["categorical"]:
+            raise _error(path, key, f"no search_space entry {entry!r} to set {option} of (entries: "
+                                    f"{', '.join(k for k in space if isinstance(space[k], Mapping)) or 'none'})")
         dist = _mapping(path, key, dist)
         if dist.get("type") not in SPACE_TYPES:
             raise _error(path, f"{key}.type", f"{dist.get('type')!r} is not one of {', '.join(sorted(SPACE_TYPES))}")
@@ -454,7 +458,11 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         check_trainer(budget, "budget")
     except ValueError as err:
         raise SpecError(f"{path}: {err}") from None
-    delta = deep_merge(_mapping(path, "delta", raw.get("delta")), {"trainer": budget} if budget else {})
+    delta = _mapping(path, "delta", raw.get("delta"))
+    for group in ("model", "data", "trainer"):  # a value there would replace the base's whole group
+        if group in delta and not isinstance(delta[group], Mapping):
+            raise _error(path, f"delta.{group}", f"must be a mapping of {group} options, got {delta[group]!r}")
+    delta = deep_merge(delta, {"trainer": budget} if budget else {})
     factors = tuple(_factor(path, name, f) for name, f in _mapping(path, "factors", raw.get("factors")).items())
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
