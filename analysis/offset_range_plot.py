@@ -22,8 +22,12 @@ def main() -> None:
     try:  # one line, as dat-lab's errors
         out = check_output_folder(args.out or f"runs/{args.study}/analysis", option="--out")
         study, info = load(args.study, args.storage)
+        if not info.grid:
+            raise ValueError(f"study {args.study!r} is a search: it has no factors (plot a grid over the offset range, "
+                             f"e.g. sweeps/offset_range.yaml)")
         if args.factor not in info.factors:
-            raise ValueError(f"study {args.study!r} has no factor {args.factor!r} (it has: {', '.join(info.factors)})")
+            raise ValueError(f"study {args.study!r} has no factor {args.factor!r} (it has: "
+                             f"{', '.join(info.factors) or 'none'})")
         paths = save_figure(factor_plot(trials_frame(study, info), info, args.factor), out, "offset_range")
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

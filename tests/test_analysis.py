@@ -309,6 +309,21 @@ def test_search_study_plots(tmp_path, capsys):
     importances = figures["importances"].axes[0]
     assert "from 4 finished trials" in importances.get_title() and importances.get_title(loc="left") == ""  # not two
     assert history.get_legend() is not None and importances.get_legend() is None  # "Objective Value" said nothing
+    tied = optuna.create_study(storage=storage, study_name="tied", direction="maximize")
+    tied.set_user_attr(M.STUDY_SAMPLER, "tpe")
+    for lr in (0.01, 0.02, 0.03, 0.04):
+        tied.add_trial(create_trial(value=0.8, params={"model.lr": lr},
+                                    distributions={"model.lr": FloatDistribution(1e-5, 1e-1, log=True)}))
+    with warnings.catch_warnings(record=True) as caught:  # Optuna's warning of the tie: on the plot, not printed
+        warnings.simplefilter("always")
+        title = plots.search_plots(tied, load("tied", storage)[1])["importances"].axes[0].get_title()
+    assert title.endswith("(their values tie: no parameter stands out)") and not [
+        w for w in caught if "quantiles" in str(w.message)]
+    done = subprocess.run([sys.executable, str(ROOT / "analysis" / "offset_range_plot.py"), "lr", "--storage", storage,
+                           "--out", str(tmp_path / "o")], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stderr.split("error: ")[-1]) == (2, "study 'lr' is a search: it has no factors (plot a "
+                                                                     "grid over the offset range, e.g. sweeps/offset_range.yaml)\n")
 
 
 def test_a_grid_without_factors_is_one_row_over_its_seeds(tmp_path, capsys):

@@ -132,9 +132,16 @@ def search_plots(study: optuna.Study, info: StudyInfo) -> dict[str, plt.Figure]:
         history.set_title(f"{info.name}: {label} by trial ({len(finished)} finished of {len(study.trials)})", fontsize=9)
         figures = {"history": history.figure}
         if len(finished) >= 2 and finished[0].params:
-            importances = ovm.plot_param_importances(study)
-            importances.set_title(f"{info.name}: parameter importances from {len(finished)} finished trials",
-                                  fontsize=9)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                importances = ovm.plot_param_importances(study)
+            # PED-ANOVA's warning where the best trials' values tie with the rest: said on the plot, not printed
+            ties = [w for w in caught if "quantiles select the same set of trials" in str(w.message)]
+            for w in caught:
+                if w not in ties:  # anything else as it came
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            importances.set_title(f"{info.name}: parameter importances from {len(finished)} finished trials"
+                                  + (" (their values tie: no parameter stands out)" if ties else ""), fontsize=9)
             figures["importances"] = importances.figure
     for ax in (fig.axes[0] for fig in figures.values()):  # as the other figures: white, the legend inside
         ax.set_title("", loc="left")  # Optuna's own title, beside ours
