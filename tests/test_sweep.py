@@ -85,6 +85,36 @@ def test_a_trial_whose_objective_is_nan_fails_with_its_reason(tmp_path, monkeypa
     assert trial.state == TrialState.FAIL and trial.user_attrs["failure"] == "RuntimeError: val/loss (best) is nan"
 
 
+def test_a_ctrl_c_that_python_swallows_still_stops_the_sweep(tmp_path, monkeypatch):
+    """A SIGINT that lands in a __del__ or a garbage-collection callback (the sweep collects after each
+    trial) raises a KeyboardInterrupt that Python prints as "Exception ignored" and drops: the sweep
+    stops after the trial it hit, the finished one stored, the others still queued."""
+    from types import SimpleNamespace
+
+    from dat_lab.training.callbacks import MetricTracker
+
+    class Collected:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    spec = parse_spec(write_spec(tmp_path, BASE + "seeds: [0, 1, 2]\n"))
+    monkeypatch.setattr(runner, "train", lambda args, extra_callbacks: SimpleNamespace(
+        trainer=SimpleNamespace(callback_metrics={})))
+    monkeypatch.setattr(MetricTracker, "results", lambda self, trainer: (0.5, 0.5, 3))
+    with pytest.raises(KeyboardInterrupt):
+        work(spec, storage=f"sqlite:///{tmp_path / 'c.db'}", study_name="t", runs_root=str(tmp_path / "runs"),
+             on_trial=lambda trial: Collected())  # made and dropped at once: its __del__ runs then
+    states = [t.state for t in optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'c.db'}").trials]
+    assert states == [TrialState.COMPLETE, TrialState.WAITING, TrialState.WAITING]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again
+    # a Ctrl-C before the trial's training began: its reason is recorded all the same (not "killed or crashed")
+    monkeypatch.setattr(runner, "_run_trial", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        work(spec, storage=f"sqlite:///{tmp_path / 'c.db'}", study_name="t", runs_root=str(tmp_path / "runs"))
+    trial = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'c.db'}").trials[1]
+    assert (trial.state, trial.user_attrs[M.TRIAL_FAILURE]) == (TrialState.FAIL, "interrupted")
+
+
 def test_an_sqlite_url_with_options_names_its_file():
     from dat_lab.metrics import sqlite_path
 

@@ -26,17 +26,20 @@ Trial numbers are never reused within a study, so a trial refuses a non-empty ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import optuna
 import sqlalchemy.exc
@@ -277,9 +280,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planned
         return _run_trial(study, trial, spec, planned, runs_root)
     except optuna.TrialPruned:
         raise
-    except Exception as err:
+    except (Exception, KeyboardInterrupt) as err:  # Ctrl-C before its training began too
         if M.TRIAL_FAILURE not in trial.user_attrs:
-            trial.set_user_attr(M.TRIAL_FAILURE, _failure(err))
+            trial.set_user_attr(M.TRIAL_FAILURE, "interrupted" if isinstance(err, KeyboardInterrupt) else _failure(err))
         raise
 
 
@@ -397,19 +400,53 @@ def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "ru
     by_key = {p.cell.key: p for p in planned_list}
     study = open_study(spec, storage, study_name, planned_list)
     objective = lambda trial: run_trial(study, trial, spec, by_key, runs_root)  # noqa: E731
-    while True:
-        fail_stale_trials(study)  # stale RUNNING -> FAILED, and queued again by the retry callback
-        done, total, active = _finished(study, spec, by_key)
-        if progress:
-            progress(done, total)
-        if not active:
-            return study
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if spec.is_grid and not waiting:
-            time.sleep(POLL_SECONDS)  # cells run elsewhere; wait in case their worker dies
-            continue
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
-                       callbacks=[lambda _, trial: on_trial(trial)] if on_trial else None)
+    with _interrupts_seen() as interrupted:
+        while True:
+            if interrupted:  # a Ctrl-C that Python swallowed (see _interrupts_seen): stop after the trial it hit
+                raise KeyboardInterrupt
+            if _next_round(study, spec, by_key, objective, progress, on_trial):
+                return study
+
+
+def _next_round(study: optuna.Study, spec: SweepSpec, by_key: dict[str, PlannedCell], objective: Callable,
+                progress: Callable[[int, int], None] | None, on_trial: Callable[[FrozenTrial], None] | None) -> bool:
+    """One turn of a worker's loop: stale trials failed (and queued again), then a trial claimed and run,
+    or a wait for other workers' trials; whether the sweep has nothing left to run."""
+    fail_stale_trials(study)  # stale RUNNING -> FAILED, and queued again by the retry callback
+    done, total, active = _finished(study, spec, by_key)
+    if progress:
+        progress(done, total)
+    if not active:
+        return True
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if spec.is_grid and not waiting:
+        time.sleep(POLL_SECONDS)  # cells run elsewhere; wait in case their worker dies
+        return False
+    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                   callbacks=[lambda _, trial: on_trial(trial)] if on_trial else None)
+    return False
+
+
+@contextlib.contextmanager
+def _interrupts_seen() -> Iterator[list[int]]:
+    """SIGINT noted as well as raised: Python swallows a KeyboardInterrupt raised inside a garbage
+    collection callback or a __del__ ("Exception ignored in ..."), as after each trial (gc_after_trial),
+    and the sweep would go on. Outside the main thread (no signals there), nothing is noted."""
+    seen: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield seen
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        previous(signum, frame)  # Python's own: raises KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def visible_gpus() -> list[str]:
