@@ -389,13 +389,15 @@ def test_a_worker_that_loads_a_study_being_created_waits_for_its_fingerprint(tmp
         open_study(search, storage, "dead", wait_s=0)
 
 
-def test_where_the_data_lie_and_how_many_loader_workers_are_no_part_of_a_fingerprint(tmp_path):
+def test_where_the_data_lie_how_many_loader_workers_and_logging_are_no_part_of_a_fingerprint(tmp_path):
     from dat_lab.sweep.runner import check_fingerprint
 
     path = write_spec(tmp_path, BASE)
     spec, elsewhere = parse_spec(path), parse_spec(path, {"delta.data.init_args.num_workers": 3})
     assert "config.data.init_args.num_workers" not in spec.fingerprint()
     check_fingerprint(elsewhere, spec.fingerprint(), "t", "s")  # another machine, another worker count
+    logs_more = parse_spec(path, {"delta.trainer.log_every_n_steps": 1, "delta.trainer.enable_progress_bar": False})
+    check_fingerprint(logs_more, spec.fingerprint(), "t", "s")  # how often it logs: not what it trains
     check_fingerprint(spec, {**spec.fingerprint(), "config.data.init_args.root": "/mnt/a"}, "t", "s")  # stored before
     with pytest.raises(SpecError, match="config.data.init_args.img_size: 32 -> 16"):
         check_fingerprint(parse_spec(path, {"delta.data.init_args.img_size": 16}), spec.fingerprint(), "t", "s")

@@ -58,7 +58,7 @@ from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
 from .plan import GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, plan, processes
-from .spec import DATA_IDENTITY, MACHINE_LOCAL, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
+from .spec import DATA_IDENTITY, NOT_FINGERPRINTED, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
 warnings.filterwarnings("ignore", message="The `srun` command is available")  # Lightning's, in trials without SLURM_NTASKS
@@ -102,8 +102,8 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
     that created study `name` (its stored fingerprint; a study from before fingerprints passes)."""
     if stored is None:
         return
-    # fingerprints stored before MACHINE_LOCAL, or before baselines were left out, hold them
-    stored = {k: v for k, v in stored.items() if k not in MACHINE_LOCAL and not BASELINE_FIELD.fullmatch(k)}
+    # fingerprints stored before NOT_FINGERPRINTED, or before baselines were left out, hold them
+    stored = {k: v for k, v in stored.items() if k not in NOT_FINGERPRINTED and not BASELINE_FIELD.fullmatch(k)}
     current = _fingerprint(spec, planned)
     if planned is None or DATA_IDENTITY not in stored:  # stored before fingerprints held the data's identity
         current.pop(DATA_IDENTITY, None)

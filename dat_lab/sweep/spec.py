@@ -76,6 +76,8 @@ COMPONENTS = {"sampler": "grid", "pruner": "none"}  # given as a name or as {nam
 PRUNERS = set(PRUNER_CLASSES)
 MACHINE_LOCAL = {"config.data.init_args.root", "config.data.init_args.num_workers",
                  "config.model.weights"}  # not in a fingerprint: where a file lies on this machine
+LOGGING_ONLY = {f"config.trainer.{k}" for k in ("log_every_n_steps", "enable_progress_bar", "enable_model_summary")}
+NOT_FINGERPRINTED = MACHINE_LOCAL | LOGGING_ONLY  # nor what a run prints and logs, not what it trains
 DATA_IDENTITY = "data"  # the fingerprint's field of what planning found to tell the data apart
 SPACE_TYPES = {"float", "int", "categorical"}
 SPACE_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
@@ -218,7 +220,8 @@ class SweepSpec:
         factors, search space and the resolved training config (base, delta, budget). Not the run-time
         options (storage, heartbeat, workers, n_trials, pruner) or the factors' baselines (which analysis
         alone reads: a rerun may change them), nor where the files are (MACHINE_LOCAL:
-        workers on several machines may find the data elsewhere, and load them with other worker counts).
+        workers on several machines may find the data elsewhere, and load them with other worker counts),
+        nor how often a run logs and what it prints (LOGGING_ONLY).
         `data`: what planning found to tell the cells' data apart from others (PlannedCell.data), the
         same wherever they lie (an ImageFolder's class names): a DATA_IDENTITY field where there is any."""
         tree = {"objective": {"metric": self.metric, "direction": self.direction, "value": self.value},
@@ -229,7 +232,7 @@ class SweepSpec:
         if identities := sorted({d for d in data if d}):
             tree[DATA_IDENTITY] = identities
         flat = json.loads(json.dumps(_flatten(tree), default=str))
-        return {k: v for k, v in flat.items() if k not in MACHINE_LOCAL}
+        return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
 
 
 def build_sampler(sampler: Mapping[str, Any]) -> optuna.samplers.BaseSampler:
