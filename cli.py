@@ -295,9 +295,11 @@ def _sweep_status(args: argparse.Namespace) -> None:
         if trial is None:
             raise ValueError(f"--trial: study {args.study!r} has no trial {args.trial}")
         if M.TRIAL_REPRODUCE not in trial.user_attrs:  # waiting to start, or failed before its run began
-            failure = trial.user_attrs.get(M.TRIAL_FAILURE)
+            why = trial.user_attrs.get(M.TRIAL_FAILURE)
+            if (first := trial.user_attrs.get(M.TRIAL_DUPLICATE_OF)) is not None:
+                why = f"a duplicate of trial {first}, which trained its cell: --trial {first}"
             raise ValueError(f"--trial: trial {args.trial} of study {args.study!r} has no training run to reproduce "
-                             f"(it is {trial.state.name}{': ' + failure if failure else ''})")
+                             f"(it is {trial.state.name}{': ' + why if why else ''})")
         print(trial.user_attrs[M.TRIAL_REPRODUCE])
         return
     rows = trials_frame(study, info)

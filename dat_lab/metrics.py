@@ -124,13 +124,12 @@ def shown_url(url: str) -> str:
 
 def check_storage_url(url: str) -> None:
     """Raise ValueError unless `url` names an SQLite file or a PostgreSQL (or MySQL) database."""
-    if not isinstance(url, str) or not url.startswith(STORAGE_SCHEMES):
-        shown = shown_url(url) if isinstance(url, str) else url
-        raise ValueError(f"storage: {shown!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
+    if not url.startswith(STORAGE_SCHEMES):
+        raise ValueError(f"storage: {shown_url(url)!r} is not an SQLite or PostgreSQL URL (sqlite:///runs/x.db, "
                          "postgresql://user:pass@host/db)")
     if url.split("?")[0] == "sqlite://" or str(sqlite_path(url)) in (".", ":memory:"):
-        raise ValueError(f"storage: {url} keeps the study in memory, lost when the sweep ends; give a file: "
-                         "sqlite:///runs/x.db")
+        raise ValueError(f"storage: {url} is in memory: it holds a study only while its process runs; give a "
+                         "file: sqlite:///runs/x.db")
 
 
 def storage_error(url: str, err: BaseException) -> str:

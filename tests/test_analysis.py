@@ -188,6 +188,10 @@ def test_a_running_trial_whose_worker_stopped_sending_heartbeats_shows_stale_wit
     assert cli.main(["sweep-status", "search", "--storage", storage, "--trial", "0"]) == 2
     assert capsys.readouterr().err == ("dat-lab: error: --trial: trial 0 of study 'search' has no training run to "
                                        "reproduce (it is FAIL: boom)\n")
+    search.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.1}, user_attrs={M.TRIAL_DUPLICATE_OF: 0},
+                                  distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1.0)}))
+    assert cli.main(["sweep-status", "search", "--storage", storage, "--trial", "1"]) == 2
+    assert capsys.readouterr().err.endswith("(it is PRUNED: a duplicate of trial 0, which trained its cell: --trial 0)\n")
 
 
 def test_partial_and_empty_studies(tmp_path, capsys):
@@ -217,7 +221,7 @@ def test_partial_and_empty_studies(tmp_path, capsys):
 
 @pytest.mark.parametrize("storage,message", [
     ("foo://bar", "--storage: 'foo://bar' is not an SQLite or PostgreSQL URL"),
-    ("sqlite:///:memory:", "--storage: sqlite:///:memory: keeps the study in memory, lost when the sweep ends; give a file"),
+    ("sqlite:///:memory:", "--storage: sqlite:///:memory: is in memory: it holds a study only while its process runs; give a file"),
     ("sqlite:///{tmp}/none.db", "--storage: sqlite:///{tmp}/none.db does not exist"),
     ("postgresql://u:p@127.0.0.1:1/db", "--storage: cannot open postgresql://u:***@127.0.0.1:1/db: "),
 ])

@@ -51,7 +51,7 @@ from sweep_common import BASE, DEMO, ROOT, TPE, write_spec
      "sampler.n_startup_trials: must be an integer >= 0, got -1"),
     (TPE.replace("sampler: tpe", "sampler: {name: tpe, multivariate: maybe}"),
      "sampler.multivariate: must be true or false, got 'maybe'"),
-    (TPE.replace("sampler: tpe", "sampler: {name: tpe, seed: null}"), "sampler.seed: must be an integer, got None"),
+    (TPE.replace("sampler: tpe", "sampler: {name: tpe, seed: null}"), "sampler.seed: must be an integer (a fixed seed: the search repeats), got None"),
     (TPE + "pruner: {name: hyperband, reduction_factor: 1}\n", "pruner.reduction_factor: must be an integer >= 2, got 1"),
     (TPE + "pruner: {name: hyperband, max_resource: all}\n", "pruner.max_resource: must be an integer >= 1 or auto, got 'all'"),
     (TPE + "pruner: {name: median, n_warmup_steps: 1.5}\n", "pruner.n_warmup_steps: must be an integer >= 0, got 1.5"),

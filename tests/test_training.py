@@ -294,7 +294,37 @@ def test_evaluating_and_resuming_last_keep_the_run_config(tmp_path, monkeypatch,
                              "--ckpt_path", str(bad)]) == 2
             assert capsys.readouterr().err == (f"dat-lab: error: --ckpt_path: {bad}: not a checkpoint that "
                                                "torch.load(weights_only=True) reads\n")
-    assert not (run / "config_resume_2.yaml").exists() and not (run.parent / "version_2").exists()
+    # a checkpoint holding other objects than weights: refused unless the user trusts it (--weights_only false)
+    import argparse
+
+    trusted = tmp_path / "trusted.ckpt"
+    torch.save({**torch.load(last, weights_only=True), "extra": argparse.Namespace(a=1)}, trusted)
+    assert cli.main(["train", "validate", *short, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path",
+                     str(trusted)]) == 2
+    assert capsys.readouterr().err.endswith("not a checkpoint that torch.load(weights_only=True) reads (GLOBAL "
+                                            "argparse.Namespace was not an allowed global by default: objects besides weights, if you trust the file: "
+                                            "--weights_only false)\n")
+    with pytest.raises(pytest.fail.Exception, match="data prepared"):  # past the check, on to the data
+        cli.main(["train", "validate", *short, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path",
+                  str(trusted), "--weights_only", "false"])
+    assert not (run / "config_resume_2.yaml").exists()
+
+
+def test_only_a_resume_from_last_ckpt_purges_what_was_logged_after_it(tmp_path):
+    """From an earlier checkpoint of the run (a best-*.ckpt), the steps the run logged after it stay in
+    TensorBoard; from its last.ckpt, what a kill left after it gives way to the resumed run's."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from dat_lab.training.cli import DatLabCLI
+
+    for name, purged in (("best-epoch002.ckpt", None), ("last.ckpt", 7)):
+        logger = TensorBoardLogger(str(tmp_path), name="run", version="version_0")
+        resumed = SimpleNamespace(trainer=SimpleNamespace(logger=logger),
+                                  checkpoint_file=tmp_path / "run" / "version_0" / "checkpoints" / name)
+        DatLabCLI._purge_logged_after(resumed, {"global_step": 7})
+        assert logger._kwargs.get("purge_step") == purged, name
 
 
 def test_a_runs_own_config_with_its_logger_pinned_writes_beside_that_run(tmp_path):

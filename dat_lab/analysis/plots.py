@@ -117,6 +117,9 @@ def learning_curves(frame: pd.DataFrame, info: StudyInfo, tag: str | None = None
     return fig
 
 
+TIES = "Target and region quantiles select the same set of trials"  # Optuna's PED-ANOVA warning
+
+
 def search_plots(study: optuna.Study, info: StudyInfo) -> dict[str, plt.Figure]:
     """Optuna's optimisation history, its objective in the tables' units, and (with two or more finished
     trials) parameter importances."""
@@ -132,14 +135,14 @@ def search_plots(study: optuna.Study, info: StudyInfo) -> dict[str, plt.Figure]:
         history.set_title(f"{info.name}: {label} by trial ({len(finished)} finished of {len(study.trials)})", fontsize=9)
         figures = {"history": history.figure}
         if len(finished) >= 2 and finished[0].params:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", UserWarning)
+            with warnings.catch_warnings(record=True) as caught:  # what the filters let through, recorded
+                warnings.filterwarnings("always", message=TIES)
                 importances = ovm.plot_param_importances(study)
             # PED-ANOVA's warning where the best trials' values tie with the rest: said on the plot, not printed
-            ties = [w for w in caught if "quantiles select the same set of trials" in str(w.message)]
+            ties = [w for w in caught if str(w.message).startswith(TIES)]
             for w in caught:
-                if w not in ties:  # anything else as it came
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                if w not in ties:  # anything else shown as it would have been
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             importances.set_title(f"{info.name}: parameter importances from {len(finished)} finished trials"
                                   + (" (their values tie: no parameter stands out)" if ties else ""), fontsize=9)
             figures["importances"] = importances.figure

@@ -91,16 +91,23 @@ def _read(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any
     return read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
 
 
-def read_checkpoint(checkpoint: str | os.PathLike, *, mmap: bool = False) -> Mapping[str, Any]:
+RELEASED_TRUST = ("such as the training config the released code saves; if you trust the file, keep its weights "
+                  "alone: torch.save(torch.load(FILE, weights_only=False)['model'], 'weights.pth')")
+
+
+def read_checkpoint(checkpoint: str | os.PathLike, *, mmap: bool = False, trusted: bool = False,
+                    if_trusted: str = RELEASED_TRUST) -> Mapping[str, Any]:
     """What the file `checkpoint` holds, read by torch.load(weights_only=True) (memory-mapped with `mmap`,
-    where its format allows); a one-line ValueError where it is missing, unreadable or no checkpoint."""
+    where its format allows; any object, where the user `trusted` the file); a one-line ValueError where
+    it is missing, unreadable or no checkpoint (`if_trusted`: what to do if its objects are trusted)."""
+    load = lambda **kw: torch.load(checkpoint, map_location="cpu", weights_only=not trusted, **kw)  # noqa: E731
     try:
         try:
-            data = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=mmap)
+            data = load(mmap=mmap)
         except RuntimeError:
             if not mmap:
                 raise
-            data = torch.load(checkpoint, map_location="cpu", weights_only=True)  # torch's legacy format: no mmap
+            data = load()  # torch's legacy format: no mmap
     except FileNotFoundError:
         raise ValueError(f"{checkpoint}: no such checkpoint") from None
     except IsADirectoryError:
@@ -109,9 +116,8 @@ def read_checkpoint(checkpoint: str | os.PathLike, *, mmap: bool = False) -> Map
         raise ValueError(f"{checkpoint}: {(err.strerror or str(err)).lower()}") from None
     except Exception as err:  # not a checkpoint (the unpickler fails in many ways), or one with foreign objects
         found = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
-        detail = (f" ({found.split('Unsupported global: ')[-1].split('. ')[0]}: objects besides weights, such as the training config the released "
-                  f"code saves; if you trust the file, keep its weights alone: torch.save(torch.load(FILE, "
-                  f"weights_only=False)['model'], 'weights.pth'))") if found else ""
+        what = found.split("Unsupported global: ")[-1].split(". ")[0]
+        detail = f" ({what}: objects besides weights, {if_trusted})" if found else ""
         raise ValueError(f"{checkpoint}: not a checkpoint that torch.load(weights_only=True) reads{detail}") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{checkpoint}: holds a {type(data).__name__}, not a checkpoint (a dict of weights)")

@@ -57,16 +57,17 @@ BUDGET_KEYS = {"max_epochs", "max_steps", "max_time", "limit_train_batches", "li
 OBJECTIVE_KEYS = {"metric", "direction", "value"}
 HEARTBEAT_KEYS = {"interval", "grace"}
 SAMPLERS = {"grid", "tpe"}
-TPE_DEFAULTS = {"seed": 0, "n_startup_trials": 10, "n_ei_candidates": 24, "multivariate": True, "group": False,
-                "constant_liar": True}  # optuna 5 changed TPE defaults: every option explicit
+TPE_OPTIONS = {"seed": (0, "int", None), "n_startup_trials": (10, "int", 0), "n_ei_candidates": (24, "int", 1),
+               "multivariate": (True, "bool", None), "group": (False, "bool", None),
+               "constant_liar": (True, "bool", None)}  # (default, kind, least value)
+TPE_DEFAULTS = {k: default for k, (default, _, _) in TPE_OPTIONS.items()}  # optuna 5 changed them: every one explicit
 PRUNER_CLASSES = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
                   "hyperband": optuna.pruners.HyperbandPruner}
 # each sampler's and pruner's options: (kind, least value); Optuna takes some bad values silently
 # (n_startup_trials=-1, multivariate="yes", reduction_factor=1)
 OPTION_RULES: dict[str, dict[str, tuple[str, int | None]]] = {
     "grid": {}, "none": {},
-    "tpe": {"seed": ("int", None), "n_startup_trials": ("int", 0), "n_ei_candidates": ("int", 1),
-            "multivariate": ("bool", None), "group": ("bool", None), "constant_liar": ("bool", None)},
+    "tpe": {k: (kind, least) for k, (_, kind, least) in TPE_OPTIONS.items()},
     "median": {"n_startup_trials": ("int", 0), "n_warmup_steps": ("int", 0), "interval_steps": ("int", 1),
                "n_min_trials": ("int", 1)},
     "hyperband": {"min_resource": ("int", 1), "max_resource": ("int or auto", 1), "reduction_factor": ("int", 2),
@@ -362,7 +363,8 @@ def _option(path: Path, key: str, value: Any, kind: str, least: int | None) -> N
         return
     if not isinstance(value, int) or isinstance(value, bool) or (least is not None and value < least):
         wanted = "an integer" + (f" >= {least}" if least is not None else "") + (" or auto" if "auto" in kind else "")
-        raise _error(path, key, f"must be {wanted}, got {value!r}")
+        why = " (a fixed seed: the search repeats)" if key == "sampler.seed" else ""
+        raise _error(path, key, f"must be {wanted}{why}, got {value!r}")
 
 
 def _number(path: Path, key: str, value: Any, kind: str) -> int | float:
@@ -379,7 +381,7 @@ def _search_space(path: Path, raw: Any, budget: Mapping[str, Any]) -> dict[str, 
     for name, dist in space.items():
         key = f"search_space.{name}"
         entry, _, option = name.rpartition(".")
-        if not isinstance(dist, Mapping) and option in SPACE_KEYS["float"] | SPACE_KEYS["categorical"]:
+        if entry and not isinstance(dist, Mapping) and option in SPACE_KEYS["float"] | SPACE_KEYS["categorical"]:
             raise _error(path, key, f"no search_space entry {entry!r} to set {option} of (entries: "
                                     f"{', '.join(k for k in space if isinstance(space[k], Mapping)) or 'none'})")
         dist = _mapping(path, key, dist)

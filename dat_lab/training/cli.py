@@ -196,7 +196,9 @@ class DatLabCLI(LightningCLI):
         if self.checkpoint_file is None:
             return None
         try:
-            checkpoint = read_checkpoint(self.checkpoint_file, mmap=True)
+            trusted = self.config[self.subcommand].get("weights_only") is False  # --weights_only false: any object
+            checkpoint = read_checkpoint(self.checkpoint_file, mmap=True, trusted=trusted,
+                                         if_trusted="if you trust the file: --weights_only false")
         except ValueError as err:  # a file cut short by a kill, or no checkpoint: Lightning's load said it in a traceback
             raise ValueError(f"--ckpt_path: {err}") from None
         self.model.refuse_other_models(checkpoint, source=str(self.checkpoint_file))
@@ -210,6 +212,7 @@ class DatLabCLI(LightningCLI):
         the checkpoint finished is logged at steps below its global_step.)"""
         logger = self.trainer.logger
         if (isinstance(logger, TensorBoardLogger) and logger._experiment is None  # its writer not made yet
+                and self.checkpoint_file.name == "last.ckpt"  # (from an earlier one, a best-*.ckpt, its later steps stay)
                 and self.checkpoint_file.resolve().parent.parent == Path(logger.log_dir).resolve()):
             logger._kwargs["purge_step"] = int(checkpoint.get("global_step", 0))
 
