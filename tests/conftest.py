@@ -1,3 +1,4 @@
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_kept():
+    """SIGINT's handler as each test found it (one may install Python's own, which `make &` ignores;
+    Lightning ignores SIGINT once it has shut down on a KeyboardInterrupt)."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,7 @@ def test_a_ctrl_c_that_python_swallows_still_stops_the_sweep(tmp_path, monkeypat
         def __del__(self):
             signal.raise_signal(signal.SIGINT)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (`make &` ignores SIGINT; conftest restores)
     spec = parse_spec(write_spec(tmp_path, BASE + "seeds: [0, 1, 2]\n"))
     monkeypatch.setattr(runner, "train", lambda args, extra_callbacks: SimpleNamespace(
         trainer=SimpleNamespace(callback_metrics={})))
