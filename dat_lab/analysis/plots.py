@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
@@ -18,7 +17,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .. import metrics as M  # noqa: E402
-from .study import StudyInfo  # noqa: E402
+from .study import StudyInfo, run_here  # noqa: E402
 from .tables import baseline_levels, metric_label, spread_text  # noqa: E402
 
 BASELINE_COLOR, OTHER_COLOR = "#d62728", "#4c72b0"
@@ -87,7 +86,7 @@ def learning_curves(frame: pd.DataFrame, info: StudyInfo, tag: str | None = None
     factors = list(info.factors)
     for _, trial in frame[frame["status"] == "done"].iterrows():
         run = trial.get("run_dir")
-        if not isinstance(run, str) or not Path(run).is_dir():
+        if not run_here(run):
             continue
         events = EventAccumulator(run, size_guidance={"scalars": 0})
         events.Reload()

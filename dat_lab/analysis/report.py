@@ -11,7 +11,7 @@ from .. import metrics as M
 from ..figures import save_figure
 from ..outputs import check_output_folder, make_folder
 from . import plots
-from .study import AnalysisError, counts_text, finished, load, status_counts, trials_frame
+from .study import AnalysisError, counts_text, finished, load, run_here, status_counts, trials_frame
 from .tables import display_search, markdown, search_csv, spread_text, summarize, write_tables
 
 
@@ -58,7 +58,7 @@ def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str
 def _missing_runs(frame: pd.DataFrame) -> tuple[str, ...]:
     """A note where finished trials' run folders (their TensorBoard events) are not on this machine."""
     runs = frame.loc[frame["status"] == "done", "run_dir"]
-    gone = [r for r in runs if not isinstance(r, str) or not Path(r).is_dir()]
+    gone = [r for r in runs if not run_here(r)]
     if not gone:
         return ()
     where = next((f" (e.g. {r}: moved, or on another machine)" for r in gone if isinstance(r, str)), "")

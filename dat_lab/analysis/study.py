@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
@@ -110,6 +111,11 @@ def stale_trials(study: optuna.Study, heartbeat: tuple[int, int]) -> set[int]:
     storage.heartbeat_interval, storage.grace_period = heartbeat  # this reader's own storage, which runs no trial
     ids = set(storage._get_stale_trial_ids(study._study_id))
     return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id in ids}
+
+
+def run_here(run_dir: Any) -> bool:
+    """Whether a trial's recorded run folder (its TensorBoard events) is on this machine."""
+    return isinstance(run_dir, str) and Path(run_dir).is_dir()
 
 
 def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:

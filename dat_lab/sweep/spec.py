@@ -404,8 +404,7 @@ def _search_space(path: Path, raw: Any, budget: Mapping[str, Any]) -> dict[str, 
         if not low < high:
             raise _error(path, key, f"low {low} must be below high {high}")
         log = dist.get("log", False)
-        if not isinstance(log, bool):
-            raise _error(path, f"{key}.log", f"must be true or false, got {log!r}")
+        _option(path, f"{key}.log", log, "bool", None)
         if log and low <= 0:
             raise _error(path, key, f"log: true needs low > 0, got low {low}")
         if "step" in dist:
