@@ -108,10 +108,10 @@ def main() -> None:
         + (["--compile"] if a.compile else []) + (["--flush-denormal"] if a.flush_denormal else []) \
         + ["--sampler", a.sampler, "--kernel", a.kernel, "--setting", a.setting]
     for setting in [a.setting, *a.dat_settings]:
-        options, triton = split(setting)
+        block_options, triton = split(setting)
         parse(triton)  # a malformed setting fails here, before any timing
         try:
-            set_deformable_options(torch.nn.Module(), **options)
+            set_deformable_options(torch.nn.Module(), **block_options)
         except ValueError as err:
             raise SystemExit(f"bench_models.py: setting {setting!r}: {err}") from None
     for batch in a.batch:
