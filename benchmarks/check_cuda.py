@@ -9,8 +9,9 @@
    max(1, the tensor's largest magnitude);
 3. deterministic training: with torch.use_deterministic_algorithms(True) (Lightning's
    deterministic=True) two forward+backward passes give bit-identical gradients;
-4. torch.compile: graph breaks and graph count of dat_tiny (torch._dynamo.explain), and a compiled
-   forward+backward of dat_pico against eager.
+4. torch.compile: graph breaks and graph count of dat_tiny (torch._dynamo.explain) in float32 and under
+   bf16 autocast with channels_last, and a compiled forward+backward of dat_pico against eager
+   (--only graphs: the graph breaks alone).
 
     python benchmarks/check_cuda.py [--model dat_tiny] [--device cpu] [--setting DOTS_KEYS=8]   # cpu: a dry run
 
@@ -95,18 +96,30 @@ def determinism() -> None:
         torch.use_deterministic_algorithms(False)
 
 
+def graphs(name: str) -> None:
+    """Graph breaks of `name` in training mode, in float32 and as bf16 training runs it (autocast,
+    channels_last)."""
+    import torch._dynamo
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for how in ("float32", "bf16 autocast, channels_last"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = dat_lab.create_model(name).to(DEVICE).train()
+        x = torch.randn(2, 3, 224, 224, device=DEVICE, requires_grad=True)
+        if how != "float32":
+            model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=how != "float32"):
+            explanation = torch._dynamo.explain(model)(x)
+        check(f"torch.compile {name} ({how}): no graph break", explanation.graph_break_count == 0,
+              f"{explanation.graph_count} graph(s), {explanation.graph_break_count} break(s) "
+              f"{[str(r.reason)[:300] for r in explanation.break_reasons]}")
+
+
 def compiled(name: str) -> None:
     import torch._dynamo
 
-    torch._dynamo.reset()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    model = dat_lab.create_model(name).to(DEVICE).train()
-    x = torch.randn(2, 3, 224, 224, device=DEVICE, requires_grad=True)
-    explanation = torch._dynamo.explain(model)(x)
-    check(f"torch.compile {name}: no graph break", explanation.graph_break_count == 0,
-          f"{explanation.graph_count} graph(s), {explanation.graph_break_count} break(s) "
-          f"{[str(r.reason)[:120] for r in explanation.break_reasons]}")
+    graphs(name)
     torch._dynamo.reset()
     torch.manual_seed(0)  # the compiled pass on the small model: compiling dat_tiny's backward takes minutes
     model = dat_lab.create_model("dat_pico").to(DEVICE).eval()  # eval: no drop path draws
@@ -134,6 +147,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--setting", default="default", help="of the Triton bias kernels for the bf16 check "
                    "(bench_bias.py's notation)")
+    p.add_argument("--only", choices=["graphs"], help="graphs: only the graph-break check (torch._dynamo.explain)")
     a = p.parse_args()
     parse(a.setting)  # a malformed setting fails here, in one line, before any check
     global DEVICE
@@ -142,6 +156,8 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}", flush=True)
     steps = ((lambda: bf16_bias(a.setting),) if DEVICE == "cuda" else ()) + (equivalence, determinism,
                                                                             lambda: compiled(a.model))
+    if a.only == "graphs":
+        steps = (lambda: graphs(a.model),)
     for step in steps:
         try:
             step()

@@ -292,8 +292,10 @@ class DeformableAttention(nn.Module):
         pos, reference = self._positions(raw, x, H, W)  # (B*G, Hk, Wk, 2)
         dense = dense_sampling(self.sampler, x.device.type)
         samples = self._sample_keys(x, pos, dense)  # (B, Ns, C)
-        # token-major, once in the dtype of the products (autocast would cast it for each of the two)
-        samples = samples.to(_product_dtype(samples), memory_format=torch.contiguous_format)
+        if not torch.compiler.is_compiling():  # compiled, Inductor fuses the casts (and torch 2.11's
+            # dynamo breaks the graph at the autocast query): eager, token-major once in the dtype of the
+            # products (autocast would cast it for each of the two)
+            samples = samples.to(_product_dtype(samples), memory_format=torch.contiguous_format)
         k, v = _linear(self.proj_k, samples), _linear(self.proj_v, samples)  # (B, Ns, C)
         heads = (t.view(B, -1, M, hc).transpose(1, 2) for t in (q, k, v))  # (B, M, HW or Ns, hc) views
         out, attn = self._attend(*heads, pos, H, W, dense=dense, return_attention=return_attention)
