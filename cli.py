@@ -146,6 +146,10 @@ def _train(argv: list[str]) -> int:
         return _fail(ValueError(rank_error(err)))
     except MisconfigurationException as err:  # the Trainer's options, before the data (e.g. no GPU for `gpu`)
         return _fail(ValueError(f"trainer: {err}"))
+    except TypeError as err:  # Lightning's words for devices it cannot take ("0,1" on the CPU); else a bug
+        if not str(err).startswith("`devices`"):
+            raise
+        return _fail(ValueError(f"trainer: {err}"))
     except ModuleNotFoundError as err:  # an accelerator's package that is not installed (`tpu`: torch_xla)
         if not str(err).startswith("Requirement "):  # Lightning's words for one; anything else is a bug
             raise

@@ -170,10 +170,19 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
                           (["--trainer.max_time", "00:00:00:abc"], "trainer.max_time: '00:00:00:abc' must be DD:HH:MM:SS"),
                           (["--trainer.limit_train_batches", "1.5"], "trainer.limit_train_batches: 1.5 must be a count"),
                           (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val: -1 must be >= 0"),
-                          (["--trainer.devices", "0"], "trainer.devices: '0' must be >= 1, -1 for all, a list, or auto"),
+                          (["--trainer.devices", "0"], "trainer.devices: '0' must be >= 1, -1 for all, device indices"),
+                          (["--trainer.devices", "x"], "trainer.devices: 'x' must be >= 1, -1 for all, device indices"),
+                          (["--trainer.devices", "0,1"],  # indices, which the CPU cannot take: Lightning's TypeError
+                           "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
                           (["--trainer.accelerator", "mps"], "trainer: `MPSAccelerator` can not run on your system"),
                           (["--trainer.accelerator", "tpu"], "trainer: Requirement 'torch_xla>=1.13' not met"),
-                          (["--trainer.devices", "-2"], "trainer.devices: '-2' must be >= 1, -1 for all, a list, or auto"),
+                          (["--trainer.devices", "-2"], "trainer.devices: '-2' must be >= 1, -1 for all, device indices"),
+                          # a value none of an option's types take: all of them (jsonargparse named the first)
+                          (["--seed_everything", "abc"],
+                           "--seed_everything: Expected a bool (true or false) or an int. Got value: abc"),
+                          (["--trainer.max_epochs", "abc"], "--trainer.max_epochs: Expected an int or null. Got value: abc"),
+                          (["--trainer.precision", "12"], "--trainer.precision: Expected one of 64, 32, 16, "
+                           "transformer-engine, transformer-engine-float16, 16-true, 16-mixed, bf16-true, bf16-mixed"),
                           (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: 0 must be > 0"),
                           (["--trainer.max_epochs", "-1"], "trainer.max_epochs: -1 (no limit) needs trainer.max_steps"),
                           (["--data.num_workers", "-1"], "data.num_workers: -1 must be >= 0"),
@@ -194,6 +203,11 @@ def test_trainer_ranges_take_what_lightning_takes():
                      "log_every_n_steps": 0, "gradient_clip_val": 0, "check_val_every_n_epoch": None,
                      "max_time": {"hours": 1}}, {"max_time": "00:12:00:00", "limit_test_batches": 0.25}):
         check_trainer(options)
+    for devices in ("auto", 1, -1, "2", [0, 1], "0,1", "0, 1,"):  # Lightning's forms
+        check_trainer({"devices": devices})
+    for devices in ("x", 0, -2, [], [-1], [True], "0;1"):
+        with pytest.raises(ValueError, match=r"^trainer.devices: .* must be >= 1, -1 for all, device indices"):
+            check_trainer({"devices": devices})
     with pytest.raises(ValueError, match=r"^trainer.max_time: '00:1:00:00' must be DD:HH:MM:SS"):  # Lightning's
         check_trainer({"max_time": "00:1:00:00"})  # Timer reads two digits
     with pytest.raises(ValueError, match=r"^budget.max_epochs: 'abc' is not a number: it must be >= 1"):

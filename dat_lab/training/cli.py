@@ -57,6 +57,16 @@ def _batches(v: Any) -> bool:
     return v is None or v >= 0 and (isinstance(v, int) or v <= 1 or v % 1 == 0)
 
 
+def _devices(v: Any) -> bool:
+    """auto, a count (>= 1, or -1 for all), or device indices (a list, or a string "0,1")."""
+    if isinstance(v, (list, tuple)):
+        return bool(v) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+    text = str(v).strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text) == -1 or int(text) >= 1
+    return text == "auto" or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text) is not None
+
+
 TRAINER_RULES = {  # what Lightning would take, then fail on (some only after the run folder is made)
     "max_epochs": (lambda v: v is None or v == -1 or v >= 1, ">= 1, or -1 for no limit"),
     "max_steps": (lambda v: v == -1 or v >= 1, ">= 1, or -1 for no limit"),
@@ -68,8 +78,7 @@ TRAINER_RULES = {  # what Lightning would take, then fail on (some only after th
     "gradient_clip_val": (lambda v: v is None or v >= 0, ">= 0, or null for none"),
     "val_check_interval": (lambda v: v is None or v > 0, "> 0 (batches, or a fraction of an epoch)"),
     "num_sanity_val_steps": (lambda v: v is None or v >= -1, ">= 0, or -1 for all"),
-    "devices": (lambda v: not re.fullmatch(r"-?\d+", str(v)) or int(v) == -1 or int(v) >= 1,
-                ">= 1, -1 for all, a list, or auto"),
+    "devices": (lambda v: _devices(v), '>= 1, -1 for all, device indices (a list, or "0,1"), or auto'),
     **{f"limit_{part}_batches": (_batches, "a count of batches >= 0, or a fraction in [0.0, 1.0]")
        for part in ("train", "val", "test")},
 }
@@ -326,11 +335,34 @@ def config_error(err: BaseException) -> str:
             keys.append(key.group(1))
         inner = cause if lines else inner
     lines = [line.strip() for line in str(inner).strip().splitlines() if not line.strip().startswith("Parser key")]
-    text = lines[0] if lines else type(inner).__name__
+    text = _union_error(err) or (lines[0] if lines else type(inner).__name__)
     text = f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
     if re.fullmatch(r"the following arguments are required: \w+\.data", text):  # no --config (nor --data)
         return f"{text} (give a config, e.g. --config experiments/digits_quick.yaml, or --data CLASS)"
     return text + _did_you_mean(text)
+
+
+TYPE_WORDS = {"bool": "a bool (true or false)", "int": "an int", "float": "a float", "str": "text", "NoneType": "null"}
+
+
+def _union_error(err: BaseException) -> str | None:
+    """For a value that fits none of an option's plain types and literal values (`--seed_everything
+    abc`: bool or int; `--trainer.precision 12`), all of them (jsonargparse's innermost cause names
+    only the first): "Expected a bool (true or false) or an int. Got value: abc"; None for other
+    errors and other types."""
+    for cause in error_chain(err):
+        text = str(cause)
+        subtypes = re.search(r"Subtypes: \[(.*)\]", text)
+        given = re.search(r"Given value: (.*)", text)
+        if "Does not validate against any of the Union subtypes" in text and subtypes and given:
+            items = re.findall(r"typing\.Literal\[([^\]]*)\]|<class '(\w+)'>", subtypes.group(1))
+            rest = re.sub(r"typing\.Literal\[[^\]]*\]|<class '\w+'>", "", subtypes.group(1))
+            if not items or rest.strip(", ") or any(n and n not in TYPE_WORDS for _, n in items):
+                return None
+            values = list(dict.fromkeys(v.strip().strip("'\"") for lit, _ in items if lit for v in lit.split(",")))
+            words = ([f"one of {', '.join(values)}"] if values else []) + [TYPE_WORDS[n] for _, n in items if n]
+            return f"Expected {' or '.join(words)}. Got value: {given.group(1).strip()}"
+    return None
 
 
 def _init_args(cls: type) -> list[str]:
