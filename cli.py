@@ -141,7 +141,7 @@ def _train(argv: list[str]) -> int:
     try:  # sys.argv as it is: Lightning's DDP launcher starts the other ranks with this process's command line
         train_main(argv)
     except (ValueError, ArgumentError, NonFiniteLossError) as err:  # bad config or data (DataError), diverged training
-        return _fail(ValueError(config_error(err)))
+        return _fail(ValueError(config_error(err, argv)))
     except ProcessRaisedException as err:  # in a spawned rank (ddp_spawn): the first line of its exception
         return _fail(ValueError(rank_error(err)))
     except MisconfigurationException as err:  # the Trainer's options, before the data (e.g. no GPU for `gpu`)

@@ -187,6 +187,10 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
                           (["--trainer.max_epochs", "-1"], "trainer.max_epochs: -1 (no limit) needs trainer.max_steps"),
                           (["--data.num_workers", "-1"], "data.num_workers: -1 must be >= 0"),
                           (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1 (did you mean model.lr?)"),
+                          # no value: the option as given (argparse named --model.overrides)
+                          (["--model.overrides.offset_range", "--trainer.max_epochs", "1"],
+                           "--model.overrides.offset_range: expected a value"),
+                          (["--model.lr"], "--model.lr: expected a value"),
                           (["--data.batch_sizee", "8"], "--data: Option 'batch_sizee' is not accepted (did you mean batch_size?)"),
                           (["--name", "../escape"], "--name: '../escape' must be a folder name (no / or \\, not . or ..)"),
                           (["--config", str(ROOT / "README.md")], f"--config: {ROOT / 'README.md'} is not valid YAML (")):

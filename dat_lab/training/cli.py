@@ -323,10 +323,17 @@ def error_chain(err: BaseException | None) -> Iterator[BaseException]:
         err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
 
 
-def config_error(err: BaseException) -> str:
+def config_error(err: BaseException, argv: list[str] | None = None) -> str:
     """One line from jsonargparse's nested errors: the innermost cause after the keys that led to it
     (`--data.batch_size: Expected a <class 'int'>. Got value: abc`), or the error's first line; an
-    error raised `from None` is the innermost (its message is the one meant for the user)."""
+    error raised `from None` is the innermost (its message is the one meant for the user). An option
+    of the command line `argv` given no value is named as given (`--model.overrides.offset_range`,
+    which argparse calls `--model.overrides`)."""
+    missing = re.fullmatch(r"argument (--[\w.]+): expected one argument", str(err).strip())
+    if missing and argv:
+        given = [a for i, a in enumerate(argv) if a.startswith(missing.group(1) + ".")
+                 and (i + 1 == len(argv) or argv[i + 1].startswith("--"))]
+        return f"{(given or [missing.group(1)])[-1]}: expected a value"
     keys, inner = [], err
     for cause in error_chain(err):
         lines = str(cause).strip().splitlines()
