@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -212,10 +213,13 @@ class CIFAR10DataModule(ImageDataModule):
         return None  # the class says which dataset
 
     def prepare_data(self) -> None:
+        made = not os.path.lexists(self.root)
         try:
             for train in (True, False):
                 self._dataset(train, download=self.download)
         except (OSError, RuntimeError) as err:  # offline (URLError is an OSError) or not found
+            if made:  # the folder torchvision made for the download, and what it left there
+                shutil.rmtree(self.root, ignore_errors=True)
             raise DataError(f"{type(self).__name__}: no dataset under {os.path.abspath(self.root)} and no download "
                             f"({type(err).__name__}): put {self.archive} there, or its extracted folder") from None
 

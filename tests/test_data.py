@@ -1,5 +1,7 @@
 """DataModules: splits, shapes, and clear errors before training starts."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -94,6 +96,26 @@ def test_cifar_without_files_or_network_is_one_clear_error(tmp_path):
     for name in ("train", "test"):
         (tmp_path / "cifar-100-python" / name).touch()
     CIFAR100DataModule.check(root=str(tmp_path), download=False)
+
+
+def test_a_failed_cifar_download_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """Offline: the root torchvision made for the download goes with what it left there; a root that
+    was there stays, with its files."""
+    from urllib.error import URLError
+
+    from torchvision import datasets
+
+    def offline(root, train, transform=None, download=False):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-100-python.tar.gz").write_bytes(b"partial")
+        raise URLError("no network")
+
+    monkeypatch.setattr(datasets, "CIFAR100", offline)
+    for root in (tmp_path / "new" / "data", tmp_path):
+        with pytest.raises(DataError, match=f"no dataset under {root} and no download .URLError."):
+            CIFAR100DataModule(root=str(root), download=True).prepare_data()
+    assert not (tmp_path / "new" / "data").exists() and (tmp_path / "new").is_dir()
+    assert (tmp_path / "cifar-100-python.tar.gz").exists()  # (in a folder that was there: left as it is)
 
 
 def test_imagefolder_check_is_the_layout_check_of_its_constructor(tmp_path):
