@@ -157,6 +157,11 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _grows(study: str, added: str | None) -> None:
+    if added:
+        print(f"study {study!r} grows: {added} (cells of their own; those it has stay as they are)")
+
+
 def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import SpecError, parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
@@ -194,13 +199,13 @@ def _sweep(args: argparse.Namespace) -> None:
         raise other_spec
     planned = plan(spec, spec.planned_cells())
     if args.dry_run:
-        preflight(spec, opened, storage, study, args.runs_root, planned)  # and on other data once they are found
+        _grows(study, preflight(spec, opened, storage, study, args.runs_root, planned))  # on other data: refused
         _print_plan(spec, planned, study)
         return
     gpus = gpu_shares(planned, args.workers, visible_gpus())  # each worker's own GPUs
     if opened is None:  # a new file; by now perhaps made by a worker started beside this one
         opened = make_storage(storage, spec.heartbeat)
-    preflight(spec, opened, storage, study, args.runs_root, planned)
+    _grows(study, preflight(spec, opened, storage, study, args.runs_root, planned))
     if args.workers > 1:
         argv = [args.spec, *args.overrides, "--storage", storage, "--study", study, "--runs-root", args.runs_root]
         if args.n_trials is not None:

@@ -323,7 +323,7 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
     open_study(parse_spec(spec), storage, "t")  # the study as a first run made it (nothing trained)
     assert _dry_run(spec, storage, tmp_path, "heartbeat.grace=60") == 0  # run-time options may change
     capsys.readouterr()
-    for override, field in [("seeds=[0,1,2]", "seeds: [0, 1] -> [0, 1, 2]"),
+    for override, field in [("seeds=[0]", "seeds: [0, 1] -> [0]"), ("seeds=[1,2]", "seeds: [0, 1] -> [1, 2]"),
                             ("budget.max_epochs=2", "config.trainer.max_epochs: 1 -> 2"),
                             ("objective.direction=minimize", "objective.direction: 'maximize' -> 'minimize'")]:
         assert _dry_run(spec, storage, tmp_path, override) == 2
@@ -333,7 +333,7 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
     # a typo in a key differs from the study's spec too: the typo is what is said
     assert _dry_run(spec, storage, tmp_path, "delta.model.lrr=0.1") == 2
     assert "does not accept option 'model.lrr' (did you mean model.lr?)" in capsys.readouterr().err
-    argv = ["sweep", str(spec), "seeds=[0,1,2]", "--storage", storage, "--runs-root", str(tmp_path / "runs")]
+    argv = ["sweep", str(spec), "seeds=[5]", "--storage", storage, "--runs-root", str(tmp_path / "runs")]
     assert cli.main(argv) == 2  # a real run too, before any trial
     assert optuna.load_study(study_name="t", storage=storage).get_trials() == []
     optuna.create_study(study_name="old", storage=storage)  # a study from before fingerprints: accepted
@@ -341,6 +341,41 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
     with pytest.raises(SpecError, match="was made by another spec"):  # the worker API checks too
         open_study(parse_spec(spec, {"seeds": [5]}), storage, "t")
     assert FINGERPRINT not in optuna.load_study(study_name="old", storage=storage).user_attrs  # a dry run wrote nothing
+
+
+def test_a_grid_grows_by_seeds_and_levels_its_cells_kept(tmp_path, capsys):
+    """More seeds, or more levels of its factors, add cells of their own to a grid study (those it has
+    stay as trained); anything else that differs is still refused, and the spec it grew from too."""
+    from dat_lab.sweep.runner import check_fingerprint
+
+    storage = f"sqlite:///{tmp_path / 'g.db'}"
+    levels = "a: {}, b: {model: {lr: 0.001}}, '0': {model: {lr: 0.002}}"
+    path = write_spec(tmp_path, BASE + "factors: {f: {levels: {%s}, baseline: a}}\nseeds: [0]\n" % levels)
+    first = parse_spec(path)
+    open_study(first, storage, "t", plan(first, first.planned_cells()))
+    more = {"factors.f.levels": yaml.safe_load("{%s, c: {model: {lr: 0.003}}, '0.5': {model: {lr: 0.004}}}" % levels)}
+    grown = parse_spec(path, {"seeds": [0, 1], **more})
+    assert check_fingerprint(grown, first.fingerprint(), "t", "s") == "seeds 1; f levels c, 0.5"
+    assert _dry_run(path, storage, tmp_path, "seeds=[0,1]") == 0
+    assert "study 't' grows: seeds 1 (cells of their own; those it has stay as they are)" in capsys.readouterr().out
+    study = open_study(grown, storage, "t", plan(grown, grown.planned_cells()), wait_s=0)
+    cells = [t.user_attrs[CELL] for t in study.get_trials()]
+    assert len(cells) == len(set(cells)) == 10 and set(cells) == {c.key for c in grown.planned_cells()}
+    assert study.user_attrs[FINGERPRINT] == grown.fingerprint() and study.user_attrs[M.STUDY_SEEDS] == [0, 1]
+    assert list(study.user_attrs[M.STUDY_FACTORS]["f"]["levels"]) == ["a", "b", "0", "c", "0.5"]
+    for other, field in [(first, "seeds: [0, 1] -> [0]"),  # what it grew from: fewer cells
+                         (parse_spec(path, {"seeds": [0, 1], "factors.f.levels": {
+                             **more["factors.f.levels"], "b": {"model": {"lr": 0.01}}}}),
+                          "factors.f.levels.b.model.lr: 0.001 -> 0.01"),  # a level changed
+                         (parse_spec(path, {"seeds": [0, 1], **more, "factors.g": {
+                             "values": [1, 2], "baseline": "1", "path": "model.overrides.offset_range"}}),
+                          "factors.g.levels.1.model.overrides.offset_range")]:  # a new factor: every cell changes
+        with pytest.raises(SpecError, match="was made by another spec") as err:
+            open_study(other, storage, "t", wait_s=0)
+        assert field in str(err.value)
+    search = parse_spec(write_spec(tmp_path, BASE + TPE))  # a search has one seed: no grid to grow
+    with pytest.raises(SpecError, match="seeds: .0. -> .1."):
+        check_fingerprint(parse_spec(write_spec(tmp_path, BASE + TPE + "seeds: [1]\n")), search.fingerprint(), "t", "s")
 
 
 def test_a_rerun_may_change_a_factors_baseline_which_analysis_alone_reads(tmp_path):

@@ -20,7 +20,9 @@ started together on one machine (`--workers`) split its GPUs (gpu_shares).
 
 A study stores the fingerprint of the spec that made it (SweepSpec.fingerprint, with what planning
 found of its data: an image folder's class names): a rerun with a spec, or data, that would change its
-results is refused before training (preflight, and open_study for workers).
+results is refused before training (preflight, and open_study for workers). A grid may grow: more seeds
+or levels are cells of their own (check_fingerprint says what they add; open_study stores the new
+fingerprint and queues them).
 Trial numbers are never reused within a study, so a trial refuses a non-empty run folder of its number.
 """
 
@@ -95,13 +97,45 @@ RUN_DIR = re.compile(r"trial_(\d+)")
 BASELINE_FIELD = re.compile(r"factors\.(?:(?!\.levels\.).)+\.baseline")  # a factor's baseline in a fingerprint
 
 
+def _level_of(spec: SweepSpec, key: str) -> tuple[str, str] | None:
+    """(factor, level) of a fingerprint field `factors.<factor>.levels.<level>[.<path>]` of spec's
+    factors (the longest level name that fits: "0.5" before "0"), else None."""
+    fits = [(f.name, level) for f in spec.factors for level in f.levels
+            if key == (at := f"factors.{f.name}.levels.{level}") or key.startswith(at + ".")]
+    return max(fits, key=lambda fit: len(fit[1]), default=None)
+
+
+def _extension(spec: SweepSpec, stored: dict[str, Any], current: dict[str, Any], differ: list[str]) -> str | None:
+    """Where the fields that differ only add seeds, or levels to the grid's factors (cells of their own,
+    leaving those of the study as they were): what they add ("seeds 2; s levels 4"); else None."""
+    if not spec.is_grid:
+        return None
+    seeds, levels = [], {}
+    for key in differ:
+        if key == "seeds":
+            old, new = stored.get(key), current.get(key)
+            if not (isinstance(old, list) and isinstance(new, list) and set(old) <= set(new)):
+                return None
+            seeds = [s for s in new if s not in old]
+        elif key in stored or (found := _level_of(spec, key)) is None:  # changed or gone, or no level's
+            return None
+        elif found in {_level_of(spec, k) for k in stored} or not any(
+                k.startswith(f"factors.{found[0]}.levels.") for k in stored):  # a level changed, or a new factor
+            return None
+        elif found[1] not in (names := levels.setdefault(found[0], [])):  # (a level's fields come one by one)
+            names.append(found[1])
+    return "; ".join(([f"seeds {', '.join(map(str, seeds))}"] if seeds else [])
+                     + [f"{factor} levels {', '.join(names)}" for factor, names in levels.items()])
+
+
 def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str, storage: str,
-                      planned: Iterable[PlannedCell] | None = None) -> None:
+                      planned: Iterable[PlannedCell] | None = None) -> str | None:
     """Raise SpecError, naming the first fields that differ, unless `spec` (whose `planned` cells found
     their data; None: not looked at yet, the data not compared) defines the same results as the spec
-    that created study `name` (its stored fingerprint; a study from before fingerprints passes)."""
+    that created study `name` (its stored fingerprint; a study from before fingerprints passes), or
+    extends its grid by seeds or levels (_extension): then what it adds."""
     if stored is None:
-        return
+        return None
     # fingerprints stored before NOT_FINGERPRINTED, or before baselines were left out, hold them
     stored = {k: v for k, v in stored.items() if k not in NOT_FINGERPRINTED and not BASELINE_FIELD.fullmatch(k)}
     current = _fingerprint(spec, planned)
@@ -109,6 +143,8 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
         current.pop(DATA_IDENTITY, None)
         stored.pop(DATA_IDENTITY, None)
     differ = [k for k in [*current, *(k for k in stored if k not in current)] if current.get(k) != stored.get(k)]
+    if differ and (added := _extension(spec, stored, current, differ)):
+        return added
     if differ:
         fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])
         more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
@@ -125,12 +161,12 @@ def run_dirs(runs_root: str, name: str) -> dict[int, Path]:
 
 
 def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, runs_root: str,
-              planned: Iterable[PlannedCell] | None = None) -> None:
+              planned: Iterable[PlannedCell] | None = None) -> str | None:
     """Before any training (a dry run too: this only reads): refuse a study of this name made by another
     spec, and run folders of no trial of this study, which its trials would write into (the study name
     was used in another storage, or its storage was deleted). Trial numbers are never reused within a
     study (a re-queued cell is a new trial), so a resume finds only its own trials' folders. `storage`
-    None: the storage does not exist yet."""
+    None: the storage does not exist yet. What this spec adds to the study's grid (check_fingerprint), if any."""
     check_output_folder(Path(runs_root) / name, option="--runs-root")  # trials write into runs_root/<study>/
     known = storage is not None or M.sqlite_path(url) is not None  # else a database server not opened (a dry run)
     dirs = run_dirs(runs_root, name) if known else {}  # listed before the trials are read: a running worker's
@@ -140,8 +176,9 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
         study_id = storage.get_study_id_from_name(name) if storage is not None else None
     except KeyError:  # a new study
         study_id = None
+    added = None
     if study_id is not None:
-        check_fingerprint(spec, storage.get_study_user_attrs(study_id).get(FINGERPRINT), name, url, planned)
+        added = check_fingerprint(spec, storage.get_study_user_attrs(study_id).get(FINGERPRINT), name, url, planned)
         numbers = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
     stray = [d for n, d in dirs.items() if n not in numbers]
     if stray:
@@ -149,6 +186,7 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
         raise SpecError(f"--runs-root: {stray[0]}{more} holds a run that is no trial of study {name!r} in {M.shown_url(url)} "
                         f"(the same study name in another storage?); use another --study name or move "
                         f"{stray[0].parent} away")
+    return added
 
 
 def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCell] | None = None,
@@ -170,7 +208,12 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         # a grid's workers also wait until the creator has queued the cells
         while (not (attrs := study.user_attrs) or spec.is_grid and ENQUEUED not in attrs) and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
-        check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # and once stored (and queued)
+        if check_fingerprint(spec, stored := study.user_attrs.get(FINGERPRINT), name, storage, planned):  # once stored
+            ours = _fingerprint(spec, planned)  # (and queued); more seeds or levels: the grid grows, guarded as it is now
+            if DATA_IDENTITY in stored and DATA_IDENTITY not in ours:  # (a worker that did not plan compares no data)
+                ours[DATA_IDENTITY] = stored[DATA_IDENTITY]
+            study.set_user_attr(FINGERPRINT, ours)
+            study.set_user_attr(M.STUDY_SEEDS, list(spec.seeds))
         if M.STUDY_SAMPLER not in study.user_attrs:  # made before studies recorded it (analysis reads it)
             study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
         if study.user_attrs.get(M.STUDY_HEARTBEAT) != list(spec.heartbeat):  # it may change: status reads the latest
