@@ -373,9 +373,44 @@ def test_a_grid_grows_by_seeds_and_levels_its_cells_kept(tmp_path, capsys):
         with pytest.raises(SpecError, match="was made by another spec") as err:
             open_study(other, storage, "t", wait_s=0)
         assert field in str(err.value)
+    study = optuna.load_study(study_name="t", storage=storage)
+    rival = parse_spec(path, {"seeds": [0, 1, 3], **more})  # another growth stored at once, last: it holds
+
+    def rival_stores(seconds):
+        study.set_user_attr(FINGERPRINT, rival.fingerprint())
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(runner.time, "sleep", rival_stores)
+        with pytest.raises(SpecError, match=r"seeds: \[0, 1, 3\] -> \[0, 1, 2\]"):
+            open_study(parse_spec(path, {"seeds": [0, 1, 2], **more}), storage, "t", wait_s=0)
+    assert not [t for t in study.get_trials() if t.user_attrs[CELL].endswith("seed=2")]  # none of its cells queued
     search = parse_spec(write_spec(tmp_path, BASE + TPE))  # a search has one seed: no grid to grow
     with pytest.raises(SpecError, match="seeds: .0. -> .1."):
         check_fingerprint(parse_spec(write_spec(tmp_path, BASE + TPE + "seeds: [1]\n")), search.fingerprint(), "t", "s")
+
+
+def test_a_worker_of_the_spec_a_study_grew_from_leaves_the_new_cells(tmp_path):
+    """A worker still running the older spec when a rerun grew the study stops before claiming a new cell,
+    and a new cell it claimed anyway (a race) is queued again, not lost."""
+    from dat_lab.sweep.runner import _next_round, run_trial
+
+    storage = f"sqlite:///{tmp_path / 'g.db'}"
+    path = write_spec(tmp_path, BASE + "factors: {f: {levels: {a: {}, b: {model: {lr: 0.001}}}}}\nseeds: [0]\n")
+    first = parse_spec(path)
+    by_key = {p.cell.key: p for p in plan(first, first.planned_cells())}
+    old = open_study(first, storage, "t", list(by_key.values()))
+    running = [old.ask(), old.ask()]  # both of its cells claimed (by two workers)
+    grown = parse_spec(path, {"seeds": [0, 1]})
+    open_study(grown, storage, "t", plan(grown, grown.planned_cells()), wait_s=0)
+    old.tell(running[0], 0.5)  # one finishes; the other still runs: the older worker goes on
+    with pytest.raises(SpecError, match=r"study 't' grew since this worker started \(cell f=a \| seed=1 \(and 1 "
+                                        r"more\) is not in its spec\): this worker stops"):
+        _next_round(old, first, by_key, lambda trial: pytest.fail("claimed"), None, None)
+    claimed = old.ask()  # (had it claimed one first)
+    with pytest.raises(optuna.TrialPruned, match="is not in this worker's spec .* queued again"):
+        run_trial(old, claimed, first, by_key, str(tmp_path / "runs"))
+    waiting = [t.user_attrs[CELL] for t in old.get_trials(states=(TrialState.WAITING,))]
+    assert sorted(waiting) == ["f=a | seed=1", "f=b | seed=1"]
 
 
 def test_a_rerun_may_change_a_factors_baseline_which_analysis_alone_reads(tmp_path):

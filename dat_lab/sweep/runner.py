@@ -213,6 +213,8 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
             if DATA_IDENTITY in stored and DATA_IDENTITY not in ours:  # (a worker that did not plan compares no data)
                 ours[DATA_IDENTITY] = stored[DATA_IDENTITY]
             study.set_user_attr(FINGERPRINT, ours)
+            time.sleep(POLL_SECONDS / 4)  # another grown spec stored at once: the one stored last holds,
+            check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # the other stops here
             study.set_user_attr(M.STUDY_SEEDS, list(spec.seeds))
         if M.STUDY_SAMPLER not in study.user_attrs:  # made before studies recorded it (analysis reads it)
             study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
@@ -333,6 +335,10 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
                runs_root: str) -> float:
     key = trial.user_attrs.get(CELL)
     if spec.is_grid:
+        if key is not None and key not in planned:  # the study grew since this worker's spec was read (more
+            study.enqueue_trial({}, user_attrs=dict(trial.user_attrs))  # seeds or levels): queued again for the
+            raise optuna.TrialPruned(f"cell {key} is not in this worker's spec (the study grew since it started): "
+                                     "queued again")  # grown spec's workers; _next_round stops this one
         if key not in planned:
             raise optuna.TrialPruned("no queued cell for this trial (another worker took the last one)")
         others = [t for t in cell_trials(study).get(key, []) if t.number != trial.number]
@@ -462,6 +468,11 @@ def _next_round(study: optuna.Study, spec: SweepSpec, by_key: dict[str, PlannedC
     if not active:
         return True
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    unknown = sorted({k for t in waiting if (k := t.user_attrs.get(CELL)) is not None and k not in by_key})
+    if spec.is_grid and unknown:  # left for the workers of the spec it grew to (this one would prune them)
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise SpecError(f"study {study.study_name!r} grew since this worker started (cell {unknown[0]}{more} is not in "
+                        "its spec): this worker stops; run the spec it grew to")
     if spec.is_grid and not waiting:
         time.sleep(POLL_SECONDS)  # cells run elsewhere; wait in case their worker dies
         return False
