@@ -12,9 +12,9 @@ raise `DataError` (one line naming the path) before training starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -218,8 +218,9 @@ class CIFAR10DataModule(ImageDataModule):
             for train in (True, False):
                 self._dataset(train, download=self.download)
         except (OSError, RuntimeError) as err:  # offline (URLError is an OSError) or not found
-            if made:  # the folder torchvision made for the download, and what it left there
-                shutil.rmtree(self.root, ignore_errors=True)
+            if made:  # the folder torchvision made for the download, if empty (another process may fill it)
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.root)
             raise DataError(f"{type(self).__name__}: no dataset under {os.path.abspath(self.root)} and no download "
                             f"({type(err).__name__}): put {self.archive} there, or its extracted folder") from None
 

@@ -98,24 +98,25 @@ def test_cifar_without_files_or_network_is_one_clear_error(tmp_path):
     CIFAR100DataModule.check(root=str(tmp_path), download=False)
 
 
-def test_a_failed_cifar_download_leaves_no_folder_it_made(tmp_path, monkeypatch):
-    """Offline: the root torchvision made for the download goes with what it left there; a root that
-    was there stays, with its files."""
+def test_a_failed_cifar_download_leaves_no_empty_folder_it_made(tmp_path, monkeypatch):
+    """Offline: the root torchvision made for the download goes if it is empty; one with files in it
+    (another process's download, say) or that was there stays as it is."""
     from urllib.error import URLError
 
     from torchvision import datasets
 
     def offline(root, train, transform=None, download=False):
         Path(root).mkdir(parents=True, exist_ok=True)
-        (Path(root) / "cifar-100-python.tar.gz").write_bytes(b"partial")
+        if Path(root).name == "shared":  # another process downloads into it meanwhile
+            (Path(root) / "cifar-100-python.tar.gz").write_bytes(b"theirs")
         raise URLError("no network")
 
     monkeypatch.setattr(datasets, "CIFAR100", offline)
-    for root in (tmp_path / "new" / "data", tmp_path):
+    for root in (tmp_path / "new" / "data", tmp_path / "shared", tmp_path):
         with pytest.raises(DataError, match=f"no dataset under {root} and no download .URLError."):
             CIFAR100DataModule(root=str(root), download=True).prepare_data()
     assert not (tmp_path / "new" / "data").exists() and (tmp_path / "new").is_dir()
-    assert (tmp_path / "cifar-100-python.tar.gz").exists()  # (in a folder that was there: left as it is)
+    assert (tmp_path / "shared" / "cifar-100-python.tar.gz").read_bytes() == b"theirs"
 
 
 def test_imagefolder_check_is_the_layout_check_of_its_constructor(tmp_path):
