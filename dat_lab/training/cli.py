@@ -329,7 +329,7 @@ def config_error(err: BaseException, argv: list[str] | None = None) -> str:
     error raised `from None` is the innermost (its message is the one meant for the user). An option
     of the command line `argv` given no value is named as given (`--model.overrides.offset_range`,
     which argparse calls `--model.overrides`)."""
-    missing = re.fullmatch(r"argument (--[\w.]+): expected one argument", str(err).strip())
+    missing = re.fullmatch(r"argument (?:-\w/)?(--[\w.]+): expected one argument", str(err).strip())
     if missing and argv:
         given = [a for i, a in enumerate(argv) if a.startswith(missing.group(1) + ".")
                  and (i + 1 == len(argv) or argv[i + 1].startswith("--"))]
