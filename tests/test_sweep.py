@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
+import dat_lab
 from dat_lab import metrics as M
 from dat_lab.data import DataError
 from dat_lab.sweep import SpecError, parse_spec, plan
@@ -621,6 +622,29 @@ def test_a_trial_failing_before_training_records_why_and_a_search_still_ends(tmp
     study = work(spec, storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="t", runs_root=str(tmp_path / "runs"),
                  planned=plan(spec, spec.planned_cells()))
     assert [(t.state, t.user_attrs["failure"]) for t in study.get_trials()] == [(TrialState.FAIL, "RuntimeError: boom")] * 2
+
+
+def test_a_search_trial_that_does_not_finish_has_its_models_params_and_flops(tmp_path, monkeypatch):
+    """Recorded before training, of the model the trial's sample builds (a search may choose it): a
+    pruned or failed trial has them too (analysis shows them beside its last value)."""
+    from dat_lab.models import get_config
+    from dat_lab.profile import profile_model
+    from dat_lab.sweep.runner import _cost_of
+
+    def pruned(config, extra_callbacks=()):
+        raise optuna.TrialPruned("pruned at epoch 1")
+
+    monkeypatch.setattr(runner, "train", pruned)
+    spec = parse_spec(write_spec(tmp_path, BASE + "sampler: tpe\nn_trials: 4\n"
+                                 "search_space: {model.variant: {type: categorical, choices: [dat_pico, dat_nano]}}\n"))
+    study = work(spec, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="t", runs_root=str(tmp_path / "runs"),
+                 planned=plan(spec, spec.planned_cells()))
+    trials = study.get_trials()
+    assert len(trials) == 4 and {t.state for t in trials} == {TrialState.PRUNED}
+    for t in trials:
+        model = get_config(t.params["model.variant"], num_classes=10, img_size=32, in_chans=1)
+        assert t.user_attrs["params_m"] == profile_model(dat_lab.create_model(model)).shown()["params_m"], t.params
+        assert t.user_attrs["gflops"] == _cost_of(model).shown()["gflops"]
 
 
 def test_the_worst_worker_status_is_the_sweeps(tmp_path, postgres_url, monkeypatch, capsys):

@@ -29,6 +29,7 @@ Trial numbers are never reused within a study, so a trial refuses a non-empty ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -54,12 +55,14 @@ from torch.multiprocessing import ProcessRaisedException
 from .. import metrics as M
 from ..data import DataError
 from ..metrics import check_storage_url
+from ..models import DAT, DATConfig
 from ..outputs import check_output_folder
 from ..profile import Profile, profile_model
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
-from .plan import GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, plan, processes
+from .plan import (GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, model_config, parse_training_config,
+                   plan, processes)
 from .spec import DATA_IDENTITY, NOT_FINGERPRINTED, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -288,6 +291,12 @@ def _cost_attrs(profile: Profile) -> dict[str, float]:
     return {M.TRIAL_PARAMS_M: shown["params_m"], M.TRIAL_GFLOPS: shown["gflops"]}
 
 
+@functools.lru_cache(maxsize=64)
+def _cost_of(model: DATConfig) -> Profile:
+    """The params and FLOPs of a model config (a search's trials often share one)."""
+    return profile_model(DAT(config=model))
+
+
 def _record_cost(trial: optuna.Trial, profile: Profile) -> None:
     for name, value in _cost_attrs(profile).items():
         trial.set_user_attr(name, value)
@@ -355,6 +364,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         config, seed = spec.trial_config(p.cell.delta, p.cell.seed), p.cell.seed  # as given: in_worker below
         for path, dist in spec.search_space.items():
             config = deep_merge(config, nest(path, _suggest(trial, path, dist)))
+        cost = _cost_of(model_config(parse_training_config(config)))  # (a search may choose the model)
         config = in_worker(config)  # a search space may set trainer options (plan checked each choice alone)
     run_dir = (Path(runs_root) / study.study_name / f"trial_{trial.number:04d}").absolute()  # any working dir
     if run_dir.is_dir() and any(run_dir.iterdir()):  # trial numbers are never reused within a study
@@ -369,8 +379,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
     trial.set_user_attr(M.TRIAL_WORKER, f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr(M.TRIAL_RUN_DIR, str(run_dir))
     trial.set_user_attr(M.TRIAL_REPRODUCE, _reproduce(run_dir))
-    if spec.is_grid:
-        _record_cost(trial, p.cost)
+    _record_cost(trial, p.cost if spec.is_grid else cost)  # before training: a pruned or failed trial has them too
     tracker = MetricTracker(metric=spec.metric, direction=spec.direction)
     pruning = None
     if spec.pruner["name"] != "none":
@@ -393,8 +402,6 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         raise KeyboardInterrupt from err
     finally:
         trial.set_user_attr(M.TRIAL_WALL_S, round(time.time() - start, 2))
-    if not spec.is_grid:
-        _record_cost(trial, profile_model(cli.model.model))
     throughput = cli.trainer.callback_metrics.get(M.THROUGHPUT)
     trial.set_user_attr(M.TRIAL_IMAGES_PER_S, round(float(throughput), 2) if throughput is not None else None)
     best, last, step = tracker.results(cli.trainer)
