@@ -6,7 +6,7 @@
     dat-lab train [fit|validate|test] --config experiments/X.yaml [--model.* ...] [--data.* ...] [--trainer.* ...]
     dat-lab sweep SPEC.yaml [KEY=VALUE ...] [--storage URL] [--study NAME] [--workers K] [--n-trials N] [--dry-run]
     dat-lab sweep-status STUDY [--storage URL] [--trial N]
-    dat-lab analyze STUDY [--storage URL] [--baseline LEVEL] [--out DIR]
+    dat-lab analyze STUDY [--storage URL] [--baseline LEVEL] [--out DIR] [--runs-root DIR]
     dat-lab visualize CHECKPOINT [--images FILE ...] [--data digits] [--count N] [--out DIR]
 
 Bad input ends with one line, `dat-lab: error: ...`, and exit status 2, before any work starts.
@@ -342,7 +342,7 @@ def _analyze(args: argparse.Namespace) -> None:
     from dat_lab.analysis.study import counts_text
 
     out = args.out or f"runs/{args.study}/analysis"
-    report = analyze(args.study, args.storage, out, baseline=args.baseline)
+    report = analyze(args.study, args.storage, out, baseline=args.baseline, runs_root=args.runs_root)
     print(f"study {args.study!r}: {counts_text(report.counts)}")
     if report.paper is not None:
         print("As in the paper:")
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = _study_parser(sub, "analyze", "table (Markdown, CSV, LaTeX), plots (PNG, PDF) and report.md of a study")
     a.add_argument("--baseline", help="the row to compare against: a level, or factor=level, factor=level (default: the spec's)")
     a.add_argument("--out", help="output folder (default: runs/<study>/analysis)")
+    a.add_argument("--runs-root", default="runs", help="where to look for trials' run folders (<study>/trial_<n>: "
+                   "learning curves) that are not where they were recorded (default: runs)")
     a.set_defaults(run=_analyze)
 
     v = sub.add_parser("visualize", help="sampled key positions of a checkpoint on a few images (Figs. 5-7)")

@@ -528,5 +528,22 @@ def test_run_folders_not_here_are_noted(tmp_path):
 
     frame = pd.DataFrame({"status": ["done", "done", "failed"], "run_dir": [str(tmp_path), str(tmp_path / "gone"), None]})
     assert _missing_runs(frame) == (f"learning curves: 1 of 2 finished trials' run folders are not here (e.g. "
-                                    f"{tmp_path / 'gone'}: moved, or on another machine); their curves are left out",)
+                                    f"{tmp_path / 'gone'}: moved, or on another machine: --runs-root names where runs/ "
+                                    "is now); their curves are left out",)
     assert _missing_runs(frame.iloc[:1]) == ()
+
+
+def test_run_folders_moved_are_found_under_runs_root(tmp_path, monkeypatch):
+    """runs/ copied from the machine the sweep ran on (or moved): a trial's run folder not where it was
+    recorded is taken from <runs-root>/<study>/trial_<n>; one found nowhere stays as recorded."""
+    from dat_lab.analysis.study import found_runs
+
+    (tmp_path / "copy" / "demo" / "trial_0001").mkdir(parents=True)
+    (tmp_path / "here").mkdir()
+    recorded = [str(tmp_path / "here"), "/scratch/u/runs/demo/trial_0001", "/scratch/u/runs/demo/trial_0002", None]
+    frame = pd.DataFrame({"status": ["done"] * 4, "run_dir": recorded})
+    moved = found_runs(frame, tmp_path / "copy")["run_dir"].tolist()
+    assert moved[:3] == [recorded[0], str(tmp_path / "copy" / "demo" / "trial_0001"), recorded[2]] and pd.isna(moved[3])
+    monkeypatch.chdir(tmp_path / "copy" / "..")
+    assert found_runs(frame, "copy")["run_dir"].tolist()[1] == str(tmp_path / "copy" / "demo" / "trial_0001")
+    assert frame["run_dir"].tolist()[:3] == recorded[:3]  # (a new frame)

@@ -11,7 +11,8 @@ from .. import metrics as M
 from ..figures import save_figure
 from ..outputs import check_output_folder, make_folder
 from . import plots
-from .study import AnalysisError, counts_text, finished, load, run_here, status_counts, trials_frame
+from .study import (AnalysisError, counts_text, finished, found_runs, load, run_here, status_counts,
+                    trials_frame)
 from .tables import display_search, markdown, search_csv, spread_text, summarize, write_tables
 
 
@@ -26,13 +27,14 @@ class Report:
     notes: tuple[str, ...] = ()  # what was left out, and why
 
 
-def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str | None = None) -> Report:
+def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str | None = None,
+            runs_root: str | Path = "runs") -> Report:
     out = check_output_folder(out, option="--out")
     study, info = load(study_name, storage)
     if baseline and not info.grid:  # before anything is written
         raise AnalysisError(f"--baseline: study {study_name!r} is a search "
                             f"({study.user_attrs.get(M.STUDY_SAMPLER, 'tpe')}): it has no baseline row")
-    frame = trials_frame(study, info)
+    frame = found_runs(trials_frame(study, info), runs_root)
     counts = status_counts(frame)
     if not info.grid:  # a search: history and importances, trials as the table
         finished(frame, study_name)
@@ -61,7 +63,8 @@ def _missing_runs(frame: pd.DataFrame) -> tuple[str, ...]:
     gone = [r for r in runs if not run_here(r)]
     if not gone:
         return ()
-    where = next((f" (e.g. {r}: moved, or on another machine)" for r in gone if isinstance(r, str)), "")
+    where = next((f" (e.g. {r}: moved, or on another machine: --runs-root names where runs/ is now)"
+                  for r in gone if isinstance(r, str)), "")
     if len(gone) == len(runs):
         return (f"learning curves: no finished trial's run folder is here{where}; none are drawn",)
     return (f"learning curves: {len(gone)} of {len(runs)} finished trials' run folders are not here{where}; "
