@@ -200,7 +200,7 @@ def _sweep(args: argparse.Namespace) -> None:
     planned = plan(spec, spec.planned_cells())
     if args.dry_run:
         _grows(study, preflight(spec, opened, storage, study, args.runs_root, planned))  # on other data: refused
-        _print_plan(spec, planned, study)
+        _print_plan(spec, planned, study, _done_cells(opened, study))
         return
     gpus = gpu_shares(planned, args.workers, visible_gpus())  # each worker's own GPUs
     if opened is None:  # a new file; by now perhaps made by a worker started beside this one
@@ -264,7 +264,21 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
     return len(failed)
 
 
-def _print_plan(spec, planned, study: str) -> None:
+def _done_cells(storage: Any, study: str) -> set[str]:
+    """The cells of `study` (in an opened storage; None: not opened) that a trial finished."""
+    import optuna
+
+    from dat_lab.sweep.runner import cell_trials
+
+    try:
+        found = optuna.load_study(study_name=study, storage=storage) if storage is not None else None
+    except KeyError:  # no such study yet
+        found = None
+    return {key for key, trials in cell_trials(found).items()
+            if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)} if found else set()
+
+
+def _print_plan(spec, planned, study: str, done: set[str] = frozenset()) -> None:
     from dat_lab import metrics as M
 
     rows = []
@@ -276,6 +290,8 @@ def _print_plan(spec, planned, study: str) -> None:
         rows.append({"cell": name, "seeds": str(p.cell.seed), **p.cost.shown()})
     if spec.is_grid:
         kind, planned_text = "grid", f"{len(planned)} trial(s) planned"
+        if finished := sum(p.cell.key in done for p in planned):
+            planned_text += f" ({finished} done in the study, {len(planned) - finished} to train)"
     else:
         kind = (f"{_component(spec.sampler)}, {spec.n_trials} trials over {', '.join(spec.search_space)}, "
                 f"pruner {_component(spec.pruner)}")

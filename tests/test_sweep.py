@@ -357,11 +357,16 @@ def test_a_grid_grows_by_seeds_and_levels_its_cells_kept(tmp_path, capsys):
     more = {"factors.f.levels": yaml.safe_load("{%s, c: {model: {lr: 0.003}}, '0.5': {model: {lr: 0.004}}}" % levels)}
     grown = parse_spec(path, {"seeds": [0, 1], **more})
     assert check_fingerprint(grown, first.fingerprint(), "t", "s") == "seeds 1; f levels c, 0.5"
+    made = optuna.load_study(study_name="t", storage=storage)
+    made.tell(made.ask(), 0.5)  # one cell trained
     assert _dry_run(path, storage, tmp_path, "seeds=[0,1]") == 0
-    assert "study 't' grows: seeds 1 (cells of their own; those it has stay as they are)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "study 't' grows: seeds 1 (cells of their own; those it has stay as they are)" in out
+    assert "6 trial(s) planned (1 done in the study, 5 to train), nothing trained (--dry-run)" in out
     study = open_study(grown, storage, "t", plan(grown, grown.planned_cells()), wait_s=0)
     cells = [t.user_attrs[CELL] for t in study.get_trials()]
     assert len(cells) == len(set(cells)) == 10 and set(cells) == {c.key for c in grown.planned_cells()}
+    assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) == 1  # (not queued again)
     assert study.user_attrs[FINGERPRINT] == grown.fingerprint() and study.user_attrs[M.STUDY_SEEDS] == [0, 1]
     assert list(study.user_attrs[M.STUDY_FACTORS]["f"]["levels"]) == ["a", "b", "0", "c", "0.5"]
     for other, field in [(first, "seeds: [0, 1] -> [0]"),  # what it grew from: fewer cells
