@@ -255,7 +255,8 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
 
         try:
             work(spec, storage=storage, study_name=study, runs_root=args.runs_root, planned=planned,
-                 progress=lambda done, total: bar.update(task, completed=done, total=total), on_trial=on_trial)
+                 progress=lambda done, total: bar.update(task, completed=done, total=total), on_trial=on_trial,
+                 worker=args.worker_id)
         except KeyboardInterrupt:
             bar.stop()
             print(f"interrupted: finished {'cells' if spec.is_grid else 'trials'} are stored and the interrupted "

@@ -652,6 +652,33 @@ def test_a_search_trial_that_does_not_finish_has_its_models_params_and_flops(tmp
         assert t.user_attrs["gflops"] == _cost_of(model).shown()["gflops"]
 
 
+def test_a_resumed_search_and_its_workers_draw_points_of_their_own(tmp_path, monkeypatch):
+    """More trials of a search, or a search resumed, sample new points (one sampler seed drew the first
+    ones again); two workers asking at once draw different ones; from scratch, the same again."""
+    from dat_lab.sweep.runner import _sampler_for_next_trial
+
+    def pruned(config, extra_callbacks=()):
+        raise optuna.TrialPruned("pruned")
+
+    monkeypatch.setattr(runner, "train", pruned)
+    text = BASE + "sampler: tpe\nn_trials: 3\nsearch_space: {model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}}\n"
+    spec = parse_spec(write_spec(tmp_path, text))
+    runs = []
+    for name in ("a", "b"):  # twice from scratch
+        storage = f"sqlite:///{tmp_path / (name + '.db')}"
+        work(spec, storage=storage, study_name="t", runs_root=str(tmp_path / name), planned=plan(spec, spec.planned_cells()))
+        more = parse_spec(write_spec(tmp_path, text.replace("n_trials: 3", "n_trials: 6")))
+        study = work(more, storage=storage, study_name="t", runs_root=str(tmp_path / name),
+                     planned=plan(more, more.planned_cells()))
+        runs.append([t.params["model.lr"] for t in study.get_trials()])
+    assert len(runs[0]) == len(set(runs[0])) == 6  # the resumed trials 3-5 did not draw trials 0-2's again
+    assert runs[0] == runs[1]  # one worker from scratch: the same points
+    study = optuna.load_study(study_name="t", storage=storage)
+    first, second = (_sampler_for_next_trial(spec, study, worker) for worker in (0, 1))
+    assert first.sample_independent(study, study.ask(), "x", optuna.distributions.FloatDistribution(0, 1)) != \
+        second.sample_independent(study, study.ask(), "x", optuna.distributions.FloatDistribution(0, 1))
+
+
 def test_the_worst_worker_status_is_the_sweeps(tmp_path, postgres_url, monkeypatch, capsys):
     argv = ["sweep", DEMO, "--workers", "2", "--storage", postgres_url, "--study", "statuses",
             "--runs-root", str(tmp_path / "runs")]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -444,9 +445,10 @@ def _finished(study: optuna.Study, spec: SweepSpec, planned: dict[str, PlannedCe
 
 def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "runs",
          planned: list[PlannedCell] | None = None, progress: Callable[[int, int], None] | None = None,
-         on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
-    """One worker: claim and train trials until the sweep has nothing left to run; `on_trial` gets each
-    trial this worker ran, as it ended (COMPLETE, PRUNED or FAIL)."""
+         on_trial: Callable[[FrozenTrial], None] | None = None, worker: int | None = None) -> optuna.Study:
+    """One worker (`worker`: its number among those started on this machine together): claim and train
+    trials until the sweep has nothing left to run; `on_trial` gets each trial this worker ran, as it
+    ended (COMPLETE, PRUNED or FAIL)."""
     # the progress bar says how it goes, on_trial what failed; Optuna's warnings would add a traceback for
     # every failed or interrupted trial, whose reason is stored (sweep-status) and whose run can be reproduced
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -460,12 +462,23 @@ def work(spec: SweepSpec, *, storage: str, study_name: str, runs_root: str = "ru
         while True:
             if interrupted:  # a Ctrl-C that Python swallowed (see _interrupts_seen): stop after the trial it hit
                 raise KeyboardInterrupt
-            if _next_round(study, spec, by_key, objective, progress, on_trial):
+            if _next_round(study, spec, by_key, objective, progress, on_trial, worker):
                 return study
 
 
+def _sampler_for_next_trial(spec: SweepSpec, study: optuna.Study, worker: int | None) -> optuna.samplers.BaseSampler:
+    """A search's sampler for the trial this worker asks for next, seeded from the spec's seed, the number
+    of trials the study has, this machine and this worker: a resumed search, and workers asking at once
+    (on one machine or several), draw points of their own (one seed drew a resumed search's first points
+    again, and the same points in every worker); one worker from scratch on one machine draws the same
+    points each time."""
+    key = f"{spec.sampler.get('seed', 0)}:{len(study.get_trials(deepcopy=False))}:{socket.gethostname()}:{worker}"
+    return build_sampler({**spec.sampler, "seed": int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")})
+
+
 def _next_round(study: optuna.Study, spec: SweepSpec, by_key: dict[str, PlannedCell], objective: Callable,
-                progress: Callable[[int, int], None] | None, on_trial: Callable[[FrozenTrial], None] | None) -> bool:
+                progress: Callable[[int, int], None] | None, on_trial: Callable[[FrozenTrial], None] | None,
+                worker: int | None = None) -> bool:
     """One turn of a worker's loop: stale trials failed (and queued again), then a trial claimed and run,
     or a wait for other workers' trials; whether the sweep has nothing left to run."""
     fail_stale_trials(study)  # stale RUNNING -> FAILED, and queued again by the retry callback
@@ -483,6 +496,8 @@ def _next_round(study: optuna.Study, spec: SweepSpec, by_key: dict[str, PlannedC
     if spec.is_grid and not waiting:
         time.sleep(POLL_SECONDS)  # cells run elsewhere; wait in case their worker dies
         return False
+    if not spec.is_grid:
+        study.sampler = _sampler_for_next_trial(spec, study, worker)
     study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
                    callbacks=[lambda _, trial: on_trial(trial)] if on_trial else None)
     return False
