@@ -10,6 +10,7 @@ naming the field and what is allowed, when the config is built.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, fields
@@ -204,7 +205,10 @@ def replace_config(config: DATConfig, **overrides: Any) -> DATConfig:
     """A copy of `config` with overrides: model fields, or stage fields (one value or one per stage)."""
     unknown = sorted(set(overrides) - MODEL_FIELDS - STAGE_FIELDS - {"stages"})
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; allowed: {', '.join(sorted(MODEL_FIELDS))}, "
+        known = sorted(MODEL_FIELDS | STAGE_FIELDS | {"stages"})
+        close = [match[0] for name in unknown if (match := difflib.get_close_matches(name, known, n=1))]
+        meant = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown config field(s) {unknown}{meant}; allowed: {', '.join(sorted(MODEL_FIELDS))}, "
                          f"stages, and per-stage {', '.join(sorted(STAGE_FIELDS))}")
     if not isinstance(overrides.get("stages", config.stages), (list, tuple)):
         raise ValueError(f"stages: {overrides['stages']!r} is not a list of stages (StageConfig fields, one mapping each)")
