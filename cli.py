@@ -23,6 +23,7 @@ import pickle
 import re
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -312,7 +313,7 @@ def _sweep_status(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from dat_lab import metrics as M
-    from dat_lab.analysis.study import STALE, counts_text, load, status_counts, trials_frame
+    from dat_lab.analysis.study import STALE, counts_text, found_run, load, run_here, status_counts, trials_frame
     from dat_lab.analysis.tables import metric_label, metric_text
 
     study, info = load(args.study, args.storage)
@@ -326,7 +327,16 @@ def _sweep_status(args: argparse.Namespace) -> None:
                 why = f"a duplicate of trial {first}, which trained its cell: --trial {first}"
             raise ValueError(f"--trial: trial {args.trial} of study {args.study!r} has no training run to reproduce "
                              f"(it is {trial.state.name}{': ' + why if why else ''})")
-        print(trial.user_attrs[M.TRIAL_REPRODUCE])
+        run_dir = trial.user_attrs.get(M.TRIAL_RUN_DIR)
+        if isinstance(run_dir, str) and (moved := found_run(run_dir, args.runs_root)) != run_dir:  # runs/ moved
+            from dat_lab.sweep.runner import reproduce_command
+
+            print(reproduce_command(Path(moved)))
+        elif isinstance(run_dir, str) and not run_here(run_dir):
+            raise ValueError(f"--trial: trial {args.trial}'s run folder {run_dir} (its config.yaml) is not here, nor "
+                             f"under --runs-root {args.runs_root}: give --runs-root where runs/ is now")
+        else:
+            print(trial.user_attrs[M.TRIAL_REPRODUCE])
         return
     rows = trials_frame(study, info)
     print(f"study {args.study!r}: {counts_text(status_counts(rows))}")
@@ -358,7 +368,7 @@ def _analyze(args: argparse.Namespace) -> None:
     from dat_lab.analysis import analyze
     from dat_lab.analysis.study import counts_text
 
-    out = args.out or f"runs/{args.study}/analysis"
+    out = args.out or f"{args.runs_root}/{args.study}/analysis"
     report = analyze(args.study, args.storage, out, baseline=args.baseline, runs_root=args.runs_root)
     print(f"study {args.study!r}: {counts_text(report.counts)}")
     if report.paper is not None:
@@ -426,9 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = _study_parser(sub, "analyze", "table (Markdown, CSV, LaTeX), plots (PNG, PDF) and report.md of a study")
     a.add_argument("--baseline", help="the row to compare against: a level, or factor=level, factor=level (default: the spec's)")
-    a.add_argument("--out", help="output folder (default: runs/<study>/analysis)")
-    a.add_argument("--runs-root", default="runs", help="where to look for trials' run folders (<study>/trial_<n>: "
-                   "learning curves) that are not where they were recorded (default: runs)")
+    a.add_argument("--out", help="output folder (default: <runs-root>/<study>/analysis)")
     a.set_defaults(run=_analyze)
 
     v = sub.add_parser("visualize", help="sampled key positions of a checkpoint on a few images (Figs. 5-7)")
@@ -446,6 +454,8 @@ def _study_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help)
     parser.add_argument("study", help="the study's name (the spec's study: or the sweep's --study), e.g. demo")
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///runs/<study>.db)")
+    parser.add_argument("--runs-root", default="runs", help="where trials' run folders are (<study>/trial_<n>) when "
+                        "not where they were recorded: runs/ moved, or copied from another machine (default: runs)")
     return parser
 
 

@@ -200,6 +200,16 @@ def test_demo_sweep_end_to_end_and_status(tmp_path, capsys, monkeypatch):
     fig = learning_curves(frame[frame["cell"] == t.user_attrs["cell"]], info)
     [line] = [line for line in fig.axes[0].lines if len(line.get_xdata())]
     assert list(line.get_xdata()) == [1]
+    # runs/ moved (or copied from the machine the sweep ran on): found under --runs-root, else said so
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli.main(["sweep-status", "s", "--storage", storage, "--trial", str(t.number)]) == 2
+    assert capsys.readouterr().err == (f"dat-lab: error: --trial: trial {t.number}'s run folder {run} (its config.yaml) "
+                                       "is not here, nor under --runs-root runs: give --runs-root where runs/ is now\n")
+    assert cli.main(["sweep-status", "s", "--storage", storage, "--trial", str(t.number), "--runs-root", "moved"]) == 0
+    assert capsys.readouterr().out.startswith(f"dat-lab train --config {tmp_path / 'moved' / 's' / run.name}/config.yaml ")
+    assert cli.main(["analyze", "s", "--storage", storage, "--runs-root", "moved"]) == 0
+    assert (tmp_path / "moved" / "s" / "analysis" / "learning_curves.png").exists()  # its default --out there too
 
 
 def test_cells_not_run_yet_show_their_params_and_flops(tmp_path):
@@ -357,6 +367,9 @@ def test_a_grid_grows_by_seeds_and_levels_its_cells_kept(tmp_path, capsys):
     more = {"factors.f.levels": yaml.safe_load("{%s, c: {model: {lr: 0.003}}, '0.5': {model: {lr: 0.004}}}" % levels)}
     grown = parse_spec(path, {"seeds": [0, 1], **more})
     assert check_fingerprint(grown, first.fingerprint(), "t", "s") == "seeds 1; f levels c, 0.5"
+    assert check_fingerprint(parse_spec(path, {"seeds": [1, 0], **more}), grown.fingerprint(), "t", "s") == ""  # order
+    with pytest.raises(SpecError, match=r"mix: config.trainer.max_epochs: .* -> 2; seeds: \[0\] -> \[0, 1\]"):
+        check_fingerprint(parse_spec(path, {"seeds": [0, 1], "budget.max_epochs": 2}), first.fingerprint(), "t", "s")
     made = optuna.load_study(study_name="t", storage=storage)
     made.tell(made.ask(), 0.5)  # one cell trained
     assert _dry_run(path, storage, tmp_path, "seeds=[0,1]") == 0

@@ -193,7 +193,9 @@ def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
                           (["--model.lr"], "--model.lr: expected a value"),
                           (["--data.batch_sizee", "8"], "--data: Option 'batch_sizee' is not accepted (did you mean batch_size?)"),
                           (["--name", "../escape"], "--name: '../escape' must be a folder name (no / or \\, not . or ..)"),
-                          (["--config", str(ROOT / "README.md")], f"--config: {ROOT / 'README.md'} is not valid YAML (")):
+                          (["--config", str(ROOT / "README.md")], f"--config: {ROOT / 'README.md'} is not valid YAML ("),
+                          (["--config", str(tmp_path / "nope.yaml")], f"--config: {tmp_path / 'nope.yaml'} does not exist"),
+                          (["--config"], "--config: expected a value")):
         assert cli.main(["train", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"dat-lab: error: {message}") and err.count("\n") == 1, err

@@ -118,16 +118,18 @@ def run_here(run_dir: Any) -> bool:
     return isinstance(run_dir, str) and Path(run_dir).is_dir()
 
 
-def found_runs(frame: pd.DataFrame, runs_root: str | Path) -> pd.DataFrame:
-    """The frame with each recorded run folder that is not here (runs/ moved, or copied from the machine
-    the sweep ran on) taken from runs_root/<study>/trial_<n> where that is here."""
-    def found(run_dir: Any) -> Any:
-        if not isinstance(run_dir, str) or run_here(run_dir):
-            return run_dir
-        there = Path(runs_root, Path(run_dir).parent.name, Path(run_dir).name)
-        return str(there.absolute()) if there.is_dir() else run_dir
+def found_run(run_dir: Any, runs_root: str | Path) -> Any:
+    """A trial's recorded run folder, or where it is not here (runs/ moved, or copied from the machine
+    the sweep ran on) runs_root/<study>/trial_<n> if that is here."""
+    if not isinstance(run_dir, str) or run_here(run_dir):
+        return run_dir
+    there = Path(runs_root, Path(run_dir).parent.name, Path(run_dir).name)
+    return str(there.absolute()) if there.is_dir() else run_dir
 
-    return frame.assign(run_dir=frame["run_dir"].map(found)) if "run_dir" in frame else frame
+
+def found_runs(frame: pd.DataFrame, runs_root: str | Path) -> pd.DataFrame:
+    """The frame with each run folder as found_run finds it."""
+    return frame.assign(run_dir=frame["run_dir"].map(lambda r: found_run(r, runs_root))) if "run_dir" in frame else frame
 
 
 def trials_frame(study: optuna.Study, info: StudyInfo) -> pd.DataFrame:

@@ -111,7 +111,8 @@ def _level_of(spec: SweepSpec, key: str) -> tuple[str, str] | None:
 
 def _extension(spec: SweepSpec, stored: dict[str, Any], current: dict[str, Any], differ: list[str]) -> str | None:
     """Where the fields that differ only add seeds, or levels to the grid's factors (cells of their own,
-    leaving those of the study as they were): what they add ("seeds 2; s levels 4"); else None."""
+    leaving those of the study as they were): what they add ("seeds 2; s levels 4"; "" for the seeds in
+    another order); else None."""
     if not spec.is_grid:
         return None
     seeds, levels = [], {}
@@ -147,9 +148,10 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
         current.pop(DATA_IDENTITY, None)
         stored.pop(DATA_IDENTITY, None)
     differ = [k for k in [*current, *(k for k in stored if k not in current)] if current.get(k) != stored.get(k)]
-    if differ and (added := _extension(spec, stored, current, differ)):
-        return added
-    if differ:
+    if differ and (added := _extension(spec, stored, current, differ)) is not None:
+        return added  # ("": the seeds in another order)
+    if differ:  # what an extension could not do first (a seed or level added beside it is no fault)
+        differ.sort(key=lambda k: _extension(spec, stored, current, [k]) is not None)
         fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])
         more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
         made = "on other data" if differ == [DATA_IDENTITY] else "by another spec"
@@ -303,7 +305,7 @@ def _record_cost(trial: optuna.Trial, profile: Profile) -> None:
         trial.set_user_attr(name, value)
 
 
-def _reproduce(run_dir: Path) -> str:
+def reproduce_command(run_dir: Path) -> str:
     """The command that trains a trial again, into runs/<study>_trial_<nnnn>_again/."""
     name = f"{run_dir.parent.name}_{run_dir.name}_again"
     return (f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --trainer.enable_progress_bar true "
@@ -379,7 +381,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
     trial.set_user_attr(M.TRIAL_SEED, seed)
     trial.set_user_attr(M.TRIAL_WORKER, f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr(M.TRIAL_RUN_DIR, str(run_dir))
-    trial.set_user_attr(M.TRIAL_REPRODUCE, _reproduce(run_dir))
+    trial.set_user_attr(M.TRIAL_REPRODUCE, reproduce_command(run_dir))
     _record_cost(trial, p.cost if spec.is_grid else cost)  # before training: a pruned or failed trial has them too
     tracker = MetricTracker(metric=spec.metric, direction=spec.direction)
     pruning = None

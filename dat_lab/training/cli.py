@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import inspect
 import logging
+import os
 import re
 import sys
 import warnings
@@ -344,6 +345,10 @@ def config_error(err: BaseException, argv: list[str] | None = None) -> str:
     lines = [line.strip() for line in str(inner).strip().splitlines() if not line.strip().startswith("Parser key")]
     text = _union_error(err) or (lines[0] if lines else type(inner).__name__)
     text = f"--{'.'.join(keys)}: {text}" if keys and not isinstance(inner, DataError) else text
+    gone = re.fullmatch(r"File does not exist: '(.+)'", text)
+    configs = [v for i, a in enumerate(argv or ()) if a in ("-c", "--config") for v in argv[i + 1:i + 2]]
+    if gone and gone.group(1) in {f(c) for c in configs for f in (os.path.abspath, lambda c: str(Path(c).absolute()))}:
+        text = f"--config: {gone.group(1)} does not exist"
     if re.fullmatch(r"the following arguments are required: \w+\.data", text):  # no --config (nor --data)
         return f"{text} (give a config, e.g. --config experiments/digits_quick.yaml, or --data CLASS)"
     return text + _did_you_mean(text)
