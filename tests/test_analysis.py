@@ -110,7 +110,11 @@ def test_the_baseline_star_of_a_numeric_factor_is_the_baseline_cell(tmp_path):
 def test_analyze_writes_every_output(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     _study(storage)
+    (tmp_path / "out").mkdir()
+    for earlier in ("learning_curves.png", "factor_old.pdf", "notes.txt"):  # an earlier analysis's, and the user's
+        (tmp_path / "out" / earlier).write_text("earlier")
     report = analyze("known", storage, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.read_bytes() == b"earlier") == ["notes.txt"]
     for name in ("report.md", "table.md", "table.csv", "table.tex", "factor_position.png", "factor_position.pdf",
                  "factor_s.png", "factor_s.pdf"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name

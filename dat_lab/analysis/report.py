@@ -38,6 +38,7 @@ def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str
     counts = status_counts(frame)
     if not info.grid:  # a search: history and importances, trials as the table
         finished(frame, study_name)
+        _clear_earlier(out)
         done = frame[frame["status"].isin(["done", "pruned"])]  # the pruned after the finished, so marked
         make_folder(out, option="--out")
         search_csv(done, info).to_csv(out / "table.csv", index=False)
@@ -46,6 +47,7 @@ def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str
         paths = [p for name, fig in plots.search_plots(study, info).items() for p in save_figure(fig, out, name)]
         return _write_report(Report(out / "report.md", shown, None, paths, counts, tables=("table.md", "table.csv")), info)
     table = summarize(frame, info, baseline)
+    _clear_earlier(out)
     shown, paper, tables = write_tables(table, info, make_folder(out, option="--out"))
     paths = []
     for factor in info.factors:
@@ -55,6 +57,20 @@ def analyze(study_name: str, storage: str | None, out: str | Path, baseline: str
         paths += save_figure(curves, out, "learning_curves")
     report = Report(out / "report.md", shown, paper, paths, counts, tables, notes=_missing_runs(frame))
     return _write_report(report, info)
+
+
+EARLIER = ("report.md", "table.md", "table.csv", "table.tex", "paper_table.md", "learning_curves.png",
+           "learning_curves.pdf", "factor_*.png", "factor_*.pdf", "history.png", "history.pdf", "importances.png",
+           "importances.pdf")  # what analyze writes (factor_<name>: a factor's plot)
+
+
+def _clear_earlier(out: Path) -> None:
+    """An earlier analysis's files in `out`, before this one writes its own: one it does not write now
+    (the learning curves of runs no longer here, a factor since renamed) would read as this one's."""
+    for pattern in EARLIER:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
 
 
 def _missing_runs(frame: pd.DataFrame) -> tuple[str, ...]:
