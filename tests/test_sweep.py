@@ -388,7 +388,7 @@ def test_a_grid_grows_by_seeds_and_levels_its_cells_kept(tmp_path, capsys):
                           "factors.f.levels.b.model.lr: 0.001 -> 0.01"),  # a level changed
                          (parse_spec(path, {"seeds": [0, 1], **more, "factors.g": {
                              "values": [1, 2], "baseline": "1", "path": "model.overrides.offset_range"}}),
-                          "factors.g.levels.1.model.overrides.offset_range")]:  # a new factor: every cell changes
+                          "factor g: new")]:  # a new factor: every cell changes
         with pytest.raises(SpecError, match="was made by another spec") as err:
             open_study(other, storage, "t", wait_s=0)
         assert field in str(err.value)

@@ -152,11 +152,22 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
         return added  # ("": the seeds in another order)
     if differ:  # what an extension could not do first (a seed or level added beside it is no fault)
         differ.sort(key=lambda k: _extension(spec, stored, current, [k]) is not None)
-        fields = "; ".join(f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in differ[:3])
-        more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+        shown = list(dict.fromkeys(_change(k, stored, current) for k in differ))  # a factor's fields as one
+        fields, more = "; ".join(shown[:3]), f" (and {len(shown) - 3} more)" if len(shown) > 3 else ""
         made = "on other data" if differ == [DATA_IDENTITY] else "by another spec"
         raise SpecError(f"study {name!r} in {M.shown_url(storage)} was made {made}, its results would mix: {fields}{more}; "
                         f"use --study NEW_NAME for a new study, or the original spec and options to resume it")
+
+
+def _change(key: str, stored: dict[str, Any], current: dict[str, Any]) -> str:
+    """A fingerprint field's change as a refusal names it; a field of a factor only one side has: the
+    factor, new or gone."""
+    if factor := re.match(r"factors\.(.+?)\.levels\.", key):
+        at = f"factors.{factor.group(1)}.levels."
+        for side, word in ((stored, "new"), (current, "gone")):
+            if not any(k.startswith(at) for k in side):
+                return f"factor {factor.group(1)}: {word}"
+    return f"{key}: {stored.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
 
 
 def run_dirs(runs_root: str, name: str) -> dict[int, Path]:
