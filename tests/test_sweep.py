@@ -22,6 +22,7 @@ from dat_lab.data import DataError
 from dat_lab.sweep import SpecError, parse_spec, plan
 from dat_lab.sweep import runner
 from dat_lab.sweep.runner import CELL, FINGERPRINT, open_study, work
+from commands import run_command
 from sweep_common import BASE, DEMO, ROOT, SMALL, TPE, write_spec
 
 
@@ -138,7 +139,7 @@ def _sweep(tmp_path, storage, *extra, study="s"):
 
 
 def _run(argv, env):
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = run_command(argv, cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -711,7 +712,7 @@ def test_a_failed_trial_in_any_of_several_workers_makes_the_sweep_exit_1(tmp_pat
                   "limit_val_batches: 1}\nsearch_space: {model.lr: {type: categorical, choices: [1.0e+30]}}\n")
     argv = [sys.executable, "-m", "cli", "sweep", str(spec), "--workers", "2", "--storage", postgres_url,
             "--study", "fails", "--runs-root", str(tmp_path / "runs")]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_command(argv, cwd=ROOT, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "dat-lab: a worker exited with status 1 (a trial FAILED, or the worker crashed)" in done.stderr
     trials = optuna.load_study(study_name="fails", storage=postgres_url).get_trials()

@@ -3,7 +3,6 @@ launcher (torchrun, SLURM's srun)."""
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from dat_lab import metrics as M
 from dat_lab.sweep import parse_spec, plan
 from dat_lab.sweep import runner
 from dat_lab.sweep.runner import work
+from commands import run_command
 from sweep_common import BASE, ROOT, TPE, write_spec
 
 
@@ -219,9 +219,9 @@ def test_a_trial_trains_as_two_ddp_processes_with_pruning_and_its_results_come_b
                   "pruner: {name: median}\nbudget: {max_epochs: 1, limit_train_batches: 3, limit_val_batches: 2}\n"
                   "delta: {trainer: {accelerator: cpu, devices: 2, strategy: ddp}}\n")
     storage = f"sqlite:///{tmp_path / 'ddp.db'}"
-    done = subprocess.run([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", storage,
-                           "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **SLURM_TASK, **TORCHRUN})
+    done = run_command([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", storage,
+                        "--runs-root", str(tmp_path / "runs")], cwd=ROOT, timeout=600,
+                       env={**os.environ, **SLURM_TASK, **TORCHRUN})
     assert done.returncode == 0 and "MEMBER: 2/2" in done.stdout + done.stderr, done.stderr[-3000:]
     [trial] = optuna.load_study(study_name="t", storage=storage).get_trials()
     assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["best"] > 0
@@ -244,9 +244,9 @@ def test_a_sweep_in_a_jobs_second_srun_task_trains_and_logs_its_trials(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "hpc_ckpt_1.ckpt").write_text("another run's")  # what SLURM's auto-requeue leaves
     env = {n: v for n, v in os.environ.items() if not runner.LAUNCHER_VARIABLES.fullmatch(n)}
-    done = subprocess.run([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'x.db'}",
-                           "--runs-root", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**env, **slurm, "PYTHONPATH": str(ROOT)})
+    done = run_command([sys.executable, "-m", "cli", "sweep", str(spec), "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+                        "--runs-root", str(tmp_path / "runs")], cwd=tmp_path, timeout=600,
+                       env={**env, **slurm, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "t" / "trial_0000"
     assert list(run.glob("events.out.tfevents.*")) and (run / "hparams.yaml").is_file(), sorted(run.iterdir())

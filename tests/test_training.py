@@ -27,6 +27,7 @@ from dat_lab.data import (CIFAR10DataModule, CIFAR100DataModule, DigitsDataModul
                           SyntheticDataModule)
 from dat_lab.training import ImageClassifier, NonFiniteLossError
 from dat_lab.training.cli import default_callbacks, main as train
+from commands import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "digits_quick.yaml")
@@ -246,11 +247,11 @@ def test_lightnings_tips_are_not_printed():
 
 def test_ddp_on_two_cpu_processes(tmp_path):
     """Lightning's DDP launcher starts the other rank with this process's command line: it must be whole."""
-    done = subprocess.run([sys.executable, "-m", "cli", "train", "--config", DIGITS, "--trainer.accelerator", "cpu",
-                           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
-                           "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-                           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_command([sys.executable, "-m", "cli", "train", "--config", DIGITS, "--trainer.accelerator", "cpu",
+                        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
+                        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
+                       cwd=ROOT, timeout=600)
     assert done.returncode == 0 and "MEMBER: 2/2" in done.stderr + done.stdout, done.stderr[-2000:]
     assert "Seed set to 0" in done.stderr  # held back while the classes are built, then printed
     assert [p.name for p in (tmp_path / "digits_quick").iterdir()] == ["version_0"]
