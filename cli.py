@@ -145,14 +145,10 @@ def _train(argv: list[str]) -> int:
         return _fail(ValueError(config_error(err, argv)))
     except ProcessRaisedException as err:  # in a spawned rank (ddp_spawn): the first line of its exception
         return _fail(ValueError(rank_error(err)))
-    except MisconfigurationException as err:  # the Trainer's options, before the data (e.g. no GPU for `gpu`)
-        return _fail(ValueError(f"trainer: {err}"))
-    except TypeError as err:  # Lightning's words for devices it cannot take ("0,1" on the CPU); else a bug
-        if not str(err).startswith("`devices`"):
-            raise
-        return _fail(ValueError(f"trainer: {err}"))
-    except ModuleNotFoundError as err:  # an accelerator's package that is not installed (`tpu`: torch_xla)
-        if not str(err).startswith("Requirement "):  # Lightning's words for one; anything else is a bug
+    except (MisconfigurationException, TypeError, ModuleNotFoundError) as err:  # the Trainer's options, before
+        # the data: no GPU for `gpu`; Lightning's TypeError for devices it cannot take ("0,1" on the CPU); an
+        # accelerator's package not installed (`tpu`: torch_xla). Any other TypeError or import error is a bug
+        if not isinstance(err, MisconfigurationException) and not str(err).startswith(("`devices`", "Requirement ")):
             raise
         return _fail(ValueError(f"trainer: {err}"))
     return 0
@@ -327,16 +323,17 @@ def _sweep_status(args: argparse.Namespace) -> None:
                 why = f"a duplicate of trial {first}, which trained its cell: --trial {first}"
             raise ValueError(f"--trial: trial {args.trial} of study {args.study!r} has no training run to reproduce "
                              f"(it is {trial.state.name}{': ' + why if why else ''})")
-        run_dir = trial.user_attrs.get(M.TRIAL_RUN_DIR)
-        if isinstance(run_dir, str) and (moved := found_run(run_dir, args.runs_root)) != run_dir:  # runs/ moved
-            from dat_lab.sweep.runner import reproduce_command
-
-            print(reproduce_command(Path(moved)))
-        elif isinstance(run_dir, str) and not run_here(run_dir):
+        recorded = trial.user_attrs.get(M.TRIAL_RUN_DIR)
+        run_dir = found_run(recorded, args.runs_root)  # runs/ moved: <runs-root>/<study>/trial_<n>, if there
+        if isinstance(run_dir, str) and not run_here(run_dir):
             raise ValueError(f"--trial: trial {args.trial}'s run folder {run_dir} (its config.yaml) is not here, nor "
                              f"under --runs-root {args.runs_root}: give --runs-root where runs/ is now")
-        else:
+        if run_dir == recorded:
             print(trial.user_attrs[M.TRIAL_REPRODUCE])
+        else:
+            from dat_lab.sweep.runner import reproduce_command
+
+            print(reproduce_command(Path(run_dir)))
         return
     rows = trials_frame(study, info)
     print(f"study {args.study!r}: {counts_text(status_counts(rows))}")

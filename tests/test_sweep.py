@@ -648,7 +648,7 @@ def test_a_search_trial_that_does_not_finish_has_its_models_params_and_flops(tmp
     pruned or failed trial has them too (analysis shows them beside its last value)."""
     from dat_lab.models import get_config
     from dat_lab.profile import profile_model
-    from dat_lab.sweep.runner import _cost_of
+    from dat_lab.sweep.plan import model_cost
 
     def pruned(config, extra_callbacks=()):
         raise optuna.TrialPruned("pruned at epoch 1")
@@ -663,7 +663,7 @@ def test_a_search_trial_that_does_not_finish_has_its_models_params_and_flops(tmp
     for t in trials:
         model = get_config(t.params["model.variant"], num_classes=10, img_size=32, in_chans=1)
         assert t.user_attrs["params_m"] == profile_model(dat_lab.create_model(model)).shown()["params_m"], t.params
-        assert t.user_attrs["gflops"] == _cost_of(model).shown()["gflops"]
+        assert t.user_attrs["gflops"] == model_cost(model).shown()["gflops"]
 
 
 def test_a_resumed_search_and_its_workers_draw_points_of_their_own(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ is profiled (params, FLOPs) from the config alone."""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import logging
 import re
@@ -189,11 +190,17 @@ class PlannedCell:
     data: tuple[str, ...] = ()  # what tells its data from others beyond the config (ImageDataModule.check)
 
 
+@functools.lru_cache(maxsize=64)
+def model_cost(model: DATConfig) -> Profile:
+    """The params and FLOPs of a model config, profiled once (cells, and a search's trials, share models)."""
+    return profile_model(DAT(config=model))
+
+
 def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
     """Every cell with its checked config and its model's params and FLOPs; raises SpecError naming
     the cell whose config does not parse, whose model config is invalid or whose data are not there
     (for a search, also each search-space path at its bounds, or at each of its choices)."""
-    out, models, profiles, data_checked = [], {}, {}, {}
+    out, models, data_checked = [], {}, {}
     for cell in cells if cells is not None else spec.cells():
         config = spec.trial_config(cell.delta, cell.seed)
         if cell.name not in models:  # a cell's seeds differ in their seeds only (run's, data's): parsed once per cell
@@ -207,7 +214,5 @@ def plan(spec: SweepSpec, cells: list[Cell] | None = None) -> list[PlannedCell]:
             models[cell.name] = model, tuple(sorted(d for d in found if d))
         model, data = models[cell.name]
         config = in_worker(config)  # checked with the cell's first seed
-        if model not in profiles:
-            profiles[model] = profile_model(DAT(config=model))
-        out.append(PlannedCell(cell=cell, config=config, model=model, cost=profiles[model], data=data))
+        out.append(PlannedCell(cell=cell, config=config, model=model, cost=model_cost(model), data=data))
     return out

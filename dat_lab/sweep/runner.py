@@ -29,7 +29,6 @@ Trial numbers are never reused within a study, so a trial refuses a non-empty ru
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import math
@@ -56,14 +55,13 @@ from torch.multiprocessing import ProcessRaisedException
 from .. import metrics as M
 from ..data import DataError
 from ..metrics import check_storage_url
-from ..models import DAT, DATConfig
 from ..outputs import check_output_folder
-from ..profile import Profile, profile_model
+from ..profile import Profile
 from ..training.callbacks import MetricTracker
 from ..training.cli import config_error, error_chain, rank_error, tensorboard_logger
 from ..training.cli import main as train
-from .plan import (GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, model_config, parse_training_config,
-                   plan, processes)
+from .plan import (GPU_ACCELERATORS, PlannedCell, device_numbers, in_worker, model_config, model_cost,
+                   parse_training_config, plan, processes)
 from .spec import DATA_IDENTITY, NOT_FINGERPRINTED, SpecError, SweepSpec, build_pruner, build_sampler, deep_merge, nest
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -115,7 +113,7 @@ def _extension(spec: SweepSpec, stored: dict[str, Any], current: dict[str, Any],
     another order); else None."""
     if not spec.is_grid:
         return None
-    seeds, levels = [], {}
+    seeds, levels, stored_levels = [], {}, {_level_of(spec, k) for k in stored}
     for key in differ:
         if key == "seeds":
             old, new = stored.get(key), current.get(key)
@@ -124,7 +122,7 @@ def _extension(spec: SweepSpec, stored: dict[str, Any], current: dict[str, Any],
             seeds = [s for s in new if s not in old]
         elif key in stored or (found := _level_of(spec, key)) is None:  # changed or gone, or no level's
             return None
-        elif found in {_level_of(spec, k) for k in stored} or not any(
+        elif found in stored_levels or not any(
                 k.startswith(f"factors.{found[0]}.levels.") for k in stored):  # a level changed, or a new factor
             return None
         elif found[1] not in (names := levels.setdefault(found[0], [])):  # (a level's fields come one by one)
@@ -229,18 +227,14 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
             ours = _fingerprint(spec, planned)  # (and queued); more seeds or levels: the grid grows, guarded as it is now
             if DATA_IDENTITY in stored and DATA_IDENTITY not in ours:  # (a worker that did not plan compares no data)
                 ours[DATA_IDENTITY] = stored[DATA_IDENTITY]
-            study.set_user_attr(FINGERPRINT, ours)
-            time.sleep(POLL_SECONDS / 4)  # another grown spec stored at once: the one stored last holds,
-            check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # the other stops here
+            _store_fingerprint(study, ours, spec, name, storage, planned)  # another grown spec stored at once?
             study.set_user_attr(M.STUDY_SEEDS, list(spec.seeds))
         if M.STUDY_SAMPLER not in study.user_attrs:  # made before studies recorded it (analysis reads it)
             study.set_user_attr(M.STUDY_SAMPLER, spec.sampler["name"])
         if study.user_attrs.get(M.STUDY_HEARTBEAT) != list(spec.heartbeat):  # it may change: status reads the latest
             study.set_user_attr(M.STUDY_HEARTBEAT, list(spec.heartbeat))
         if FINGERPRINT not in study.user_attrs:  # from before fingerprints, or its creator died: guarded from now on
-            study.set_user_attr(FINGERPRINT, _fingerprint(spec, planned))
-            time.sleep(POLL_SECONDS / 4)  # two workers adopting at once: the fingerprint stored last holds,
-            check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # the other stops here
+            _store_fingerprint(study, _fingerprint(spec, planned), spec, name, storage, planned)  # two adopting at once?
         elif DATA_IDENTITY not in study.user_attrs[FINGERPRINT]:  # stored before it held the data (else the same):
             if DATA_IDENTITY in (ours := _fingerprint(spec, planned)):  # the data are guarded from now on
                 study.set_user_attr(FINGERPRINT, ours)
@@ -259,6 +253,15 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         enqueue_missing(study, planned)
         study.set_user_attr(ENQUEUED, True)
     return study
+
+
+def _store_fingerprint(study: optuna.Study, fingerprint: dict[str, Any], spec: SweepSpec, name: str, storage: str,
+                       planned: list[PlannedCell] | None) -> None:
+    """Store `fingerprint` as the study's, then check it again: of two workers storing theirs at once,
+    the one stored last holds, and the other stops here (SpecError) unless they agree."""
+    study.set_user_attr(FINGERPRINT, fingerprint)
+    time.sleep(POLL_SECONDS / 4)
+    check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)
 
 
 def _factors(spec: SweepSpec) -> dict[str, dict[str, Any]]:
@@ -303,12 +306,6 @@ def _cost_attrs(profile: Profile) -> dict[str, float]:
     """The model's params (M) and FLOPs (G) as trial attributes, to 6 significant digits."""
     shown = profile.shown()
     return {M.TRIAL_PARAMS_M: shown["params_m"], M.TRIAL_GFLOPS: shown["gflops"]}
-
-
-@functools.lru_cache(maxsize=64)
-def _cost_of(model: DATConfig) -> Profile:
-    """The params and FLOPs of a model config (a search's trials often share one)."""
-    return profile_model(DAT(config=model))
 
 
 def _record_cost(trial: optuna.Trial, profile: Profile) -> None:
@@ -378,7 +375,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, planne
         config, seed = spec.trial_config(p.cell.delta, p.cell.seed), p.cell.seed  # as given: in_worker below
         for path, dist in spec.search_space.items():
             config = deep_merge(config, nest(path, _suggest(trial, path, dist)))
-        cost = _cost_of(model_config(parse_training_config(config)))  # (a search may choose the model)
+        cost = model_cost(model_config(parse_training_config(config)))  # (a search may choose the model)
         config = in_worker(config)  # a search space may set trainer options (plan checked each choice alone)
     run_dir = (Path(runs_root) / study.study_name / f"trial_{trial.number:04d}").absolute()  # any working dir
     if run_dir.is_dir() and any(run_dir.iterdir()):  # trial numbers are never reused within a study

@@ -79,7 +79,7 @@ TRAINER_RULES = {  # what Lightning would take, then fail on (some only after th
     "gradient_clip_val": (lambda v: v is None or v >= 0, ">= 0, or null for none"),
     "val_check_interval": (lambda v: v is None or v > 0, "> 0 (batches, or a fraction of an epoch)"),
     "num_sanity_val_steps": (lambda v: v is None or v >= -1, ">= 0, or -1 for all"),
-    "devices": (lambda v: _devices(v), '>= 1, -1 for all, device indices (a list, or "0,1"), or auto'),
+    "devices": (_devices, '>= 1, -1 for all, device indices (a list, or "0,1"), or auto'),
     **{f"limit_{part}_batches": (_batches, "a count of batches >= 0, or a fraction in [0.0, 1.0]")
        for part in ("train", "val", "test")},
 }
