@@ -110,11 +110,25 @@ def test_a_true_precision_run_starts_with_its_model_summary(tmp_path, capsys):
     assert flops and float(flops.group(1)) > 0
 
 
+def test_last_ckpt_is_the_last_epoch_when_the_best_was_earlier(tmp_path):
+    """An accuracy that does not improve (a learning rate of nothing): the best checkpoint is epoch 0's,
+    last.ckpt the last epoch's (it stayed epoch 0's: Lightning's save_last follows the best's saves)."""
+    _run(tmp_path, "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
+         "--model.lr", "1e-12", "--model.min_lr", "0", "--model.warmup_epochs", "0", "--trainer.max_epochs", "3",
+         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+         "--name", "flat")
+    checkpoints = tmp_path / "flat" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+
+
 def test_the_checkpoint_callbacks_state_keeps_its_name():
     """Lightning keeps a callback's state under a key made of its class name: a run resumes its best
     score and checkpoint only if the key is the one it was saved under."""
-    [checkpoint] = [c for c in default_callbacks() if isinstance(c, ModelCheckpoint)]
-    assert checkpoint.state_key.startswith("ModelCheckpoint{'monitor': 'val/acc1'")
+    best, last = [c for c in default_callbacks() if isinstance(c, ModelCheckpoint)]  # the best first: Lightning's "best"
+    assert best.state_key.startswith("ModelCheckpoint{'monitor': 'val/acc1'")
+    assert last.state_key.startswith("ModelCheckpoint{'monitor': None")
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, capsys):
@@ -372,11 +386,13 @@ def test_a_runs_own_config_with_its_logger_pinned_writes_beside_that_run(tmp_pat
     train(["validate", "--config", config, "--ckpt_path", "last"])
     assert yaml.safe_load((tmp_path / "study" / "version_2" / "config.yaml").read_text())["ckpt_path"] == last
     _run(tmp_path, "--config", config, "--trainer.max_epochs", "3", "--ckpt_path", "last")
-    assert torch.load(last, weights_only=True)["epoch"] == 3 and (trial / "config_resume_2.yaml").exists()
+    state = torch.load(last, weights_only=True)  # the third epoch's (index 2): 3 x 2 steps, none trained twice
+    assert (state["epoch"], state["global_step"]) == (2, 6) and (trial / "config_resume_2.yaml").exists()
     # a run of its own (its logger names no version): `last` is the newest run of the logger's folder
     own = tmp_path / "study" / "version_1"
     _run(tmp_path, "--config", str(own / "config.yaml"), "--trainer.max_epochs", "2", "--ckpt_path", "last")
-    assert torch.load(own / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2  # (1 before)
+    state = torch.load(own / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (1, 4)  # (0 and 2 before)
     assert (own / "config_resume_1.yaml").exists() and not (tmp_path / "study" / "version_3").exists()
 
 

@@ -43,10 +43,13 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda reco
 
 
 def default_callbacks() -> list:
-    """What every dat-lab run gets: best and last checkpoints, throughput, DAT monitors, hparams metric."""
+    """What every dat-lab run gets: best and last checkpoints, throughput, DAT monitors, hparams metric.
+    last.ckpt is a checkpoint of its own, written each epoch (Lightning 2.6's `save_last` writes it only
+    when a best one is written: after the best epoch it stayed a copy of that one, and a resume redid
+    the epochs after it)."""
     return [
-        ModelCheckpoint(monitor=M.VAL_ACC1, mode="max", save_last=True, filename="best-epoch{epoch:03d}",
-                        auto_insert_metric_name=False),
+        ModelCheckpoint(monitor=M.VAL_ACC1, mode="max", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False),
+        ModelCheckpoint(filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, enable_version_counter=False),  # the newest
         Throughput(),
         DeformableMonitor(),
         HparamsMetric(),
