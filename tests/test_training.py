@@ -154,7 +154,7 @@ def test_a_refusal_is_all_that_is_printed(tmp_path):
     is refused."""
     weights = tmp_path / "converted.ckpt"
     dat_lab.save_checkpoint(dat_lab.create_model("dat_pico", num_classes=10, in_chans=1), weights)
-    for args, message in ((["--model.lr", "-1"], "model.lr: -1.0 must be > 0"),
+    for args, message in ((["--model.lr", "-1"], "--model.lr: -1.0 must be > 0"),
                           (["--ckpt_path", str(weights)], f"--ckpt_path: {weights} holds a model's weights alone")):
         done = subprocess.run([sys.executable, "-m", "cli", "train", "--config", DIGITS, *args,
                                "--trainer.default_root_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
@@ -167,40 +167,46 @@ def test_resume_last_needs_a_run(tmp_path):
         _run(tmp_path, "--config", DIGITS, "--ckpt_path", "last")
 
 
-def test_bad_options_and_paths_are_one_line(tmp_path, capsys):
+def test_bad_options_and_paths_are_one_line(tmp_path, tmp_path_factory, capsys):
     """jsonargparse's nested errors come out as the key and its innermost cause; a checkpoint path
-    that is no file is refused before the model is built."""
+    that is no file is refused before the model is built. A value out of range is named as the option
+    given on the command line, or as the config's key."""
+    config = tmp_path_factory.mktemp("configs") / "more.yaml"
+    config.write_text("trainer: {max_epochs: 0}\ndata: {init_args: {batch_size: 0}}\n")
     for args, message in ((["--data.batch_size", "abc"], "--data.batch_size: Expected a <class 'int'>. Got value: abc"),
                           (["--ckpt_path", str(tmp_path / "nope.ckpt")], f"--ckpt_path: {tmp_path / 'nope.ckpt'} is not a file"),
                           (["--data", "dat_lab.data.ImageFolderDataModule", "--data.root", str(tmp_path / "none")],
                            f"{tmp_path / 'none' / 'train'}: no such folder"),
-                          (["--model.lr", "-1"], "model.lr: -1.0 must be > 0"),  # torch's said "Invalid learning rate"
-                          (["--model.ema_decay", "1.5"], "model.ema_decay: 1.5 must be in (0, 1)"),
+                          (["--model.lr", "-1"], "--model.lr: -1.0 must be > 0"),  # torch's said "Invalid learning rate"
+                          (["--model.ema_decay", "1.5"], "--model.ema_decay: 1.5 must be in (0, 1)"),
                           (["--model.overrides", "{groups: [1, 1, 3, 4]}"],  # raised `from None`: not its cause
                            "stages[2].groups: 3 offset groups do not divide 4 heads"),
-                          (["--model.min_lr", "1"], "model.min_lr: 1.0 must be <= model.lr (0.002)"),
+                          (["--model.min_lr", "1"], "--model.min_lr: 1.0 must be <= model.lr (0.002)"),
                           # trainer options Lightning takes, then fails on after the run folder is made
-                          (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch: 0 must be >= 1"),
-                          (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: 0 must be >= 1"),
-                          (["--trainer.max_time", "00:00:00:abc"], "trainer.max_time: '00:00:00:abc' must be DD:HH:MM:SS"),
-                          (["--trainer.limit_train_batches", "1.5"], "trainer.limit_train_batches: 1.5 must be a count"),
-                          (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val: -1 must be >= 0"),
-                          (["--trainer.devices", "0"], "trainer.devices: '0' must be >= 1, -1 for all, device indices"),
-                          (["--trainer.devices", "x"], "trainer.devices: 'x' must be >= 1, -1 for all, device indices"),
+                          (["--trainer.check_val_every_n_epoch", "0"], "--trainer.check_val_every_n_epoch: 0 must be >= 1"),
+                          (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches: 0 must be >= 1"),
+                          (["--trainer.max_time", "00:00:00:abc"], "--trainer.max_time: '00:00:00:abc' must be DD:HH:MM:SS"),
+                          (["--trainer.limit_train_batches", "1.5"], "--trainer.limit_train_batches: 1.5 must be a count"),
+                          (["--trainer.gradient_clip_val", "-1"], "--trainer.gradient_clip_val: -1 must be >= 0"),
+                          (["--trainer.devices", "0"], "--trainer.devices: '0' must be >= 1, -1 for all, device indices"),
+                          (["--trainer.devices", "x"], "--trainer.devices: 'x' must be >= 1, -1 for all, device indices"),
                           (["--trainer.devices", "0,1"],  # indices, which the CPU cannot take: Lightning's TypeError
                            "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
                           (["--trainer.accelerator", "mps"], "trainer: `MPSAccelerator` can not run on your system"),
                           (["--trainer.accelerator", "tpu"], "trainer: Requirement 'torch_xla>=1.13' not met"),
-                          (["--trainer.devices", "-2"], "trainer.devices: '-2' must be >= 1, -1 for all, device indices"),
+                          (["--trainer.devices", "-2"], "--trainer.devices: '-2' must be >= 1, -1 for all, device indices"),
                           # a value none of an option's types take: all of them (jsonargparse named the first)
                           (["--seed_everything", "abc"],
                            "--seed_everything: Expected a bool (true or false) or an int. Got value: abc"),
                           (["--trainer.max_epochs", "abc"], "--trainer.max_epochs: Expected an int or null. Got value: abc"),
                           (["--trainer.precision", "12"], "--trainer.precision: Expected one of 64, 32, 16, "
                            "transformer-engine, transformer-engine-float16, 16-true, 16-mixed, bf16-true, bf16-mixed"),
-                          (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: 0 must be > 0"),
-                          (["--trainer.max_epochs", "-1"], "trainer.max_epochs: -1 (no limit) needs trainer.max_steps"),
-                          (["--data.num_workers", "-1"], "data.num_workers: -1 must be >= 0"),
+                          (["--trainer.val_check_interval", "0"], "--trainer.val_check_interval: 0 must be > 0"),
+                          (["--trainer.max_epochs", "-1"], "--trainer.max_epochs: -1 (no limit) needs trainer.max_steps"),
+                          (["--data.num_workers", "-1"], "--data.num_workers: -1 must be >= 0"),
+                          (["--data.init_args.num_workers=-1"], "--data.num_workers: -1 must be >= 0"),
+                          (["--config", str(config)], "trainer.max_epochs: 0 must be >= 1"),
+                          (["--config", str(config), "--trainer.max_epochs", "1"], "data.batch_size: 0 must be >= 1"),
                           (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1 (did you mean model.lr?)"),
                           # no value: the option as given (argparse named --model.overrides)
                           (["--model.overrides.offset_range", "--trainer.max_epochs", "1"],

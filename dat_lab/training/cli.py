@@ -352,6 +352,9 @@ def config_error(err: BaseException, argv: list[str] | None = None) -> str:
     configs = [v for i, a in enumerate(argv or ()) if a in ("-c", "--config") for v in argv[i + 1:i + 2]]
     if gone and gone.group(1) in {f(c) for c in configs for f in (os.path.abspath, lambda c: str(Path(c).absolute()))}:
         text = f"--config: {gone.group(1)} does not exist"
+    given = {a.split("=", 1)[0].replace(".init_args.", ".") for a in argv or () if a.startswith("--")}
+    if (rule := re.match(r"([a-z_]+(?:\.\w+)+): ", text)) and f"--{rule.group(1)}" in given:  # a range rule's
+        text = f"--{text}"  # error names the config's key: as the option when given on the command line
     if re.fullmatch(r"the following arguments are required: \w+\.data", text):  # no --config (nor --data)
         return f"{text} (give a config, e.g. --config experiments/digits_quick.yaml, or --data CLASS)"
     return text + _did_you_mean(text)
