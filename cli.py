@@ -123,10 +123,19 @@ def _convert(args: argparse.Namespace) -> None:
     if args.num_classes is not None:
         config = dataclasses.replace(config, num_classes=args.num_classes)
     output = check_output_file(args.output, option="-o", example="dat.ckpt")
+    if output.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"-o: {args.output} is the checkpoint being converted; give another file (it would be "
+                         f"replaced, and a converted one is not converted again)")
     state = official_state_dict(args.checkpoint)
     model = dat_lab.load_official(dat_lab.create_model(config), state)
     make_folder(output.parent, option="-o")
-    dat_lab.save_checkpoint(model, args.output, source=str(args.checkpoint))
+    partial = output.with_name(f".{output.name}.partial")  # an existing output is replaced whole, or stays
+    try:
+        dat_lab.save_checkpoint(model, partial, source=str(args.checkpoint))
+        os.replace(partial, output)
+    except (OSError, RuntimeError) as err:  # torch.save's own errors are RuntimeErrors
+        partial.unlink(missing_ok=True)
+        raise ValueError(f"-o: cannot write {args.output} ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 

@@ -18,8 +18,8 @@ def check_output_folder(path: str | Path, *, option: str) -> Path:
 def check_output_file(path: str | Path, *, option: str, example: str) -> Path:
     """`path` if a file can be written there (its folder checked as check_output_folder does); a folder
     is refused with `example` as the file's name in it."""
-    path = Path(path)
-    if path.is_dir():
+    path, folder = Path(path), str(path).endswith(("/", os.sep))  # (Path drops a trailing slash)
+    if path.is_dir() or folder:
         raise ValueError(f"{option}: {path} is a folder; give the file to write, e.g. {path / example}")
     _check_folder(path.parent, path, option)
     return path

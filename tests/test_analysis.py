@@ -419,6 +419,12 @@ def test_visualize_labels_each_row_with_its_image_and_what_the_model_took_it_for
     Image.new("L", (40, 30), color=128).save(tmp_path / "a.png")
     visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "a.png")])
     assert figures[1].axes[0].get_ylabel().startswith("a.png, predicted ")
+    headless = dat_lab.create_model("dat_pico", in_chans=1, num_classes=0)  # its "logits" are features: no prediction
+    dat_lab.save_checkpoint(headless, tmp_path / "features.ckpt")
+    visualize(str(tmp_path / "features.ckpt"), tmp_path / "vis", count=2)
+    assert [ax.get_ylabel() for ax in figures[2].axes[::2]] == [f"digits val {i}: class {int(dm.val_set[i][1])}" for i in range(2)]
+    with pytest.raises(AnalysisError, match=f"^{re.escape(str(tmp_path))} is a folder; give a checkpoint file, e.g. "):
+        visualize(str(tmp_path), tmp_path / "vis")
 
 
 def test_learning_curves_put_each_validation_at_its_epoch(tmp_path):

@@ -2,6 +2,7 @@
 
 import argparse
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +116,11 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert "(GLOBAL argparse.Namespace was not an allowed global by default: objects besides weights" in err
     assert "torch.save(torch.load(FILE, weights_only=False)['model'], 'weights.pth'))\n" in err and err.count("\n") == 1
     assert not (tmp_path / "x.ckpt").exists()
+    before = released.read_bytes()
+    assert cli.main(["convert", str(released), "--variant", "dat_tiny", "-o", str(released)]) == 2  # over its input
+    assert capsys.readouterr().err == f"dat-lab: error: -o: {released} is the checkpoint being converted; give another " \
+        "file (it would be replaced, and a converted one is not converted again)\n"
+    assert released.read_bytes() == before
     with pytest.raises(ValueError, match=f"^{re.escape(str(released))}: carries no model_config"):  # named, as
         dat_lab.load_checkpoint(released)  # by --model.weights and visualize, which read it so
 
@@ -162,3 +168,22 @@ def test_convert_a_fine_tuned_head_with_num_classes(golden, golden_input, tmp_pa
     assert cli.main([*argv, "--num-classes", "0"]) == 0  # no head: features only
     with torch.no_grad():
         assert dat_lab.load_checkpoint(out).eval()(golden_input).shape == (len(golden_input), state["cls_head.weight"].shape[1])
+
+
+def test_convert_that_cannot_write_is_one_line_and_leaves_an_earlier_output(golden, tmp_path, capsys, monkeypatch):
+    released, out = tmp_path / "released.pth", tmp_path / "dat.ckpt"
+    torch.save({"model": golden["state_dict"]}, released)
+    out.write_bytes(b"an earlier conversion")
+
+    def failing(model, path, **extra):  # as torch.save fails on a name it cannot write (a RuntimeError)
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:720] . invalid file name\nmore")
+
+    monkeypatch.setattr(dat_lab, "save_checkpoint", failing)
+    argv = ["convert", str(released), "--official-config", str(tmp_path / "c.yaml"), "-o", str(out)]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"MODEL": {"TYPE": "dat", "DAT": golden["config"]}}))
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (f"dat-lab: error: -o: cannot write {out} ([enforce fail at inline_container.cc:720] "
+                                       ". invalid file name)\n")
+    assert out.read_bytes() == b"an earlier conversion" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["c.yaml", "dat.ckpt", "released.pth"]  # no partial file left

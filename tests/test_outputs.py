@@ -16,6 +16,8 @@ def test_output_folders_and_files(tmp_path, monkeypatch):
         check_output_folder(tmp_path / "afile" / "x", option="--out")
     with pytest.raises(ValueError, match=f"^-o: {tmp_path} is a folder; give the file to write, e.g. {tmp_path / 'a.ckpt'}$"):
         check_output_file(tmp_path, option="-o", example="a.ckpt")
+    with pytest.raises(ValueError, match=f"^-o: {tmp_path / 'new'} is a folder; give the file to write, e.g. "):
+        check_output_file(f"{tmp_path / 'new'}/", option="-o", example="a.ckpt")  # a folder to be: torch.save failed
     with pytest.raises(ValueError, match=f"^-o: {tmp_path / 'afile' / 'x.ckpt'}: {tmp_path / 'afile'} is a file"):
         check_output_file(tmp_path / "afile" / "x.ckpt", option="-o", example="a.ckpt")
     writable = lambda path, mode: path != tmp_path  # noqa: E731  (as a user's read-only folder; root writes anywhere)

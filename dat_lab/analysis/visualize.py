@@ -41,6 +41,8 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
               count: int | None = None) -> list[Path]:
     """Write sampling_points.png/.pdf under `out`; return their paths. The images: `images`, or the
     first `count` (default 4) validation images of `data` (default digits)."""
+    if Path(checkpoint).is_dir():
+        raise AnalysisError(f"{checkpoint} is a folder; give a checkpoint file, e.g. {Path(checkpoint, 'last.ckpt')}")
     if not Path(checkpoint).is_file():
         raise AnalysisError(f"{checkpoint}: no such checkpoint")
     out = check_output_folder(out, option="--out")
@@ -70,6 +72,6 @@ def visualize(checkpoint: str, out: str | Path, *, images: list[str] | None = No
         result = model.forward_intermediates(x)
     if not result["deformable"]:
         raise AnalysisError(f"{checkpoint}: the model has no deformable (D) blocks to show")
-    if result["logits"].shape[-1]:  # a head: what the model took each image for
+    if cfg.num_classes:  # a head: what the model took each image for (without one, "logits" are its features)
         names = [f"{n}, predicted {int(c)}" for n, c in zip(names, result["logits"].argmax(-1))]
     return save_figure(sampling_points_figure(x, result, mean=mean, std=std, names=names), out, "sampling_points")
