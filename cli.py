@@ -24,7 +24,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 
@@ -59,7 +59,10 @@ def _profile(args: argparse.Namespace) -> None:
     else:
         if not args.variant:
             raise ValueError("profile: give a VARIANT (one of " + ", ".join(dat_lab.VARIANTS) + ") or --paper-tables")
-        config = dat_lab.get_config(args.variant, **_parse_sets(args.set))
+        sets = _parse_sets(args.set)
+        if args.img_size is not None and "img_size" in sets:
+            raise ValueError(f"--img-size {args.img_size} and --set img_size={sets['img_size']}: give one")
+        config = dat_lab.get_config(args.variant, **sets)
         if args.img_size is not None:
             config = dat_lab.replace_config(config, img_size=args.img_size)
         try:
@@ -395,8 +398,15 @@ def _visualize(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(map(str, paths)))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line, as the others (its usage block before them named every option)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"dat-lab: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dat-lab", description="Ablations of Deformable Attention Transformers.")
+    parser = _Parser(prog="dat-lab", description="Ablations of Deformable Attention Transformers.")
     parser.add_argument("--version", action="version", version=f"dat-lab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", add_help=False,

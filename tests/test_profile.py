@@ -79,9 +79,16 @@ def test_profile_variant_cli(capsys):
     (["profile", "dat_tiny", "--img-size", "0"], "img_size: 0 must be >= 1"),
     (["profile", "dat_tiny", "--set", "groups=[1,2"], "--set: 'groups=[1,2': the value is not YAML"),
     (["profile", "dat_tiny", "--set", "stages=3"], "stages: 3 is not a list of stages"),
+    (["profile", "dat_tiny", "--set", "img_size=64", "--img-size", "32"], "--img-size 32 and --set img_size=64: give one"),
+    (["profile", "dat_tiny", "--img-size", "abc"],  # argparse's: one line too, no usage block
+     "dat-lab: error: argument --img-size: invalid int value: 'abc' (see dat-lab profile --help)"),
 ])
 def test_profile_cli_errors(argv, message, capsys):
-    assert cli.main(argv) == 2
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's errors exit
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 

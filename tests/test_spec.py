@@ -278,7 +278,8 @@ def test_overrides_may_follow_the_options(tmp_path, capsys):
     assert "4 trial(s) planned" in out and "│  0.0073751 │" in out  # GFLOPs as trials keep them (not 0.0074)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", DEMO, "--dry-run", "--stduy", "x"])
-    assert exit_.value.code == 2 and "unrecognized arguments: --stduy x" in capsys.readouterr().err
+    assert exit_.value.code == 2 and capsys.readouterr().err == \
+        "dat-lab: error: unrecognized arguments: --stduy x (see dat-lab --help)\n"  # one line: no usage block
 
 
 def test_a_sweep_over_data_that_is_not_there_stops_before_planning_dry_run_too(tmp_path, capsys, imagenet_root):
