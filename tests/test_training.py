@@ -121,6 +121,15 @@ def test_last_ckpt_is_the_last_epoch_when_the_best_was_earlier(tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 6)
+    # `--ckpt_path best`: the newest run's best checkpoint (Lightning's "best" is only its own fit's, in the
+    # same process: "ModelCheckpoint is not configured to save the best model")
+    evaluate = ["validate", "--trainer.default_root_dir", str(tmp_path), "--data", "dat_lab.data.SyntheticDataModule",
+                "--data.img_size", "32", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu"]
+    train([*evaluate, "--name", "flat", "--ckpt_path", "best"])
+    config = yaml.safe_load((tmp_path / "flat" / "version_1" / "config.yaml").read_text())
+    assert config["ckpt_path"] == str(checkpoints / "best-epoch000.ckpt")
+    with pytest.raises(dat_lab.data.DataError, match=re.escape(f"--ckpt_path best: no {tmp_path / 'none'}/version_*/")):
+        train([*evaluate, "--name", "none", "--ckpt_path", "best"])
 
 
 def test_the_checkpoint_callbacks_state_keeps_its_name():

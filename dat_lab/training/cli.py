@@ -154,6 +154,10 @@ class DatLabCLI(LightningCLI):
         check_trainer(trainer)
         root = trainer.default_root_dir or "runs"
         ckpt = config.get("ckpt_path")
+        if ckpt == "best":  # Lightning's is the best of a fit in this same process: none in a new one
+            args = _logger_args(trainer.logger)
+            folder = Path(root, name) if args is None else _run_folder(args) or Path(args.save_dir, args.get("name") or "")
+            ckpt = config.ckpt_path = str(best_checkpoint(folder))
         local = ckpt and ckpt not in CKPT_ALIASES and not ckpt.startswith("registry:") and "://" not in ckpt
         if local and not Path(ckpt).is_file():
             raise DataError(f"--ckpt_path: {ckpt} is not a file (give a checkpoint, or last for the newest run "
@@ -305,6 +309,16 @@ def _logger_args(logger: Any) -> Namespace | None:
     """The init args of a logger config that names its folder (its save_dir), else None."""
     args = logger.get("init_args") if isinstance(logger, Namespace) else None
     return args if isinstance(args, Namespace) and args.get("save_dir") is not None else None
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """`--ckpt_path best`: a run folder's best-*.ckpt, or that of the newest run under `folder` with one."""
+    runs = [folder] if (folder / "checkpoints").is_dir() else sorted(
+        (p for p in folder.glob("version_*") if re.fullmatch(r"version_\d+", p.name)), key=lambda p: -int(p.name[8:]))
+    for run in runs:
+        if found := sorted((run / "checkpoints").glob("best-*.ckpt")):
+            return found[-1]
+    raise DataError(f"--ckpt_path best: no {folder}/{'' if runs == [folder] else 'version_*/'}checkpoints/best-*.ckpt")
 
 
 def _run_folder(args: Namespace) -> Path | None:
