@@ -162,8 +162,17 @@ def _train(argv: list[str]) -> int:
         # accelerator's package not installed (`tpu`: torch_xla). Any other TypeError or import error is a bug
         if not isinstance(err, MisconfigurationException) and not str(err).startswith(("`devices`", "Requirement ")):
             raise
-        return _fail(ValueError(f"trainer: {err}"))
+        return _fail(ValueError(_trainer_error(str(err), argv)))
     return 0
+
+
+def _trainer_error(text: str, argv: list[str]) -> str:
+    """Lightning's refusal of the Trainer's options, named as the option given on the command line that it
+    is about (`--trainer.accelerator: No supported gpu backend found!`), else as `trainer`."""
+    key = "devices" if text.startswith("`devices`") else (
+        "accelerator" if re.search(r"accelerator|backend|Requirement", text, re.IGNORECASE) else None)
+    given = key is not None and any(a.split("=", 1)[0] == f"--trainer.{key}" for a in argv)
+    return f"{f'--trainer.{key}' if given else 'trainer'}: {text}"
 
 
 def _grows(study: str, added: str | None) -> None:

@@ -200,9 +200,10 @@ def test_bad_options_and_paths_are_one_line(tmp_path, tmp_path_factory, capsys):
                           (["--trainer.devices", "0"], "--trainer.devices: '0' must be >= 1, -1 for all, device indices"),
                           (["--trainer.devices", "x"], "--trainer.devices: 'x' must be >= 1, -1 for all, device indices"),
                           (["--trainer.devices", "0,1"],  # indices, which the CPU cannot take: Lightning's TypeError
-                           "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
-                          (["--trainer.accelerator", "mps"], "trainer: `MPSAccelerator` can not run on your system"),
-                          (["--trainer.accelerator", "tpu"], "trainer: Requirement 'torch_xla>=1.13' not met"),
+                           "--trainer.devices: `devices` selected with `CPUAccelerator` should be an int > 0."),
+                          (["--trainer.accelerator", "mps"], "--trainer.accelerator: `MPSAccelerator` can not run on your system"),
+                          (["--trainer.accelerator=gpu"], "--trainer.accelerator: No supported gpu backend found!"),
+                          (["--trainer.accelerator", "tpu"], "--trainer.accelerator: Requirement 'torch_xla>=1.13' not met"),
                           (["--trainer.devices", "-2"], "--trainer.devices: '-2' must be >= 1, -1 for all, device indices"),
                           # a value none of an option's types take: all of them (jsonargparse named the first)
                           (["--seed_everything", "abc"],
@@ -214,6 +215,9 @@ def test_bad_options_and_paths_are_one_line(tmp_path, tmp_path_factory, capsys):
                           (["--trainer.max_epochs", "-1"], "--trainer.max_epochs: -1 (no limit) needs trainer.max_steps"),
                           (["--data.num_workers", "-1"], "--data.num_workers: -1 must be >= 0"),
                           (["--data.init_args.num_workers=-1"], "--data.num_workers: -1 must be >= 0"),
+                          (["--data", "dat_lab.data.FooDataModule"], "--data: module 'dat_lab.data' has no attribute "
+                           "'FooDataModule' (dat-lab's: SyntheticDataModule, DigitsDataModule, CIFAR10DataModule, "
+                           "CIFAR100DataModule, ImageFolderDataModule; or a LightningDataModule's dotted path)"),
                           (["--config", str(config)], "trainer.max_epochs: 0 must be >= 1"),
                           (["--config", str(config), "--trainer.max_epochs", "1"], "data.batch_size: 0 must be >= 1"),
                           (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1 (did you mean model.lr?)"),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from jsonargparse import Namespace
+import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -369,9 +370,19 @@ def config_error(err: BaseException, argv: list[str] | None = None) -> str:
     given = {a.split("=", 1)[0].replace(".init_args.", ".") for a in argv or () if a.startswith("--")}
     if (rule := re.match(r"([a-z_]+(?:\.\w+)+): ", text)) and f"--{rule.group(1)}" in given:  # a range rule's
         text = f"--{text}"  # error names the config's key: as the option when given on the command line
+    if re.match(r"--data: (module .* has no attribute|Expected a dot import path|No module named)", text):
+        return f"{text} (dat-lab's: {', '.join(data_modules())}; or a LightningDataModule's dotted path)"
     if re.fullmatch(r"the following arguments are required: \w+\.data", text):  # no --config (nor --data)
         return f"{text} (give a config, e.g. --config experiments/digits_quick.yaml, or --data CLASS)"
     return text + _did_you_mean(text)
+
+
+def data_modules() -> list[str]:
+    """The data modules of dat_lab.data that `--data` takes by name (its base class left out)."""
+    from .. import data
+
+    return [name for name, c in vars(data).items() if isinstance(c, type) and issubclass(c, L.LightningDataModule)
+            and c.__module__ == data.__name__ and c is not data.ImageDataModule]
 
 
 TYPE_WORDS = {"bool": "a bool (true or false)", "int": "an int", "float": "a float", "str": "text", "NoneType": "null"}
