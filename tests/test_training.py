@@ -561,6 +561,13 @@ def test_every_model_and_data_option_has_help(capsys):
         assert _undocumented(text, "--data", inspect.signature(cls).parameters) == [], cls.__name__
 
 
+def test_test_says_it_evaluates_the_validation_split(capsys):
+    """(Lightning's description of test is "over the test set": dat-lab's data modules have none.)"""
+    with pytest.raises(SystemExit):
+        train(["test", "--help"])
+    assert "Evaluate the model on the data's validation split, as validate does" in " ".join(capsys.readouterr().out.split())
+
+
 def test_one_override_on_the_command_line_keeps_the_files_others(capsys):
     """As the README says: --model.overrides.FIELD changes that field; the dict form replaces them all."""
     config = str(ROOT / "experiments" / "digits_dat_tiny.yaml")

@@ -37,6 +37,8 @@ from .callbacks import DeformableMonitor, HparamsMetric, Throughput
 from .module import ImageClassifier, check_options
 
 SUBCOMMANDS = ("fit", "validate", "test")
+DESCRIPTIONS = {"test": {"description": "Evaluate the model on the data's validation split, as validate does (dat-lab's "
+                                        "data modules hold no test split of their own)."}}  # (Lightning's: "the test set")
 CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file (and registry:...)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch deprecation inside Lightning
 # Lightning's advertisements for its cloud services ("💡 Tip: ... try installing litlogger"), each run
@@ -501,7 +503,7 @@ def main(args: list[str] | dict[str, Any] | None = None, extra_callbacks: list |
                              seed_everything_default=0, trainer_defaults={
                                  "default_root_dir": "runs", "callbacks": default_callbacks() + list(extra_callbacks or [])},
                              save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                             parser_kwargs={name: {"exit_on_error": False} for name in SUBCOMMANDS}
+                             parser_kwargs={name: {"exit_on_error": False, **DESCRIPTIONS.get(name, {})} for name in SUBCOMMANDS}
                              | {"exit_on_error": False, "prog": "dat-lab train"})
     finally:
         _HELD.drop()
