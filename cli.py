@@ -170,7 +170,7 @@ def _trainer_error(text: str, argv: list[str]) -> str:
     """Lightning's refusal of the Trainer's options, named as the option given on the command line that it
     is about (`--trainer.accelerator: No supported gpu backend found!`), else as `trainer`."""
     key = "devices" if text.startswith("`devices`") else (
-        "accelerator" if re.search(r"accelerator|backend|Requirement", text, re.IGNORECASE) else None)
+        "accelerator" if re.search(r"accelerator|gpu backend", text, re.IGNORECASE) else None)
     given = key is not None and any(a.split("=", 1)[0] == f"--trainer.{key}" for a in argv)
     return f"{f'--trainer.{key}' if given else 'trainer'}: {text}"
 
@@ -524,7 +524,7 @@ def _main(argv: list[str]) -> int:
         late = [a for a in extra if re.match(r"[A-Za-z_][\w.]*=", a)]
         args.overrides, extra = args.overrides + late, [a for a in extra if a not in late]
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.exit(2, f"dat-lab: error: unrecognized arguments: {' '.join(extra)} (see dat-lab {args.command} --help)\n")
     try:
         args.run(args)
         sys.stdout.flush()  # a reader gone fails here, not at exit

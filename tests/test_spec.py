@@ -279,7 +279,7 @@ def test_overrides_may_follow_the_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sweep", DEMO, "--dry-run", "--stduy", "x"])
     assert exit_.value.code == 2 and capsys.readouterr().err == \
-        "dat-lab: error: unrecognized arguments: --stduy x (see dat-lab --help)\n"  # one line: no usage block
+        "dat-lab: error: unrecognized arguments: --stduy x (see dat-lab sweep --help)\n"  # one line: no usage block
 
 
 def test_a_sweep_over_data_that_is_not_there_stops_before_planning_dry_run_too(tmp_path, capsys, imagenet_root):

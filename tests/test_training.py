@@ -132,12 +132,29 @@ def test_last_ckpt_is_the_last_epoch_when_the_best_was_earlier(tmp_path):
         train([*evaluate, "--name", "none", "--ckpt_path", "best"])
 
 
+def test_last_ckpt_is_written_at_each_epochs_end_and_where_max_steps_stops(tmp_path):
+    """Validated every second epoch, the third epoch's state is still last.ckpt (it was saved at
+    validations only); a run stopped by max_steps mid-epoch resumes from there (Throughput had no
+    counts without the epoch's start)."""
+    quick = ["--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
+             "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu"]
+    _run(tmp_path, *quick, "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2", "--name", "sparse")
+    last = torch.load(tmp_path / "sparse" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    _run(tmp_path, *quick, "--trainer.max_epochs", "-1", "--trainer.max_steps", "3", "--name", "steps")
+    path = tmp_path / "steps" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(path, weights_only=True)["global_step"] == 3  # one step into the second epoch
+    _run(tmp_path, *quick, "--trainer.max_epochs", "-1", "--trainer.max_steps", "5", "--name", "steps", "--ckpt_path", "last")
+    assert torch.load(path, weights_only=True)["global_step"] == 5
+
+
 def test_the_checkpoint_callbacks_state_keeps_its_name():
     """Lightning keeps a callback's state under a key made of its class name: a run resumes its best
     score and checkpoint only if the key is the one it was saved under."""
     best, last = [c for c in default_callbacks() if isinstance(c, ModelCheckpoint)]  # the best first: Lightning's "best"
     assert best.state_key.startswith("ModelCheckpoint{'monitor': 'val/acc1'")
-    assert last.state_key.startswith("ModelCheckpoint{'monitor': None")
+    assert last.state_key.startswith("LastCheckpoint{'monitor': None")
+    assert ModelCheckpoint().state_key not in (best.state_key, last.state_key)  # one a user adds: keys are unique
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, capsys):
@@ -203,7 +220,7 @@ def test_bad_options_and_paths_are_one_line(tmp_path, tmp_path_factory, capsys):
                            "--trainer.devices: `devices` selected with `CPUAccelerator` should be an int > 0."),
                           (["--trainer.accelerator", "mps"], "--trainer.accelerator: `MPSAccelerator` can not run on your system"),
                           (["--trainer.accelerator=gpu"], "--trainer.accelerator: No supported gpu backend found!"),
-                          (["--trainer.accelerator", "tpu"], "--trainer.accelerator: Requirement 'torch_xla>=1.13' not met"),
+                          (["--trainer.accelerator", "tpu"], "trainer: Requirement 'torch_xla>=1.13' not met"),  # (or a strategy's)
                           (["--trainer.devices", "-2"], "--trainer.devices: '-2' must be >= 1, -1 for all, device indices"),
                           # a value none of an option's types take: all of them (jsonargparse named the first)
                           (["--seed_everything", "abc"],
@@ -220,6 +237,7 @@ def test_bad_options_and_paths_are_one_line(tmp_path, tmp_path_factory, capsys):
                            "CIFAR100DataModule, ImageFolderDataModule; or a LightningDataModule's dotted path)"),
                           (["--config", str(config)], "trainer.max_epochs: 0 must be >= 1"),
                           (["--config", str(config), "--trainer.max_epochs", "1"], "data.batch_size: 0 must be >= 1"),
+                          (["--trainer.max_epochs", "1", "--config", str(config)], "trainer.max_epochs: 0 must be >= 1"),
                           (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1 (did you mean model.lr?)"),
                           # no value: the option as given (argparse named --model.overrides)
                           (["--model.overrides.offset_range", "--trainer.max_epochs", "1"],

@@ -22,6 +22,9 @@ def _tensorboard(trainer: L.Trainer):
 class Throughput(L.Callback):
     """`train/images_per_sec`: images over the time spent in training steps, summed over devices."""
 
+    def __init__(self) -> None:
+        self.images, self.seconds = 0, 0.0  # (a run resumed mid-epoch starts with no on_train_epoch_start)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.images, self.seconds = 0, 0.0
 

@@ -45,14 +45,22 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡"))
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt: the state at the end of each training epoch, validated or not (and where max_steps ends
+    a run mid-epoch, there). A class of its own: its state's key is no plain ModelCheckpoint's, which a
+    user may add (Lightning refuses two callbacks of one key)."""
+
+    def __init__(self) -> None:
+        super().__init__(filename=self.CHECKPOINT_NAME_LAST, enable_version_counter=False, save_on_train_epoch_end=True)
+
+
 def default_callbacks() -> list:
     """What every dat-lab run gets: best and last checkpoints, throughput, DAT monitors, hparams metric.
-    last.ckpt is a checkpoint of its own, written each epoch (Lightning 2.6's `save_last` writes it only
-    when a best one is written: after the best epoch it stayed a copy of that one, and a resume redid
-    the epochs after it)."""
+    last.ckpt is LastCheckpoint's (Lightning 2.6's `save_last` writes it only when a best one is written:
+    after the best epoch it stayed a copy of that one, and a resume redid the epochs after it)."""
     return [
         ModelCheckpoint(monitor=M.VAL_ACC1, mode="max", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False),
-        ModelCheckpoint(filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, enable_version_counter=False),  # the newest
+        LastCheckpoint(),
         Throughput(),
         DeformableMonitor(),
         HparamsMetric(),
@@ -240,9 +248,6 @@ class DatLabCLI(LightningCLI):
         if (checkpoint := self._check_checkpoint()) is not None:
             self._purge_logged_after(checkpoint)
         _HELD.release()
-        if self.trainer.fast_dev_run:  # Lightning 2.6's on_train_end wrote last.ckpt (into <root>/checkpoints) even then
-            for callback in self.trainer.checkpoint_callbacks:
-                callback.save_last = False
 
     def before_validate(self) -> None:
         self._before_evaluation()
@@ -319,8 +324,8 @@ def best_checkpoint(folder: Path) -> Path:
     runs = [folder] if (folder / "checkpoints").is_dir() else sorted(
         (p for p in folder.glob("version_*") if re.fullmatch(r"version_\d+", p.name)), key=lambda p: -int(p.name[8:]))
     for run in runs:
-        if found := sorted((run / "checkpoints").glob("best-*.ckpt")):
-            return found[-1]
+        if found := list((run / "checkpoints").glob("best-*.ckpt")):  # one, or a killed run's too: the newest
+            return max(found, key=lambda p: p.stat().st_mtime)
     raise DataError(f"--ckpt_path best: no {folder}/{'' if runs == [folder] else 'version_*/'}checkpoints/best-*.ckpt")
 
 
@@ -369,14 +374,21 @@ def config_error(err: BaseException, argv: list[str] | None = None) -> str:
     configs = [v for i, a in enumerate(argv or ()) if a in ("-c", "--config") for v in argv[i + 1:i + 2]]
     if gone and gone.group(1) in {f(c) for c in configs for f in (os.path.abspath, lambda c: str(Path(c).absolute()))}:
         text = f"--config: {gone.group(1)} does not exist"
-    given = {a.split("=", 1)[0].replace(".init_args.", ".") for a in argv or () if a.startswith("--")}
-    if (rule := re.match(r"([a-z_]+(?:\.\w+)+): ", text)) and f"--{rule.group(1)}" in given:  # a range rule's
-        text = f"--{text}"  # error names the config's key: as the option when given on the command line
+    if (rule := re.match(r"([a-z_]+(?:\.\w+)+): ", text)) and _given_last(f"--{rule.group(1)}", argv or []):
+        text = f"--{text}"  # a range rule's error names the config's key: as the option, where that set it
     if re.match(r"--data: (module .* has no attribute|Expected a dot import path|No module named)", text):
         return f"{text} (dat-lab's: {', '.join(data_modules())}; or a LightningDataModule's dotted path)"
     if re.fullmatch(r"the following arguments are required: \w+\.data", text):  # no --config (nor --data)
         return f"{text} (give a config, e.g. --config experiments/digits_quick.yaml, or --data CLASS)"
     return text + _did_you_mean(text)
+
+
+def _given_last(option: str, argv: list[str]) -> bool:
+    """Whether `option` (--data.batch_size, given so or as --data.init_args.batch_size) is on the command
+    line after every --config (a config file after it may set the value again)."""
+    at = [i for i, a in enumerate(argv) if a.split("=", 1)[0].replace(".init_args.", ".") == option]
+    configs = [i for i, a in enumerate(argv) if a.split("=", 1)[0] in ("-c", "--config")]
+    return bool(at) and at[-1] > max(configs, default=-1)
 
 
 def data_modules() -> list[str]:
