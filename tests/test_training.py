@@ -182,8 +182,8 @@ def test_a_refusal_is_all_that_is_printed(tmp_path):
     dat_lab.save_checkpoint(dat_lab.create_model("dat_pico", num_classes=10, in_chans=1), weights)
     for args, message in ((["--model.lr", "-1"], "--model.lr: -1.0 must be > 0"),
                           (["--ckpt_path", str(weights)], f"--ckpt_path: {weights} holds a model's weights alone")):
-        done = subprocess.run([sys.executable, "-m", "cli", "train", "--config", DIGITS, *args,
-                               "--trainer.default_root_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+        done = run_command([sys.executable, "-m", "cli", "train", "--config", DIGITS, *args,
+                            "--trainer.default_root_dir", str(tmp_path)], cwd=ROOT, timeout=600)
         assert (done.returncode, done.stdout) == (2, "") and done.stderr.startswith(f"dat-lab: error: {message}")
         assert done.stderr.count("\n") == 1, done.stderr
 
@@ -513,7 +513,7 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
             "--trainer.limit_train_batches", "8", "--trainer.default_root_dir", str(tmp_path),
             "--trainer.enable_progress_bar", "false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(base + ["--name", "whole"], check=True, env=env, cwd=ROOT, capture_output=True)
+    assert run_command(base + ["--name", "whole"], env=env, cwd=ROOT, timeout=600).returncode == 0
 
     last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(base + ["--name", "killed"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -527,8 +527,8 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
     first_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert first_epoch < 2, "the run finished before it could be killed"
 
-    subprocess.run(base + ["--name", "killed", "--ckpt_path", "last"], check=True, env=env, cwd=ROOT,
-                   capture_output=True)
+    resumed = run_command(base + ["--name", "killed", "--ckpt_path", "last"], env=env, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (tmp_path / "killed" / "version_1").exists()  # resumed in place
     whole = _weights(tmp_path / "whole" / "version_0" / "checkpoints" / "last.ckpt")
     resumed = _weights(last)
