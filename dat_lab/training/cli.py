@@ -112,11 +112,16 @@ def run_directory(root: str | Path, name: str, resume: bool) -> str | None:
     """The logger version to use: None (a new version_<n>) or, to resume, the newest existing one."""
     if not resume:
         return None
-    versions = sorted((int(m.group(1)), p.name) for p in Path(root, name).glob("version_*")
-                      if (m := re.fullmatch(r"version_(\d+)", p.name)) and (p / "checkpoints" / "last.ckpt").exists())
+    versions = [p for p in _versions(Path(root, name)) if (p / "checkpoints" / "last.ckpt").exists()]
     if not versions:
         raise DataError(f"--ckpt_path last: nothing to resume, no {Path(root, name)}/version_*/checkpoints/last.ckpt")
-    return versions[-1][1]
+    return versions[0].name
+
+
+def _versions(folder: Path) -> list[Path]:
+    """The version_<n> run folders under `folder`, newest (highest n) first."""
+    found = [p for p in folder.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
 
 
 @contextlib.contextmanager
@@ -321,8 +326,7 @@ def _logger_args(logger: Any) -> Namespace | None:
 
 def best_checkpoint(folder: Path) -> Path:
     """`--ckpt_path best`: a run folder's best-*.ckpt, or that of the newest run under `folder` with one."""
-    runs = [folder] if (folder / "checkpoints").is_dir() else sorted(
-        (p for p in folder.glob("version_*") if re.fullmatch(r"version_\d+", p.name)), key=lambda p: -int(p.name[8:]))
+    runs = [folder] if (folder / "checkpoints").is_dir() else _versions(folder)
     for run in runs:
         if found := list((run / "checkpoints").glob("best-*.ckpt")):  # one, or a killed run's too: the newest
             return max(found, key=lambda p: p.stat().st_mtime)
