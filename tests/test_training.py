@@ -580,10 +580,16 @@ def test_every_model_and_data_option_has_help(capsys):
 
 
 def test_test_says_it_evaluates_the_validation_split(capsys):
-    """(Lightning's description of test is "over the test set": dat-lab's data modules have none.)"""
-    with pytest.raises(SystemExit):
-        train(["test", "--help"])
-    assert "Evaluate the model on the data's validation split, as validate does" in " ".join(capsys.readouterr().out.split())
+    """(Lightning's description of test is "over the test set": dat-lab's data modules have none; its
+    --ckpt_path help speaks of "the previous trainer.fit call", in the same process.)"""
+    for command, says in (("test", "A checkpoint file to evaluate; last, best: the newest run of --name"),
+                          ("validate", "A checkpoint file to evaluate;"), ("fit", "A checkpoint file to train on from;")):
+        with pytest.raises(SystemExit):
+            train([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert says in text and "test set" not in text and "previous ``trainer.fit``" not in text, command
+        if command == "test":
+            assert "Evaluate the model on the data's validation split, as validate does" in text
 
 
 def test_one_override_on_the_command_line_keeps_the_files_others(capsys):

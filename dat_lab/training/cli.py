@@ -39,6 +39,14 @@ from .module import ImageClassifier, check_options
 SUBCOMMANDS = ("fit", "validate", "test")
 DESCRIPTIONS = {"test": {"description": "Evaluate the model on the data's validation split, as validate does (dat-lab's "
                                         "data modules hold no test split of their own)."}}  # (Lightning's: "the test set")
+CKPT_HELP = {  # Lightning's texts speak of a fit in the same process, and of a test set
+    "fit": "A checkpoint file to train on from; last: resume the newest run of --name (else the config file's stem) "
+           "in its folder; best: train on from that run's newest best-*.ckpt, into a new version; hpc, registry: "
+           "as Lightning's.",
+    "eval": "A checkpoint file to evaluate; last, best: the newest run of --name (else the config file's stem): its "
+            "last.ckpt, its newest best-*.ckpt (logged to a new version); hpc, registry: as Lightning's; none: the "
+            "model as built (say, from --model.weights).",
+}
 CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file (and registry:...)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch deprecation inside Lightning
 # Lightning's advertisements for its cloud services ("💡 Tip: ... try installing litlogger"), each run
@@ -147,6 +155,17 @@ class DatLabCLI(LightningCLI):
                             help="run name: runs go to <default_root_dir>/<name>/version_<n> (default: config file stem)")
         for key in ("num_classes", "img_size", "in_chans"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's, with --ckpt_path's help saying what dat-lab makes of it (CKPT_HELP)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        action = parser._option_string_actions["--ckpt_path"]
+        action.help = CKPT_HELP["fit" if subcommand == "fit" else "eval"]
+        for group in parser._action_groups:
+            if action in group._group_actions and subcommand in DESCRIPTIONS:
+                group.description = None  # Lightning's method docstring ("... over the test set")
+                group.title = "evaluation"
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """LightningCLI's, sys.argv set aside while `args` are parsed (else it warns of both); the rest of
