@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -146,6 +147,29 @@ def test_last_ckpt_is_written_at_each_epochs_end_and_where_max_steps_stops(tmp_p
     assert torch.load(path, weights_only=True)["global_step"] == 3  # one step into the second epoch
     _run(tmp_path, *quick, "--trainer.max_epochs", "-1", "--trainer.max_steps", "5", "--name", "steps", "--ckpt_path", "last")
     assert torch.load(path, weights_only=True)["global_step"] == 5
+
+
+class StopAfterFirstBatch(Callback):
+    """Stops training after the first batch, as Lightning's Timer does when max_time is up (its check at
+    the fit's start makes max_time 0 stop before any batch)."""
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = True
+
+
+def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
+    """Stopped after the first batch (as by max_time), and resumed, the run trains that epoch's other
+    batches too (last.ckpt was saved at the epoch's end, and Lightning took the epoch as done: 3 steps
+    fewer)."""
+    quick = ["--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
+             "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+             "--trainer.max_epochs", "2", "--name", "stopped"]
+    _run(tmp_path, *quick, "--trainer.callbacks+=test_training.StopAfterFirstBatch")
+    path = tmp_path / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    _run(tmp_path, *quick, "--ckpt_path", "last")
+    last = torch.load(path, weights_only=True)
+    assert (last["global_step"], last["epoch"]) == (8, 1)
 
 
 def test_the_checkpoint_callbacks_state_keeps_its_name():

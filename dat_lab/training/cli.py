@@ -54,12 +54,20 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda reco
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """last.ckpt: the state at the end of each training epoch, validated or not (and where max_steps ends
-    a run mid-epoch, there). A class of its own: its state's key is no plain ModelCheckpoint's, which a
-    user may add (Lightning refuses two callbacks of one key)."""
+    """last.ckpt: the state at the end of each training epoch, validated or not, and after the batch where
+    a run stops mid-epoch (max_time, max_steps, a callback's stop): saved there, a resume trains the
+    epoch's remaining batches (saved at the epoch's end, Lightning takes that epoch as done and skips
+    them). A class of its own: its state's key is no plain ModelCheckpoint's, which a user may add
+    (Lightning refuses two callbacks of one key)."""
 
     def __init__(self) -> None:
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, enable_version_counter=False, save_on_train_epoch_end=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        stops = trainer.should_stop and trainer.fit_loop._can_stop_early or 0 <= trainer.max_steps <= trainer.global_step
+        if stops and not loop._num_ready_batches_reached() and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def default_callbacks() -> list:
