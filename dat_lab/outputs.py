@@ -4,12 +4,14 @@ error naming the option (not errno's words after the work is done). The bottom f
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
 def check_output_folder(path: str | Path, *, option: str) -> Path:
-    """`path` if it is a folder, or can be made one, to write into; nothing is made. ValueError naming
-    `option` where a file lies on the way or the nearest folder there is not writable."""
+    """`path` if it is a folder, or can be made one, to write into (tried: a probe made and removed there;
+    nothing is left). ValueError naming `option` where a file lies on the way or the nearest folder there
+    is not writable."""
     path = Path(path)
     _check_folder(path, path, option)
     return path
@@ -30,8 +32,10 @@ def _check_folder(folder: Path, shown: Path, option: str) -> None:
     if not existing.is_dir():
         raise ValueError(f"{option}: {shown} is a file, not a folder" if existing == shown
                          else f"{option}: {shown}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}: {shown}: {existing} is not writable")
+    try:  # made and removed at once: os.access says yes to root on /proc and the like, where nothing can be made
+        os.rmdir(tempfile.mkdtemp(prefix=".dat-lab-probe-", dir=existing))
+    except OSError:
+        raise ValueError(f"{option}: {shown}: {existing} is not writable") from None
 
 
 def make_folder(path: str | Path, *, option: str) -> Path:

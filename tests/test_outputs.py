@@ -20,8 +20,13 @@ def test_output_folders_and_files(tmp_path, monkeypatch):
         check_output_file(f"{tmp_path / 'new'}/", option="-o", example="a.ckpt")  # a folder to be: torch.save failed
     with pytest.raises(ValueError, match=f"^-o: {tmp_path / 'afile' / 'x.ckpt'}: {tmp_path / 'afile'} is a file"):
         check_output_file(tmp_path / "afile" / "x.ckpt", option="-o", example="a.ckpt")
-    writable = lambda path, mode: path != tmp_path  # noqa: E731  (as a user's read-only folder; root writes anywhere)
-    monkeypatch.setattr("dat_lab.outputs.os.access", writable)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]  # the checks' probes left nothing
+    with pytest.raises(ValueError, match="^--out: /proc/dat-lab: /proc is not writable$"):
+        check_output_folder("/proc/dat-lab", option="--out")  # (os.access says yes to root there)
+
+    def read_only(prefix, dir):  # as a user's read-only folder (root writes anywhere else)
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("dat_lab.outputs.tempfile.mkdtemp", read_only)
     with pytest.raises(ValueError, match=f"^--out: {tmp_path / 'new'}: {tmp_path} is not writable$"):
         check_output_folder(tmp_path / "new", option="--out")
     monkeypatch.undo()
