@@ -184,6 +184,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from dat_lab.sweep import SpecError, parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
     from dat_lab.metrics import check_storage_url, default_storage, shown_url, sqlite_path
+    from dat_lab.outputs import check_output_file
     from dat_lab.sweep.runner import gpu_shares, make_storage, preflight, spawn_workers, visible_gpus
 
     overrides = _parse_sets(args.overrides, "sweep override")
@@ -205,6 +206,11 @@ def _sweep(args: argparse.Namespace) -> None:
     # a database server (opening one would create Optuna's tables)
     check_storage_url(storage)
     file = sqlite_path(storage)
+    if file is not None:  # trials and the study's attributes are written to it as the sweep runs
+        option = "storage" if spec.storage and not args.storage else "--storage"
+        check_output_file(file, option=option, example=f"{study}.db")
+        if file.exists() and not os.access(file, os.W_OK):
+            raise ValueError(f"{option}: {file} is not writable")
     new_file = file is not None and not file.exists()
     opened = make_storage(storage, spec.heartbeat) if not new_file and (file is not None or not args.dry_run) else None
     try:

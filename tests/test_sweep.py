@@ -355,6 +355,29 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
     assert FINGERPRINT not in optuna.load_study(study_name="old", storage=storage).user_attrs  # a dry run wrote nothing
 
 
+def test_a_study_its_creator_left_unqueued_is_finished_by_the_next_run(tmp_path, capsys):
+    """A run killed between storing the fingerprint and queueing the cells: the next one says it waits
+    (it waited 120 s in silence, for SQLite too), then queues them."""
+    storage = f"sqlite:///{tmp_path / 'k.db'}"
+    spec = parse_spec(write_spec(tmp_path, BASE + "budget: {max_epochs: 1}\nseeds: [0, 1]\n"))
+    planned = plan(spec, spec.planned_cells())
+    made = optuna.create_study(study_name="t", storage=storage, direction="maximize")
+    made.set_user_attr(FINGERPRINT, runner._fingerprint(spec, planned))  # where the killed run stopped
+    study = open_study(spec, storage, "t", planned, wait_s=0.2)
+    assert "study 't' has no cells queued yet: waiting up to 0 s for the worker creating it" in capsys.readouterr().err
+    assert [t.state for t in study.get_trials()].count(TrialState.WAITING) == 2 and study.user_attrs[runner.ENQUEUED]
+
+
+def test_a_storage_that_cannot_be_written_is_refused_before_planning(tmp_path, capsys, monkeypatch):
+    spec = write_spec(tmp_path, BASE + "budget: {max_epochs: 1}\n")
+    assert _dry_run(spec, "sqlite:////proc/dat-lab/x.db", tmp_path) == 2  # (os.access says yes to root there)
+    assert capsys.readouterr().err == "dat-lab: error: --storage: /proc/dat-lab/x.db: /proc is not writable\n"
+    open_study(parse_spec(spec), storage := f"sqlite:///{tmp_path / 'ro.db'}", "t")
+    monkeypatch.setattr("cli.os.access", lambda path, mode: Path(path) != tmp_path / "ro.db")  # a read-only file
+    assert cli.main(["sweep", str(spec), "--storage", storage, "--runs-root", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err == f"dat-lab: error: --storage: {tmp_path / 'ro.db'} is not writable\n"
+
+
 def test_a_grid_grows_by_seeds_and_levels_its_cells_kept(tmp_path, capsys):
     """More seeds, or more levels of its factors, add cells of their own to a grid study (those it has
     stay as trained); anything else that differs is still refused, and the spec it grew from too."""

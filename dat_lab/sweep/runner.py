@@ -205,9 +205,11 @@ def preflight(spec: SweepSpec, storage: RDBStorage | None, url: str, name: str, 
 
 
 def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCell] | None = None,
-               wait_s: float = 120.0) -> optuna.Study:
+               wait_s: float | None = None) -> optuna.Study:
     """Create the study (and queue its cells) or load it. Creation is one storage transaction, so of
-    workers starting together exactly one creates; the others wait until it has queued the grid."""
+    workers starting together exactly one creates; the others wait until it has queued the grid (up to
+    `wait_s`, default 120 s, 15 s for SQLite, where no workers start together: a creator killed left it)."""
+    wait_s = wait_s if wait_s is not None else 15.0 if M.sqlite_path(storage) is not None else 120.0
     kwargs = dict(storage=make_storage(storage, spec.heartbeat), study_name=name, direction=spec.direction,
                   sampler=build_sampler(spec.sampler), pruner=build_pruner(spec.pruner))
     try:
@@ -216,12 +218,16 @@ def open_study(spec: SweepSpec, storage: str, name: str, planned: list[PlannedCe
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
         check_fingerprint(spec, study.user_attrs.get(FINGERPRINT), name, storage, planned)  # at once, if stored yet
         deadline = time.time() + wait_s
-        if not study.user_attrs:
-            print(f"study {name!r} has no fingerprint yet: waiting up to {wait_s:.0f} s for the worker creating it",
-                  file=sys.stderr)
         # a study being created has no user attribute until its creator stores the fingerprint (its first);
         # a grid's workers also wait until the creator has queued the cells
-        while (not (attrs := study.user_attrs) or spec.is_grid and ENQUEUED not in attrs) and time.time() < deadline:
+        def unmade(attrs: dict[str, Any]) -> bool:
+            return not attrs or spec.is_grid and ENQUEUED not in attrs
+
+        if wait_s > 0 and unmade(study.user_attrs):
+            what = "no fingerprint" if not study.user_attrs else "no cells queued"
+            print(f"study {name!r} has {what} yet: waiting up to {wait_s:.0f} s for the worker creating it (if it "
+                  f"was killed, this one finishes making it)", file=sys.stderr)
+        while unmade(study.user_attrs) and time.time() < deadline:
             time.sleep(POLL_SECONDS / 4)
         if check_fingerprint(spec, stored := study.user_attrs.get(FINGERPRINT), name, storage, planned):  # once stored
             ours = _fingerprint(spec, planned)  # (and queued); more seeds or levels: the grid grows, guarded as it is now
