@@ -10,13 +10,31 @@ from typing import Any
 import yaml
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently:
+    `seeds: [0, 1]` then `seeds: [0]` planned one seed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be given again
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):  # (a list or mapping as a key)
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, *, expected: str) -> Any:
     """The document in `path` (None when empty). A ValueError in one line where it is no YAML,
-    "<path> is not valid YAML (<problem> at line L, column C)", or no text, "<path> is not a text file
-    (give <expected>)"; OSError (no such file, ...) as raised."""
+    "<path> is not valid YAML (<problem> at line L, column C)" (a key given twice in a mapping too), or
+    no text, "<path> is not a text file (give <expected>)"; OSError (no such file, ...) as raised."""
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a text file (give {expected})") from None
     except yaml.YAMLError as err:

@@ -32,7 +32,7 @@ from sweep_common import BASE, DEMO, ROOT, TPE, write_spec
     ("budget: {epochs: 3}\n", "budget.epochs: unknown key"),
     ("budget: {max_epochs: 0}\n", "budget.max_epochs: 0 must be >= 1, or -1 for no limit"),
     ("delta: {model: 5}\n", "delta.model: must be a mapping of model options, got 5"),
-    (TPE + "search_space: {model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}, model.lrr.low: 1.0e-4}\n",
+    ("sampler: tpe\nn_trials: 2\nsearch_space: {model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}, model.lrr.low: 1.0e-4}\n",
      "search_space.model.lrr.low: no search_space entry 'model.lrr' to set low of (entries: model.lr)"),
     ("budget: {max_epochs: null}\n", "budget.max_epochs: null: give a value, or leave the key out for the base config's"),
     ("storage: {sqlite:///x.db: null}\n", "storage: must be a URL, got {'sqlite:///x.db': None} (quote one that holds ': ')"),
@@ -95,11 +95,23 @@ from sweep_common import BASE, DEMO, ROOT, TPE, write_spec
     ("factors: {a=b: {path: model.lr, values: [0.1]}}\n", "factors.a=b: a factor's name is a letter or _"),
     ("factors: {p: {levels: {a: {}, b: {}}}}\n", "factors.p.levels: a and b are the same delta"),
     ("pruner: median\n", "pruner: median: only for sampler tpe (a grid trains every cell to the end"),
+    # a misspelt key over {} changed nothing, so passed unseen (and made a level the base's twin)
+    ("factors: {p: {levels: {a: {}, b: {modell: {}}}}}\n", "factors.p.levels.b.modell: {} changes nothing"),
+    ("delta: {model: {overrides: {}}}\n", "delta.model.overrides: {} changes nothing (a misspelt key?)"),
+    # the budget was merged over the delta: 3 epochs trained, silently
+    ("delta: {trainer: {max_epochs: 5}}\nbudget: {max_epochs: 3}\n",
+     "delta.trainer.max_epochs: budget.max_epochs sets it too; give it in one place"),
+    # the best trial would be the worst (and a trial's best value its worst epoch)
+    ("objective: {metric: val/acc1, direction: minimize}\n",
+     "objective.direction: minimize for val/acc1, which is better the higher: give maximize, or leave it out"),
+    ("objective: {metric: val/loss, direction: maximize}\n", "val/loss, which is better the lower: give minimize"),
+    ("seeds: [0, 1]\nseeds: [0]\n", "is not valid YAML (key 'seeds' given twice at line 4, column 1)"),
 ])
 def test_bad_specs_name_the_key(tmp_path, body, message):
     anchored = message.endswith("$")  # the message ends there
+    base = BASE.split("\n", 1)[1] if body.startswith("study:") else BASE  # (a key given twice is refused)
     with pytest.raises(SpecError, match=re.escape(message.removesuffix("$")) + "$" * anchored):
-        parse_spec(write_spec(tmp_path, BASE + body))
+        parse_spec(write_spec(tmp_path, base + body))
 
 
 def test_a_study_name_that_is_no_folder_name_is_refused(tmp_path, capsys):

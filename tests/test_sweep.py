@@ -337,7 +337,7 @@ def test_a_study_made_by_another_spec_is_refused_before_training(tmp_path, capsy
     capsys.readouterr()
     for override, field in [("seeds=[0]", "seeds: [0, 1] -> [0]"), ("seeds=[1,2]", "seeds: [0, 1] -> [1, 2]"),
                             ("budget.max_epochs=2", "config.trainer.max_epochs: 1 -> 2"),
-                            ("objective.direction=minimize", "objective.direction: 'maximize' -> 'minimize'")]:
+                            ("objective.value=last", "objective.value: 'best' -> 'last'")]:
         assert _dry_run(spec, storage, tmp_path, override) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"study 't' in {storage} was made by another spec" in err, err

@@ -71,7 +71,7 @@ def test_a_trial_its_ddp_ranks_pruned_ends_pruned_and_a_retry_starts_unpruned(tm
     `check_pruned` in the worker; a retried trial inherits those attributes from the try it retries."""
     from optuna_integration.pytorch_lightning.pytorch_lightning import _EPOCH_KEY, _INTERMEDIATE_VALUE, _PRUNED_KEY
 
-    spec = parse_spec(write_spec(tmp_path, BASE + TPE + "pruner: {name: median}\nn_trials: 1\n"))
+    spec = parse_spec(write_spec(tmp_path, BASE + TPE.replace("n_trials: 2", "n_trials: 1") + "pruner: {name: median}\n"))
     suggest, seen = runner._suggest, []
 
     def inherited(trial, *args):  # as RetryFailedTrialCallback copies them

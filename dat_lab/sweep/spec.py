@@ -284,6 +284,16 @@ def _mapping(path: Path, key: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _check_no_empty(path: Path, key: str, delta: Mapping[str, Any]) -> None:
+    """A SpecError naming the first empty mapping inside `delta` (`{modell: {}}`): merged, it changes
+    nothing, so a misspelt key there would pass unseen (an empty delta itself is the base config)."""
+    for name, value in delta.items():
+        if isinstance(value, Mapping):
+            if not value:
+                raise _error(path, f"{key}.{name}", "{} changes nothing (a misspelt key?); leave it out")
+            _check_no_empty(path, f"{key}.{name}", value)
+
+
 def _factor(path: Path, name: str, raw: Any) -> Factor:
     key = f"factors.{name}"
     if not isinstance(name, str) or not FACTOR_NAME.fullmatch(name):
@@ -304,6 +314,8 @@ def _factor(path: Path, name: str, raw: Any) -> Factor:
     if forms[0] == "levels":
         levels = _mapping(path, f"{key}.levels", raw["levels"])
         levels = {str(k): _mapping(path, f"{key}.levels.{k}", v) for k, v in levels.items()}
+        for level, delta in levels.items():
+            _check_no_empty(path, f"{key}.levels.{level}", delta)
         names = list(levels)
         twice = next(((a, b) for i, a in enumerate(names) for b in names[i + 1:] if levels[a] == levels[b]), None)
         if twice:
@@ -466,6 +478,10 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     for group in ("model", "data", "trainer"):  # a value there would replace the base's whole group
         if group in delta and not isinstance(delta[group], Mapping):
             raise _error(path, f"delta.{group}", f"must be a mapping of {group} options, got {delta[group]!r}")
+    _check_no_empty(path, "delta", delta)
+    if (both := next((k for k in budget if k in (delta.get("trainer") or {})), None)) is not None:
+        raise _error(path, f"delta.trainer.{both}", f"budget.{both} sets it too; give it in one place (budget: "
+                                                    f"the trainer's limits)")
     delta = deep_merge(delta, {"trainer": budget} if budget else {})
     factors = tuple(_factor(path, name, f) for name, f in _mapping(path, "factors", raw.get("factors")).items())
     seeds = raw.get("seeds", [0])
@@ -480,6 +496,10 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     direction = objective.get("direction", M.OBJECTIVES[metric])
     if direction not in ("maximize", "minimize"):
         raise _error(path, "objective.direction", f"{direction!r} is not one of maximize, minimize")
+    if direction != M.OBJECTIVES[metric]:  # the best trial, the pruner and a trial's best value would be the worst
+        raise _error(path, "objective.direction", f"{direction} for {metric}, which is better the "
+                                                  f"{'higher' if M.OBJECTIVES[metric] == 'maximize' else 'lower'}: "
+                                                  f"give {M.OBJECTIVES[metric]}, or leave it out")
     value = objective.get("value", "best")
     if value not in ("best", "last"):
         raise _error(path, "objective.value", f"{value!r} is not one of best, last")
