@@ -242,6 +242,10 @@ def _sweep(args: argparse.Namespace) -> None:
         n = _work_with_progress(spec, storage, study, planned, args)
         failed = f"{n} trial(s) of this run FAILED" if n else ""
     shown = shown_url(storage)
+    if args.worker_id is not None:  # one of --workers N: the command that started them says where to look
+        if failed:  # (its trials' failures were printed as they came)
+            raise SystemExit(1)
+        return
     print(f"study {study!r} in {shown}: `dat-lab sweep-status {study} --storage {shown}`; "
           f"TensorBoard: `tensorboard --logdir {args.runs_root}/{study}`")
     if failed:

@@ -141,6 +141,7 @@ def _sweep(tmp_path, storage, *extra, study="s"):
 def _run(argv, env):
     done = run_command(argv, cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def _assert_every_cell_once(storage, study="s", cells=8):
@@ -271,10 +272,11 @@ def test_workers_need_a_shared_server(tmp_path, capsys):
 
 def test_two_workers_on_postgres_run_each_cell_once(tmp_path, postgres_url):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    _run(_sweep(tmp_path, postgres_url, "seeds=[0]", "--workers", "2", study="pg"), env)
+    done = _run(_sweep(tmp_path, postgres_url, "seeds=[0]", "--workers", "2", study="pg"), env)
     trials = _assert_every_cell_once(postgres_url, study="pg", cells=4)
     workers = {t.user_attrs[M.TRIAL_WORKER] for t in trials if t.state == TrialState.COMPLETE}
     assert len(workers) == 2, workers
+    assert done.stdout.count("study 'pg' in ") == 1, done.stdout  # the command's closing line, not each worker's
 
 
 def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys):
