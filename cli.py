@@ -190,7 +190,12 @@ def _sweep(args: argparse.Namespace) -> None:
     overrides = _parse_sets(args.overrides, "sweep override")
     if args.n_trials is not None:
         overrides["n_trials"] = args.n_trials
-    spec = parse_spec(args.spec, overrides)
+    try:
+        spec = parse_spec(args.spec, overrides)
+    except SpecError as err:  # about the option given, not the spec's key
+        if args.n_trials is None or ": n_trials: " not in str(err):
+            raise
+        raise ValueError(f"--n-trials: {str(err).split(': n_trials: ', 1)[1]}") from None
     study = args.study or spec.study
     if not valid_study_name(study):
         raise ValueError(f"--study: {study!r}: {STUDY_NAME_RULE}")

@@ -265,6 +265,15 @@ def test_kill_9_during_a_trial_then_resume(tmp_path):
     assert any(t.state == TrialState.FAIL for t in trials)  # the killed trial, marked stale and run again
 
 
+def test_n_trials_errors_name_the_option(tmp_path, capsys):
+    """(They named the spec's key n_trials, which the user had not written.)"""
+    search = write_spec(tmp_path, BASE + TPE)
+    for spec, count, says in ((DEMO, "3", "--n-trials: only for sampler tpe (a grid runs every cell)"),
+                              (search, "0", "--n-trials: must be a positive integer for sampler tpe, got 0")):
+        assert cli.main(["sweep", str(spec), "--n-trials", count, "--dry-run", "--runs-root", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == f"dat-lab: error: {says}\n"
+
+
 def test_workers_need_a_shared_server(tmp_path, capsys):
     assert cli.main(["sweep", DEMO, "--workers", "2", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
     assert "SQLite is unsafe for parallel workers" in capsys.readouterr().err
@@ -762,7 +771,7 @@ def test_a_database_that_cannot_be_opened_is_one_line_and_a_dry_run_writes_nothi
     server = "postgresql://u:secret@127.0.0.1:1/db"  # nothing listens there
     assert cli.main(["sweep", DEMO, "--storage", server, "--runs-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err  # the password is not printed (output and logs may be shared)
-    assert err.startswith("dat-lab: error: --storage: cannot open postgresql+psycopg://u:***@127.0.0.1:1/db: ") \
+    assert err.startswith("dat-lab: error: --storage: cannot open postgresql://u:***@127.0.0.1:1/db: ") \
         and err.count("\n") == 1, err
     for command in ("sweep-status", "analyze"):
         assert cli.main([command, "x", "--storage", server]) == 2

@@ -37,12 +37,15 @@ class StudyInfo:
 def existing_storage(storage: str | None, study: str) -> str:
     """The storage URL to read `study` from (default: the sweep's default), checked without creating
     anything: a missing SQLite file or a malformed URL is an AnalysisError."""
-    storage = storage or M.default_storage(study)
+    given, storage = storage, storage or M.default_storage(study)
     try:
         M.check_storage_url(storage)
     except ValueError as err:
         raise AnalysisError(f"--{err}") from None
     if (file := M.sqlite_path(storage)) is not None and not file.exists():
+        if given is None:  # the user named no storage: say which one was looked for, and why there
+            raise AnalysisError(f"study {study!r}: no {file} (the storage of a sweep run with no --storage); run "
+                                f"the sweep first, or give --storage URL where the study is")
         raise AnalysisError(f"--storage: {storage} does not exist (run the sweep first, or name its storage)")
     return storage
 

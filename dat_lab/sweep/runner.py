@@ -77,15 +77,14 @@ def make_storage(url: str, heartbeat: tuple[int, int] = M.HEARTBEAT) -> RDBStora
     check_storage_url(url)
     if (file := M.sqlite_path(url)) is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # the driver dat-lab installs
-    interval, grace = heartbeat
+    driver = "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
+    interval, grace = heartbeat  # (psycopg: the driver dat-lab installs)
     try:
-        return RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
+        return RDBStorage(driver, heartbeat_interval=interval, grace_period=grace,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
                           engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
-        raise SpecError(M.storage_error(url, err)) from None
+        raise SpecError(M.storage_error(url, err)) from None  # (the URL as given, not the driver's)
 
 
 def _fingerprint(spec: SweepSpec, planned: Iterable[PlannedCell] | None) -> dict[str, Any]:

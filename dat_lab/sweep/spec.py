@@ -57,7 +57,7 @@ BUDGET_KEYS = {"max_epochs", "max_steps", "max_time", "limit_train_batches", "li
 OBJECTIVE_KEYS = {"metric", "direction", "value"}
 HEARTBEAT_KEYS = {"interval", "grace"}
 SAMPLERS = {"grid", "tpe"}
-TPE_OPTIONS = {"seed": (0, "int", None), "n_startup_trials": (10, "int", 0), "n_ei_candidates": (24, "int", 1),
+TPE_OPTIONS = {"seed": (0, "int", 0), "n_startup_trials": (10, "int", 0), "n_ei_candidates": (24, "int", 1),
                "multivariate": (True, "bool", None), "group": (False, "bool", None),
                "constant_liar": (True, "bool", None)}  # (default, kind, least value)
 TPE_DEFAULTS = {k: default for k, (default, _, _) in TPE_OPTIONS.items()}  # optuna 5 changed them: every one explicit
