@@ -417,7 +417,7 @@ def test_a_grid_grows_by_seeds_and_levels_its_cells_kept(tmp_path, capsys):
     assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) == 1  # (not queued again)
     assert study.user_attrs[FINGERPRINT] == grown.fingerprint() and study.user_attrs[M.STUDY_SEEDS] == [0, 1]
     assert list(study.user_attrs[M.STUDY_FACTORS]["f"]["levels"]) == ["a", "b", "0", "c", "0.5"]
-    for other, field in [(first, "seeds: [0, 1] -> [0]"),  # what it grew from: fewer cells
+    for other, field in [(first, "seeds: [0, 1] -> [0]; factor f: level c gone; factor f: level 0.5 gone"),  # fewer cells
                          (parse_spec(path, {"seeds": [0, 1], "factors.f.levels": {
                              **more["factors.f.levels"], "b": {"model": {"lr": 0.01}}}}),
                           "factors.f.levels.b.model.lr: 0.001 -> 0.01"),  # a level changed

@@ -157,13 +157,18 @@ def check_fingerprint(spec: SweepSpec, stored: dict[str, Any] | None, name: str,
 
 
 def _change(key: str, stored: dict[str, Any], current: dict[str, Any]) -> str:
-    """A fingerprint field's change as a refusal names it; a field of a factor only one side has: the
-    factor, new or gone."""
+    """A fingerprint field's change as a refusal names it; a field of a factor, or of a level, only one
+    side has: the factor, or the level, new or gone."""
     if factor := re.match(r"factors\.(.+?)\.levels\.", key):
         at = f"factors.{factor.group(1)}.levels."
         for side, word in ((stored, "new"), (current, "gone")):
             if not any(k.startswith(at) for k in side):
                 return f"factor {factor.group(1)}: {word}"
+        parts = key.removeprefix(at).split(".")
+        for level in (".".join(parts[:n]) for n in range(1, len(parts) + 1)):  # a level's name may hold dots
+            has = [any(k == at + level or k.startswith(f"{at}{level}.") for k in side) for side in (stored, current)]
+            if has[0] != has[1]:
+                return f"factor {factor.group(1)}: level {level} {'gone' if has[0] else 'new'}"
     return f"{key}: {stored.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
 
 
