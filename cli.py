@@ -229,7 +229,7 @@ def _sweep(args: argparse.Namespace) -> None:
     planned = plan(spec, spec.planned_cells())
     if args.dry_run:
         _grows(study, preflight(spec, opened, storage, study, args.runs_root, planned))  # on other data: refused
-        _print_plan(spec, planned, study, _done_cells(opened, study))
+        _print_plan(spec, planned, study, _done(spec, opened, study))
         return
     gpus = gpu_shares(planned, args.workers, visible_gpus())  # each worker's own GPUs
     if opened is None:  # a new file; by now perhaps made by a worker started beside this one
@@ -298,21 +298,24 @@ def _work_with_progress(spec, storage: str, study: str, planned, args: argparse.
     return len(failed)
 
 
-def _done_cells(storage: Any, study: str) -> set[str]:
-    """The cells of `study` (in an opened storage; None: not opened) that a trial finished."""
+def _done(spec, storage: Any, study: str) -> set[str] | int:
+    """What of `study` (in an opened storage; None: not opened) is done: a grid's cells that a trial
+    finished; a search's count of finished trials (as the sweep counts them towards n_trials)."""
     import optuna
 
-    from dat_lab.sweep.runner import cell_trials
+    from dat_lab.sweep.runner import cell_trials, study_progress
 
     try:
         found = optuna.load_study(study_name=study, storage=storage) if storage is not None else None
     except KeyError:  # no such study yet
         found = None
+    if not spec.is_grid:
+        return study_progress(found, spec, {})[0] if found else 0
     return {key for key, trials in cell_trials(found).items()
             if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)} if found else set()
 
 
-def _print_plan(spec, planned, study: str, done: set[str] = frozenset()) -> None:
+def _print_plan(spec, planned, study: str, done: set[str] | int = frozenset()) -> None:
     from dat_lab import metrics as M
 
     rows = []
@@ -330,6 +333,8 @@ def _print_plan(spec, planned, study: str, done: set[str] = frozenset()) -> None
         kind = (f"{_component(spec.sampler)}, {spec.n_trials} trials over {', '.join(spec.search_space)}, "
                 f"pruner {_component(spec.pruner)}")
         planned_text = "the base config checked, and each search-space path at its bounds or choices"
+        if done:
+            planned_text += f" ({done} trial(s) done in the study, {max(spec.n_trials - done, 0)} to train)"
     print(f"{spec.path}: study {study!r}, {kind}, objective {spec.direction} {spec.metric} ({spec.value}); "
           f"{planned_text}, nothing trained (--dry-run)")
     _print_table(rows)

@@ -274,6 +274,16 @@ def test_n_trials_errors_name_the_option(tmp_path, capsys):
         assert capsys.readouterr().err == f"dat-lab: error: {says}\n"
 
 
+def test_a_search_dry_run_says_how_many_trials_the_study_has_done(tmp_path, capsys):
+    """(A grid's said how many of its cells were done; a search's said nothing of its trials.)"""
+    storage, spec = f"sqlite:///{tmp_path / 's.db'}", write_spec(tmp_path, BASE + TPE.replace("n_trials: 2", "n_trials: 3"))
+    study = open_study(parse_spec(spec), storage, "t")
+    for value in (0.5, 0.6):
+        study.tell(study.ask(), value)
+    assert _dry_run(spec, storage, tmp_path) == 0
+    assert "(2 trial(s) done in the study, 1 to train), nothing trained (--dry-run)" in capsys.readouterr().out
+
+
 def test_workers_need_a_shared_server(tmp_path, capsys):
     assert cli.main(["sweep", DEMO, "--workers", "2", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
     assert "SQLite is unsafe for parallel workers" in capsys.readouterr().err
@@ -637,7 +647,7 @@ def test_the_tpe_sampler_takes_the_spec_options_without_deprecation_warnings():
 
 
 def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, monkeypatch):
-    finished = runner._finished
+    finished = runner.study_progress
     calls = []
 
     def bounded(*args):
@@ -645,7 +655,7 @@ def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, m
         assert len(calls) < 10, "the search does not end"
         return finished(*args)
 
-    monkeypatch.setattr(runner, "_finished", bounded)
+    monkeypatch.setattr(runner, "study_progress", bounded)
     spec = write_spec(tmp_path, BASE + "sampler: tpe\nn_trials: 2\nbudget: {max_epochs: 1, limit_train_batches: 6, "
                   "limit_val_batches: 1}\nsearch_space: {model.lr: {type: categorical, choices: [1.0e+30]}}\n")
     storage = f"sqlite:///{tmp_path / 'tpe.db'}"
@@ -659,7 +669,7 @@ def test_a_tpe_search_whose_trials_all_fail_ends_and_exits_1(tmp_path, capsys, m
 
 
 def test_a_trial_failing_before_training_records_why_and_a_search_still_ends(tmp_path, monkeypatch):
-    finished, calls = runner._finished, []
+    finished, calls = runner.study_progress, []
 
     def bounded(*args):
         calls.append(1)
@@ -669,7 +679,7 @@ def test_a_trial_failing_before_training_records_why_and_a_search_still_ends(tmp
     def broken(config):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(runner, "_finished", bounded)
+    monkeypatch.setattr(runner, "study_progress", bounded)
     monkeypatch.setattr(runner, "in_worker", broken)
     spec = parse_spec(write_spec(tmp_path, BASE + TPE))
     study = work(spec, storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="t", runs_root=str(tmp_path / "runs"),
@@ -760,11 +770,11 @@ def test_a_tpe_search_counts_failed_trials_but_not_interrupted_or_stale_ones(tmp
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="t")
     for attrs in ({"failure": "interrupted"}, {}):
         study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs))
-        assert runner._finished(study, spec, {}) == (0, 1, True)
+        assert runner.study_progress(study, spec, {}) == (0, 1, True)
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"failure": "ValueError: bad"}))
-    assert runner._finished(study, spec, {}) == (1, 1, False)
+    assert runner.study_progress(study, spec, {}) == (1, 1, False)
     study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5))  # n_trials lowered since
-    assert runner._finished(study, spec, {}) == (2, 2, False)
+    assert runner.study_progress(study, spec, {}) == (2, 2, False)
 
 
 def test_a_database_that_cannot_be_opened_is_one_line_and_a_dry_run_writes_nothing(tmp_path, capsys):

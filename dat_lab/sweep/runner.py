@@ -445,7 +445,7 @@ def _suggest(trial: optuna.Trial, name: str, dist: dict[str, Any]) -> Any:
     return trial.suggest_categorical(name, dist["choices"])
 
 
-def _finished(study: optuna.Study, spec: SweepSpec, planned: dict[str, PlannedCell]) -> tuple[int, int, bool]:
+def study_progress(study: optuna.Study, spec: SweepSpec, planned: dict[str, PlannedCell]) -> tuple[int, int, bool]:
     """(done, total, whether anything is still to run or running)."""
     if spec.is_grid:
         by_cell = cell_trials(study)
@@ -502,7 +502,7 @@ def _next_round(study: optuna.Study, spec: SweepSpec, by_key: dict[str, PlannedC
     """One turn of a worker's loop: stale trials failed (and queued again), then a trial claimed and run,
     or a wait for other workers' trials; whether the sweep has nothing left to run."""
     fail_stale_trials(study)  # stale RUNNING -> FAILED, and queued again by the retry callback
-    done, total, active = _finished(study, spec, by_key)
+    done, total, active = study_progress(study, spec, by_key)
     if progress:
         progress(done, total)
     if not active:
