@@ -463,6 +463,18 @@ def test_params_and_flops_show_three_significant_digits_at_any_scale():
     assert shown([28.3191, 49.7], [4.5889, 8.9]) == (["28.32", "49.70"], ["4.589", "8.900"])
 
 
+def test_a_difference_that_rounds_to_zero_shows_no_sign_of_its_own():
+    """(-3e-6, a float's error in a mean, showed -0.00 beside another row's +0.00.)"""
+    from dat_lab.analysis.tables import display
+
+    info = StudyInfo(name="s", metric=M.VAL_ACC1, direction="maximize", seeds=[0],
+                     factors={"p": {"levels": ["a", "b", "c", "d"], "baseline": "a", "paper_table": None}})
+    table = pd.DataFrame({"p": list("abcd"), "mean": [90.0] * 4, "std": [math.nan] * 4, "n": [1] * 4,
+                          "params_m": [1.0] * 4, "gflops": [1.0] * 4, "images_per_s": [100.0] * 4,
+                          "status": ["done"] * 4, "diff": [0.0, -3e-6, 3e-6, -0.25], "baseline": [True] + [False] * 3})
+    assert display(table, info)["diff"].tolist() == ["baseline", "+0.00", "+0.00", "-0.25"]
+
+
 def test_a_numeric_factors_plot_names_the_other_factor_and_ticks_its_levels():
     from dat_lab.analysis.plots import factor_plot
 
