@@ -230,6 +230,10 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.dry_run:
         _grows(study, preflight(spec, opened, storage, study, args.runs_root, planned))  # on other data: refused
         _print_plan(spec, planned, study, _done(spec, opened, study))
+        try:  # a plan may be made on a machine other than the one to run it: said, not refused
+            gpu_shares(planned, args.workers, visible_gpus())
+        except ValueError as err:
+            print(f"note: a real run here would be refused: {err}")
         return
     gpus = gpu_shares(planned, args.workers, visible_gpus())  # each worker's own GPUs
     if opened is None:  # a new file; by now perhaps made by a worker started beside this one

@@ -131,6 +131,10 @@ def test_a_sweep_refused_after_planning_writes_no_storage(tmp_path, capsys, monk
                      "--runs-root", str(tmp_path / "runs")])
     assert code == 2 and "this machine has no GPU" in capsys.readouterr().err
     assert not db.exists() and not (tmp_path / "runs").exists()
+    code = cli.main(["sweep", DEMO, *SMALL, "delta.trainer.accelerator=gpu", "--storage", f"sqlite:///{db}",
+                     "--runs-root", str(tmp_path / "runs"), "--dry-run"])  # a plan made elsewhere: said, not refused
+    assert code == 0 and "note: a real run here would be refused: trainer.accelerator: gpu, and this machine has no " \
+                         "GPU" in capsys.readouterr().out
 
 
 def _sweep(tmp_path, storage, *extra, study="s"):
