@@ -212,7 +212,7 @@ def _sweep(args: argparse.Namespace) -> None:
     check_storage_url(storage)
     file = sqlite_path(storage)
     if file is not None:  # trials and the study's attributes are written to it as the sweep runs
-        option = "storage" if spec.storage and not args.storage else "--storage"
+        option = "--storage" if args.storage else "storage" if spec.storage else f"--storage (default {storage})"
         check_output_file(file, option=option, example=f"{study}.db")
         if file.exists() and not os.access(file, os.W_OK):
             raise ValueError(f"{option}: {file} is not writable")

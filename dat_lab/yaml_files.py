@@ -23,7 +23,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if not isinstance(key, (str, int, float, bool, type(None))):  # (a list or mapping as a key)
                 continue
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice; give it once", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 

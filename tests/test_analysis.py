@@ -245,8 +245,8 @@ def test_analysis_scripts_run(script, tmp_path):
     assert subprocess.run([sys.executable, str(script), "--help"], env=env, cwd=tmp_path, capture_output=True).returncode == 0
     done = subprocess.run([sys.executable, str(script), "nosuch"], env=env, cwd=tmp_path, capture_output=True, text=True)
     refusal = {"visualize_offsets.py": "nosuch: no such checkpoint"}.get(
-        script.name, "study 'nosuch': no runs/nosuch.db (the storage of a sweep run with no --storage); run the "
-                     "sweep first, or give --storage URL where the study is")
+        script.name, "study 'nosuch': no runs/nosuch.db (a sweep's default storage); run the sweep first, or give "
+                     "--storage URL where the study is")
     assert done.returncode == 2 and done.stderr.endswith(refusal + "\n") and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "runs").exists()
 

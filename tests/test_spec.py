@@ -102,11 +102,13 @@ from sweep_common import BASE, DEMO, ROOT, TPE, write_spec
     # the budget was merged over the delta: 3 epochs trained, silently
     ("delta: {trainer: {max_epochs: 5}}\nbudget: {max_epochs: 3}\n",
      "delta.trainer.max_epochs: budget.max_epochs sets it too; give it in one place"),
+    ("factors: {e: {path: trainer.max_epochs, values: [1, 2]}}\nbudget: {max_epochs: 3}\n",
+     "factors.e: sets trainer.max_epochs, which budget.max_epochs sets too; give it in one place"),
     # the best trial would be the worst (and a trial's best value its worst epoch)
     ("objective: {metric: val/acc1, direction: minimize}\n",
      "objective.direction: minimize for val/acc1, which is better the higher: give maximize, or leave it out"),
     ("objective: {metric: val/loss, direction: maximize}\n", "val/loss, which is better the lower: give minimize"),
-    ("seeds: [0, 1]\nseeds: [0]\n", "is not valid YAML (key 'seeds' given twice at line 4, column 1)"),
+    ("seeds: [0, 1]\nseeds: [0]\n", "is not valid YAML (key 'seeds' given twice; give it once at line 4, column 1)"),
 ])
 def test_bad_specs_name_the_key(tmp_path, body, message):
     anchored = message.endswith("$")  # the message ends there

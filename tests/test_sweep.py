@@ -401,6 +401,19 @@ def test_a_storage_that_cannot_be_written_is_refused_before_planning(tmp_path, c
     monkeypatch.setattr("cli.os.access", lambda path, mode: Path(path) != tmp_path / "ro.db")  # a read-only file
     assert cli.main(["sweep", str(spec), "--storage", storage, "--runs-root", str(tmp_path / "runs")]) == 2
     assert capsys.readouterr().err == f"dat-lab: error: --storage: {tmp_path / 'ro.db'} is not writable\n"
+    monkeypatch.undo()
+    monkeypatch.chdir("/proc")  # no --storage given: the default is named as such
+    assert cli.main(["sweep", str(spec), "--dry-run", "--runs-root", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err == ("dat-lab: error: --storage (default sqlite:///runs/t.db): runs/t.db: /proc is "
+                                       "not writable\n")
+
+
+def test_a_refusal_names_a_level_gone_or_new_and_a_field_of_a_level_kept():
+    at = "factors.f.levels."
+    stored = {at + "a.model.lr": 1, at + "a.model.weight_decay": 2, at + "0.5.model.lr": 3, at + "c": {}}
+    current = {at + "a.model.lr": 1, at + "0.model.lr": 3, at + "c": {}}
+    assert [runner._change(at + k, stored, current) for k in ("a.model.weight_decay", "0.5.model.lr", "0.model.lr")] \
+        == ["factors.f.levels.a.model.weight_decay: 2 -> '(unset)'", "factor f: level 0.5 gone", "factor f: level 0 new"]
 
 
 def test_a_grid_grows_by_seeds_and_levels_its_cells_kept(tmp_path, capsys):

@@ -44,8 +44,8 @@ def existing_storage(storage: str | None, study: str) -> str:
         raise AnalysisError(f"--{err}") from None
     if (file := M.sqlite_path(storage)) is not None and not file.exists():
         if given is None:  # the user named no storage: say which one was looked for, and why there
-            raise AnalysisError(f"study {study!r}: no {file} (the storage of a sweep run with no --storage); run "
-                                f"the sweep first, or give --storage URL where the study is")
+            raise AnalysisError(f"study {study!r}: no {file} (a sweep's default storage); run the sweep first, "
+                                f"or give --storage URL where the study is")
         raise AnalysisError(f"--storage: {storage} does not exist (run the sweep first, or name its storage)")
     return storage
 

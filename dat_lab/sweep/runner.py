@@ -164,12 +164,21 @@ def _change(key: str, stored: dict[str, Any], current: dict[str, Any]) -> str:
         for side, word in ((stored, "new"), (current, "gone")):
             if not any(k.startswith(at) for k in side):
                 return f"factor {factor.group(1)}: {word}"
-        parts = key.removeprefix(at).split(".")
-        for level in (".".join(parts[:n]) for n in range(1, len(parts) + 1)):  # a level's name may hold dots
-            has = [any(k == at + level or k.startswith(f"{at}{level}.") for k in side) for side in (stored, current)]
-            if has[0] != has[1]:
-                return f"factor {factor.group(1)}: level {level} {'gone' if has[0] else 'new'}"
+        level = _level_name(key.removeprefix(at))
+        has = [any(_level_name(k.removeprefix(at)) == level for k in side if k.startswith(at)) for side in (stored, current)]
+        if has[0] != has[1]:
+            return f"factor {factor.group(1)}: level {level} {'gone' if has[0] else 'new'}"
     return f"{key}: {stored.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
+
+
+CONFIG_GROUPS = {"model", "data", "trainer", "seed_everything", "optimizer", "lr_scheduler", "ckpt_path"}
+
+
+def _level_name(field: str) -> str:
+    """The level of a fingerprint field below `factors.<factor>.levels.`: "0.5.model.lr" -> "0.5" (a
+    level's name may hold dots; what follows it is a training config's path, or nothing for an empty level)."""
+    parts = field.split(".")
+    return next((".".join(parts[:n]) for n in range(1, len(parts)) if parts[n] in CONFIG_GROUPS), field)
 
 
 def run_dirs(runs_root: str, name: str) -> dict[int, Path]:

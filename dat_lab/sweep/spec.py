@@ -484,6 +484,11 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
                                                     f"the trainer's limits)")
     delta = deep_merge(delta, {"trainer": budget} if budget else {})
     factors = tuple(_factor(path, name, f) for name, f in _mapping(path, "factors", raw.get("factors")).items())
+    for factor in factors:  # (a level would win over the budget, silently)
+        if (key := next((k for d in factor.levels.values() for k in _flatten(d)
+                         if k.removeprefix("trainer.") in budget and k.startswith("trainer.")), None)) is not None:
+            raise _error(path, f"factors.{factor.name}", f"sets {key}, which budget.{key.removeprefix('trainer.')} "
+                                                         f"sets too; give it in one place")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
             or len(set(seeds)) != len(seeds):
