@@ -3,7 +3,8 @@ cifar10 / cifar100 (torchvision), imagefolder (the ImageNet layout, with the pap
 
 Every DataModule tells the model its `num_classes`, `in_chans` and `img_size`, keeps a fixed train/val
 split (seeded by `split_seed` where it draws one), and shuffles the training set by (seed, epoch) with its
-own generator, so that a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+own generator, so that a run resumed from a checkpoint of an epoch's end sees the same batches as an
+uninterrupted one (resumed mid-epoch, the epoch's order starts again: see the README).
 `seed` (the shuffling, and the loader workers' random streams: their augmentation) is the run's
 `seed_everything` unless given, so that runs of other seeds (a sweep's) see other batches and
 augmentations of the same split. Problems with the data

@@ -170,6 +170,8 @@ def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
     _run(tmp_path, *quick, "--ckpt_path", "last")
     last = torch.load(path, weights_only=True)
     assert (last["global_step"], last["epoch"]) == (8, 1)
+    # the best checkpoint of the stop's validation is known to the resumed run (else it wrote a -v1 beside it)
+    assert not [p.name for p in path.parent.iterdir() if "-v" in p.name]
 
 
 def test_the_checkpoint_callbacks_state_keeps_its_name():

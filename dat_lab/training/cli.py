@@ -12,6 +12,7 @@ and channels.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import inspect
 import logging
@@ -44,8 +45,8 @@ CKPT_HELP = {  # Lightning's texts speak of a fit in the same process, and of a 
            "in its folder; best: train on from that run's newest best-*.ckpt, into a new version; hpc, registry: "
            "as Lightning's.",
     "eval": "A checkpoint file to evaluate; last, best: the newest run of --name (else the config file's stem): its "
-            "last.ckpt, its newest best-*.ckpt (logged to a new version); hpc, registry: as Lightning's; none: the "
-            "model as built (say, from --model.weights).",
+            "last.ckpt, its newest best-*.ckpt (logged to a new version); hpc, registry: as Lightning's; null (the "
+            "default): the model as built (say, from --model.weights).",
 }
 CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file (and registry:...)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch deprecation inside Lightning
@@ -54,20 +55,38 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda reco
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """last.ckpt: the state at the end of each training epoch, validated or not, and after the batch where
-    a run stops mid-epoch (max_time, max_steps, a callback's stop): saved there, a resume trains the
-    epoch's remaining batches (saved at the epoch's end, Lightning takes that epoch as done and skips
-    them). A class of its own: its state's key is no plain ModelCheckpoint's, which a user may add
-    (Lightning refuses two callbacks of one key)."""
+    """last.ckpt: the state at the end of each training epoch, validated or not. Where a run stops
+    mid-epoch (max_time, max_steps, a callback's stop at a batch's end), it is written at the epoch's end
+    as ever (after the stop's validation, which the best checkpoint's state records), but with the
+    training loops' state of the stopping batch, so that a resume trains the epoch's remaining batches
+    (Lightning takes a state of the epoch's end as the epoch done, and skipped them). A class of its own:
+    its state's key is no plain ModelCheckpoint's, which a user may add (Lightning refuses two callbacks
+    of one key)."""
 
     def __init__(self) -> None:
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, enable_version_counter=False, save_on_train_epoch_end=True)
+        self._stopped_at: dict | None = None  # the fit loop's state after the batch where the run stopped mid-epoch
+        self._saving = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stopped_at = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        loop = trainer.fit_loop.epoch_loop
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         stops = trainer.should_stop and trainer.fit_loop._can_stop_early or 0 <= trainer.max_steps <= trainer.global_step
-        if stops and not loop._num_ready_batches_reached() and not self._should_skip_saving_checkpoint(trainer):
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        if stops and not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            self._stopped_at = copy.deepcopy(trainer.fit_loop.state_dict())
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._saving = True
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        finally:
+            self._saving = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._saving and self._stopped_at is not None:
+            checkpoint["loops"]["fit_loop"] = self._stopped_at
 
 
 def default_callbacks() -> list:
