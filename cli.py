@@ -31,13 +31,15 @@ import yaml
 
 def _parse_sets(items: Sequence[str], what: str = "--set") -> dict[str, Any]:
     """`key=value` pairs; values read as YAML, so `offset_range=4` and `groups=[1,2,3,6]` work."""
+    from dat_lab.yaml_files import load_yaml
+
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{what}: {item!r} is not key=value")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            overrides[key.strip()] = load_yaml(value)
         except yaml.YAMLError as err:
             raise ValueError(f"{what}: {item!r}: the value is not YAML ({str(err).splitlines()[0]})") from None
     return overrides

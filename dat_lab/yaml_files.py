@@ -28,13 +28,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load of `text`, a key given twice refused as in read_yaml (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def read_yaml(path: str | Path, *, expected: str) -> Any:
     """The document in `path` (None when empty). A ValueError in one line where it is no YAML,
     "<path> is not valid YAML (<problem> at line L, column C)" (a key given twice in a mapping too), or
     no text, "<path> is not a text file (give <expected>)"; OSError (no such file, ...) as raised."""
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+            return load_yaml(f.read())
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a text file (give {expected})") from None
     except yaml.YAMLError as err:

@@ -78,6 +78,7 @@ def test_profile_variant_cli(capsys):
     (["profile", "dat_tiny", "--paper-tables"], "--paper-tables takes no VARIANT"),
     (["profile", "dat_tiny", "--img-size", "0"], "img_size: 0 must be >= 1"),
     (["profile", "dat_tiny", "--set", "groups=[1,2"], "--set: 'groups=[1,2': the value is not YAML"),
+    (["profile", "dat_tiny", "--set", "stages={a: 1, a: 2}"], "the value is not YAML (key 'a' given twice; give it once)"),
     (["profile", "dat_tiny", "--set", "stages=3"], "stages: 3 is not a list of stages"),
     (["profile", "dat_tiny", "--set", "img_size=64", "--img-size", "32"], "--img-size 32 and --set img_size=64: give one"),
     (["profile", "dat_tiny", "--img-size", "abc"],  # argparse's: one line too, no usage block
