@@ -3,8 +3,9 @@ cifar10 / cifar100 (torchvision), imagefolder (the ImageNet layout, with the pap
 
 Every DataModule tells the model its `num_classes`, `in_chans` and `img_size`, keeps a fixed train/val
 split (seeded by `split_seed` where it draws one), and shuffles the training set by (seed, epoch) with its
-own generator, so that a run resumed from a checkpoint of an epoch's end sees the same batches as an
-uninterrupted one (resumed mid-epoch, the epoch's order starts again: see the README).
+own generator, so that a run resumed from a checkpoint sees the same batches as an uninterrupted one
+(one saved mid-epoch too: the checkpoint holds how many batches that epoch had trained, and the resumed
+epoch's order starts after them).
 `seed` (the shuffling, and the loader workers' random streams: their augmentation) is the run's
 `seed_everything` unless given, so that runs of other seeds (a sweep's) see other batches and
 augmentations of the same split. Problems with the data
@@ -40,6 +41,18 @@ def _check_loader(*, batch_size: int = 1, num_workers: int = 0, img_size: int = 
             raise DataError(f"data.{name}: {value} must be >= {least}")
 
 
+class ResumableSampler(DistributedSampler):
+    """The training set's DistributedSampler (seeded, shuffled by epoch), which can start its first pass
+    `skip` samples in: where a run resumed mid-epoch, after the batches that epoch had trained."""
+
+    skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
 class ImageDataModule(L.LightningDataModule):
     """Image data for training and validation: one of the subclasses below (--data.help NAME lists its options).
 
@@ -64,6 +77,19 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.img_size, self.seed = batch_size, num_workers, img_size, seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._resume: dict[str, int] = {}  # the epoch and the batches it had trained, of a checkpoint mid-epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where in its epoch the training was (saved in checkpoints): the epoch and the batches it had
+        trained, where that is not the whole epoch."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": done} if 0 < done < trainer.num_training_batches else {}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
 
     @classmethod
     def describe(cls, **init_args) -> dict[str, int]:
@@ -88,9 +114,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         trainer, seed = self.trainer, self.loader_seed()
-        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
-                                     rank=trainer.global_rank if trainer else 0, shuffle=train, seed=seed,
-                                     drop_last=train) if train else None
+        sampler = ResumableSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
+                                   rank=trainer.global_rank if trainer else 0, shuffle=train, seed=seed,
+                                   drop_last=train) if train else None
+        if sampler is not None and self._resume:  # resumed mid-epoch (restored before the loader is made): that
+            # epoch's order, without the batches it had trained (Lightning sets the epoch only after its first batch)
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip, self._resume = self._resume["batches"] * self.batch_size, {}
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))

@@ -159,19 +159,23 @@ class StopAfterFirstBatch(Callback):
 
 def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
     """Stopped after the first batch (as by max_time), and resumed, the run trains that epoch's other
-    batches too (last.ckpt was saved at the epoch's end, and Lightning took the epoch as done: 3 steps
-    fewer)."""
+    batches, and ends with the uninterrupted run's weights (last.ckpt was saved at the epoch's end, and
+    Lightning took the epoch as done: 3 steps fewer; then the resumed epoch started its order again)."""
     quick = ["--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
              "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
-             "--trainer.max_epochs", "2", "--name", "stopped"]
-    _run(tmp_path, *quick, "--trainer.callbacks+=test_training.StopAfterFirstBatch")
+             "--trainer.max_epochs", "2"]
+    _run(tmp_path, *quick, "--name", "stopped", "--trainer.callbacks+=test_training.StopAfterFirstBatch")
     path = tmp_path / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(path, weights_only=True)["global_step"] == 1
-    _run(tmp_path, *quick, "--ckpt_path", "last")
+    _run(tmp_path, *quick, "--name", "stopped", "--ckpt_path", "last")
     last = torch.load(path, weights_only=True)
     assert (last["global_step"], last["epoch"]) == (8, 1)
     # the best checkpoint of the stop's validation is known to the resumed run (else it wrote a -v1 beside it)
     assert not [p.name for p in path.parent.iterdir() if "-v" in p.name]
+    _run(tmp_path, *quick, "--name", "whole")
+    whole = _weights(tmp_path / "whole" / "version_0" / "checkpoints" / "last.ckpt")
+    for name, value in _weights(path).items():
+        torch.testing.assert_close(value, whole[name], rtol=0, atol=0, msg=name)
 
 
 def test_the_checkpoint_callbacks_state_keeps_its_name():

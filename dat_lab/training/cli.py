@@ -50,6 +50,8 @@ CKPT_HELP = {  # Lightning's texts speak of a fit in the same process, and of a 
 }
 CKPT_ALIASES = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a file (and registry:...)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch deprecation inside Lightning
+# Lightning's, on a resume mid-epoch: dat-lab's data modules keep the place themselves (ImageDataModule.state_dict)
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 # Lightning's advertisements for its cloud services ("💡 Tip: ... try installing litlogger"), each run
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡"))
 
@@ -59,7 +61,8 @@ class LastCheckpoint(ModelCheckpoint):
     mid-epoch (max_time, max_steps, a callback's stop at a batch's end), it is written at the epoch's end
     as ever (after the stop's validation, which the best checkpoint's state records), but with the
     training loops' state of the stopping batch, so that a resume trains the epoch's remaining batches
-    (Lightning takes a state of the epoch's end as the epoch done, and skipped them). A class of its own:
+    (Lightning takes a state of the epoch's end as the epoch done, and skipped them; the data module
+    leaves out those trained: ImageDataModule.state_dict). A class of its own:
     its state's key is no plain ModelCheckpoint's, which a user may add (Lightning refuses two callbacks
     of one key)."""
 
