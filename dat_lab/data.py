@@ -81,12 +81,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, int]:
         """Where in its epoch the training was (saved in checkpoints): the epoch and the batches it had
-        trained, where that is not the whole epoch."""
+        trained, where the checkpoint is saved mid-epoch (at an epoch's end, stopped early or not, Lightning
+        resumes with the next epoch: nothing)."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches": done} if 0 < done < trainer.num_training_batches else {}
+        epochs, done = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        mid_epoch = epochs.processed < epochs.started and 0 < done < trainer.num_training_batches
+        return {"epoch": trainer.current_epoch, "batches": done} if mid_epoch else {}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict)

@@ -167,6 +167,10 @@ def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
     _run(tmp_path, *quick, "--name", "stopped", "--trainer.callbacks+=test_training.StopAfterFirstBatch")
     path = tmp_path / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(path, weights_only=True)["global_step"] == 1
+    # written at the epoch's end, the best checkpoint resumes with the next epoch: no place in this one
+    best = torch.load(path.parent / "best-epoch000.ckpt", weights_only=True)
+    assert "SyntheticDataModule" not in best
+    assert torch.load(path, weights_only=True)["SyntheticDataModule"] == {"epoch": 0, "batches": 1}
     _run(tmp_path, *quick, "--name", "stopped", "--ckpt_path", "last")
     last = torch.load(path, weights_only=True)
     assert (last["global_step"], last["epoch"]) == (8, 1)

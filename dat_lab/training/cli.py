@@ -68,8 +68,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self) -> None:
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, enable_version_counter=False, save_on_train_epoch_end=True)
-        self._stopped_at: dict | None = None  # the fit loop's state after the batch where the run stopped mid-epoch
-        self._saving = False
+        self._stopped_at: dict | None = None  # the fit loop's and the data's states after the batch where
+        self._saving = False  # the run stopped mid-epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stopped_at = None
@@ -78,7 +78,9 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         stops = trainer.should_stop and trainer.fit_loop._can_stop_early or 0 <= trainer.max_steps <= trainer.global_step
         if stops and not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
-            self._stopped_at = copy.deepcopy(trainer.fit_loop.state_dict())
+            data = trainer.datamodule
+            self._stopped_at = {"fit_loop": copy.deepcopy(trainer.fit_loop.state_dict()),
+                                "data": (type(data).__qualname__, data.state_dict()) if data is not None else None}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         self._saving = True
@@ -89,7 +91,9 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._saving and self._stopped_at is not None:
-            checkpoint["loops"]["fit_loop"] = self._stopped_at
+            checkpoint["loops"]["fit_loop"] = self._stopped_at["fit_loop"]
+            if (data := self._stopped_at["data"]) is not None and data[1]:  # (where the data module keeps one)
+                checkpoint[data[0]] = data[1]
 
 
 def default_callbacks() -> list:
