@@ -117,8 +117,8 @@ def _first(series: pd.Series) -> float:
 def _fmt(value: float, digits: int = 2, sign: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    text = f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-    return text.replace("-", "+" if sign else "", 1) if float(text) == 0 else text  # -0.00: a -3e-6 rounded
+    value = 0.0 if round(value, digits) == 0 else value  # (a -3e-6 showed as -0.00)
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def display(table: pd.DataFrame, info: StudyInfo, *, latex: bool = False) -> pd.DataFrame:

@@ -284,6 +284,12 @@ def _mapping(path: Path, key: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _budget_option(config_path: str, budget: Mapping[str, Any]) -> str | None:
+    """The budget's option that a dotted config path sets (trainer.max_epochs -> max_epochs), else None."""
+    group, _, rest = config_path.partition(".")
+    return option if group == "trainer" and (option := rest.split(".")[0]) in budget else None
+
+
 def _check_no_empty(path: Path, key: str, delta: Mapping[str, Any]) -> None:
     """A SpecError naming the first empty mapping inside `delta` (`{modell: {}}`): merged, it changes
     nothing, so a misspelt key there would pass unseen (an empty delta itself is the base config)."""
@@ -404,8 +410,8 @@ def _search_space(path: Path, raw: Any, budget: Mapping[str, Any]) -> dict[str, 
             raise _error(path, key, "the sweep sets the seeds (the spec's seeds: a search's one seed); not a search parameter")
         if "." not in name:
             raise _error(path, key, f"names the whole {name!r} group; give one option of it, e.g. model.lr")
-        if name.startswith("trainer.") and name.removeprefix("trainer.") in budget:
-            raise _error(path, key, f"budget.{name.removeprefix('trainer.')} sets it; search it with no budget for it")
+        if (option := _budget_option(name, budget)) is not None:
+            raise _error(path, key, f"budget.{option} sets it; search it with no budget for it")
         for k in ("choices",) if dist["type"] == "categorical" else ("low", "high"):
             if k not in dist:
                 raise _error(path, f"{key}.{k}", "is missing")
@@ -479,15 +485,15 @@ def parse_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         if group in delta and not isinstance(delta[group], Mapping):
             raise _error(path, f"delta.{group}", f"must be a mapping of {group} options, got {delta[group]!r}")
     _check_no_empty(path, "delta", delta)
-    if (both := next((k for k in budget if k in (delta.get("trainer") or {})), None)) is not None:
-        raise _error(path, f"delta.trainer.{both}", f"budget.{both} sets it too; give it in one place (budget: "
-                                                    f"the trainer's limits)")
+    if (both := next((k for k in _flatten(delta) if _budget_option(k, budget)), None)) is not None:
+        raise _error(path, f"delta.{both}", f"budget.{_budget_option(both, budget)} sets it too; give it in one place "
+                                            f"(budget: the trainer's limits)")
     delta = deep_merge(delta, {"trainer": budget} if budget else {})
     factors = tuple(_factor(path, name, f) for name, f in _mapping(path, "factors", raw.get("factors")).items())
     for factor in factors:  # (a level would win over the budget, silently)
-        if (key := next((k for d in factor.levels.values() for k in _flatten(d)
-                         if k.removeprefix("trainer.") in budget and k.startswith("trainer.")), None)) is not None:
-            raise _error(path, f"factors.{factor.name}", f"sets {key}, which budget.{key.removeprefix('trainer.')} "
+        if (key := next((k for d in factor.levels.values() for k in _flatten(d) if _budget_option(k, budget)),
+                        None)) is not None:
+            raise _error(path, f"factors.{factor.name}", f"sets {key}, which budget.{_budget_option(key, budget)} "
                                                          f"sets too; give it in one place")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
