@@ -552,6 +552,7 @@ def _main(argv: list[str]) -> int:
     if extra:
         parser.exit(2, f"dat-lab: error: unrecognized arguments: {' '.join(extra)} (see dat-lab {args.command} --help)\n")
     try:
+        _check_named_files(args)
         args.run(args)
         sys.stdout.flush()  # a reader gone fails here, not at exit
     except BrokenPipeError:  # its reader went away (`| head`): nothing more to say (Python's own recipe)
@@ -560,6 +561,20 @@ def _main(argv: list[str]) -> int:
     except (ValueError, OSError, pickle.UnpicklingError) as err:
         return _fail(err)
     return 0
+
+
+def _check_named_files(args: argparse.Namespace) -> None:
+    """A file the command is named to read that is not there, refused in one line before the command's
+    imports (torch, timm, Lightning: seconds), with the library's own words for it (a test compares)."""
+    if args.command == "sweep" and not Path(args.spec).is_file():
+        raise ValueError(f"{args.spec}: no such sweep spec")
+    if args.command in ("convert", "visualize") and not Path(args.checkpoint).exists():
+        raise ValueError(f"{args.checkpoint}: no such checkpoint")
+    if args.command in ("analyze", "sweep-status") and args.storage is None:
+        file = Path("runs", f"{args.study}.db")  # metrics.default_storage's file
+        if not file.exists():
+            raise ValueError(f"study {args.study!r}: no {file} (a sweep's default storage); run the sweep first, "
+                             f"or give --storage URL where the study is")
 
 
 def _fail(err: Exception) -> int:

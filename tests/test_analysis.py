@@ -251,6 +251,29 @@ def test_analysis_scripts_run(script, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_missing_input_file_is_refused_before_torch_is_imported_in_the_librarys_words(tmp_path, monkeypatch):
+    """`dat-lab sweep/convert/visualize/analyze/sweep-status` with a file that is not there: the one line the
+    library would print, without the seconds its imports take (torch is not imported)."""
+    from dat_lab.analysis.study import existing_storage
+    from dat_lab.models.convert import read_checkpoint
+    from dat_lab.sweep import SpecError, parse_spec
+
+    monkeypatch.chdir(tmp_path)
+    cases = [(["sweep", "none.yaml"], SpecError, lambda: parse_spec("none.yaml")),
+             (["convert", "none.pth", "--variant", "dat_tiny", "-o", "x.ckpt"], ValueError, lambda: read_checkpoint("none.pth")),
+             (["visualize", "none.ckpt"], AnalysisError, lambda: visualize("none.ckpt", "out")),
+             (["analyze", "nosuch"], AnalysisError, lambda: existing_storage(None, "nosuch")),
+             (["sweep-status", "nosuch"], AnalysisError, lambda: existing_storage(None, "nosuch"))]
+    for argv, error, library in cases:
+        with pytest.raises(error) as refused:
+            library()
+        code = f"import sys, cli; code = cli.main({argv!r}); sys.exit(3 if 'torch' in sys.modules else code)"
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True)
+        assert (done.returncode, done.stderr) == (2, f"dat-lab: error: {refused.value}\n"), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_paper_layout_of_table7(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 't7.db'}"
     rows = paper_rows(7)

@@ -106,7 +106,7 @@ def test_convert_cli_errors(golden, tmp_path, capsys):
     assert cli.main(["convert", str(released), "--variant", "dat_tiny", "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"dat-lab: error: -o: {tmp_path} is a folder; give the file to write, e.g. {tmp_path / 'dat.ckpt'}\n"
     out = tmp_path / "list.pth" / "x.ckpt"  # refused before the conversion
-    assert cli.main(["convert", str(tmp_path / "nope.pth"), "--variant", "dat_tiny", "-o", str(out)]) == 2
+    assert cli.main(["convert", str(released), "--variant", "dat_tiny", "-o", str(out)]) == 2
     assert capsys.readouterr().err == f"dat-lab: error: -o: {out}: {tmp_path / 'list.pth'} is a file, not a folder\n"
     assert cli.main(["convert", str(tmp_path), "--variant", "dat_tiny", "-o", str(tmp_path / "x.ckpt")]) == 2
     assert capsys.readouterr().err == f"dat-lab: error: {tmp_path}: a folder, not a checkpoint file\n"

@@ -318,7 +318,7 @@ def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys):
                "    time.sleep(5)\n"
                "cli._sweep = interrupted\n"
                "sys.exit(cli.main())")
-    loop = f'for i in 1 2; do "{sys.executable}" -c "$COMMAND" sweep x.yaml; echo "went on after $i"; done'
+    loop = f'for i in 1 2; do "{sys.executable}" -c "$COMMAND" sweep {DEMO}; echo "went on after $i"; done'
     done = subprocess.run(["bash", "-c", loop], env={**os.environ, "PYTHONPATH": str(ROOT), "COMMAND": command},
                           start_new_session=True, capture_output=True, text=True, timeout=120,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (make & ignores it)
