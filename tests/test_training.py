@@ -157,23 +157,26 @@ class StopAfterFirstBatch(Callback):
         trainer.should_stop = True
 
 
-def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
+@pytest.mark.parametrize("accumulate", [pytest.param(1, marks=pytest.mark.slow), 2])  # 2: the same, and more
+def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path, accumulate):
     """Stopped after the first batch (as by max_time), and resumed, the run trains that epoch's other
     batches, and ends with the uninterrupted run's weights (last.ckpt was saved at the epoch's end, and
-    Lightning took the epoch as done: 3 steps fewer; then the resumed epoch started its order again)."""
+    Lightning took the epoch as done: 3 steps fewer; then the resumed epoch started its order again).
+    Accumulating gradients over 2 batches, the stop comes after the second (after the first, its
+    gradients were lost, and the second stepped alone)."""
     quick = ["--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--data.batch_size", "4",
              "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
-             "--trainer.max_epochs", "2"]
+             "--trainer.max_epochs", "2", "--trainer.accumulate_grad_batches", str(accumulate)]
     _run(tmp_path, *quick, "--name", "stopped", "--trainer.callbacks+=test_training.StopAfterFirstBatch")
     path = tmp_path / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(path, weights_only=True)["global_step"] == 1
     # written at the epoch's end, the best checkpoint resumes with the next epoch: no place in this one
     best = torch.load(path.parent / "best-epoch000.ckpt", weights_only=True)
     assert "SyntheticDataModule" not in best
-    assert torch.load(path, weights_only=True)["SyntheticDataModule"] == {"epoch": 0, "batches": 1}
+    assert torch.load(path, weights_only=True)["SyntheticDataModule"] == {"epoch": 0, "batches": accumulate}
     _run(tmp_path, *quick, "--name", "stopped", "--ckpt_path", "last")
     last = torch.load(path, weights_only=True)
-    assert (last["global_step"], last["epoch"]) == (8, 1)
+    assert (last["global_step"], last["epoch"]) == (8 // accumulate, 1)
     # the best checkpoint of the stop's validation is known to the resumed run (else it wrote a -v1 beside it)
     assert not [p.name for p in path.parent.iterdir() if "-v" in p.name]
     _run(tmp_path, *quick, "--name", "whole")

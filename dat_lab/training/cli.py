@@ -62,7 +62,8 @@ class LastCheckpoint(ModelCheckpoint):
     as ever (after the stop's validation, which the best checkpoint's state records), but with the
     training loops' state of the stopping batch, so that a resume trains the epoch's remaining batches
     (Lightning takes a state of the epoch's end as the epoch done, and skipped them; the data module
-    leaves out those trained: ImageDataModule.state_dict). A class of its own:
+    leaves out those trained: ImageDataModule.state_dict). A stop inside a window of accumulated
+    gradients (`accumulate_grad_batches`) comes at the window's optimizer step. A class of its own:
     its state's key is no plain ModelCheckpoint's, which a user may add (Lightning refuses two callbacks
     of one key)."""
 
@@ -70,12 +71,18 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(filename=self.CHECKPOINT_NAME_LAST, enable_version_counter=False, save_on_train_epoch_end=True)
         self._stopped_at: dict | None = None  # the fit loop's and the data's states after the batch where
         self._saving = False  # the run stopped mid-epoch
+        self._deferred = False  # a stop waiting for the end of a window of accumulated gradients
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stopped_at = None
+        self._stopped_at, self._deferred = None, False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if trainer.should_stop and trainer.fit_loop._can_stop_early or self._deferred:
+            # a stop inside a window of accumulated gradients waits for the window's optimizer step (else the
+            # gradients of its trained batches were lost, and resumed, its other batches stepped alone)
+            self._deferred = trainer.fit_loop.epoch_loop._should_accumulate()
+            trainer.should_stop = not self._deferred
         stops = trainer.should_stop and trainer.fit_loop._can_stop_early or 0 <= trainer.max_steps <= trainer.global_step
         if stops and not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
             data = trainer.datamodule
