@@ -142,9 +142,12 @@ def test_last_ckpt_is_written_at_each_epochs_end_and_where_max_steps_stops(tmp_p
     _run(tmp_path, *quick, "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2", "--name", "sparse")
     last = torch.load(tmp_path / "sparse" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6
+    schedule = lambda ckpt: ckpt["lr_schedulers"][0]["warmup_t"] + ckpt["lr_schedulers"][0]["t_initial"]  # noqa: E731
+    assert schedule(last) == 6  # the schedule is as long as the run: max_epochs, or max_steps (README)
     _run(tmp_path, *quick, "--trainer.max_epochs", "-1", "--trainer.max_steps", "3", "--name", "steps")
     path = tmp_path / "steps" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(path, weights_only=True)["global_step"] == 3  # one step into the second epoch
+    assert schedule(torch.load(path, weights_only=True)) == 3
     _run(tmp_path, *quick, "--trainer.max_epochs", "-1", "--trainer.max_steps", "5", "--name", "steps", "--ckpt_path", "last")
     assert torch.load(path, weights_only=True)["global_step"] == 5
 

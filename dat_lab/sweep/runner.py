@@ -333,7 +333,7 @@ def _record_cost(trial: optuna.Trial, profile: Profile) -> None:
 
 
 def reproduce_command(run_dir: Path) -> str:
-    """The command that trains a trial again, into runs/<study>_trial_<nnnn>_again/."""
+    """The command that trains a trial again, into runs/<study>_trial_<nnnn>_again/version_<n>/."""
     name = f"{run_dir.parent.name}_{run_dir.name}_again"
     return (f"dat-lab train --config {run_dir / 'config.yaml'} --trainer.logger true --trainer.enable_progress_bar true "
             f"--name {name}")
