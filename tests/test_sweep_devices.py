@@ -1,9 +1,13 @@
 """A sweep's trials on devices: DDP inside a trial, GPUs shared among workers, and workers started by a
 launcher (torchrun, SLURM's srun)."""
 
+import contextlib
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -150,7 +154,7 @@ def test_each_worker_process_sees_its_own_gpus(monkeypatch):
     started = []
 
     class Proc:
-        def __init__(self, argv, env=None):
+        def __init__(self, argv, env=None, process_group=None):
             started.append((argv[-1], (env or {}).get("CUDA_VISIBLE_DEVICES")))
 
         def wait(self):
@@ -168,6 +172,48 @@ def test_each_worker_process_sees_its_own_gpus(monkeypatch):
     assert runner.visible_gpus() == ["4", "6"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert runner.visible_gpus() == ["0", "1"]
+
+
+FAKE_WORKER = """
+import os, signal, sys, time
+path = os.path.join(os.environ["WORKER_LOG"], sys.argv[sys.argv.index("--worker-id") + 1])
+got = lambda signum, frame: open(path, "a").write(signal.Signals(signum).name + " ")
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, got)
+open(path, "w").close()  # ready
+end = time.time() + 30  # (not reached: a test's failure)
+while not os.path.getsize(path) and time.time() < end:
+    time.sleep(0.05)
+time.sleep(1)  # a second signal would show
+sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_sweep_of_several_workers_reaches_each_worker_once(tmp_path, how):
+    """A Ctrl-C (SIGINT to the terminal's process group), or a kill of the sweep's process alone: each
+    worker gets the signal once (a kill left them training; a Ctrl-C reaches them through the sweep)."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_WORKER}")
+    fake.chmod(0o755)
+    code = f"import sys; from dat_lab.sweep import runner; sys.executable = {str(fake)!r}; runner.spawn_workers(['s.yaml'], 2)"
+    parent = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "WORKER_LOG": str(tmp_path)},
+                              start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()) and time.time() < deadline:
+            time.sleep(0.1)
+        signum = getattr(signal, how.split()[0])
+        (os.killpg if "group" in how else os.kill)(parent.pid, signum)
+        status = parent.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert [(tmp_path / i).read_text() for i in "01"] == [f"{how.split()[0]} "] * 2
+    if signum != signal.SIGINT:
+        assert status == 128 + signum
+        assert parent.stderr.read().endswith(f"dat-lab: {how}: the workers were stopped; finished cells are stored, "
+                                             "and the same command resumes\n")
 
 
 # what srun gives the one task of a job on one node (the worker)

@@ -595,13 +595,36 @@ def gpu_shares(planned: Iterable[PlannedCell], workers: int, gpus: list[str]) ->
 
 def spawn_workers(argv: list[str], workers: int, gpus: list[str] | None = None) -> int:
     """Run `workers` copies of this sweep command as processes (each with --workers 1), worker i on the
-    GPUs gpus[i] (CUDA_VISIBLE_DEVICES) where given; the worst exit code."""
+    GPUs gpus[i] (CUDA_VISIBLE_DEVICES) where given; the worst exit code. Each worker is a process group
+    of its own, and a Ctrl-C (SIGINT), SIGTERM or SIGHUP to this process is passed on to each, once (a
+    terminal's Ctrl-C reaches this process alone; a kill of it left the workers training); after a
+    SIGTERM or SIGHUP, once they have ended, this process exits 128 + the signal's number."""
     env = lambda i: {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else None  # noqa: E731
-    procs = [subprocess.Popen([sys.executable, "-m", "cli", "sweep", *argv, "--workers", "1", "--worker-id", str(i)],
-                              env=env(i)) for i in range(workers)]
-    try:
-        return max((p.wait() for p in procs), key=abs)  # a worker killed by a signal has a negative status
-    except KeyboardInterrupt:
+    procs: list[subprocess.Popen] = []
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any = None) -> None:
+        received.append(signum)
         for p in procs:
-            p.wait()
-        raise
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        procs += [subprocess.Popen([sys.executable, "-m", "cli", "sweep", *argv, "--workers", "1", "--worker-id",
+                                    str(i)], env=env(i), process_group=0) for i in range(workers)]
+        try:
+            worst = max((p.wait() for p in procs), key=abs)  # a worker killed by a signal has a negative status
+        except KeyboardInterrupt:
+            forward(signal.SIGINT)
+            for p in procs:
+                p.wait()
+            raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        print(f"dat-lab: {signal.Signals(received[0]).name}: the workers were stopped; finished cells are stored, "
+              "and the same command resumes", file=sys.stderr)
+        raise SystemExit(128 + received[0])
+    return worst
