@@ -188,6 +188,20 @@ def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path, accumu
         torch.testing.assert_close(value, whole[name], rtol=0, atol=0, msg=name)
 
 
+def test_under_torchrun_a_trainer_of_fewer_devices_than_its_processes_is_refused(tmp_path, monkeypatch):
+    """torchrun --nproc_per_node 2 with --trainer.devices 1: each process trained alone, into one run folder."""
+    for name, value in {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                        "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    args = ["fit", "--data", "dat_lab.data.SyntheticDataModule", "--data.img_size", "32", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path)]
+    message = ("trainer.devices: torchrun started 2 processes, and the trainer takes 1 (1 device(s) x 1 node(s)); give "
+               "--trainer.devices as torchrun's --nproc_per_node and --trainer.num_nodes as its --nnodes")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        train(args)
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_checkpoint_callbacks_state_keeps_its_name():
     """Lightning keeps a callback's state under a key made of its class name: a run resumes its best
     score and checkpoint only if the key is the one it was saved under."""

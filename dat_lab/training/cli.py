@@ -27,6 +27,7 @@ from jsonargparse import Namespace
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import TorchElasticEnvironment
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -309,7 +310,20 @@ class DatLabCLI(LightningCLI):
                 and self.checkpoint_file.resolve().parent.parent == Path(logger.log_dir).resolve()):
             logger._kwargs["purge_step"] = int(checkpoint.get("global_step", 0))
 
+    def _check_processes(self) -> None:
+        """Under torchrun, a trainer of another world size than the processes it started is refused in one
+        line (with fewer devices, each process trained alone, all into one run folder, and said nothing)."""
+        environment = getattr(self.trainer.strategy, "cluster_environment", None)  # (a sweep trial's is its own)
+        if not TorchElasticEnvironment.detect() or not isinstance(environment, (TorchElasticEnvironment, type(None))):
+            return
+        started, nodes = int(os.environ["WORLD_SIZE"]), self.trainer.num_nodes
+        if started != self.trainer.world_size:
+            raise ValueError(f"trainer.devices: torchrun started {started} processes, and the trainer takes "
+                             f"{self.trainer.world_size} ({self.trainer.num_devices} device(s) x {nodes} node(s)); give "
+                             f"--trainer.devices as torchrun's --nproc_per_node and --trainer.num_nodes as its --nnodes")
+
     def before_fit(self) -> None:
+        self._check_processes()
         if (checkpoint := self._check_checkpoint()) is not None:
             self._purge_logged_after(checkpoint)
         _HELD.release()
@@ -327,6 +341,7 @@ class DatLabCLI(LightningCLI):
         self._quiet.__exit__(None, None, None)
 
     def _before_evaluation(self) -> None:
+        self._check_processes()
         self._check_checkpoint()
         _HELD.release()
         config = self.config[self.subcommand]
