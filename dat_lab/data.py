@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -116,9 +117,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         trainer, seed = self.trainer, self.loader_seed()
-        sampler = ResumableSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
-                                   rank=trainer.global_rank if trainer else 0, shuffle=train, seed=seed,
-                                   drop_last=train) if train else None
+        ranks, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if train:
+            sampler = ResumableSampler(dataset, num_replicas=ranks, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        elif 1 < ranks <= len(dataset):  # each image validated once (Lightning's DistributedSampler repeats some
+            # to give every rank as many: their metrics counted twice); no rank without any
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=ranks, rank=rank, shuffle=False)
+        else:
+            sampler = None
         if sampler is not None and self._resume:  # resumed mid-epoch (restored before the loader is made): that
             # epoch's order, without the batches it had trained (Lightning sets the epoch only after its first batch)
             sampler.set_epoch(self._resume["epoch"])

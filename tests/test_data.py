@@ -1,6 +1,7 @@
 """DataModules: splits, shapes, and clear errors before training starts."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -126,3 +127,19 @@ def test_imagefolder_check_is_the_layout_check_of_its_constructor(tmp_path):
         ImageFolderDataModule.check(root=str(tmp_path / "ok"), num_classes=3)
     with pytest.raises(DataError, match=f"{tmp_path / 'none' / 'train'}: no such folder"):
         ImageFolderDataModule.check(root=str(tmp_path / "none"))
+
+
+def test_under_ddp_each_validation_image_is_seen_once():
+    """Lightning's DistributedSampler gives every rank as many images, repeating some: those were counted
+    twice in the metrics. Each rank now validates its share, none repeated (and with fewer images than
+    ranks, Lightning's sampler stays, so that no rank has none)."""
+    dm = SyntheticDataModule(img_size=8, train_samples=12, val_samples=7, batch_size=2)
+    dm.setup()
+    seen = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        seen += list(dm.val_dataloader().sampler)
+        assert len(list(dm.train_dataloader().sampler)) == 6  # training: equal shares, as before
+    assert sorted(seen) == list(range(7))
+    dm.trainer = SimpleNamespace(world_size=8, global_rank=0)
+    assert dm.val_dataloader().sampler.__class__.__name__ == "SequentialSampler"
