@@ -183,7 +183,7 @@ def _grows(study: str, added: str | None) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from dat_lab.sweep import SpecError, parse_spec, plan
+    from dat_lab.sweep import SpecError, open_study, parse_spec, plan
     from dat_lab.sweep.spec import STUDY_NAME_RULE, valid_study_name
     from dat_lab.metrics import check_storage_url, default_storage, shown_url, sqlite_path
     from dat_lab.outputs import check_output_file
@@ -242,6 +242,8 @@ def _sweep(args: argparse.Namespace) -> None:
         opened = make_storage(storage, spec.heartbeat)
     _grows(study, preflight(spec, opened, storage, study, args.runs_root, planned))
     if args.workers > 1:
+        open_study(spec, storage, study, planned)  # the grid's missing cells queued once (each worker queued those
+        # it found missing; starting together, a rerun's workers queued its failed cells twice)
         argv = [args.spec, *args.overrides, "--storage", storage, "--study", study, "--runs-root", args.runs_root]
         if args.n_trials is not None:
             argv += ["--n-trials", str(args.n_trials)]

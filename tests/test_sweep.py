@@ -754,6 +754,23 @@ def test_a_resumed_search_and_its_workers_draw_points_of_their_own(tmp_path, mon
         second.sample_independent(study, study.ask(), "x", optuna.distributions.FloatDistribution(0, 1))
 
 
+def test_several_workers_find_the_grids_missing_cells_queued_once(tmp_path, postgres_url, monkeypatch):
+    """The sweep queues the cells no trial has finished before it starts its workers (each queued those
+    it found missing: starting together, a rerun's workers queued its failed cells twice)."""
+    argv = ["sweep", DEMO, "--workers", "2", "--storage", postgres_url, "--study", "queued", "--runs-root",
+            str(tmp_path / "runs")]
+    queued = []
+    waiting = lambda: [t for t in optuna.load_study(study_name="queued", storage=postgres_url).get_trials()  # noqa: E731
+                       if t.state == TrialState.WAITING]
+    monkeypatch.setattr(runner, "spawn_workers", lambda argv, workers, gpus: queued.append(len(waiting())) or 0)
+    assert cli.main(argv) == 0
+    study = optuna.load_study(study_name="queued", storage=postgres_url)
+    for trial in study.get_trials()[:3]:  # three cells failed: a rerun queues each once more, before its workers start
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    assert cli.main(argv) == 0
+    assert queued == [8, 8] and len(study.get_trials()) == 11
+
+
 def test_the_worst_worker_status_is_the_sweeps(tmp_path, postgres_url, monkeypatch, capsys):
     argv = ["sweep", DEMO, "--workers", "2", "--storage", postgres_url, "--study", "statuses",
             "--runs-root", str(tmp_path / "runs")]
