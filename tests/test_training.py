@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -200,6 +201,17 @@ def test_under_torchrun_a_trainer_of_fewer_devices_than_its_processes_is_refused
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         train(args)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_offset_record_reads_the_same_images_on_every_device():
+    """The sampling figure and mean offset length: of the validation set's first images, whichever share
+    of it a device validates (its first batch was each device's own)."""
+    data = dat_lab.data.SyntheticDataModule(img_size=8, val_samples=6, batch_size=4)
+    data.setup()
+    monitor = next(c for c in default_callbacks() if type(c).__name__ == "DeformableMonitor")
+    trainer = SimpleNamespace(datamodule=data)
+    monitor.on_validation_batch_end(trainer, None, None, (data.val_set[2:6][0], None), 0)
+    torch.testing.assert_close(monitor.images, data.val_set[0:4][0], rtol=0, atol=0)
 
 
 def test_the_checkpoint_callbacks_state_keeps_its_name():

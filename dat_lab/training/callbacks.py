@@ -51,7 +51,14 @@ class DeformableMonitor(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.images is None and batch_idx == 0 and dataloader_idx == 0:
-            self.images = batch[0][: self.num_images].detach().clone()
+            # the validation set's first images, the same on every device (each device's first batch is another's:
+            # the mean offset depended on how many trained); the batch's where the data module names no set
+            dataset = getattr(trainer.datamodule, "val_set", None)
+            if dataset is not None:
+                images = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
+            else:
+                images = batch[0][: self.num_images]
+            self.images = images.detach().to(batch[0].device, copy=True)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.images is None:
