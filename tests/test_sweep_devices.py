@@ -163,6 +163,15 @@ def test_each_worker_process_sees_its_own_gpus(monkeypatch):
     monkeypatch.setattr(runner.subprocess, "Popen", Proc)
     assert runner.spawn_workers(["spec.yaml"], 2, ["0,1", "2,3"]) == 0
     assert started == [("0", "0,1"), ("1", "2,3")]
+    started.clear()
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(Proc, "__init__", lambda self, argv, env=None, process_group=None: started.append(env))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runner.spawn_workers(["spec.yaml"], 3) == 0  # on the CPU: each worker its share of the cores
+    assert [env["OMP_NUM_THREADS"] for env in started] == ["2"] * 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    started.clear()
+    assert runner.spawn_workers(["spec.yaml"], 3) == 0 and started[0]["OMP_NUM_THREADS"] == "5"  # the user's
     for statuses, worst in (([0, 1], 1), ([1, -9], -9), ([-9, 0], -9), ([0, 0], 0)):  # a kill (<0) is the worst
         waits = iter(statuses)
         monkeypatch.setattr(Proc, "wait", lambda self: next(waits))

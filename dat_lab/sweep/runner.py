@@ -595,11 +595,16 @@ def gpu_shares(planned: Iterable[PlannedCell], workers: int, gpus: list[str]) ->
 
 def spawn_workers(argv: list[str], workers: int, gpus: list[str] | None = None) -> int:
     """Run `workers` copies of this sweep command as processes (each with --workers 1), worker i on the
-    GPUs gpus[i] (CUDA_VISIBLE_DEVICES) where given; the worst exit code. Each worker is a process group
+    GPUs gpus[i] (CUDA_VISIBLE_DEVICES) where given, else on its share of the CPU cores (OMP_NUM_THREADS,
+    unless set); the worst exit code. Each worker is a process group
     of its own, and a Ctrl-C (SIGINT), SIGTERM or SIGHUP to this process is passed on to each, once (a
     terminal's Ctrl-C reaches this process alone; a kill of it left the workers training); after a
     SIGTERM or SIGHUP, once they have ended, this process exits 128 + the signal's number."""
-    env = lambda i: {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else None  # noqa: E731
+    if gpus:
+        env = lambda i: {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i]}  # noqa: E731
+    else:  # trials on the CPU: its cores shared out (torch takes them all, in each worker: N times too many threads)
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        env = lambda i: {"OMP_NUM_THREADS": threads, **os.environ}  # noqa: E731  (one the user set holds)
     procs: list[subprocess.Popen] = []
     received: list[int] = []
 
