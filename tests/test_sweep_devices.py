@@ -154,7 +154,7 @@ def test_each_worker_process_sees_its_own_gpus(monkeypatch):
     started = []
 
     class Proc:
-        def __init__(self, argv, env=None, process_group=None):
+        def __init__(self, argv, env=None, start_new_session=False):
             started.append((argv[-1], (env or {}).get("CUDA_VISIBLE_DEVICES")))
 
         def wait(self):
@@ -165,7 +165,7 @@ def test_each_worker_process_sees_its_own_gpus(monkeypatch):
     assert started == [("0", "0,1"), ("1", "2,3")]
     started.clear()
     monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)))
-    monkeypatch.setattr(Proc, "__init__", lambda self, argv, env=None, process_group=None: started.append(env))
+    monkeypatch.setattr(Proc, "__init__", lambda self, argv, env=None, start_new_session=False: started.append(env))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert runner.spawn_workers(["spec.yaml"], 3) == 0  # on the CPU: each worker its share of the cores
     assert [env["OMP_NUM_THREADS"] for env in started] == ["2"] * 3
@@ -190,7 +190,7 @@ got = lambda signum, frame: open(path, "a").write(signal.Signals(signum).name + 
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, got)
 open(path, "w").close()  # ready
-end = time.time() + 30  # (not reached: a test's failure)
+end = time.time() + float(os.environ.get("WORKER_WAIT", 30))  # (30: not reached but by a test's failure)
 while not os.path.getsize(path) and time.time() < end:
     time.sleep(0.05)
 time.sleep(1)  # a second signal would show
@@ -198,16 +198,19 @@ sys.exit(130)
 """
 
 
-@pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGINT", "SIGTERM", "SIGHUP", "SIGHUP ignored"])
 def test_a_signal_to_the_sweep_of_several_workers_reaches_each_worker_once(tmp_path, how):
     """A Ctrl-C (SIGINT to the terminal's process group), or a kill of the sweep's process alone: each
-    worker gets the signal once (a kill left them training; a Ctrl-C reaches them through the sweep)."""
+    worker gets the signal once (a kill left them training; a Ctrl-C reaches them through the sweep);
+    a signal the sweep ignores (under nohup, SIGHUP) reaches none."""
     fake = tmp_path / "python"
     fake.write_text(f"#!{sys.executable}\n{FAKE_WORKER}")
     fake.chmod(0o755)
-    code = f"import sys; from dat_lab.sweep import runner; sys.executable = {str(fake)!r}; runner.spawn_workers(['s.yaml'], 2)"
-    parent = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "WORKER_LOG": str(tmp_path)},
-                              start_new_session=True, stderr=subprocess.PIPE, text=True)
+    code = f"import sys; from dat_lab.sweep import runner; sys.executable = {str(fake)!r}; sys.exit(runner.spawn_workers(['s.yaml'], 2))"
+    ignored = "ignored" in how
+    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "WORKER_LOG": str(tmp_path), "WORKER_WAIT": "3" if ignored else "30"},
+                              preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None)
     try:
         deadline = time.time() + 60
         while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()) and time.time() < deadline:
@@ -218,6 +221,9 @@ def test_a_signal_to_the_sweep_of_several_workers_reaches_each_worker_once(tmp_p
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
+    if ignored:  # the workers ended of themselves (130), unsignalled
+        assert [(tmp_path / i).read_text() for i in "01"] == [""] * 2 and status == 130
+        return
     assert [(tmp_path / i).read_text() for i in "01"] == [f"{how.split()[0]} "] * 2
     if signum != signal.SIGINT:
         assert status == 128 + signum

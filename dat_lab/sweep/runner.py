@@ -596,14 +596,15 @@ def gpu_shares(planned: Iterable[PlannedCell], workers: int, gpus: list[str]) ->
 def spawn_workers(argv: list[str], workers: int, gpus: list[str] | None = None) -> int:
     """Run `workers` copies of this sweep command as processes (each with --workers 1), worker i on the
     GPUs gpus[i] (CUDA_VISIBLE_DEVICES) where given, else on its share of the CPU cores (OMP_NUM_THREADS,
-    unless set); the worst exit code. Each worker is a process group
-    of its own, and a Ctrl-C (SIGINT), SIGTERM or SIGHUP to this process is passed on to each, once (a
-    terminal's Ctrl-C reaches this process alone; a kill of it left the workers training); after a
-    SIGTERM or SIGHUP, once they have ended, this process exits 128 + the signal's number."""
+    unless set); the worst exit code. Each worker is a session of its own, and a Ctrl-C (SIGINT), SIGTERM
+    or SIGHUP to this process is passed on to each (a terminal's reaches this process alone; a kill of it
+    left the workers training; one this process ignores, as nohup's SIGHUP, the workers ignore too); this
+    process waits for them, then ends as interrupted (SIGINT) or exits 128 + the signal's number."""
     if gpus:
         env = lambda i: {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i]}  # noqa: E731
     else:  # trials on the CPU: its cores shared out (torch takes them all, in each worker: N times too many threads)
-        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = str(max(1, cores // workers))
         env = lambda i: {"OMP_NUM_THREADS": threads, **os.environ}  # noqa: E731  (one the user set holds)
     procs: list[subprocess.Popen] = []
     received: list[int] = []
@@ -614,20 +615,20 @@ def spawn_workers(argv: list[str], workers: int, gpus: list[str] | None = None) 
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, forward) for s in handled}
     try:
-        procs += [subprocess.Popen([sys.executable, "-m", "cli", "sweep", *argv, "--workers", "1", "--worker-id",
-                                    str(i)], env=env(i), process_group=0) for i in range(workers)]
-        try:
-            worst = max((p.wait() for p in procs), key=abs)  # a worker killed by a signal has a negative status
-        except KeyboardInterrupt:
-            forward(signal.SIGINT)
-            for p in procs:
-                p.wait()
-            raise
+        for i in range(workers):
+            procs.append(subprocess.Popen([sys.executable, "-m", "cli", "sweep", *argv, "--workers", "1",
+                                           "--worker-id", str(i)], env=env(i), start_new_session=True))
+            if received:  # while the workers started: this one's too
+                procs[-1].send_signal(received[-1])
+        worst = max((p.wait() for p in procs), key=abs)  # a worker killed by a signal has a negative status
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if received and received[0] == signal.SIGINT:
+        raise KeyboardInterrupt
     if received:
         print(f"dat-lab: {signal.Signals(received[0]).name}: the workers were stopped; finished cells are stored, "
               "and the same command resumes", file=sys.stderr)
