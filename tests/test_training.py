@@ -200,6 +200,9 @@ def test_under_torchrun_a_trainer_of_fewer_devices_than_its_processes_is_refused
                "--trainer.devices as torchrun's --nproc_per_node and --trainer.num_nodes as its --nnodes")
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         train(args)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two nodes of one process each
+    with pytest.raises(ValueError, match=r"^trainer\.num_nodes: torchrun started 2 processes, and the trainer takes 1 "):
+        train(args)
     assert not list(tmp_path.iterdir())
 
 
@@ -212,6 +215,18 @@ def test_the_offset_record_reads_the_same_images_on_every_device():
     trainer = SimpleNamespace(datamodule=data)
     monitor.on_validation_batch_end(trainer, None, None, (data.val_set[2:6][0], None), 0)
     torch.testing.assert_close(monitor.images, data.val_set[0:4][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("max_epochs, steps, warmup", [(5, 20, 4), (10, 20, 2), (-1, 10, 4), (-1, 3, 2)])
+def test_the_warmup_is_warmup_epochs_of_the_runs_epochs(max_epochs, steps, warmup):
+    """warmup_epochs 1, epochs of 4 steps: 4 steps; where max_steps cuts the run short (20 steps of 10
+    epochs), a share as large (2); with max_epochs -1 (max_steps alone), an epoch's steps (it was the
+    whole run); never the run's last step."""
+    module = ImageClassifier(variant="dat_pico", num_classes=10, img_size=32, in_chans=1, warmup_epochs=1.0)
+    module._trainer = SimpleNamespace(max_epochs=max_epochs, num_training_batches=8, accumulate_grad_batches=2,
+                                      estimated_stepping_batches=steps)  # (Lightning's: the run's steps)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert (scheduler.warmup_t, scheduler.warmup_t + scheduler.t_initial) == (warmup, steps)
 
 
 def test_the_checkpoint_callbacks_state_keeps_its_name():

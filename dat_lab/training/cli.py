@@ -82,7 +82,9 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.should_stop and trainer.fit_loop._can_stop_early or self._deferred:
             # a stop inside a window of accumulated gradients waits for the window's optimizer step (else the
             # gradients of its trained batches were lost, and resumed, its other batches stepped alone)
-            self._deferred = trainer.fit_loop.epoch_loop._should_accumulate()
+            loop = trainer.fit_loop.epoch_loop  # (not on an epoch's last batch, nor where the strategy accumulates:
+            self._deferred = (loop._should_accumulate() and not loop._num_ready_batches_reached()  # DeepSpeed's own)
+                              and not trainer.strategy.handles_gradient_accumulation)
             trainer.should_stop = not self._deferred
         stops = trainer.should_stop and trainer.fit_loop._can_stop_early or 0 <= trainer.max_steps <= trainer.global_step
         if stops and not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
@@ -316,11 +318,12 @@ class DatLabCLI(LightningCLI):
         environment = getattr(self.trainer.strategy, "cluster_environment", None)  # (a sweep trial's is its own)
         if not TorchElasticEnvironment.detect() or not isinstance(environment, (TorchElasticEnvironment, type(None))):
             return
-        started, nodes = int(os.environ["WORLD_SIZE"]), self.trainer.num_nodes
-        if started != self.trainer.world_size:
-            raise ValueError(f"trainer.devices: torchrun started {started} processes, and the trainer takes "
-                             f"{self.trainer.world_size} ({self.trainer.num_devices} device(s) x {nodes} node(s)); give "
-                             f"--trainer.devices as torchrun's --nproc_per_node and --trainer.num_nodes as its --nnodes")
+        started, devices, nodes = int(os.environ["WORLD_SIZE"]), self.trainer.num_devices, self.trainer.num_nodes
+        if started != devices * nodes:  # (a parallel strategy's world_size is torchrun's WORLD_SIZE itself)
+            option = "devices" if devices != int(os.environ.get("LOCAL_WORLD_SIZE", devices)) else "num_nodes"
+            raise ValueError(f"trainer.{option}: torchrun started {started} processes, and the trainer takes "
+                             f"{devices * nodes} ({devices} device(s) x {nodes} node(s)); give --trainer.devices as "
+                             f"torchrun's --nproc_per_node and --trainer.num_nodes as its --nnodes")
 
     def before_fit(self) -> None:
         self._check_processes()

@@ -7,6 +7,7 @@ The whole model config is saved in the hyper-parameters, so a checkpoint rebuild
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from typing import Any, Callable
@@ -241,8 +242,14 @@ class ImageClassifier(L.LightningModule):
         h = self.hparams
         optimizer = create_optimizer_v2(self.model, opt="adamw", lr=h.lr, weight_decay=h.weight_decay,
                                         betas=tuple(h.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        trainer = self.trainer
+        total = max(1, int(trainer.estimated_stepping_batches))  # the run's steps: max_epochs', or max_steps if fewer
+        if trainer.max_epochs and trainer.max_epochs > 0:
+            epochs = trainer.max_epochs  # (cut short by max_steps, the warmup shrinks alike)
+        elif math.isfinite(trainer.num_training_batches):  # max_steps alone: warmup_epochs of an epoch's steps
+            epochs = total / math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        else:  # (an epoch of unknown length)
+            epochs = 1
         warmup = min(total - 1, int(h.warmup_epochs * total / epochs))
         scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=h.min_lr, warmup_t=warmup,
                                       warmup_lr_init=h.warmup_lr, warmup_prefix=True, t_in_epochs=False)
