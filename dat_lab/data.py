@@ -120,12 +120,15 @@ class ImageDataModule(L.LightningDataModule):
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         if train:
             sampler = ResumableSampler(dataset, num_replicas=ranks, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        elif 1 < ranks <= len(dataset):  # each image validated once (Lightning's DistributedSampler repeats some
-            # to give every rank as many: their metrics counted twice); no rank without any
+        elif ranks > 1 and len({-(-share // self.batch_size) for share in (-(-len(dataset) // ranks),
+                                                                         len(dataset) // ranks)}) == 1:
+            # each image validated once (Lightning's DistributedSampler repeats some to give every rank as many:
+            # their metrics counted twice), where the ranks' shares (the largest and the smallest) make as many
+            # batches: a rank with fewer would validate alone (a limit_val_batches fraction left it none)
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=ranks, rank=rank, shuffle=False)
         else:
             sampler = None
-        if sampler is not None and self._resume:  # resumed mid-epoch (restored before the loader is made): that
+        if train and self._resume:  # resumed mid-epoch (restored before the loader is made): that
             # epoch's order, without the batches it had trained (Lightning sets the epoch only after its first batch)
             sampler.set_epoch(self._resume["epoch"])
             sampler.skip, self._resume = self._resume["batches"] * self.batch_size, {}

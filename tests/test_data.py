@@ -131,8 +131,8 @@ def test_imagefolder_check_is_the_layout_check_of_its_constructor(tmp_path):
 
 def test_under_ddp_each_validation_image_is_seen_once():
     """Lightning's DistributedSampler gives every rank as many images, repeating some: those were counted
-    twice in the metrics. Each rank now validates its share, none repeated (and with fewer images than
-    ranks, Lightning's sampler stays, so that no rank has none)."""
+    twice in the metrics. Each rank now validates its share, none repeated, where the shares make as many
+    batches on every rank (else Lightning's sampler stays: a rank with fewer batches validated alone)."""
     dm = SyntheticDataModule(img_size=8, train_samples=12, val_samples=7, batch_size=2)
     dm.setup()
     seen = []
@@ -141,5 +141,6 @@ def test_under_ddp_each_validation_image_is_seen_once():
         seen += list(dm.val_dataloader().sampler)
         assert len(list(dm.train_dataloader().sampler)) == 6  # training: equal shares, as before
     assert sorted(seen) == list(range(7))
-    dm.trainer = SimpleNamespace(world_size=8, global_rank=0)
-    assert dm.val_dataloader().sampler.__class__.__name__ == "SequentialSampler"
+    for ranks in (8, 3):  # a rank with no image; ranks of 2 batches and of 1
+        dm.trainer = SimpleNamespace(world_size=ranks, global_rank=0)
+        assert dm.val_dataloader().sampler.__class__.__name__ == "SequentialSampler"  # (Lightning's then)

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .. import metrics as M
+from ..data import ImageDataModule
 from ..figures import sampling_points_figure, stage_of
 from ..models.geometry import offsets_in_cells
 
@@ -52,8 +53,8 @@ class DeformableMonitor(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.images is None and batch_idx == 0 and dataloader_idx == 0:
             # the validation set's first images, the same on every device (each device's first batch is another's:
-            # the mean offset depended on how many trained); the batch's where the data module names no set
-            dataset = getattr(trainer.datamodule, "val_set", None)
+            # the mean offset depended on how many trained); another data module's: its first batch's
+            dataset = getattr(trainer.datamodule, "val_set", None) if isinstance(trainer.datamodule, ImageDataModule) else None
             if dataset is not None:
                 images = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
             else:
