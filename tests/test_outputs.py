@@ -38,6 +38,8 @@ def test_output_folders_and_files(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv", [["analyze", "demo"], ["visualize", "nosuch.ckpt"]])
 def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys, argv):
     (tmp_path / "afile").write_text("")
+    if argv[0] == "analyze":  # a storage named: checked after --out (no default one: refused before anything)
+        argv = [*argv, "--storage", f"sqlite:///{tmp_path / 'none.db'}"]
     if argv[0] == "visualize":
         argv = ["visualize", str(tmp_path / "afile")]  # a file where the checkpoint is looked for first
     assert cli.main([*argv, "--out", str(tmp_path / "afile")]) == 2

@@ -198,6 +198,13 @@ sys.exit(130)
 """
 
 
+def _signals_as_in_a_terminal(ignore_hangup: bool) -> None:
+    """SIGINT as a terminal's command has it (a shell's background job, `make &` say, ignores it, and so would
+    Python then), SIGHUP as nohup leaves it or not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if ignore_hangup else signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGINT", "SIGTERM", "SIGHUP", "SIGHUP ignored"])
 def test_a_signal_to_the_sweep_of_several_workers_reaches_each_worker_once(tmp_path, how):
     """A Ctrl-C (SIGINT to the terminal's process group), or a kill of the sweep's process alone: each
@@ -210,7 +217,7 @@ def test_a_signal_to_the_sweep_of_several_workers_reaches_each_worker_once(tmp_p
     ignored = "ignored" in how
     parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "WORKER_LOG": str(tmp_path), "WORKER_WAIT": "3" if ignored else "30"},
-                              preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None)
+                              preexec_fn=lambda: _signals_as_in_a_terminal(ignore_hangup=ignored))
     try:
         deadline = time.time() + 60
         while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()) and time.time() < deadline:

@@ -59,7 +59,7 @@ class DeformableMonitor(L.Callback):
                 images = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
             else:
                 images = batch[0][: self.num_images]
-            self.images = images.detach().to(batch[0].device, copy=True)
+            self.images = images.detach().to(batch[0].device, batch[0].dtype, copy=True)  # (bf16-true: bf16)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.images is None:
