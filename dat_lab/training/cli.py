@@ -81,9 +81,10 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         if trainer.should_stop and trainer.fit_loop._can_stop_early or self._deferred:
             # a stop inside a window of accumulated gradients waits for the window's optimizer step (else the
-            # gradients of its trained batches were lost, and resumed, its other batches stepped alone)
-            loop = trainer.fit_loop.epoch_loop  # (not on an epoch's last batch, nor where the strategy accumulates:
-            self._deferred = (loop._should_accumulate() and not loop._num_ready_batches_reached()  # DeepSpeed's own)
+            # gradients of its trained batches were lost, and resumed, its other batches stepped alone); not on
+            # an epoch's last batch (it steps), nor where the strategy accumulates itself (DeepSpeed)
+            loop = trainer.fit_loop.epoch_loop
+            self._deferred = (loop._should_accumulate() and not loop._num_ready_batches_reached()
                               and not trainer.strategy.handles_gradient_accumulation)
             trainer.should_stop = not self._deferred
         stops = trainer.should_stop and trainer.fit_loop._can_stop_early or 0 <= trainer.max_steps <= trainer.global_step
