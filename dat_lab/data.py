@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -118,13 +119,13 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         trainer, seed = self.trainer, self.loader_seed()
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        largest, smallest = math.ceil(len(dataset) / ranks), len(dataset) // ranks  # the ranks' shares, unrepeated
         if train:
             sampler = ResumableSampler(dataset, num_replicas=ranks, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        elif ranks > 1 and len({-(-share // self.batch_size) for share in (-(-len(dataset) // ranks),
-                                                                         len(dataset) // ranks)}) == 1:
+        elif ranks > 1 and math.ceil(largest / self.batch_size) == math.ceil(smallest / self.batch_size):
             # each image validated once (Lightning's DistributedSampler repeats some to give every rank as many:
-            # their metrics counted twice), where the ranks' shares (the largest and the smallest) make as many
-            # batches: a rank with fewer would validate alone (a limit_val_batches fraction left it none)
+            # their metrics counted twice), where every rank's share makes as many batches: a rank with fewer
+            # would validate alone (a limit_val_batches fraction left it none)
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=ranks, rank=rank, shuffle=False)
         else:
             sampler = None

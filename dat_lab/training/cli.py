@@ -79,16 +79,16 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        loop = trainer.fit_loop.epoch_loop
         if trainer.should_stop and trainer.fit_loop._can_stop_early or self._deferred:
             # a stop inside a window of accumulated gradients waits for the window's optimizer step (else the
             # gradients of its trained batches were lost, and resumed, its other batches stepped alone); not on
             # an epoch's last batch (it steps), nor where the strategy accumulates itself (DeepSpeed)
-            loop = trainer.fit_loop.epoch_loop
             self._deferred = (loop._should_accumulate() and not loop._num_ready_batches_reached()
                               and not trainer.strategy.handles_gradient_accumulation)
             trainer.should_stop = not self._deferred
         stops = trainer.should_stop and trainer.fit_loop._can_stop_early or 0 <= trainer.max_steps <= trainer.global_step
-        if stops and not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+        if stops and not loop._num_ready_batches_reached():
             data = trainer.datamodule
             self._stopped_at = {"fit_loop": copy.deepcopy(trainer.fit_loop.state_dict()),
                                 "data": (type(data).__qualname__, data.state_dict()) if data is not None else None}
