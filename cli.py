@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--storage", help="Optuna storage URL (default: the spec's, else sqlite:///runs/<study>.db)")
     w.add_argument("--study", help="study name (default: the spec's)")
     w.add_argument("--workers", type=int, default=1,
-                   help="worker processes on this machine (needs PostgreSQL); its GPUs are split evenly among them")
+                   help="worker processes on this machine (needs PostgreSQL); its GPUs, or for CPU trials its cores "
+                        "(OMP_NUM_THREADS), are split evenly among them; a Ctrl-C or kill is passed on to each")
     w.add_argument("--n-trials", type=int, help="trials of a TPE search (default: the spec's)")
     w.add_argument("--dry-run", action="store_true", help="print the cells with params and FLOPs; train nothing")
     w.add_argument("--runs-root", default="runs", help="where trials write runs/<study>/trial_<n> (default: runs)")
