@@ -4,14 +4,14 @@
    products; or --setting) against grid_sample given the same rounded gradient, at DAT-T's stage-2
    shape, for a fresh table and one moved 3 from zero: within 1e-2 relative to the largest magnitude (CUDA only);
 2. the fast path (auto: the relative bias by the Triton kernels, keys by grid_sample, SDPA; grid_sample
-   for the bias too; dense sampler; matmul kernel) against the reference
+   for the bias too; dense sampler; matmul kernel; the fused Triton attention, kernel "triton") against the reference
    formulation, float32 with TF32 off: logits and every gradient, the largest error relative to
    max(1, the tensor's largest magnitude);
 3. deterministic training: with torch.use_deterministic_algorithms(True) (Lightning's
-   deterministic=True) two forward+backward passes give bit-identical gradients;
+   deterministic=True) two forward+backward passes give bit-identical gradients (SDPA and kernel "triton");
 4. torch.compile: graph breaks and graph count of dat_tiny (torch._dynamo.explain) in float32 and under
-   bf16 autocast with channels_last, and a compiled forward+backward of dat_pico against eager
-   (--only graphs: the graph breaks alone).
+   bf16 autocast with channels_last (also with kernel "triton"), and a compiled forward+backward of
+   dat_pico against eager (--only graphs: the graph breaks alone).
 
     python benchmarks/check_cuda.py [--model dat_tiny] [--device cpu] [--setting DOTS_KEYS=8]   # cpu: a dry run
 
@@ -40,7 +40,7 @@ KNOBS = {"default": {}, "position_none": {"position": "none"}, "position_fixed":
          "position_log_cpb": {"position": "log_cpb"}, "unbounded": {"offset_range": -1.0},
          "r2": {"key_downsample": [1, 1, 2, 1]}}
 PATHS = {"auto": {}, "grid_sample": {"sampler": "grid_sample"}, "dense": {"sampler": "dense"},
-         "matmul": {"kernel": "matmul"}}
+         "matmul": {"kernel": "matmul"}, "triton": {"kernel": "triton"}}  # triton: CUDA only
 failures: list[str] = []
 DEVICE = "cuda"  # --device cpu: a dry run of this script where no GPU is
 
@@ -74,6 +74,8 @@ def equivalence() -> None:
         x = torch.randn(4, 3, 32, 32, device=DEVICE, requires_grad=True)
         ref = grads(set_deformable_options(model, reference=True), x)
         for path, options in PATHS.items():
+            if path == "triton" and DEVICE != "cuda":
+                continue
             set_deformable_options(model, reference=False, sampler="auto", kernel="auto")
             error, where = worst_error(grads(set_deformable_options(model, **options), x), ref)
             check(f"fast path {path} = reference [{knob}]", error <= 1e-5, f"max error {error:.1e} ({where})")
@@ -82,16 +84,17 @@ def equivalence() -> None:
 def determinism() -> None:
     torch.use_deterministic_algorithms(True)
     try:
-        torch.manual_seed(0)
-        model = dat_lab.create_model("dat_pico").to(DEVICE).train()
-        x = torch.randn(8, 3, 32, 32, device=DEVICE, requires_grad=True)
-        runs = []
-        for _ in range(2):
-            torch.manual_seed(1)  # same drop-path draws
-            runs.append(grads(model, x))
-        same = all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
-        check("deterministic forward+backward (auto sampler -> dense keys, Triton bias)", same,
-              "bit-identical gradients" if same else "gradients differ between two runs")
+        for kernel in ("auto", "triton") if DEVICE == "cuda" else ("auto",):
+            torch.manual_seed(0)
+            model = set_deformable_options(dat_lab.create_model("dat_pico").to(DEVICE).train(), kernel=kernel)
+            x = torch.randn(8, 3, 32, 32, device=DEVICE, requires_grad=True)
+            runs = []
+            for _ in range(2):
+                torch.manual_seed(1)  # same drop-path draws
+                runs.append(grads(model, x))
+            same = all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+            check(f"deterministic forward+backward (auto sampler -> dense keys, Triton bias; kernel {kernel})", same,
+                  "bit-identical gradients" if same else "gradients differ between two runs")
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -102,10 +105,13 @@ def graphs(name: str) -> None:
     import torch._dynamo
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    for how in ("float32", "bf16 autocast, channels_last"):
+    hows = ("float32", "bf16 autocast, channels_last") + (("bf16 autocast, channels_last, kernel triton",)
+                                                           if DEVICE == "cuda" else ())
+    for how in hows:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = dat_lab.create_model(name).to(DEVICE).train()
+        set_deformable_options(model, kernel="triton" if how.endswith("triton") else "auto")
         x = torch.randn(2, 3, 224, 224, device=DEVICE, requires_grad=True)
         if how != "float32":
             model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)

@@ -5,12 +5,13 @@
 # compiled: only the comparison of both models compiled (training; up to 9 minutes, most of it compiling).
 # decide (9.5 minutes of limits): what the 0.9x question needs in one lease: bench_bias (its error check is the
 # first GPU run of the dots backward's second version), the eager training comparison with dat_tiny also on
-# the matmul attention (KERNEL=matmul: logits made, no fused SDPA), then both models compiled.
+# the fused Triton attention (KERNEL=triton, session 21, not timed before) and the matmul attention (KERNEL=matmul:
+# logits made, no fused SDPA), then both models compiled.
 # quick: bench_bias, the eager model comparison, the checks, dat_tiny's profile and bench_sdpa only (limits
 # 10 minutes in all, ~4.5 minutes on an H200: fits a 15-minute lease with time to start the machine).
 # bench_bias times the Triton settings first; the model comparison then takes the fastest that ran as
-# dat_tiny's and times the next ones as more dat_tiny contenders (a setting that fails to build there
-# drops out alone). Each step has its own time limit, so one that hangs or fails does not take the others
+# dat_tiny's and times the fused Triton attention (KERNEL=triton) and the next two as more dat_tiny
+# contenders (a setting that fails to build there drops out alone). Each step has its own time limit, so one that hangs or fails does not take the others
 # with it. Seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model comparison ~2
 # minutes, the compiled one past 150 s (compiling both models' training steps).
 set -u
@@ -24,7 +25,7 @@ gpu=(--device cuda --batch 128 --precision bf16 --channels-last --md "$out/bench
 if [ "${2:-}" = decide ]; then
     timeout 60 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
     timeout 120 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --no-memory --repeats 10 \
-        --dat-settings KERNEL=matmul --json "$out/models.json"
+        --dat-settings KERNEL=triton KERNEL=matmul --json "$out/models.json"
     timeout 390 python3 benchmarks/bench_models.py "${gpu[@]}" --mode train --compile --no-memory --repeats 5 \
         --json "$out/models-compiled.json"
     echo "done (decide): $out"; exit 0
@@ -46,9 +47,9 @@ except (OSError, ValueError, StopIteration):
 print(*sorted((n[7:] for n in ms if n.startswith("triton ")), key=lambda n: ms["triton " + n]), sep="\n")
 ' "$out/bias.json")
 [ ${#settings[@]} -gt 0 ] || settings=(default)
-echo "dat_tiny's setting: ${settings[0]}; also timed: ${settings[*]:1:3}"
+echo "dat_tiny's setting: ${settings[0]}; also timed: KERNEL=triton ${settings[*]:1:2}"
 timeout 180 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "$out/models.json" \
-    --setting "${settings[0]}" --dat-settings "${settings[@]:1:3}"
+    --setting "${settings[0]}" --dat-settings KERNEL=triton "${settings[@]:1:2}"
 timeout 180 python3 benchmarks/check_cuda.py --setting "${settings[0]}" 2>&1 | tee "$out/check.log"
 timeout 60 python3 benchmarks/profile_step.py --model dat_tiny --device cuda --batch 128 --precision bf16 \
     --channels-last --rows 30 --setting "${settings[0]}" > "$out/profile_dat_tiny.txt" 2>&1

@@ -1,10 +1,30 @@
 """Shared by the tests of the relative-bias kernels (Triton and C): the plain grid_sample path they
 must equal, and the comparison."""
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from dat_lab.models.geometry import displacement
+
+# the Triton kernels' tests run twice: the ones marked `in_interpreter` in a fresh process with
+# TRITON_INTERPRET=1 (see run_in_interpreter), the ones marked `outside` in the main run
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_in_the_interpreter")
+outside = pytest.mark.skipif(INTERPRETED, reason="outside the interpreter only")
+
+
+def skip_without_triton_op() -> None:
+    """Skip the calling test module where Triton or torch.library.triton_op (torch >= 2.6) is missing."""
+    pytest.importorskip("triton")
+    from dat_lab.models import triton_bias
+
+    if not triton_bias.AVAILABLE:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6", allow_module_level=True)
 
 
 def axes(query_grid):
@@ -49,3 +69,24 @@ def reference_and_fast(model, x, **options):
         logits.square().sum().backward()
         passes.append({"logits": logits.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}})
     return passes
+
+
+def run_in_interpreter(path, outside: int):
+    """Run the test file at path again in a fresh process with TRITON_INTERPRET=1 (the interpreter must
+    be on before triton is imported); all its tests pass but the `outside` ones, which skip there."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert f" passed, {outside} skipped" in run.stdout, run.stdout[-2000:]
+
+
+def compile_for_h100(fn, pointers: dict, constexprs: dict, warps: int):
+    """The Triton kernel fn compiled by the real Triton compiler (not the interpreter) for sm_90, without a
+    GPU: pointers names the pointer (and float) arguments' types, the others are int32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})

@@ -208,7 +208,7 @@ def test_deformable_options_are_checked():
     model = dat_lab.create_model("dat_pico")
     with pytest.raises(ValueError, match="sampler: 'gather' is not one of auto, grid_sample, dense"):
         set_deformable_options(model, sampler="gather")
-    with pytest.raises(ValueError, match="^kernel: 'flash' is not one of auto, matmul, sdpa$"):
+    with pytest.raises(ValueError, match="^kernel: 'flash' is not one of auto, matmul, sdpa, triton$"):
         set_deformable_options(model, kernel="flash")
 
 

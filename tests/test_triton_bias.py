@@ -5,10 +5,6 @@ The interpreter must be on before triton is imported, so `test_kernels_in_the_in
 file again in a fresh process with TRITON_INTERPRET=1; in the main run the other tests skip.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,22 +13,15 @@ from dat_lab.models import triton_bias
 from dat_lab.models.attention import set_deformable_options
 from dat_lab.models.geometry import grid_points
 
-from bias_reference import assert_close, axes, bias_and_gradients, grid_sample_bias, reference_and_fast
+from bias_reference import (assert_close, axes, bias_and_gradients, compile_for_h100, grid_sample_bias,
+                            in_interpreter, outside, reference_and_fast, run_in_interpreter, skip_without_triton_op)
 
-pytest.importorskip("triton")
-if not triton_bias.AVAILABLE:
-    pytest.skip("torch.library.triton_op needs torch >= 2.6", allow_module_level=True)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_in_the_interpreter")
-outside = pytest.mark.skipif(INTERPRETED, reason="outside the interpreter only")
+skip_without_triton_op()
 
 
 @outside
 def test_kernels_in_the_interpreter():
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed, 6 skipped" in run.stdout, run.stdout[-2000:]  # skipped: the tests marked `outside`
+    run_in_interpreter(__file__, outside=6)
 
 
 def kernels(table, query_grid, pos, groups):
@@ -201,10 +190,6 @@ def test_kernels_compile_for_an_h100(kernel):
     """The real Triton compiler (not the interpreter) takes the kernels, for sm_90, without a GPU:
     what the interpreter lets pass but the compiler refuses shows here, not on a user's GPU. The dots
     backward's products run on tensor cores (mma instructions)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     fn = getattr(triton_bias, f"_{kernel}_kernel")
     pointers = {"table": "*fp32", "qy": "*fp32", "qx": "*fp32", "pos": "*fp32", "out": "*bf16", "grad": "*bf16",
                 "table_part": "*fp32", "pos_part": "*fp32", "s_head": "i64"}
@@ -212,8 +197,6 @@ def test_kernels_compile_for_an_h100(kernel):
                   "backward": {"BX": 8, "BK": 16, "TY": 32, "TX": 32, "PRECISION": "ieee", "LAYOUT": 0},
                   "backward_dots": {"BK": triton_bias.DOTS_KEYS, "BLOCKS": triton_bias.DOTS_BLOCKS, "PY": 16, "PX": 16,
                                     "TY": 32, "TX": 32, "PRECISION": "tf32"}}[kernel]
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compiled = compile_for_h100(fn, pointers, constexprs, warps=4)
     assert ".entry" in compiled.asm["ptx"]
     assert (kernel == "backward_dots") == ("mma." in compiled.asm["ptx"])

@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import cpu_kernels, triton_bias
+from . import cpu_kernels, triton_attention, triton_bias
 from .config import StageConfig
 from .geometry import (bounded_offsets, displacement, grid_points, interpolation_weights, key_grid_size,
                        log_cpb_coords, sampling_positions, shifted_window_mask, window_relative_index)
@@ -161,9 +161,12 @@ class DeformableAttention(nn.Module):
     the C kernels of `cpu_kernels` (CPU only); "auto" on CUDA: the relative bias by the Triton
     kernels where they apply, keys by grid_sample, or dense when `torch.use_deterministic_algorithms`
     is on; "auto" on the CPU: "native" where the C kernels build, else "grid_sample"),
-    `kernel` "auto" | "matmul" | "sdpa" (fused `scaled_dot_product_attention` with the bias as its
-    mask; "auto" takes it on CUDA), `chunk_bytes` (CPU: logits, bias and probabilities are made,
-    used and freed a few batch elements at a time, about this many bytes each).
+    `kernel` "auto" | "matmul" | "sdpa" | "triton" (fused `scaled_dot_product_attention` with the
+    bias as its mask; "auto" takes it on CUDA; "triton": the kernels of `triton_attention`, which
+    compute the relative bias inside the attention, CUDA only, not yet timed on a GPU; other position
+    terms, the attention asked for, or attention dropout in training take SDPA), `chunk_bytes` (CPU:
+    logits, bias and probabilities are made, used and freed a few batch elements at a time, about this
+    many bytes each).
     """
 
     chunk_bytes = 2**22
@@ -356,9 +359,15 @@ class DeformableAttention(nn.Module):
         with the bias as mask, on the views as they lie) unless the attention is asked for; on the
         CPU a few batch elements at a time, so that the (HW x Ns) logits, bias and probabilities of
         only those are alive at once (and stay in cache): the scale folded into the matmul, the bias
-        added by it (baddbmm)."""
+        added by it (baddbmm). Kernel "triton" (where it applies): the fused kernels, the relative bias
+        read inside them."""
         B, M, HW, hc = q.shape
         G, Ns = self.groups, k.shape[2]
+        if self.kernel == "triton" and self.position == "relative" and not return_attention \
+                and not (self.training and self.attn_drop.p > 0):
+            axes = self._query_axes(H, W, pos)
+            return triton_attention.deformable_attention(q, k, v, self.rpe_table, *axes, pos, groups=G,
+                                                         scale=self.scale), None
         fused = fused_kernel(self.kernel, q.device.type) and not return_attention
         step = B if q.is_cuda else max(1, self.chunk_bytes // (M * HW * Ns * q.element_size()))
         # split, not sliced: one gradient buffer per input, not one per piece; in one piece not split at
@@ -440,9 +449,10 @@ def native_sampling(sampler: str, device_type: str) -> bool:
 
 
 def fused_kernel(kernel: str, device_type: str) -> bool:
-    """Whether deformable blocks attend with scaled_dot_product_attention: asked for, or "auto" on CUDA
-    (on the CPU its backward with a bias that needs a gradient is PyTorch's slower math path)."""
-    return kernel == "sdpa" or (kernel == "auto" and device_type == "cuda")
+    """Whether deformable blocks attend with scaled_dot_product_attention: asked for, "auto" on CUDA
+    (on the CPU its backward with a bias that needs a gradient is PyTorch's slower math path), or
+    "triton" where its kernel does not apply."""
+    return kernel in ("sdpa", "triton") or (kernel == "auto" and device_type == "cuda")
 
 
 def _product_dtype(x: Tensor) -> torch.dtype:
@@ -478,7 +488,7 @@ def _relative_bias_dense(table: Tensor, q_grid: Tensor, pos: Tensor) -> Tensor:
 
 
 SAMPLERS = ("auto", "grid_sample", "dense", "triton", "native")
-KERNELS = ("auto", "matmul", "sdpa")
+KERNELS = ("auto", "matmul", "sdpa", "triton")
 
 
 def set_deformable_options(model: nn.Module, *, reference: bool | None = None, sampler: str | None = None,

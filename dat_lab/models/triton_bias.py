@@ -53,6 +53,11 @@ DOTS_BLOCKS = 8  # key batches per program of the dots backward (the table gradi
 DOTS_WARPS = 4  # warps per program of the dots backward
 
 
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (on the CPU), as TRITON_INTERPRET=1 asks."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def supported(table: Tensor) -> bool:
     """Whether the kernels can read this (heads, Ht, Wt) table (Triton present, table small enough)."""
     return AVAILABLE and max(table.shape[-2:]) <= MAX_TABLE
@@ -323,7 +328,7 @@ def relative_bias(table: Tensor, query_y: Tensor, query_x: Tensor, positions: Te
         raise ValueError(f"sampler 'triton': needs Triton and torch >= 2.6, and a table of at most {MAX_TABLE} x "
                          f"{MAX_TABLE} (maps up to {(MAX_TABLE + 1) // 2} x {(MAX_TABLE + 1) // 2}); this table is "
                          f"{tuple(table.shape[-2:])}: use sampler 'auto' or 'grid_sample'")
-    if not positions.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not positions.is_cuda and not interpreted():
         raise RuntimeError(f"sampler 'triton': the Triton kernels run on CUDA devices, not {positions.device.type} "
                            "(or in Triton's interpreter: TRITON_INTERPRET=1); use sampler 'auto' or 'grid_sample'")
     check_operands(table, query_y, query_x, positions, groups)
