@@ -431,8 +431,8 @@ def _analyze(args: argparse.Namespace) -> None:
 def _visualize(args: argparse.Namespace) -> None:
     from dat_lab.analysis.visualize import visualize
 
-    paths = visualize(args.checkpoint, args.out, images=args.images, data=args.data, count=args.count)
-    print("wrote " + ", ".join(map(str, paths)))
+    paths, replaced = visualize(args.checkpoint, args.out, images=args.images, data=args.data, count=args.count)
+    print(("replaced " if replaced else "wrote ") + ", ".join(map(str, paths)))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--images", nargs="+", help="image files (default: validation images of --data)")
     v.add_argument("--data", help="digits or synthetic, when no --images (default: digits)")
     v.add_argument("--count", type=int, help="how many validation images, at most 32, when no --images (default: 4)")
-    v.add_argument("--out", default="runs/visualize", help="output folder (default: runs/visualize)")
+    v.add_argument("--out", help="output folder (default: runs/visualize/<the checkpoint's path, / as _>, e.g. "
+                                 "runs/visualize/demo_trial_0003_checkpoints_last for runs/demo/trial_0003/checkpoints/last.ckpt)")
     v.set_defaults(run=_visualize)
     return parser
 

@@ -238,6 +238,43 @@ def test_a_bad_storage_is_one_line_and_creates_nothing(storage, message, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+def test_levels_with_latex_and_markdown_characters_are_shown_as_named(tmp_path):
+    """table.tex escapes every LaTeX special character of a level or factor name (`%` would end the row,
+    `&` add a column), table.md the pipe; each row keeps its number of cells."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    levels = ["10% & more", "a_b #1", "x|y {~^$}", "back\\slash"]
+    factors = {"drop_rate": {"levels": levels, "baseline": levels[0], "paper_table": None}}
+    _study(storage, factors=factors, seeds=(0,), values={(level,): [0.9 + i / 100] for i, level in enumerate(levels)})
+    analyze("known", storage, tmp_path / "out")
+    tex = (tmp_path / "out" / "table.tex").read_text()
+    for escaped in (r"10\% \& more", r"a\_b \#1", r"x\textbar{}y \{\textasciitilde{}\textasciicircum{}\$\}",
+                    r"back\textbackslash{}slash", r"drop\_rate"):
+        assert escaped in tex, escaped
+    rows = [line for line in tex.splitlines() if line.endswith(r"\\")]
+    assert len(rows) == 5 and {row.replace(r"\&", "").count("&") for row in rows} == {rows[0].count("&")}
+    md = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert r"x\|y {~^$}" in "\n".join(md)
+    assert len({line.replace(r"\|", "").count("|") for line in md}) == 1
+
+
+@pytest.mark.parametrize("tables", [[], ["users"]], ids=["empty_file", "another_programs"])
+def test_a_database_that_is_not_optunas_is_refused_and_left_as_it_was(tables, tmp_path, capsys):
+    """A read-only command pointed at an SQLite file that holds no study (a mistyped --storage) says so and
+    writes nothing into it (Optuna's load_study alone would create its tables there)."""
+    file = tmp_path / "other.db"
+    with sqlite3.connect(file) as db:
+        for table in tables:
+            db.execute(f"CREATE TABLE {table} (id INTEGER)")
+    before = file.read_bytes()
+    for command in ("analyze", "sweep-status"):
+        out = ["--out", str(tmp_path / "out")] if command == "analyze" else []
+        assert cli.main([command, "s", "--storage", f"sqlite:///{file}", *out]) == 2
+        err = capsys.readouterr().err
+        assert err == f"dat-lab: error: --storage: sqlite:///{file} holds no Optuna storage (no studies table); " \
+                      "name the storage a sweep wrote\n", err
+    assert file.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+
+
 @pytest.mark.parametrize("script", sorted((ROOT / "analysis").glob("*.py")), ids=lambda p: p.name)
 def test_analysis_scripts_run(script, tmp_path):
     """Each script starts (its imports hold) and refuses a study that is not there, creating nothing."""
@@ -400,11 +437,11 @@ def test_sampling_points_figure_shows_images_on_a_fixed_scale():
 def test_visualize_a_checkpoint(tmp_path):
     model = dat_lab.create_model("dat_pico", in_chans=1, num_classes=10)
     dat_lab.save_checkpoint(model, tmp_path / "m.ckpt")
-    paths = visualize(str(tmp_path / "m.ckpt"), tmp_path / "vis", count=2)
+    paths, replaced = visualize(str(tmp_path / "m.ckpt"), tmp_path / "vis", count=2)
     with Image.open(paths[0]) as image:
-        assert image.size[0] > 100
+        assert image.size[0] > 100 and not replaced
     Image.new("L", (40, 30), color=128).save(tmp_path / "a.png")  # image files: timm's eval transform
-    assert visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "a.png")])[0].exists()
+    assert visualize(str(tmp_path / "m.ckpt"), tmp_path / "files", images=[str(tmp_path / "a.png")])[0][0].exists()
     x, mean, std = _from_files([str(tmp_path / "a.png")], model)  # resized, cropped, normalised with 1 channel
     assert x.shape == (1, 1, 32, 32) and mean == (0.485,)
     torch.testing.assert_close(x, torch.full_like(x, (128 / 255 - 0.485) / 0.229), atol=1e-3, rtol=0)
@@ -449,6 +486,32 @@ def test_visualize_labels_each_row_with_its_image_and_what_the_model_took_it_for
     assert [ax.get_ylabel() for ax in figures[2].axes[::2]] == [f"digits val {i}: class {int(dm.val_set[i][1])}" for i in range(2)]
     with pytest.raises(AnalysisError, match=f"^{re.escape(str(tmp_path))} is a folder; give a checkpoint file, e.g. "):
         visualize(str(tmp_path), tmp_path / "vis")
+
+
+def test_visualize_writes_a_folder_per_checkpoint_and_says_what_it_replaced(tmp_path, monkeypatch, capsys):
+    """Two checkpoints' figures by default in two folders (one replaced the other); the same one again says
+    `replaced`; a run folder is answered with the checkpoint in it; a bad --data before loading anything."""
+    import dat_lab.analysis.visualize as vis
+
+    monkeypatch.chdir(tmp_path)
+    model = dat_lab.create_model("dat_pico", in_chans=1, num_classes=10)
+    for trial in ("trial_0000", "trial_0001"):
+        (tmp_path / "runs" / "demo" / trial / "checkpoints").mkdir(parents=True)
+        dat_lab.save_checkpoint(model, tmp_path / "runs" / "demo" / trial / "checkpoints" / "last.ckpt")
+    first = "runs/demo/trial_0000/checkpoints/last.ckpt"
+    assert cli.main(["visualize", first, "--count", "1"]) == 0
+    assert cli.main(["visualize", "runs/demo/trial_0001/checkpoints/last.ckpt", "--count", "1"]) == 0
+    assert cli.main(["visualize", str(tmp_path / first), "--count", "1"]) == 0  # the same file, named otherwise
+    out = capsys.readouterr().out.splitlines()
+    folders = [Path("runs/visualize") / f"demo_{t}_checkpoints_last" for t in ("trial_0000", "trial_0001", "trial_0000")]
+    assert out == [f"{verb} {folder / 'sampling_points.png'}, {folder / 'sampling_points.pdf'}"
+                   for verb, folder in zip(("wrote", "wrote", "replaced"), folders)]
+    with pytest.raises(AnalysisError, match=re.escape(f"runs/demo/trial_0000 is a folder; give a checkpoint file, e.g. "
+                                                      f"{Path(first)}")):
+        visualize("runs/demo/trial_0000")
+    monkeypatch.setattr(vis, "load_checkpoint", lambda path: pytest.fail("loaded before the options were checked"))
+    with pytest.raises(AnalysisError, match=r"^--data: 'cifar' is not one of digits, synthetic \(or give --images"):
+        visualize(first, data="cifar")
 
 
 def test_learning_curves_put_each_validation_at_its_epoch(tmp_path):

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import optuna
 import pandas as pd
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -50,17 +51,36 @@ def existing_storage(storage: str | None, study: str) -> str:
     return storage
 
 
+def _read_only(url: str) -> RDBStorage:
+    """The Optuna storage at url, opened without creating its tables (Optuna's default would write them
+    into whatever database --storage names, a mistyped one too); AnalysisError where url cannot be
+    opened or holds no Optuna storage."""
+    try:
+        engine = sqlalchemy.create_engine(url)
+        try:
+            tables = set(sqlalchemy.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+        if not {"studies", "version_info"} <= tables:
+            raise AnalysisError(f"--storage: {M.shown_url(url)} holds no Optuna storage (no studies table); "
+                                f"name the storage a sweep wrote")
+        return RDBStorage(url, skip_table_creation=True)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, RuntimeError) as err:  # unreachable database, missing
+        raise AnalysisError(M.storage_error(url, err)) from None  # driver; a schema older than this Optuna's
+
+
 def load(study_name: str, storage: str | None = None) -> tuple[optuna.Study, StudyInfo]:
     """A study and what analysis needs of it, from `storage` (default: the sweep's default) as
-    existing_storage checks it; AnalysisError where there is none."""
-    storage = existing_storage(storage, study_name)
+    existing_storage checks it, read without writing; AnalysisError where there is none."""
+    url = existing_storage(storage, study_name)
+    storage = _read_only(url)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
-        raise AnalysisError(f"no study {study_name!r} in {M.shown_url(storage)}; it holds: {', '.join(names) or 'none'}") from None
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:  # unreachable database, missing driver
-        raise AnalysisError(M.storage_error(storage, err)) from None
+        raise AnalysisError(f"no study {study_name!r} in {M.shown_url(url)}; it holds: {', '.join(names) or 'none'}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        raise AnalysisError(M.storage_error(url, err)) from None
     a = study.user_attrs
     info = StudyInfo(name=study_name, metric=a.get(M.STUDY_METRIC, M.VAL_ACC1),
                      direction=a.get(M.STUDY_DIRECTION, study.direction.name.lower()),

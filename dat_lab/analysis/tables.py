@@ -121,13 +121,23 @@ def _fmt(value: float, digits: int = 2, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "|": r"\textbar{}"}
+
+
+def latex_text(text: str) -> str:
+    """text as LaTeX shows it literally: its special characters escaped (a level named `10% & more`)."""
+    return "".join(LATEX_SPECIAL.get(c, c) for c in text)
+
+
 def display(table: pd.DataFrame, info: StudyInfo, *, latex: bool = False) -> pd.DataFrame:
     """The table as strings, ready for Markdown, LaTeX or the terminal."""
     label, _ = metric_label(info.metric)
     pm = r"$\pm$" if latex else "±"
     out = table[list(info.factors)].astype(str)
     if latex:
-        out = out.map(lambda s: s.replace("_", r"\_"))
+        out = out.map(latex_text)
     d = _digits(info.metric)
     out[label] = [_fmt(m, d) if n < 2 else f"{_fmt(m, d)} {pm} {_fmt(s, d)}"  # one seed: no spread to show
                   for m, s, n in zip(table["mean"], table["std"], table["n"])]
@@ -189,7 +199,9 @@ def markdown(shown: pd.DataFrame, left: int = 0) -> str:
     """A displayed table (strings) in Markdown as written (tabulate would read numbers and reformat
     them: 4.60 as 4.6, 52.00 as 52), its first `left` columns aligned left, the others right."""
     align = ["left"] * left + ["right"] * (shown.shape[1] - left)
-    return shown.to_markdown(index=False, disable_numparse=True, colalign=align)
+    escaped = shown.map(lambda s: s.replace("|", r"\|") if isinstance(s, str) else s)  # a level `a|b` would split its cell
+    escaped.columns = [c.replace("|", r"\|") for c in shown.columns]
+    return escaped.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
 def paper_layout(table: pd.DataFrame, info: StudyInfo) -> pd.DataFrame | None:
@@ -226,7 +238,7 @@ def write_tables(table: pd.DataFrame, info: StudyInfo,
     paths["md"].write_text(markdown(shown, left=len(info.factors)) + "\n")
     table.drop(columns=["baseline"]).to_csv(paths["csv"], index=False)
     tex = display(table, info, latex=True)
-    tex.columns = [c.replace("%", r"\%").replace("_", r"\_") for c in tex.columns]
+    tex.columns = [latex_text(c) for c in tex.columns]
     left = len(info.factors)  # the factors' levels left, the numbers right, as in table.md
     paths["tex"].write_text(tex.to_latex(index=False, escape=False, column_format="l" * left + "r" * (tex.shape[1] - left)))
     paper = paper_layout(table, info)
