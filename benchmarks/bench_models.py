@@ -40,6 +40,16 @@ def split(setting: str) -> tuple[dict[str, str], str]:
     return options, "/".join(i for i in items if i.partition("=")[0] not in BLOCK_OPTIONS) or "default"
 
 
+def check(setting: str, script: str) -> None:
+    """Exit with one line unless `setting` (split's notation) is well formed, before anything runs."""
+    block_options, triton = split(setting)
+    parse(triton)
+    try:
+        set_deformable_options(torch.nn.Module(), **block_options)
+    except ValueError as err:
+        raise SystemExit(f"{script}: setting {setting!r}: {err}") from None
+
+
 def build(name: str, batch: int, a: argparse.Namespace, train: bool, setting: str = "default"):
     """A training step or an inference pass of model `name`; `setting`: of the Triton bias kernels
     (bench_bias.py's notation), set before each call, so contenders with other settings alternate, and
@@ -108,12 +118,7 @@ def main() -> None:
         + (["--compile"] if a.compile else []) + (["--flush-denormal"] if a.flush_denormal else []) \
         + ["--sampler", a.sampler, "--kernel", a.kernel, "--setting", a.setting]
     for setting in [a.setting, *a.dat_settings]:
-        block_options, triton = split(setting)
-        parse(triton)  # a malformed setting fails here, before any timing
-        try:
-            set_deformable_options(torch.nn.Module(), **block_options)
-        except ValueError as err:
-            raise SystemExit(f"bench_models.py: setting {setting!r}: {err}") from None
+        check(setting, "bench_models.py")  # a malformed setting fails here, before any timing
     for batch in a.batch:
         for mode in a.mode:
             runs = {n: build(n, batch, a, mode == "train", a.setting) for n in MODELS}

@@ -7,8 +7,9 @@
 # first GPU run of the dots backward's second version), the eager training comparison with dat_tiny also on
 # the fused Triton attention (KERNEL=triton, session 21, not timed before) and the matmul attention (KERNEL=matmul:
 # logits made, no fused SDPA), then both models compiled.
-# quick: bench_bias, the eager model comparison, the checks, dat_tiny's profile and bench_sdpa only (limits
-# 10 minutes in all, ~4.5 minutes on an H200: fits a 15-minute lease with time to start the machine).
+# quick: bench_bias, the eager model comparison, the checks, dat_tiny's profiles with SDPA and with the fused
+# Triton attention only (limits 9.75 minutes in all; ~4.5 minutes on an H200 in session 17, before the fused
+# attention was added to the comparison, the checks and the profiles: fits a 15-minute lease with time to start).
 # bench_bias times the Triton settings first; the model comparison then takes the fastest that ran as
 # dat_tiny's and times the fused Triton attention (KERNEL=triton) and the next two as more dat_tiny
 # contenders (a setting that fails to build there drops out alone). Each step has its own time limit, so one that hangs or fails does not take the others
@@ -53,8 +54,10 @@ timeout 180 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "
 timeout 180 python3 benchmarks/check_cuda.py --setting "${settings[0]}" 2>&1 | tee "$out/check.log"
 timeout 60 python3 benchmarks/profile_step.py --model dat_tiny --device cuda --batch 128 --precision bf16 \
     --channels-last --rows 30 --setting "${settings[0]}" > "$out/profile_dat_tiny.txt" 2>&1
-timeout 45 python3 benchmarks/bench_sdpa.py --md "$out/benchmarks.md" --json "$out/sdpa.json"
+timeout 45 python3 benchmarks/profile_step.py --model dat_tiny --device cuda --batch 128 --precision bf16 \
+    --channels-last --rows 30 --setting "KERNEL=triton/${settings[0]}" > "$out/profile_dat_tiny_triton.txt" 2>&1
 if [ "${2:-}" = quick ]; then echo "done (quick): $out"; exit 0; fi
+timeout 45 python3 benchmarks/bench_sdpa.py --md "$out/benchmarks.md" --json "$out/sdpa.json"
 timeout 60 python3 benchmarks/profile_step.py --model swin_tiny --device cuda --batch 128 --precision bf16 \
     --channels-last --rows 30 > "$out/profile_swin_tiny.txt" 2>&1
 timeout 120 python3 benchmarks/bench_attention.py --device cuda --batch 128 --repeats 10 --md "$out/benchmarks.md" \

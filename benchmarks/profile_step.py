@@ -2,7 +2,7 @@
 default), the ops with the most self device time (CUDA kernels on a GPU, CPU ops on the CPU).
 
     python benchmarks/profile_step.py [--model dat_tiny] [--device cuda] [--batch 128] [--precision bf16] \
-        [--channels-last] [--steps 3] [--rows 25] [--setting BACKWARD=loop]
+        [--channels-last] [--steps 3] [--rows 25] [--setting BACKWARD=loop | KERNEL=triton]
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bias import parse  # noqa: E402
-from bench_models import MODELS, build  # noqa: E402
+from bench_models import MODELS, build, check  # noqa: E402
 
 
 def main() -> None:
@@ -28,9 +27,10 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
-    p.add_argument("--setting", default="default", help="of the Triton bias kernels (bench_bias.py's notation)")
+    p.add_argument("--setting", default="default", help="of the Triton bias kernels (bench_bias.py's notation), and "
+                   "KERNEL= / SAMPLER= (the deformable blocks' options), joined by /")
     a = p.parse_args()
-    parse(a.setting)  # a malformed setting fails here, in one line, before the model is built
+    check(a.setting, "profile_step.py")  # a malformed setting fails here, in one line, before the model is built
     step = build(a.model, a.batch, argparse.Namespace(**vars(a), compile=False, sampler="auto", kernel="auto"),
                  train=True, setting=a.setting)  # the training step bench_models times
     for _ in range(2):
