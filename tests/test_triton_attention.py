@@ -24,7 +24,7 @@ skip_without_triton_op()
 
 @outside
 def test_kernels_in_the_interpreter():
-    run_in_interpreter(__file__, outside=4)
+    run_in_interpreter(__file__, outside=6)
 
 
 def operands(B, G, m, D, H, W, Hk, Wk, dtype, token_major=True):
@@ -93,18 +93,19 @@ def count_calls(monkeypatch) -> list:
 
 
 @in_interpreter
-@pytest.mark.parametrize("case", ["default", "unbounded", "r2", "no_offsets", "other_size", "fixed"])
+@pytest.mark.parametrize("case", ["default", "unbounded", "r2", "no_offsets", "other_size", "fixed", "head_size_24"])
 def test_model_with_the_fused_attention_equals_the_reference(case, monkeypatch):
     """dat_pico with kernel "triton" against the released formulation: logits and all gradients. fixed
-    (a learned bias per query and key, not the relative table) takes SDPA instead."""
+    (a learned bias per query and key, not the relative table) and dat_nano (heads of 24 channels, not a
+    power of two) take SDPA instead."""
     knobs = {"unbounded": {"offset_range": -1.0}, "r2": {"key_downsample": [1, 1, 2, 1]},
              "no_offsets": {"offsets": False}, "fixed": {"position": "fixed"}}
     calls = count_calls(monkeypatch)
     torch.manual_seed(0)
-    model = dat_lab.create_model("dat_pico", **knobs.get(case, {})).eval()
+    model = dat_lab.create_model("dat_nano" if case == "head_size_24" else "dat_pico", **knobs.get(case, {})).eval()
     x = torch.randn(2, 3, *((48, 48) if case == "other_size" else (32, 32)))
     passes = reference_and_fast(model, x, kernel="triton")
-    assert len(calls) == (0 if case == "fixed" else 2)  # dat_pico's two deformable blocks, in the second pass
+    assert len(calls) == (0 if case in ("fixed", "head_size_24") else 2)  # dat_pico's two deformable blocks
     for name, expected in passes[0].items():
         assert_close(passes[1][name], expected, name)
 
@@ -130,15 +131,17 @@ def test_bad_inputs_are_refused():
 
 
 @outside
+@pytest.mark.parametrize("head_size", [32, 64])
 @pytest.mark.parametrize("kernel", ["forward", "backward"])
-def test_kernels_compile_for_an_h100_without_spilling(kernel, tmp_path):
-    """The real Triton compiler takes both kernels with the shipped tiles for sm_90 (bf16, head size 32,
-    DAT-T's), their products on tensor cores, and (where Triton ships ptxas) no register spills."""
+def test_kernels_compile_for_an_h100_without_spilling(kernel, head_size, tmp_path):
+    """The real Triton compiler takes both kernels with the shipped tiles for sm_90 (bf16; head size 32 as
+    in DAT-T, -S and -B, and 64), their products on tensor cores, and (where Triton ships ptxas) no
+    register spills."""
     fn = getattr(triton_attention, f"_{kernel}_kernel")
     BM, BN, warps = getattr(triton_attention, kernel.upper())
     pointers = {name: "*bf16" for name in ("q", "k", "v", "out", "grad", "dk", "dv", "ds")}
     pointers |= {name: "*fp32" for name in ("table", "qy", "qx", "pos", "lse", "delta")} | {"scale": "fp32"}
-    compiled = compile_for_h100(fn, pointers, {"D": 32, "BM": BM, "BN": BN, "PRECISION": "tf32"}, warps)
+    compiled = compile_for_h100(fn, pointers, {"D": head_size, "BM": BM, "BN": BN, "PRECISION": "tf32"}, warps)
     assert "mma." in compiled.asm["ptx"]
     import triton
 

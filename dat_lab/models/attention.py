@@ -164,7 +164,8 @@ class DeformableAttention(nn.Module):
     `kernel` "auto" | "matmul" | "sdpa" | "triton" (fused `scaled_dot_product_attention` with the
     bias as its mask; "auto" takes it on CUDA; "triton": the kernels of `triton_attention`, which
     compute the relative bias inside the attention, CUDA only, not yet timed on a GPU; other position
-    terms, the attention asked for, or attention dropout in training take SDPA), `chunk_bytes` (CPU:
+    terms, head sizes other than 16, 32, 64 or 128, tables over 64 x 64, the attention asked for, or
+    attention dropout in training take SDPA), `chunk_bytes` (CPU:
     logits, bias and probabilities are made, used and freed a few batch elements at a time, about this
     many bytes each).
     """
@@ -364,7 +365,7 @@ class DeformableAttention(nn.Module):
         B, M, HW, hc = q.shape
         G, Ns = self.groups, k.shape[2]
         if self.kernel == "triton" and self.position == "relative" and not return_attention \
-                and not (self.training and self.attn_drop.p > 0):
+                and not (self.training and self.attn_drop.p > 0) and triton_attention.supported(self.rpe_table, q):
             axes = self._query_axes(H, W, pos)
             return triton_attention.deformable_attention(q, k, v, self.rpe_table, *axes, pos, groups=G,
                                                          scale=self.scale), None

@@ -26,9 +26,11 @@ if triton_bias.AVAILABLE:
 
     from .triton_bias import _axis, _corners, _keys
 
-# (queries per tile, keys per tile, warps per program): compiled for sm_90 with bf16 operands and a head
-# size of 32, the largest tiles that take no spilled registers (ptxas: 175 and 179 registers); not timed yet
-FORWARD = (64, 32, 8)
+# (queries per tile, keys per tile, warps per program), compiled for sm_90 with bf16 operands: tiles that
+# take no spilled registers at head sizes 32 and 64 (ptxas: 237 and 240 registers forward, 179 and 210
+# backward; 64 x 64 spilled), the forward's two products in one warp layout (with 8 warps its 64 rows
+# took two layouts and a conversion between them each step); float32 operands spill some. Not timed yet
+FORWARD = (64, 32, 4)
 BACKWARD = (32, 64, 8)
 
 
