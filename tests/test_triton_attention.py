@@ -27,10 +27,11 @@ def test_kernels_in_the_interpreter():
     run_in_interpreter(__file__, outside=6)
 
 
-def operands(B, G, m, D, H, W, Hk, Wk, dtype, token_major=True):
+def operands(B, G, m, D, H, W, Hk, Wk, dtype, token_major=True, reach=1.2):
     """q (B, M, HW, D), k and v (B, M, Ns, D) (views of token-major tensors, k's with room for v
     beside it as a projection to both gives; or contiguous), a table, the query grid and positions
-    reaching past the table's edges: all needing gradients."""
+    in [-reach, reach] (past 1: past the table's edges, past 3: both corners outside): all needing
+    gradients."""
     M, HW, Ns = G * m, H * W, Hk * Wk
     if token_major:
         q = torch.randn(B, HW, M, D).transpose(1, 2)
@@ -40,7 +41,7 @@ def operands(B, G, m, D, H, W, Hk, Wk, dtype, token_major=True):
         q, k, v = torch.randn(B, M, HW, D), torch.randn(B, M, Ns, D), torch.randn(B, M, Ns, D)
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     table = torch.randn(M, 2 * H - 1, 2 * W - 1, requires_grad=True)
-    pos = (torch.rand(B * G, Hk, Wk, 2) * 2.4 - 1.2).requires_grad_()
+    pos = ((torch.rand(B * G, Hk, Wk, 2) * 2 - 1) * reach).requires_grad_()
     return q, k, v, table, grid_points(H, W), pos
 
 
@@ -57,17 +58,19 @@ def fused(q, k, v, table, query_grid, pos, groups, scale):
 
 @in_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: the interpreter's dots are wrong
-@pytest.mark.parametrize("B, G, m, D, H, W, Hk, Wk, token_major, blocks", [
-    (2, 2, 2, 16, 5, 7, 4, 5, True, (16, 16, 4)), (1, 3, 1, 32, 4, 4, 4, 4, False, (16, 16, 2)),
-    (2, 1, 2, 16, 6, 6, 3, 3, True, (32, 16, 4)), (1, 2, 1, 16, 3, 9, 5, 7, True, (16, 32, 4))])
-def test_kernels_equal_the_plain_path(B, G, m, D, H, W, Hk, Wk, token_major, blocks, dtype, monkeypatch):
+@pytest.mark.parametrize("B, G, m, D, H, W, Hk, Wk, token_major, blocks, reach", [
+    (2, 2, 2, 16, 5, 7, 4, 5, True, (16, 16, 4), 1.2), (1, 3, 1, 32, 4, 4, 4, 4, False, (16, 16, 2), 1.2),
+    (2, 1, 2, 16, 6, 6, 3, 3, True, (32, 16, 4), 1.2), (1, 2, 1, 16, 3, 9, 5, 7, True, (16, 32, 4), 1.2),
+    (1, 2, 1, 16, 4, 5, 4, 4, True, (16, 16, 4), 6.0)])
+def test_kernels_equal_the_plain_path(B, G, m, D, H, W, Hk, Wk, token_major, blocks, reach, dtype, monkeypatch):
     """Output and the gradients of q, k, v, table and positions; tiles of 16 and 32 over 16 to 54
     queries and 9 to 35 keys (several tiles, and the last one partly past the end); the q, k, v views
-    the model gives (token-major) and contiguous ones; in float16 within its rounding."""
+    the model gives (token-major) and contiguous ones; keys far outside the map (unbounded offsets:
+    displacements past the table's zero border); in float16 within its rounding."""
     monkeypatch.setattr(triton_attention, "FORWARD", blocks)
     monkeypatch.setattr(triton_attention, "BACKWARD", (blocks[1], blocks[0], blocks[2]))  # tiles the other way
     torch.manual_seed(0)
-    inputs = operands(B, G, m, D, H, W, Hk, Wk, dtype, token_major)
+    inputs = operands(B, G, m, D, H, W, Hk, Wk, dtype, token_major, reach)
     upstream = torch.randn(B, G * m, H * W, D)
     scale = D ** -0.5
     results = []

@@ -3,8 +3,8 @@
 
 `scaled_dot_product_attention` with the bias as its mask needs the (B*M, HW, Ns) bias written first
 (`triton_bias`'s forward) and reads it back; here each tile of logits adds the bias it needs, read
-bilinearly from the small (heads, 2H-1, 2W-1) table at half of query - key (`triton_bias._axis`,
-`_corners`), with an online softmax over the keys (flash attention), so the bias is never written.
+bilinearly from the small (heads, 2H-1, 2W-1) table at half of query - key (`triton_bias._axis`; the
+table with a border of zeros, so that no read is masked), with an online softmax over the keys (flash attention), so the bias is never written.
 The backward, per block of keys, walks the queries once: recomputes logits and probabilities from
 the saved log-sum-exp, accumulates the keys' and values' gradients, and writes the logits' gradient
 (= the bias's), which the queries' gradient (one batched matrix product) and `triton_bias`'s backward
@@ -16,6 +16,7 @@ default.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import triton_bias
@@ -24,12 +25,12 @@ if triton_bias.AVAILABLE:
     import triton
     import triton.language as tl
 
-    from .triton_bias import _axis, _corners, _keys
+    from .triton_bias import _axis, _keys
 
 # (queries per tile, keys per tile, warps per program), compiled for sm_90 with bf16 operands: tiles that
-# take no spilled registers at head sizes 32 and 64 (ptxas: 237 and 240 registers forward, 179 and 210
+# take no spilled registers at head sizes 32 and 64 (ptxas: 230 and 227 registers forward, 168 and 182
 # backward; 64 x 64 spilled), the forward's two products in one warp layout (with 8 warps its 64 rows
-# took two layouts and a conversion between them each step); float32 operands spill some. Not timed yet
+# took two layouts and a conversion between them each step). Not timed yet
 FORWARD = (64, 32, 4)
 BACKWARD = (32, 64, 8)
 
@@ -43,12 +44,16 @@ def supported(table: Tensor, q: Tensor) -> bool:
 if triton_bias.AVAILABLE:
 
     @triton.jit
-    def _tile_bias(base, qyv, qxv, py, px, Ht, Wt, mask):
-        """The bias of queries at (qyv, qxv) (BM,) and keys at (py, px) (BN,): (BM, BN) float32."""
+    def _tile_bias(base, qyv, qxv, py, px, Ht, Wt):
+        """The bias of queries at (qyv, qxv) (BM,) and keys at (py, px) (BN,): (BM, BN) float32, read
+        from the head's table with a border of two zeros at base (see `_bordered`): a corner index
+        clamped to [-2, Ht] (or Wt) reads zeros where it is outside the table, so no read is masked."""
         y0, fy = _axis(qyv[:, None], py[None, :], Ht)
         x0, fx = _axis(qxv[:, None], px[None, :], Wt)
-        v00, v01, v10, v11 = _corners(base, y0, x0, Ht, Wt, mask)
-        return (v00 * (1 - fx) + v01 * fx) * (1 - fy) + (v10 * (1 - fx) + v11 * fx) * fy
+        at = base + (tl.minimum(tl.maximum(y0, -2), Ht) + 2) * (Wt + 4) + tl.minimum(tl.maximum(x0, -2), Wt) + 2
+        top = tl.load(at) * (1 - fx) + tl.load(at + 1) * fx
+        bottom = tl.load(at + Wt + 4) * (1 - fx) + tl.load(at + Wt + 5) * fx
+        return top * (1 - fy) + bottom * fy
 
     @triton.jit
     def _queries(qy, qx, qb, HW, W, BM: tl.constexpr):
@@ -69,7 +74,7 @@ if triton_bias.AVAILABLE:
         d = tl.arange(0, D)
         qt = tl.load(q + b.to(tl.int64) * s_qb + h * s_qh + i[:, None].to(tl.int64) * s_qn + d[None, :],
                      mask=i_in[:, None], other=0.0)  # (BM, D)
-        base = table + h * Ht * Wt
+        base = table + h * (Ht + 4) * (Wt + 4)
         row_max = tl.full((BM,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, D), tl.float32)
@@ -79,9 +84,8 @@ if triton_bias.AVAILABLE:
                          mask=k_in[:, None], other=0.0)  # (BN, D)
             vt = tl.load(v + b.to(tl.int64) * s_vb + h * s_vh + kk[:, None].to(tl.int64) * s_vn + d[None, :],
                          mask=k_in[:, None], other=0.0)
-            mask = i_in[:, None] & k_in[None, :]
             s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale \
-                + _tile_bias(base, qyv, qxv, py, px, Ht, Wt, mask)  # (BM, BN) logits
+                + _tile_bias(base, qyv, qxv, py, px, Ht, Wt)  # (BM, BN) logits
             s = tl.where(k_in[None, :], s, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(s, axis=1))
             alpha = tl.exp(row_max - new_max)
@@ -109,7 +113,7 @@ if triton_bias.AVAILABLE:
                      mask=k_in[:, None], other=0.0)  # (BN, D)
         vt = tl.load(v + b.to(tl.int64) * s_vb + h * s_vh + kk[:, None].to(tl.int64) * s_vn + d[None, :],
                      mask=k_in[:, None], other=0.0)
-        base = table + h * Ht * Wt
+        base = table + h * (Ht + 4) * (Wt + 4)
         dk_acc = tl.zeros((BN, D), tl.float32)
         dv_acc = tl.zeros((BN, D), tl.float32)
         for qb in range(0, tl.cdiv(HW, BM)):
@@ -122,7 +126,7 @@ if triton_bias.AVAILABLE:
             row_delta = tl.load(delta + bh.to(tl.int64) * HW + i, mask=i_in, other=0.0)
             mask = i_in[:, None] & k_in[None, :]
             s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale \
-                + _tile_bias(base, qyv, qxv, py, px, Ht, Wt, mask)
+                + _tile_bias(base, qyv, qxv, py, px, Ht, Wt)
             p = tl.where(mask, tl.exp(s - row_lse[:, None]), 0.0)  # (BM, BN) probabilities
             dv_acc += tl.dot(tl.trans(p.to(gt.dtype)), gt, input_precision=PRECISION)
             dp = tl.dot(gt, tl.trans(vt), input_precision=PRECISION)
@@ -133,6 +137,11 @@ if triton_bias.AVAILABLE:
         at = b.to(tl.int64) * s_db + h * s_dh + kk[:, None].to(tl.int64) * s_dn + d[None, :]
         tl.store(dk + at, (dk_acc * scale).to(dk.dtype.element_ty), mask=k_in[:, None])
         tl.store(dv + at, dv_acc.to(dv.dtype.element_ty), mask=k_in[:, None])
+
+
+def _bordered(table: Tensor) -> Tensor:
+    """The (M, Ht, Wt) table in float32 with a border of two zeros: (M, Ht+4, Wt+4)."""
+    return F.pad(table.float(), (2, 2, 2, 2))
 
 
 def _precision(q: Tensor) -> str:
@@ -162,7 +171,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, qy: Tenso
     BM, BN, warps = FORWARD
     kernel = torch.library.wrap_triton(_forward_kernel)
     kernel[(B * M, triton.cdiv(HW, BM))](
-        q, k, v, *triton_bias.operands(table, qy, qx, pos), out, lse, *_strides(q, k, v, out), scale, M, groups,
+        q, k, v, _bordered(table), *triton_bias.operands(qy, qx, pos), out, lse, *_strides(q, k, v, out), scale, M, groups,
         HW, W, Ns, Ht, Wt, D=D, BM=BM, BN=BN, PRECISION=_precision(q), num_warps=warps)
     return out, lse
 
@@ -181,7 +190,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     BM, BN, warps = BACKWARD
     kernel = torch.library.wrap_triton(_backward_kernel)
     kernel[(B * M, triton.cdiv(Ns, BN))](
-        q, k, v, grad, *triton_bias.operands(table, qy, qx, pos), lse, delta, dk, dv, ds, *_strides(q, k, v, grad, dk),
+        q, k, v, grad, _bordered(table), *triton_bias.operands(qy, qx, pos), lse, delta, dk, dv, ds, *_strides(q, k, v, grad, dk),
         ds.stride(0), ds.stride(1), scale, M, groups, HW, W, Ns, Ht, Wt, D=D, BM=BM, BN=BN,
         PRECISION=_precision(q), num_warps=warps)
     dq = (ds.view(B, M, HW, Ns) @ k) * scale  # (B, M, HW, D): one batched product, deterministic
