@@ -12,7 +12,7 @@ BAD = [
     ({"blocks": ["LS", "LS", "LX", "LD"]}, r"stages\[2\]\.blocks: 'X' is not one of L, S, D, P"),
     ({"groups": [1, 1, 5, 6]}, r"stages\[2\]\.groups: 5 offset groups do not divide 12 heads"),
     ({"heads": [3, 6, 7, 24]}, r"stages\[2\]\.heads: 7 heads do not divide dim 384"),
-    ({"key_downsample": [1, 1, 15, 1]}, r"stages\[2\]\.key_downsample: 15 leaves no keys"),
+    ({"key_downsample": [1, 1, 15, 1]}, r"stages\[2\]\.key_downsample: 15 is larger than the 14x14 map of stage 2 \(allowed: 1\.\.14\)"),
     ({"key_downsample": [1, 1, 0, 1]}, r"stages\[2\]\.key_downsample: 0 must be >= 1"),
     ({"depth": [2, 2, 5, 2]}, r"stages\[2\]\.blocks: pattern 'LD' does not fill depth 5"),
     ({"groups": [1, 1, 3]}, r"groups: 3 values for 4 stages"),

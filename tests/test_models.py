@@ -80,6 +80,15 @@ def test_any_input_size(size, position):
     _check_forward_backward(model, size)
 
 
+def test_an_input_too_small_for_the_stages_is_refused_in_one_line():
+    """16 pixels a side for dat_pico (patches of 4, then three halvings: one pixel at stage 4) runs; less
+    is refused by the model, not by a convolution deep inside in its words."""
+    model = dat_lab.create_model("dat_pico", num_classes=5)
+    assert model.least_size == 16 and model(torch.randn(1, 3, 16, 40)).shape == (1, 5)
+    with pytest.raises(ValueError, match=r"^input 15x40: too small for 4 stages \(at least 16 pixels a side\)$"):
+        model(torch.randn(1, 3, 15, 40))
+
+
 def test_drop_path_is_stochastic_in_training_only():
     model = dat_lab.create_model("dat_pico", drop_path_rate=0.5)
     x = torch.randn(4, 3, 32, 32)

@@ -671,6 +671,11 @@ def test_test_says_it_evaluates_the_validation_split(capsys):
         assert says in text and "test set" not in text and "previous ``trainer.fit``" not in text, command
         if command == "test":
             assert "Evaluate the model on the data's validation split, as validate does" in text
+    with pytest.raises(SystemExit):  # the list of subcommands too, and which one is taken without one
+        train(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "test The same as validate (dat-lab's data modules hold no test split of their own)" in text
+    assert "fit when none is given fit Train the model" in text and "test set" not in text and "(required)" not in text
 
 
 def test_one_override_on_the_command_line_keeps_the_files_others(capsys):

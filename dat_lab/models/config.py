@@ -143,8 +143,8 @@ class DATConfig:
             if min(h, w) < 1:
                 raise ValueError(f"img_size: {self.img_size} leaves no pixels for stage {i}")
             if "D" in stage.blocks and stage.key_downsample > min(h, w):
-                raise ValueError(f"stages[{i}].key_downsample: {stage.key_downsample} leaves no keys "
-                                 f"on the {h}x{w} map of stage {i} (allowed: 1..{min(h, w)})")
+                raise ValueError(f"stages[{i}].key_downsample: {stage.key_downsample} is larger than the {h}x{w} "
+                                 f"map of stage {i} (allowed: 1..{min(h, w)})")
             if "P" in stage.blocks and stage.sr_ratio > min(h, w):
                 raise ValueError(f"stages[{i}].sr_ratio: {stage.sr_ratio} is larger than the {h}x{w} map "
                                  f"of stage {i} (allowed: 1..{min(h, w)})")
@@ -152,6 +152,10 @@ class DATConfig:
     @property
     def depth(self) -> int:
         return sum(s.depth for s in self.stages)
+
+    def least_size(self) -> int:
+        """The smallest input side that leaves every stage a pixel."""
+        return next(n for n in range(1, self.patch_size * 2 ** len(self.stages) + 1) if min(self.stage_sizes(n)[-1]) >= 1)
 
     def stage_sizes(self, img_size: int | None = None) -> list[tuple[int, int]]:
         """Feature-map size (H, W) of every stage for a square input of `img_size`."""

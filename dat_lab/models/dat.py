@@ -125,6 +125,7 @@ class DAT(nn.Module):
         )
         self.down_projs = nn.ModuleList(_downsample(config, a.dim, b.dim) for a, b in zip(stages, stages[1:]))
         self.num_features = stages[-1].dim
+        self.least_size = config.least_size()
         self.cls_norm = LayerNorm2d(dim=self.num_features)
         self.cls_head = nn.Linear(self.num_features, config.num_classes) if config.num_classes else nn.Identity()
         self.apply(_init_weights)
@@ -139,6 +140,9 @@ class DAT(nn.Module):
         return self.config.num_classes
 
     def _run(self, x: Tensor, infos: dict[str, Any] | None, return_attention: bool) -> tuple[Tensor, list[Tensor]]:
+        if min(x.shape[-2:]) < self.least_size:  # else a conv deep inside says so, in its words
+            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]}: too small for {len(self.stages)} stages "
+                             f"(at least {self.least_size} pixels a side)")
         x = self.patch_proj(x)
         features = []
         for i, stage in enumerate(self.stages):

@@ -41,6 +41,9 @@ from .module import ImageClassifier, check_options
 SUBCOMMANDS = ("fit", "validate", "test")
 DESCRIPTIONS = {"test": {"description": "Evaluate the model on the data's validation split, as validate does (dat-lab's "
                                         "data modules hold no test split of their own)."}}  # (Lightning's: "the test set")
+SUBCOMMAND_HELP = {"fit": "Train the model (the default when no subcommand is given).",
+                   "validate": "One evaluation epoch over the data's validation split (logged as val/*).",
+                   "test": "The same as validate (dat-lab's data modules hold no test split of their own)."}
 CKPT_HELP = {  # Lightning's texts speak of a fit in the same process, and of a test set
     "fit": "A checkpoint file to train on from; last: resume the newest run of --name (else the config file's stem) "
            "in its folder; best: train on from that run's newest best-*.ckpt, into a new version; hpc, registry: "
@@ -200,6 +203,15 @@ class DatLabCLI(LightningCLI):
                             help="run name: runs go to <default_root_dir>/<name>/version_<n> (default: config file stem)")
         for key in ("num_classes", "img_size", "in_chans"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LightningCLI's, with `dat-lab train --help` saying what each subcommand does here (Lightning's
+        texts: a test set, and no default) (SUBCOMMAND_HELP)."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        action.help, action.required = "fit when none is given", False  # (`train` puts fit in: see main)
+        for choice in action._choices_actions:
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """LightningCLI's, with --ckpt_path's help saying what dat-lab makes of it (CKPT_HELP)."""
