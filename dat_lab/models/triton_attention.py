@@ -56,6 +56,19 @@ if triton_bias.AVAILABLE:
         return top * (1 - fy) + bottom * fy
 
     @triton.jit
+    def _head(M, G):
+        """This program's image b and head h, and n, the index of their image and group in the positions."""
+        bh = tl.program_id(0)
+        b, h = bh // M, bh % M
+        return b, h, b * G + h // (M // G)
+
+    @triton.jit
+    def _rows(base, b, h, rows, s_b, s_h, s_n, D: tl.constexpr):
+        """Pointers (R, D) to the rows (R,) of image b, head h in a (B, M, tokens, D) tensor at base with
+        those strides (its last axis contiguous); offsets for a base of 0."""
+        return base + b.to(tl.int64) * s_b + h * s_h + rows[:, None].to(tl.int64) * s_n + tl.arange(0, D)[None, :]
+
+    @triton.jit
     def _queries(qy, qx, qb, HW, W, BM: tl.constexpr):
         """Query indices (BM,) of block qb, whether they exist, and their coordinates y and x (BM,)."""
         i = qb * BM + tl.arange(0, BM)
@@ -67,23 +80,17 @@ if triton_bias.AVAILABLE:
                         s_vb, s_vh, s_vn, s_ob, s_oh, s_on, scale, M, G, HW, W, Ns, Ht, Wt,
                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
         """Program (image and head, query block): out (BM, D) and the rows' log-sum-exp."""
-        bh = tl.program_id(0)
-        b, h = bh // M, bh % M
-        n = b * G + h // (M // G)  # image and group: the positions' index
+        b, h, n = _head(M, G)
         i, i_in, qyv, qxv = _queries(qy, qx, tl.program_id(1), HW, W, BM)
-        d = tl.arange(0, D)
-        qt = tl.load(q + b.to(tl.int64) * s_qb + h * s_qh + i[:, None].to(tl.int64) * s_qn + d[None, :],
-                     mask=i_in[:, None], other=0.0)  # (BM, D)
+        qt = tl.load(_rows(q, b, h, i, s_qb, s_qh, s_qn, D), mask=i_in[:, None], other=0.0)  # (BM, D)
         base = table + h * (Ht + 4) * (Wt + 4)
         row_max = tl.full((BM,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, D), tl.float32)
         for kb in range(0, tl.cdiv(Ns, BN)):
             kk, k_in, py, px = _keys(pos, n, kb, Ns, BN)  # (BN,)
-            kt = tl.load(k + b.to(tl.int64) * s_kb + h * s_kh + kk[:, None].to(tl.int64) * s_kn + d[None, :],
-                         mask=k_in[:, None], other=0.0)  # (BN, D)
-            vt = tl.load(v + b.to(tl.int64) * s_vb + h * s_vh + kk[:, None].to(tl.int64) * s_vn + d[None, :],
-                         mask=k_in[:, None], other=0.0)
+            kt = tl.load(_rows(k, b, h, kk, s_kb, s_kh, s_kn, D), mask=k_in[:, None], other=0.0)  # (BN, D)
+            vt = tl.load(_rows(v, b, h, kk, s_vb, s_vh, s_vn, D), mask=k_in[:, None], other=0.0)
             s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale \
                 + _tile_bias(base, qyv, qxv, py, px, Ht, Wt)  # (BM, BN) logits
             s = tl.where(k_in[None, :], s, float("-inf"))
@@ -93,9 +100,9 @@ if triton_bias.AVAILABLE:
             row_sum = row_sum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
             row_max = new_max
-        at = out + b.to(tl.int64) * s_ob + h * s_oh + i[:, None].to(tl.int64) * s_on + d[None, :]
+        at = _rows(out, b, h, i, s_ob, s_oh, s_on, D)
         tl.store(at, (acc / row_sum[:, None]).to(out.dtype.element_ty), mask=i_in[:, None])
-        tl.store(lse + bh.to(tl.int64) * HW + i, row_max + tl.log(row_sum), mask=i_in)
+        tl.store(lse + tl.program_id(0).to(tl.int64) * HW + i, row_max + tl.log(row_sum), mask=i_in)
 
     @triton.jit
     def _backward_kernel(q, k, v, grad, table, qy, qx, pos, lse, delta, dk, dv, ds, s_qb, s_qh, s_qn,
@@ -104,24 +111,18 @@ if triton_bias.AVAILABLE:
                          Ht, Wt, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
         """Program (image and head, key block): the keys' and values' gradients (BN, D) (dk and dv
         with the strides s_d*), and the logits' gradient of every query with these keys into ds."""
-        bh = tl.program_id(0)
-        b, h = bh // M, bh % M
-        n = b * G + h // (M // G)
+        b, h, n = _head(M, G)
+        bh = tl.program_id(0)  # the row of lse, delta and ds
         kk, k_in, py, px = _keys(pos, n, tl.program_id(1), Ns, BN)
-        d = tl.arange(0, D)
-        kt = tl.load(k + b.to(tl.int64) * s_kb + h * s_kh + kk[:, None].to(tl.int64) * s_kn + d[None, :],
-                     mask=k_in[:, None], other=0.0)  # (BN, D)
-        vt = tl.load(v + b.to(tl.int64) * s_vb + h * s_vh + kk[:, None].to(tl.int64) * s_vn + d[None, :],
-                     mask=k_in[:, None], other=0.0)
+        kt = tl.load(_rows(k, b, h, kk, s_kb, s_kh, s_kn, D), mask=k_in[:, None], other=0.0)  # (BN, D)
+        vt = tl.load(_rows(v, b, h, kk, s_vb, s_vh, s_vn, D), mask=k_in[:, None], other=0.0)
         base = table + h * (Ht + 4) * (Wt + 4)
         dk_acc = tl.zeros((BN, D), tl.float32)
         dv_acc = tl.zeros((BN, D), tl.float32)
         for qb in range(0, tl.cdiv(HW, BM)):
             i, i_in, qyv, qxv = _queries(qy, qx, qb, HW, W, BM)
-            qt = tl.load(q + b.to(tl.int64) * s_qb + h * s_qh + i[:, None].to(tl.int64) * s_qn + d[None, :],
-                         mask=i_in[:, None], other=0.0)  # (BM, D)
-            gt = tl.load(grad + b.to(tl.int64) * s_gb + h * s_gh + i[:, None].to(tl.int64) * s_gn + d[None, :],
-                         mask=i_in[:, None], other=0.0)
+            qt = tl.load(_rows(q, b, h, i, s_qb, s_qh, s_qn, D), mask=i_in[:, None], other=0.0)  # (BM, D)
+            gt = tl.load(_rows(grad, b, h, i, s_gb, s_gh, s_gn, D), mask=i_in[:, None], other=0.0)
             row_lse = tl.load(lse + bh.to(tl.int64) * HW + i, mask=i_in, other=0.0)
             row_delta = tl.load(delta + bh.to(tl.int64) * HW + i, mask=i_in, other=0.0)
             mask = i_in[:, None] & k_in[None, :]
@@ -134,7 +135,7 @@ if triton_bias.AVAILABLE:
             tl.store(ds + bh.to(tl.int64) * s_ds + i[:, None].to(tl.int64) * s_dr + kk[None, :],
                      dst.to(ds.dtype.element_ty), mask=mask)
             dk_acc += tl.dot(tl.trans(dst.to(qt.dtype)), qt, input_precision=PRECISION)
-        at = b.to(tl.int64) * s_db + h * s_dh + kk[:, None].to(tl.int64) * s_dn + d[None, :]
+        at = _rows(0, b, h, kk, s_db, s_dh, s_dn, D)  # offsets: dk and dv lie alike
         tl.store(dk + at, (dk_acc * scale).to(dk.dtype.element_ty), mask=k_in[:, None])
         tl.store(dv + at, dv_acc.to(dv.dtype.element_ty), mask=k_in[:, None])
 
