@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dat_lab.models import triton_bias
 from dat_lab.models.geometry import displacement
 
 # the Triton kernels' tests run twice: the ones marked `in_interpreter` in a fresh process with
 # TRITON_INTERPRET=1 (see run_in_interpreter), the ones marked `outside` in the main run
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = triton_bias.interpreted()
 in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_in_the_interpreter")
 outside = pytest.mark.skipif(INTERPRETED, reason="outside the interpreter only")
 
@@ -21,8 +22,6 @@ outside = pytest.mark.skipif(INTERPRETED, reason="outside the interpreter only")
 def skip_without_triton_op() -> None:
     """Skip the calling test module where Triton or torch.library.triton_op (torch >= 2.6) is missing."""
     pytest.importorskip("triton")
-    from dat_lab.models import triton_bias
-
     if not triton_bias.AVAILABLE:
         pytest.skip("torch.library.triton_op needs torch >= 2.6", allow_module_level=True)
 
