@@ -12,9 +12,10 @@
 # attention was added to the comparison, the checks and the profiles: fits a 15-minute lease with time to start).
 # bench_bias times the Triton settings first; the model comparison then takes the fastest that ran as
 # dat_tiny's and times the fused Triton attention (KERNEL=triton) and the next two as more dat_tiny
-# contenders (a setting that fails to build there drops out alone). Each step has its own time limit, so one that hangs or fails does not take the others
-# with it. Seen on an H100: check_cuda ~3 minutes, bench_bias ~40 s, the eager model comparison ~2
-# minutes, the compiled one past 150 s (compiling both models' training steps).
+# contenders (a setting that fails to build there drops out alone). Each step has its own time limit, so
+# one that hangs or fails does not take the others with it. Seen on an H100: check_cuda ~3 minutes (its
+# limit raised by 30 s, taken from bench_bias's, when it gained the fused attention's checks), bench_bias
+# ~40 s, the eager model comparison ~2 minutes, the compiled one past 150 s (compiling both models' training steps).
 set -u
 out=${1:?usage: bash benchmarks/cuda.sh OUTDIR [quick|compiled|decide]}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -37,7 +38,7 @@ if [ "${2:-}" = compiled ]; then
     echo "done (compiled): $out"; exit 0
 fi
 rm -f "$out/bias.json"  # not an earlier run's
-timeout 120 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
+timeout 90 python3 benchmarks/bench_bias.py --md "$out/benchmarks.md" --json "$out/bias.json"
 # the settings that ran, fastest first at stage 2 forward+backward ("default" alone without the file)
 mapfile -t settings < <(python3 -c '
 import json, sys
@@ -51,7 +52,7 @@ print(*sorted((n[7:] for n in ms if n.startswith("triton ")), key=lambda n: ms["
 echo "dat_tiny's setting: ${settings[0]}; also timed: KERNEL=triton ${settings[*]:1:2}"
 timeout 180 python3 benchmarks/bench_models.py "${gpu[@]}" --repeats 10 --json "$out/models.json" \
     --setting "${settings[0]}" --dat-settings KERNEL=triton "${settings[@]:1:2}"
-timeout 180 python3 benchmarks/check_cuda.py --setting "${settings[0]}" 2>&1 | tee "$out/check.log"
+timeout 210 python3 benchmarks/check_cuda.py --setting "${settings[0]}" 2>&1 | tee "$out/check.log"
 timeout 60 python3 benchmarks/profile_step.py --model dat_tiny --device cuda --batch 128 --precision bf16 \
     --channels-last --rows 30 --setting "${settings[0]}" > "$out/profile_dat_tiny.txt" 2>&1
 timeout 45 python3 benchmarks/profile_step.py --model dat_tiny --device cuda --batch 128 --precision bf16 \
